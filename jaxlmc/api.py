@@ -1,0 +1,326 @@
+"""The importable API behind the CLI: pretraining, fine-tuning grids, run directories.
+
+A run directory (``--out``) holds
+
+    config.json                the resolved config, with library versions (provenance)
+    pretrain/checkpoints/STEP  Orbax: the pretraining state at each of pretrain.save_steps (and the latest)
+    pretrain/checkpoints.csv   loss and accuracy of each pretraining checkpoint
+    checkpoints/STEP           Orbax: the stacked fine-tuning state (params_M, opt_M, data order, diverged_M, step)
+    members.csv                one row per fine-tuned member
+
+Running the same command again resumes from the latest checkpoint of each stage.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import os
+import tempfile
+from importlib import metadata
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlmc import ckpt, data, models, train
+from jaxlmc.config import Config, ConfigError
+
+MEMBER_COLUMNS = ["member", "pretrain_step", "lr", "weight_decay", "schedule", "seed", "train_loss", "train_acc",
+                  "test_loss", "test_acc", "ood_loss", "ood_acc", "dist_from_init", "diverged"]
+
+
+# --------------------------------------------------------------------------------------------- run directory
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write a whole file or nothing: a kill mid-write leaves the previous version."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    names = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "mnist1d", "numpy"]
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def open_run_dir(cfg: Config, out: str) -> None:
+    """Create `out` with its config.json, or check that an existing run directory was made by the same config."""
+    path = os.path.join(out, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)["config"]
+        mine = json.loads(cfg.to_json())
+        diffs = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+                 for section, table in mine.items() for key, value in table.items()
+                 if saved.get(section, {}).get(key) != value]
+        if diffs:
+            raise ConfigError(f"run directory {out} was made with a different config ({'; '.join(diffs)}); "
+                              "use a new --out, or the same config to resume")
+        return
+    os.makedirs(out, exist_ok=True)
+    write_atomic(path, json.dumps({"config": cfg.to_dict(), "versions": _versions(),
+                                   "devices": [str(d) for d in jax.devices()]}, indent=2))
+
+
+def _write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    train: data.Split
+    test: data.Split
+    ood: data.Split | None = None
+
+    @property
+    def input_shape(self):
+        return self.train.x.shape[1:]
+
+
+def load_pretrain_task(cfg: Config) -> Task:
+    splits = data.load_task(cfg.data.pretrain_task, cfg.data.pretrain_labels, cfg.data.data_dir or None)
+    return Task(splits["train"], splits["test"])
+
+
+def load_finetune_task(cfg: Config) -> Task:
+    d = cfg.data
+    splits = data.load_task(d.finetune_task, d.finetune_labels, d.data_dir or None)
+    ood = None
+    if d.ood_task:
+        ood = data.load_task(d.ood_task, d.finetune_labels, d.data_dir or None, splits=("test",))["test"]
+        if ood.x.shape[1:] != splits["train"].x.shape[1:]:
+            raise ConfigError(f"data.ood_task {d.ood_task} has inputs {ood.x.shape[1:]}, the fine-tuning task "
+                              f"{splits['train'].x.shape[1:]}")
+    return Task(splits["train"], splits["test"], ood)
+
+
+def _device_split(split: data.Split, limit: int | None = None):
+    n = len(split.y) if limit is None else min(limit, len(split.y))
+    return jnp.asarray(split.x[:n]), jnp.asarray(split.y[:n])
+
+
+# --------------------------------------------------------------------------------------------- the training loop
+
+
+def _boundaries(start: int, total: int, chunk_steps: int, stops: set[int]) -> list[int]:
+    """Steps at which a chunk ends: every `chunk_steps`, at every checkpoint stop, and at the end."""
+    ends, step = [], start
+    while step < total:
+        step = min([s for s in stops if s > step] + [step + chunk_steps, total])
+        ends.append(step)
+    return ends
+
+
+def run_loop(chunk_fn, state, consts, device_data, total_steps: int, chunk_steps: int, save_at: set[int],
+             save_fn, progress=None):
+    """Advance every member to `total_steps` in compiled chunks; save at the steps in `save_at` and at the end.
+
+    The metrics of a chunk are read on the host only after the next chunk was dispatched, so the device never waits
+    for the host. Returns the final state and the last chunk's mean training-batch loss per member.
+    """
+    step = int(state["step"])
+    pending = None
+    last_loss_M = None
+
+    def report(pending_item):
+        loss_LxM, n = pending_item
+        loss_nxM = np.asarray(loss_LxM)[:n]  # the one host read per chunk
+        if progress is not None:
+            progress.advance(n, loss_nxM)
+        return np.nanmean(loss_nxM, axis=0) if n else None
+
+    for end in _boundaries(step, total_steps, chunk_steps, save_at):
+        state, loss_LxM, _ = chunk_fn(state, consts, device_data, end - step)
+        if pending is not None:
+            last_loss_M = report(pending)
+        pending = (loss_LxM, end - step)
+        step = end
+        if end in save_at or end == total_steps:
+            save_fn(end, state)
+    if pending is not None:
+        last_loss_M = report(pending)
+    return state, last_loss_M
+
+
+# --------------------------------------------------------------------------------------------- pretraining
+
+
+def pretrain(cfg: Config, out: str, progress: bool = True) -> list[dict]:
+    """Pretrain one model on the pretraining task; save Orbax checkpoints at `pretrain.save_steps`.
+
+    Resumes from the latest checkpoint in `out/pretrain/checkpoints`. Returns one row per saved checkpoint with its
+    train/test loss and accuracy (also written to `out/pretrain/checkpoints.csv`).
+    """
+    open_run_dir(cfg, out)
+    p = cfg.pretrain
+    task = load_pretrain_task(cfg)
+    model = models.build(cfg.model, task.input_shape, task.train.num_classes)
+    key = jax.random.key(p.seed)
+    params_1 = jax.tree.map(lambda a: a[None], model.init(jax.random.fold_in(key, 0)))
+    consts = {
+        "lr": jnp.asarray(train.lr_table([p.lr], [p.schedule], p.steps, p.warmup_steps)),
+        "wd": jnp.asarray([p.weight_decay], jnp.float32),
+        "data_key": jax.random.fold_in(key, 1)[None],
+    }
+    n_train = len(task.train.y)
+    state = train.init_state(params_1, p.optimizer, p.momentum, n_train)
+    manager = ckpt.Checkpoints(os.path.join(out, "pretrain", "checkpoints"), keep_steps=p.save_steps)
+    latest = manager.latest_step()
+    if latest is not None:
+        state = manager.restore(latest, jax.eval_shape(lambda: state))
+    elif 0 in p.save_steps:
+        manager.save(0, state)
+
+    save_at = set(p.save_steps) | set(range(cfg.run.checkpoint_every, p.steps, cfg.run.checkpoint_every))
+    chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps)
+    device_data = dict(zip(("x", "y"), _device_split(task.train)))
+    from jaxlmc.ui import TrainingProgress
+
+    with TrainingProgress("pretrain", total_steps=p.steps, num_members=1, start_step=int(state["step"]),
+                          enabled=progress) as bar:
+        state, _ = run_loop(chunk_fn, state, consts, device_data, p.steps, cfg.run.chunk_steps, save_at,
+                            manager.save, bar)
+
+    # Evaluate every kept checkpoint (also those saved before a resume) so the table is complete.
+    evaluate = train.make_evaluate(model, len(task.test.y), cfg.run.eval_batch_size)
+    evaluate_train = train.make_evaluate(model, min(cfg.data.train_eval_size, n_train), cfg.run.eval_batch_size)
+    train_xy, test_xy = _device_split(task.train, cfg.data.train_eval_size), _device_split(task.test)
+    rows = []
+    for step in sorted(set(p.save_steps) | {p.steps}):
+        params = manager.restore(step, jax.eval_shape(lambda: state))["params"]
+        train_loss, train_acc = evaluate_train(params, *train_xy)
+        test_loss, test_acc = evaluate(params, *test_xy)
+        rows.append({"step": step, "train_loss": float(train_loss[0]), "train_acc": float(train_acc[0]),
+                     "test_loss": float(test_loss[0]), "test_acc": float(test_acc[0])})
+    manager.close()
+    _write_csv(os.path.join(out, "pretrain", "checkpoints.csv"), rows,
+               ["step", "train_loss", "train_acc", "test_loss", "test_acc"])
+    return rows
+
+
+def pretraining_complete(cfg: Config, out: str) -> bool:
+    directory = os.path.join(out, "pretrain", "checkpoints")
+    if not os.path.isdir(directory):
+        return False
+    steps = ckpt.Checkpoints(directory, read_only=True).steps()
+    return all(s in steps for s in cfg.finetune.pretrain_steps) and cfg.pretrain.steps in steps
+
+
+# --------------------------------------------------------------------------------------------- fine-tuning
+
+
+def member_grid(cfg: Config) -> list[dict]:
+    """Every (pretraining checkpoint × lr × weight decay × schedule × seed), in that nesting order."""
+    f = cfg.finetune
+    cells = itertools.product(f.pretrain_steps, f.lrs, f.weight_decays, f.schedules, range(f.seeds))
+    return [{"member": i, "pretrain_step": s, "lr": lr, "weight_decay": wd, "schedule": sch, "seed": seed}
+            for i, (s, lr, wd, sch, seed) in enumerate(cells)]
+
+
+def finetune(cfg: Config, out: str, progress: bool = True) -> list[dict]:
+    """Fine-tune every member of the grid simultaneously in one compiled program; write members.csv.
+
+    Pretrains first if the run directory lacks the pretraining checkpoints. Resumes from the latest fine-tuning
+    checkpoint. Returns the rows of members.csv.
+    """
+    open_run_dir(cfg, out)
+    f = cfg.finetune
+    task = load_finetune_task(cfg)
+    pre_task = load_pretrain_task(cfg)
+    if task.input_shape != pre_task.input_shape:
+        raise ConfigError(f"data.finetune_task inputs {task.input_shape} differ from data.pretrain_task inputs "
+                          f"{pre_task.input_shape}")
+    if not pretraining_complete(cfg, out):
+        pretrain(cfg, out, progress=progress)
+
+    rows = member_grid(cfg)
+    num_classes = task.train.num_classes
+    new_head = f.new_head or num_classes != pre_task.train.num_classes
+    model = models.build(cfg.model, task.input_shape, num_classes)
+    keys = train.member_keys([r["seed"] for r in rows])
+
+    pre_dir = os.path.join(out, "pretrain", "checkpoints")
+    # Pretraining states have a member axis of length 1.
+    starts = {s: jax.tree.map(lambda a: a[0], ckpt.restore_params(pre_dir, s)) for s in f.pretrain_steps}
+    params_M = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)),
+                            *[starts[r["pretrain_step"]] for r in rows])
+    if new_head:
+        # jit lets XLA drop the body initialisation: only the heads are materialised.
+        params_M["head"] = jax.jit(jax.vmap(lambda k: model.init(k)["head"]))(keys["head"])
+    start_M = jax.tree.map(jnp.copy, params_M)  # the state's copy is donated; this one is kept for distances
+
+    consts = {
+        "lr": jnp.asarray(train.lr_table([r["lr"] for r in rows], [r["schedule"] for r in rows], f.steps,
+                                         f.warmup_steps)),
+        "wd": jnp.asarray([r["weight_decay"] for r in rows], jnp.float32),
+        "data_key": keys["data"],
+    }
+    n_train = len(task.train.y)
+    state = train.init_state(params_M, f.optimizer, f.momentum, n_train)
+    manager = ckpt.Checkpoints(os.path.join(out, "checkpoints"), keep_latest=2)
+    latest = manager.latest_step()
+    if latest is not None:
+        state = manager.restore(latest, jax.eval_shape(lambda: state))
+
+    save_at = set(range(cfg.run.checkpoint_every, f.steps, cfg.run.checkpoint_every))
+    chunk_fn = train.make_train_chunk(model, f.optimizer, f.momentum, f.batch_size, n_train, cfg.run.chunk_steps)
+    device_data = dict(zip(("x", "y"), _device_split(task.train)))
+    from jaxlmc.ui import TrainingProgress
+
+    with TrainingProgress("finetune", total_steps=f.steps, num_members=len(rows), start_step=int(state["step"]),
+                          enabled=progress) as bar:
+        state, _ = run_loop(chunk_fn, state, consts, device_data, f.steps, cfg.run.chunk_steps, save_at,
+                            manager.save, bar)
+    manager.close()
+
+    results = evaluate_members(cfg, model, task, state["params"], start_M)
+    diverged = np.asarray(state["diverged"])
+    for r, i in zip(rows, range(len(rows))):
+        r.update({k: float(v[i]) for k, v in results.items()})
+        r["diverged"] = bool(diverged[i])
+    _write_csv(os.path.join(out, "members.csv"), rows, MEMBER_COLUMNS)
+    return rows
+
+
+def evaluate_members(cfg: Config, model: models.Model, task: Task, params_M, start_M) -> dict[str, np.ndarray]:
+    """Per-member train (fixed subset) / test / OOD loss and accuracy, and distance from the starting point."""
+    out = {}
+    splits = {"train": _device_split(task.train, cfg.data.train_eval_size), "test": _device_split(task.test)}
+    if task.ood is not None:
+        splits["ood"] = _device_split(task.ood)
+    for name, (x, y) in splits.items():
+        loss_M, acc_M = train.make_evaluate(model, len(y), cfg.run.eval_batch_size)(params_M, x, y)
+        out[f"{name}_loss"], out[f"{name}_acc"] = np.asarray(loss_M), np.asarray(acc_M)
+    if task.ood is None:
+        nan = np.full(len(out["test_acc"]), np.nan)
+        out["ood_loss"], out["ood_acc"] = nan, nan
+    out["dist_from_init"] = np.asarray(train.distance_from(params_M, start_M))
+    return out
+
+
+def load_member(out: str, index: int, step: int | None = None) -> dict:
+    """One fine-tuned member's parameters (host arrays) from a run directory's latest (or given) checkpoint."""
+    params_M = ckpt.restore_params(os.path.join(out, "checkpoints"), step)
+    num_members = jax.tree.leaves(params_M)[0].shape[0]
+    if not 0 <= index < num_members:
+        raise IndexError(f"member {index} out of range: the run has {num_members} members")
+    return jax.tree.map(lambda a: a[index], params_M)

@@ -1,0 +1,224 @@
+"""Typed, validated configuration.
+
+A config is a TOML file with the sections below. Every key is typed; an unknown section or key, a value of the wrong
+type, or an inconsistent combination raises `ConfigError` naming the offending key before any work is done.
+Command-line overrides use ``--set section.key=value``; the value is parsed as TOML (``[1e-3, 1e-2]``, ``true``,
+``"cosine"``), and a bare word is taken as a string (``--set model.kind=cnn``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from typing import Literal
+
+Schedule = Literal["constant", "cosine", "linear"]
+Optimizer = Literal["adamw", "sgd"]
+LabelMap = Literal["identity", "mod5", "parity", "reverse"]  # see jaxlmc.data.LABEL_MAPS
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    pretrain_task: str = "mnist1d"  # TFDS name or name/config
+    pretrain_labels: LabelMap = "identity"
+    finetune_task: str = "mnist1d/shifted"
+    finetune_labels: LabelMap = "mod5"
+    ood_task: str = "mnist1d/noisy"  # "" for none; read with the fine-tuning label map
+    data_dir: str = ""  # "" means $JAXLMC_DATA_DIR or ~/tensorflow_datasets
+    train_eval_size: int = 1000  # fixed subset of the training split used for train loss / accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    kind: Literal["mlp", "cnn"] = "mlp"
+    width: int = 256  # hidden units (MLP) or channels (CNN)
+    depth: int = 2  # hidden layers (MLP) or conv layers (CNN)
+    norm: Literal["none", "layernorm"] = "none"
+    kernel_size: int = 3  # CNN only
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 3000
+    batch_size: int = 100
+    lr: float = 1e-2
+    optimizer: Optimizer = "adamw"
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    schedule: Schedule = "constant"
+    warmup_steps: int = 0
+    save_steps: list[int] = dataclasses.field(default_factory=lambda: [0, 10, 30, 100, 300, 1000, 3000])
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    pretrain_steps: list[int] = dataclasses.field(default_factory=lambda: [0, 100, 300, 3000])
+    lrs: list[float] = dataclasses.field(default_factory=lambda: [1e-3, 1e-2])
+    weight_decays: list[float] = dataclasses.field(default_factory=lambda: [0.0])
+    schedules: list[Schedule] = dataclasses.field(default_factory=lambda: ["cosine"])
+    warmup_steps: int = 0
+    seeds: int = 8  # seeds 0 .. seeds-1 in every cell of the grid
+    steps: int = 1000
+    batch_size: int = 100
+    optimizer: Optimizer = "adamw"
+    momentum: float = 0.9
+    new_head: bool = True  # forced when the fine-tuning task has a different number of classes
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    chunk_steps: int = 100  # steps per compiled scan; metrics reach the host once per chunk
+    checkpoint_every: int = 500  # steps between Orbax saves (and always at the end)
+    eval_batch_size: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _check_value(value, hint, key: str):
+    """Return `value` converted to `hint`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_value(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a bug in this module, not in the config
+
+
+def _section(cls, raw: dict, name: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown key {name}.{unknown[0]} (known keys of [{name}]: {', '.join(sorted(hints))})")
+    values = {k: _check_value(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
+    return cls(**values)
+
+
+def from_dict(raw: dict) -> Config:
+    sections = typing.get_type_hints(Config)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}] (known sections: {', '.join(sorted(sections))})")
+    cfg = Config(**{name: _section(sections[name], raw.get(name, {}), name) for name in sections})
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """Parse ``section.key=value`` into (section, key, value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    path, raw_value = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be section.key, got {path!r}")
+    try:
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value.strip()  # a bare word: take it as a string
+    return parts[0], parts[1], value
+
+
+def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML config (or the defaults when `path` is None) and apply ``section.key=value`` overrides."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"override {text!r}: [{section}] is not a table")
+        table[key] = value
+    return from_dict(raw)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span keys, or bound values; types were checked on reading."""
+    m, p, f, r = cfg.model, cfg.pretrain, cfg.finetune, cfg.run
+    positive = {
+        "model.width": m.width, "model.depth": m.depth, "model.kernel_size": m.kernel_size,
+        "pretrain.batch_size": p.batch_size, "pretrain.lr": p.lr, "finetune.steps": f.steps,
+        "finetune.batch_size": f.batch_size, "finetune.seeds": f.seeds, "run.chunk_steps": r.chunk_steps,
+        "run.checkpoint_every": r.checkpoint_every, "run.eval_batch_size": r.eval_batch_size,
+        "data.train_eval_size": cfg.data.train_eval_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {"pretrain.steps": p.steps, "pretrain.weight_decay": p.weight_decay,
+                    "pretrain.warmup_steps": p.warmup_steps, "finetune.warmup_steps": f.warmup_steps,
+                    "pretrain.momentum": p.momentum, "finetune.momentum": f.momentum}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be non-negative, got {value}")
+    for key, values in {"finetune.lrs": f.lrs, "finetune.weight_decays": f.weight_decays,
+                        "finetune.schedules": f.schedules, "finetune.pretrain_steps": f.pretrain_steps,
+                        "pretrain.save_steps": p.save_steps}.items():
+        if not values:
+            raise ConfigError(f"{key} must not be empty")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{key} has repeated values: {values}")
+    if any(lr <= 0 for lr in f.lrs):
+        raise ConfigError(f"finetune.lrs must be positive, got {f.lrs}")
+    if any(wd < 0 for wd in f.weight_decays):
+        raise ConfigError(f"finetune.weight_decays must be non-negative, got {f.weight_decays}")
+    bad_saves = [s for s in p.save_steps if not 0 <= s <= p.steps]
+    if bad_saves:
+        raise ConfigError(f"pretrain.save_steps {bad_saves} lie outside [0, pretrain.steps={p.steps}]")
+    missing = sorted(set(f.pretrain_steps) - set(p.save_steps) - {p.steps})
+    if missing:
+        raise ConfigError(f"finetune.pretrain_steps {missing} are not saved by pretraining "
+                          f"(pretrain.save_steps = {p.save_steps})")
+    if p.warmup_steps > p.steps:
+        raise ConfigError(f"pretrain.warmup_steps ({p.warmup_steps}) exceeds pretrain.steps ({p.steps})")
+    if f.warmup_steps > f.steps:
+        raise ConfigError(f"finetune.warmup_steps ({f.warmup_steps}) exceeds finetune.steps ({f.steps})")

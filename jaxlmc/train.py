@@ -1,0 +1,168 @@
+"""The functional core of the vectorised trainer.
+
+Everything here is a pure function over pytrees whose leaves carry a leading member axis M:
+
+    state  = {"params": params_M, "opt": opt_state_M, "perm": perm_MxN, "diverged": diverged_M, "step": ()}
+    consts = {"lr": lr_MxT, "wd": wd_M, "data_key": data_key_M}          # per-member hyperparameters, never donated
+    data   = {"x": x_NxF…, "y": y_N}                                    # device-resident training split
+
+One member's update is written for a single model and `jax.vmap`-ed over M; a chunk of steps is a `lax.scan` inside
+one jit-compiled function that donates the state. The step counter is shared by all members (it is not batched),
+so "start a new epoch" is a real `lax.cond`, not a select evaluated for every member on every step.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxlmc.models import Model, tree_l2
+
+
+def make_tx(kind: str, momentum: float, lr, weight_decay) -> optax.GradientTransformation:
+    """One member's optimiser. `lr` and `weight_decay` may be traced scalars (per member, per step)."""
+    if kind == "adamw":
+        return optax.adamw(lr, weight_decay=weight_decay)
+    if kind == "sgd":
+        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum or None))
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def schedule(kind: str, peak_lr: float, steps: int, warmup_steps: int) -> optax.Schedule:
+    """An optax schedule: linear warm-up from 0 over `warmup_steps`, then constant, cosine or linear decay to 0."""
+    decay_steps = max(steps - warmup_steps, 1)
+    main = {
+        "constant": optax.constant_schedule(peak_lr),
+        "cosine": optax.cosine_decay_schedule(peak_lr, decay_steps),
+        "linear": optax.linear_schedule(peak_lr, 0.0, decay_steps),
+    }[kind]
+    if warmup_steps == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup_steps), main], [warmup_steps])
+
+
+def lr_table(peak_lrs: list[float], kinds: list[str], steps: int, warmup_steps: int) -> np.ndarray:
+    """lr_MxT: every member's learning rate at every step, evaluated once on the host from optax schedules."""
+    t = np.arange(max(steps, 1))
+    return np.stack([np.broadcast_to(np.asarray(schedule(k, lr, steps, warmup_steps)(t), np.float32), t.shape)
+                     for lr, k in zip(peak_lrs, kinds)])
+
+
+def member_keys(seeds) -> dict:
+    """Isolated randomness: separate key streams for head initialisation, data order and other noise."""
+    base = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    return {name: jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(base)
+            for i, name in enumerate(("head", "data", "noise"))}
+
+
+def init_state(params_M: dict, opt_kind: str, momentum: float, n_train: int) -> dict:
+    num_members = jax.tree.leaves(params_M)[0].shape[0]
+    opt_M = jax.vmap(make_tx(opt_kind, momentum, 0.0, 0.0).init)(params_M)
+    return {
+        "params": params_M,
+        "opt": opt_M,
+        "perm": jnp.zeros((num_members, n_train), jnp.int32),  # filled at step 0 (a new epoch)
+        "diverged": jnp.zeros((num_members,), bool),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+def cross_entropy(logits_BxC, y_B):
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, y_B)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: int, n_train: int,
+                     chunk_steps: int):
+    """jit(state, consts, data, n_active) -> (state, loss_LxM, acc_LxM): up to `chunk_steps` steps of every member.
+
+    Steps past `n_active` are skipped (a real cond on the shared step index), so chunks of any length up to
+    `chunk_steps` reuse one compiled program. The returned metrics are the training-batch loss and accuracy of each
+    member at each step (NaN for skipped steps).
+    """
+    steps_per_epoch = n_train // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} exceeds the {n_train} training examples")
+
+    def loss_fn(params, x_BxF, y_B):
+        logits_BxC = model.apply(params, x_BxF)
+        loss = cross_entropy(logits_BxC, y_B).mean()
+        return loss, (jnp.argmax(logits_BxC, -1) == y_B).mean()
+
+    def member_update(params, opt, perm_N, diverged, lr_T, wd, step, x_all, y_all):
+        idx_B = lax.dynamic_slice_in_dim(perm_N, (step % steps_per_epoch) * batch_size, batch_size)
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x_all[idx_B], y_all[idx_B])
+        updates, new_opt = make_tx(opt_kind, momentum, lr_T[step], wd).update(grads, opt, params)
+        new_params = optax.apply_updates(params, updates)
+        # A member whose loss or parameters stop being finite is frozen at its last finite state and flagged;
+        # the where() is per member, so nothing leaks into the others.
+        frozen = diverged | ~(jnp.isfinite(loss) & _all_finite(new_params))
+        keep = lambda old, new: jnp.where(frozen, old, new)  # noqa: E731
+        return jax.tree.map(keep, params, new_params), jax.tree.map(keep, opt, new_opt), frozen, loss, acc
+
+    def one_step(state, consts, data):
+        step = state["step"]
+        epoch = step // steps_per_epoch
+
+        def new_order():
+            return jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, epoch), n_train))(
+                consts["data_key"]).astype(jnp.int32)
+
+        perm_MxN = lax.cond(step % steps_per_epoch == 0, new_order, lambda: state["perm"])
+        params, opt, diverged, loss_M, acc_M = jax.vmap(
+            member_update, in_axes=(0, 0, 0, 0, 0, 0, None, None, None)
+        )(state["params"], state["opt"], perm_MxN, state["diverged"], consts["lr"], consts["wd"], step,
+          data["x"], data["y"])
+        new_state = {"params": params, "opt": opt, "perm": perm_MxN, "diverged": diverged, "step": step + 1}
+        return new_state, (loss_M, acc_M)
+
+    def chunk(state, consts, data, n_active):
+        num_members = state["diverged"].shape[0]
+        skipped = (jnp.full((num_members,), jnp.nan), jnp.full((num_members,), jnp.nan))
+
+        def body(state, i):
+            return lax.cond(i < n_active, lambda s: one_step(s, consts, data), lambda s: (s, skipped), state)
+
+        state, (loss_LxM, acc_LxM) = lax.scan(body, state, jnp.arange(chunk_steps))
+        return state, loss_LxM, acc_LxM
+
+    return jax.jit(chunk, donate_argnums=0)
+
+
+def make_evaluate(model: Model, n_examples: int, eval_batch_size: int):
+    """jit(params_M, x, y) -> (loss_M, acc_M) over a whole evaluation set, walked in batches with lax.map."""
+    batch = min(eval_batch_size, n_examples)
+    num_batches = math.ceil(n_examples / batch)
+    padded = num_batches * batch
+
+    def evaluate(params_M, x_NxF, y_N):
+        pad = padded - n_examples
+        x = jnp.concatenate([x_NxF, jnp.zeros((pad, *x_NxF.shape[1:]), x_NxF.dtype)]).reshape(
+            num_batches, batch, *x_NxF.shape[1:])
+        y = jnp.concatenate([y_N, jnp.zeros((pad,), y_N.dtype)]).reshape(num_batches, batch)
+        mask = (jnp.arange(padded) < n_examples).reshape(num_batches, batch)
+
+        def batch_sums(args):
+            x_BxF, y_B, mask_B = args
+            logits_MxBxC = jax.vmap(model.apply, in_axes=(0, None))(params_M, x_BxF)
+            loss_MxB = jax.vmap(cross_entropy, in_axes=(0, None))(logits_MxBxC, y_B)
+            correct_MxB = jnp.argmax(logits_MxBxC, -1) == y_B
+            return (jnp.where(mask_B, loss_MxB, 0.0).sum(-1), jnp.where(mask_B, correct_MxB, False).sum(-1))
+
+        loss_sums, correct = lax.map(batch_sums, (x, y, mask))
+        return loss_sums.sum(0) / n_examples, correct.sum(0) / n_examples
+
+    return jax.jit(evaluate)
+
+
+@jax.jit
+def distance_from(params_M: dict, start_M: dict) -> jax.Array:
+    """dist_M: each member's L2 distance from its own starting point."""
+    return jax.vmap(tree_l2)(params_M, start_M)
