@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows = api.finetune(cfg, out, progress=not args.quiet)
             if not args.quiet:
-                ui.print_members(rows, api.MEMBER_COLUMNS)
+                ui.print_members(rows)
     except (ConfigError, ValueError) as err:
         print(f"jaxlmc: error: {err}", file=sys.stderr)
         return 2

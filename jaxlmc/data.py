@@ -101,15 +101,15 @@ def _builder(name: str, data_dir: str | None):
 def prepare(name: str, data_dir: str | None = None) -> None:
     """Download (real datasets) or generate (MNIST-1D) and write the array_record files, once."""
     builder = _builder(name, data_dir)
-    with tfds.display_progress_bar(False):
-        builder.download_and_prepare(file_format="array_record")
+    tfds.display_progress_bar(False)
+    builder.download_and_prepare(file_format="array_record")
 
 
 def _read_all(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:
     builder = _builder(name, data_dir)
     if not builder.is_prepared():
-        with tfds.display_progress_bar(False):
-            builder.download_and_prepare(file_format="array_record")
+        tfds.display_progress_bar(False)  # jaxlmc shows its own progress; TFDS's bars would interleave
+        builder.download_and_prepare(file_format="array_record")
         builder = _builder(name, data_dir)  # a fresh builder reads the split info just written
     source = builder.as_data_source(split=split)
     examples = [source[i] for i in range(len(source))]

@@ -67,18 +67,36 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def print_members(rows: list[dict], columns: list[str]) -> None:
-    table = Table(title=f"{len(rows)} fine-tuned members", show_lines=False)
-    for column in columns:
-        table.add_column(column, justify="right")
+# Short headers so the per-member table fits an 80-column terminal; members.csv has every column in full.
+MEMBER_TABLE = [("member", "#"), ("pretrain_step", "pretrain"), ("lr", "lr"), ("weight_decay", "wd"),
+                ("schedule", "sched"), ("seed", "seed"), ("train_acc", "train acc"), ("test_acc", "test acc"),
+                ("ood_acc", "ood acc"), ("dist_from_init", "dist"), ("diverged", "div")]
+
+
+def print_members(rows: list[dict]) -> None:
+    table = Table(title=f"{len(rows)} fine-tuned members (all columns in members.csv)")
+    for _, header in MEMBER_TABLE:
+        table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(*[_fmt(row[c]) for c in columns])
+        table.add_row(*[_fmt(row[key]) for key, _ in MEMBER_TABLE])
     console.print(table)
-    diverged = sum(r["diverged"] for r in rows)
-    test_acc = np.array([r["test_acc"] for r in rows if not r["diverged"]])
-    if test_acc.size:
-        console.print(f"test accuracy {test_acc.mean():.3f} ± {test_acc.std():.3f} over {test_acc.size} members; "
-                      f"{diverged} diverged")
+
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["pretrain_step"], row["lr"], row["weight_decay"], row["schedule"]), []).append(row)
+    summary = Table(title="per cell: mean ± std over seeds (diverged members left out)")
+    for header in ["pretrain", "lr", "wd", "sched", "n", "test acc", "ood acc", "dist", "div"]:
+        summary.add_column(header, justify="right")
+    for (step, lr, wd, sched), members in groups.items():
+        alive = [m for m in members if not m["diverged"]]
+
+        def stat(key):
+            values = np.array([m[key] for m in alive], dtype=float)
+            return "–" if values.size == 0 or np.isnan(values).all() else f"{values.mean():.3f}±{values.std():.3f}"
+
+        summary.add_row(str(step), f"{lr:g}", f"{wd:g}", sched, str(len(members)), stat("test_acc"),
+                        stat("ood_acc"), stat("dist_from_init"), str(len(members) - len(alive)))
+    console.print(summary)
 
 
 def print_pretrain(rows: list[dict]) -> None:

@@ -1,0 +1,30 @@
+import os
+
+# Strict JAX: implicit rank promotion is a bug in this code base, not a convenience.
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from jaxlmc import config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One TFDS data dir for the session: MNIST-1D variants are generated into it once (offline)."""
+    path = str(tmp_path_factory.mktemp("tfds"))
+    os.environ["JAXLMC_DATA_DIR"] = path  # for CLI subprocesses
+    return path
+
+
+TINY = [
+    "model.width=32", "pretrain.steps=60", "pretrain.save_steps=[0, 20, 60]", "pretrain.batch_size=50",
+    "finetune.pretrain_steps=[0, 60]", "finetune.lrs=[0.001, 0.01]", "finetune.seeds=2", "finetune.steps=40",
+    "finetune.batch_size=50", "run.chunk_steps=10", "run.checkpoint_every=20", "data.train_eval_size=500",
+]
+
+
+@pytest.fixture
+def tiny_cfg(data_dir):
+    """A config small enough for a few-second run: 2 checkpoints × 2 lrs × 2 seeds = 8 members."""
+    return config.load("configs/mnist1d.toml", TINY + [f"data.data_dir={data_dir!r}".replace("'", '"')])

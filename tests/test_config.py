@@ -1,0 +1,71 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxlmc import config
+from jaxlmc.config import ConfigError
+
+
+def test_defaults_and_file_agree_on_types():
+    cfg = config.load("configs/mnist1d.toml")
+    assert cfg.model.kind == "mlp"
+    assert isinstance(cfg.finetune.lrs[0], float)
+    assert len(cfg.finetune.pretrain_steps) * len(cfg.finetune.lrs) * cfg.finetune.seeds >= 64
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.widht=3", "unknown key model.widht"),
+    ("modle.width=3", "unknown section [modle]"),
+    ("model.width=wide", "model.width: expected an integer"),
+    ("model.width=2.5", "model.width: expected an integer"),
+    ("finetune.lrs=0.1", "finetune.lrs: expected a list"),
+    ("finetune.lrs=[0.1, \"x\"]", "finetune.lrs[1]: expected a number"),
+    ("finetune.new_head=1", "finetune.new_head: expected true/false"),
+    ("model.kind=transformer", "model.kind: 'transformer' is not one of"),
+    ("finetune.schedules=[\"cosine\", \"step\"]", "finetune.schedules[1]"),
+    ("finetune.pretrain_steps=[5]", "finetune.pretrain_steps [5] are not saved"),
+    ("pretrain.save_steps=[0, 99999]", "lie outside"),
+    ("finetune.lrs=[]", "finetune.lrs must not be empty"),
+    ("finetune.lrs=[-1.0]", "finetune.lrs must be positive"),
+    ("finetune.seeds=0", "finetune.seeds must be positive"),
+    ("data.finetune_labels=odd", "data.finetune_labels"),
+    ("width=3", "must be section.key"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        config.load("configs/mnist1d.toml", [override])
+    assert message in str(err.value)
+
+
+def test_override_parsing():
+    cfg = config.load(None, ["model.kind=cnn", "finetune.lrs=[1e-3, 3e-3]", "finetune.new_head=false",
+                             "pretrain.lr=1"])
+    assert cfg.model.kind == "cnn" and cfg.finetune.lrs == [1e-3, 3e-3]
+    assert cfg.finetune.new_head is False and cfg.pretrain.lr == 1.0 and isinstance(cfg.pretrain.lr, float)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(str(tmp_path / "nope.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nwidth = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(str(bad))
+
+
+def test_cli_config_error_exits_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "jaxlmc.cli", "finetune", "configs/mnist1d.toml", "--out", str(out),
+                           "--set", "finetune.lrz=[0.1]"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown key finetune.lrz" in proc.stderr
+    assert not out.exists()  # nothing written
+
+
+def test_config_round_trips_through_json():
+    cfg = config.load("configs/mnist1d.toml", ["model.depth=3"])
+    again = config.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
