@@ -153,8 +153,9 @@ def make_evaluate(model: Model, n_examples: int, eval_batch_size: int):
             x_BxF, y_B, mask_B = args
             logits_MxBxC = jax.vmap(model.apply, in_axes=(0, None))(params_M, x_BxF)
             loss_MxB = jax.vmap(cross_entropy, in_axes=(0, None))(logits_MxBxC, y_B)
-            correct_MxB = jnp.argmax(logits_MxBxC, -1) == y_B
-            return (jnp.where(mask_B, loss_MxB, 0.0).sum(-1), jnp.where(mask_B, correct_MxB, False).sum(-1))
+            correct_MxB = jnp.argmax(logits_MxBxC, -1) == y_B[None]
+            return (jnp.where(mask_B[None], loss_MxB, 0.0).sum(-1),
+                    jnp.where(mask_B[None], correct_MxB, False).sum(-1))
 
         loss_sums, correct = lax.map(batch_sums, (x, y, mask))
         return loss_sums.sum(0) / n_examples, correct.sum(0) / n_examples
