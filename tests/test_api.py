@@ -1,0 +1,116 @@
+"""End to end through the importable API and the CLI: run directory, members.csv, resume after kill -9."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlmc import api, ckpt, config
+from jaxlmc.config import ConfigError
+
+from conftest import TINY
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    cfg = config.load("configs/mnist1d.toml", TINY + [f'data.data_dir="{data_dir}"'])
+    out = str(tmp_path_factory.mktemp("run"))
+    rows = api.finetune(cfg, out, progress=False)
+    return cfg, out, rows
+
+
+def test_finetune_writes_the_run_directory(finished_run):
+    cfg, out, rows = finished_run
+    assert len(rows) == 8
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["config"] == cfg.to_dict() and saved["versions"]["jax"]
+    table = read_csv(os.path.join(out, "members.csv"))
+    assert list(table[0]) == api.MEMBER_COLUMNS
+    assert [int(r["member"]) for r in table] == list(range(8))
+    assert {(int(r["pretrain_step"]), float(r["lr"]), int(r["seed"])) for r in table} == {
+        (s, lr, seed) for s in (0, 60) for lr in (1e-3, 1e-2) for seed in (0, 1)}
+    for r in table:
+        assert 0.0 <= float(r["test_acc"]) <= 1.0 and 0.0 <= float(r["ood_acc"]) <= 1.0
+        assert float(r["dist_from_init"]) > 0 and r["diverged"] == "False"
+    # Learning happened: fine-tuned members beat chance (5 classes) on the test set.
+    assert np.mean([float(r["test_acc"]) for r in table]) > 0.25
+    pre = read_csv(os.path.join(out, "pretrain", "checkpoints.csv"))
+    assert [int(r["step"]) for r in pre] == [0, 20, 60]
+    assert float(pre[-1]["test_acc"]) > float(pre[0]["test_acc"])
+    assert set(ckpt.Checkpoints(os.path.join(out, "pretrain", "checkpoints"), read_only=True).steps()) >= {0, 20, 60}
+
+
+def test_members_start_from_their_checkpoint_with_a_new_head(finished_run):
+    cfg, out, rows = finished_run
+    pre = {s: ckpt.restore_params(os.path.join(out, "pretrain", "checkpoints"), s) for s in (0, 60)}
+    first = ckpt.Checkpoints(os.path.join(out, "checkpoints"), read_only=True).steps()
+    member = api.load_member(out, 5)  # pretrain_step 60, lr 1e-3, seed 1
+    assert rows[5]["pretrain_step"] == 60
+    # The head has the fine-tuning task's 5 classes, the body the pretrained shapes.
+    assert member["head"]["kernel"].shape[-1] == 5 and pre[60]["head"]["kernel"].shape[-1] == 10
+    assert member["dense0"]["kernel"].shape == pre[60]["dense0"]["kernel"].shape[1:]
+    assert first  # fine-tuning checkpoints exist
+    with pytest.raises(IndexError, match="out of range"):
+        api.load_member(out, 8)
+
+
+def test_rerun_is_a_no_op_resume_and_other_configs_are_refused(finished_run):
+    cfg, out, rows = finished_run
+    again = api.finetune(cfg, out, progress=False)
+    assert [r["test_acc"] for r in again] == [r["test_acc"] for r in rows]
+    other = config.load("configs/mnist1d.toml", TINY + ["finetune.steps=50", f'data.data_dir="{cfg.data.data_dir}"'])
+    with pytest.raises(ConfigError, match=r"finetune.steps: 40 -> 50"):
+        api.finetune(other, out, progress=False)
+
+
+def test_same_label_set_can_keep_the_pretrained_head(data_dir, tmp_path):
+    cfg = config.load("configs/mnist1d.toml", TINY + [
+        f'data.data_dir="{data_dir}"', "data.finetune_labels=identity", "finetune.new_head=false",
+        "finetune.pretrain_steps=[60]", "finetune.lrs=[1e-9]", "finetune.seeds=1", "data.ood_task=\"\""])
+    rows = api.finetune(cfg, str(tmp_path), progress=False)
+    pre = ckpt.restore_params(os.path.join(tmp_path, "pretrain", "checkpoints"), 60)
+    member = api.load_member(str(tmp_path), 0)
+    np.testing.assert_allclose(member["head"]["kernel"], pre["head"]["kernel"][0], atol=1e-6)
+    assert np.isnan(rows[0]["ood_acc"])
+
+
+@pytest.mark.parametrize("kill_when", ["pretrain/checkpoints/20", "checkpoints/100"])
+def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path, kill_when):
+    overrides = TINY + ["finetune.steps=600", "run.checkpoint_every=100", f'data.data_dir="{data_dir}"']
+    cfg = config.load("configs/mnist1d.toml", overrides)
+    reference = str(tmp_path / "reference")
+    api.finetune(cfg, reference, progress=False)
+
+    killed = str(tmp_path / "killed")
+    command = [sys.executable, "-m", "jaxlmc.cli", "finetune", "configs/mnist1d.toml", "--out", killed, "--quiet"]
+    for o in overrides:
+        command += ["--set", o]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not os.path.isdir(os.path.join(killed, kill_when)):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the run never reached its checkpoint"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "members.csv"))  # it really was killed mid-run
+
+    finished = subprocess.run(command, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    for step_dir in ("checkpoints",):
+        a = ckpt.restore_params(os.path.join(reference, step_dir))
+        b = ckpt.restore_params(os.path.join(killed, step_dir))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
+    assert read_csv(os.path.join(reference, "members.csv")) == read_csv(os.path.join(killed, "members.csv"))
