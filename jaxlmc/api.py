@@ -96,17 +96,24 @@ class Task:
         return self.train.x.shape[1:]
 
 
+def _load(key: str, name: str, label_map: str, data_dir: str, splits=("train", "test")) -> dict:
+    try:
+        return data.load_task(name, label_map, data_dir or None, splits=splits)
+    except ValueError as err:  # an unknown dataset or label map is a config error: name the key
+        raise ConfigError(f"{key}: {err}") from None
+
+
 def load_pretrain_task(cfg: Config) -> Task:
-    splits = data.load_task(cfg.data.pretrain_task, cfg.data.pretrain_labels, cfg.data.data_dir or None)
+    splits = _load("data.pretrain_task", cfg.data.pretrain_task, cfg.data.pretrain_labels, cfg.data.data_dir)
     return Task(splits["train"], splits["test"])
 
 
 def load_finetune_task(cfg: Config) -> Task:
     d = cfg.data
-    splits = data.load_task(d.finetune_task, d.finetune_labels, d.data_dir or None)
+    splits = _load("data.finetune_task", d.finetune_task, d.finetune_labels, d.data_dir)
     ood = None
     if d.ood_task:
-        ood = data.load_task(d.ood_task, d.finetune_labels, d.data_dir or None, splits=("test",))["test"]
+        ood = _load("data.ood_task", d.ood_task, d.finetune_labels, d.data_dir, splits=("test",))["test"]
         if ood.x.shape[1:] != splits["train"].x.shape[1:]:
             raise ConfigError(f"data.ood_task {d.ood_task} has inputs {ood.x.shape[1:]}, the fine-tuning task "
                               f"{splits['train'].x.shape[1:]}")
@@ -164,15 +171,17 @@ def run_loop(chunk_fn, state, consts, device_data, total_steps: int, chunk_steps
 # --------------------------------------------------------------------------------------------- pretraining
 
 
-def pretrain(cfg: Config, out: str, progress: bool = True) -> list[dict]:
+def pretrain(cfg: Config, out: str, progress: bool = True, task: Task | None = None) -> list[dict]:
     """Pretrain one model on the pretraining task; save Orbax checkpoints at `pretrain.save_steps`.
 
     Resumes from the latest checkpoint in `out/pretrain/checkpoints`. Returns one row per saved checkpoint with its
     train/test loss and accuracy (also written to `out/pretrain/checkpoints.csv`).
     """
-    open_run_dir(cfg, out)
     p = cfg.pretrain
-    task = load_pretrain_task(cfg)
+    task = task or load_pretrain_task(cfg)  # before the run directory: bad data leaves nothing behind
+    if p.batch_size > len(task.train.y):
+        raise ConfigError(f"pretrain.batch_size {p.batch_size} exceeds the {len(task.train.y)} training examples")
+    open_run_dir(cfg, out)
     model = models.build(cfg.model, task.input_shape, task.train.num_classes)
     key = jax.random.key(p.seed)
     params_1 = jax.tree.map(lambda a: a[None], model.init(jax.random.fold_in(key, 0)))
@@ -242,15 +251,18 @@ def finetune(cfg: Config, out: str, progress: bool = True) -> list[dict]:
     Pretrains first if the run directory lacks the pretraining checkpoints. Resumes from the latest fine-tuning
     checkpoint. Returns the rows of members.csv.
     """
-    open_run_dir(cfg, out)
     f = cfg.finetune
+    # Everything that can be wrong with the inputs is checked before the run directory is touched.
     task = load_finetune_task(cfg)
     pre_task = load_pretrain_task(cfg)
     if task.input_shape != pre_task.input_shape:
         raise ConfigError(f"data.finetune_task inputs {task.input_shape} differ from data.pretrain_task inputs "
                           f"{pre_task.input_shape}")
+    if f.batch_size > len(task.train.y):
+        raise ConfigError(f"finetune.batch_size {f.batch_size} exceeds the {len(task.train.y)} training examples")
+    open_run_dir(cfg, out)
     if not pretraining_complete(cfg, out):
-        pretrain(cfg, out, progress=progress)
+        pretrain(cfg, out, progress=progress, task=pre_task)
 
     rows = member_grid(cfg)
     num_classes = task.train.num_classes

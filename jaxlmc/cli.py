@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = api.finetune(cfg, out, progress=not args.quiet)
             if not args.quiet:
                 ui.print_members(rows)
-    except (ConfigError, ValueError) as err:
+    except ConfigError as err:
         print(f"jaxlmc: error: {err}", file=sys.stderr)
         return 2
     if not args.quiet:
