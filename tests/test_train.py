@@ -141,3 +141,13 @@ def test_models_build_vmap_and_count(kind, shape, norm):
     assert models.param_count(one) == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(one))
     assert ("norm0" in one) == (norm == "layernorm")
     assert one["head"]["kernel"].shape[-1] == 5
+
+
+@pytest.mark.parametrize("kernel, shape", [((5,), (4, 40, 3)), ((3, 3), (4, 9, 9, 3))])
+def test_patch_conv_equals_nnx_conv(kernel, shape):
+    from flax import nnx
+
+    reference = nnx.Conv(3, 8, kernel, strides=2, padding="SAME", rngs=nnx.Rngs(0))
+    patched = models.PatchConv(3, 8, kernel, strides=2, padding="SAME", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), shape)
+    np.testing.assert_allclose(patched(x), reference(x), atol=1e-5)
