@@ -37,7 +37,8 @@ class PatchConv(nnx.Conv):
                                                        dimension_numbers=dims)
         # Patch features are ordered (in, k...): move the kernel's input axis first to match.
         weight = jnp.moveaxis(kernel, -2, 0).reshape(-1, kernel.shape[-1])
-        return patches @ weight + self.bias[...]
+        out = patches @ weight
+        return out + self.bias[...].reshape((1,) * (out.ndim - 1) + (-1,))
 
 
 class Classifier(nnx.Module):
