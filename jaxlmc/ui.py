@@ -74,28 +74,39 @@ MEMBER_TABLE = [("member", "#"), ("pretrain_step", "pretrain"), ("lr", "lr"), ("
 
 
 def print_members(rows: list[dict]) -> None:
+    # Columns the grid does not vary (often weight decay and schedule) are left out so the table fits 80 columns.
+    columns = [(key, header) for key, header in MEMBER_TABLE
+               if key not in ("weight_decay", "schedule") or len({r[key] for r in rows}) > 1]
     table = Table(title=f"{len(rows)} fine-tuned members (all columns in members.csv)")
-    for _, header in MEMBER_TABLE:
+    for _, header in columns:
         table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(*[_fmt(row[key]) for key, _ in MEMBER_TABLE])
+        table.add_row(*[_fmt(row[key]) for key, _ in columns])
     console.print(table)
 
     groups: dict = {}
     for row in rows:
         groups.setdefault((row["pretrain_step"], row["lr"], row["weight_decay"], row["schedule"]), []).append(row)
+    # Weight decay and schedule get a column only when the grid varies them, so the table fits 80 columns.
+    show_wd = len({key[2] for key in groups}) > 1
+    show_sched = len({key[3] for key in groups}) > 1
     summary = Table(title="per cell: mean ± std over seeds (diverged members left out)")
-    for header in ["pretrain", "lr", "wd", "sched", "n", "test acc", "ood acc", "dist", "div"]:
+    headers = ["pretrain", "lr"] + ["wd"] * show_wd + ["sched"] * show_sched + ["n", "test acc", "ood acc", "dist",
+                                                                              "div"]
+    for header in headers:
         summary.add_column(header, justify="right")
     for (step, lr, wd, sched), members in groups.items():
         alive = [m for m in members if not m["diverged"]]
 
-        def stat(key):
+        def stat(key, digits=3):
             values = np.array([m[key] for m in alive], dtype=float)
-            return "–" if values.size == 0 or np.isnan(values).all() else f"{values.mean():.3f}±{values.std():.3f}"
+            if values.size == 0 or np.isnan(values).all():
+                return "–"
+            return f"{values.mean():.{digits}f}±{values.std():.{digits}f}"
 
-        summary.add_row(str(step), f"{lr:g}", f"{wd:g}", sched, str(len(members)), stat("test_acc"),
-                        stat("ood_acc"), stat("dist_from_init"), str(len(members) - len(alive)))
+        cells = [str(step), f"{lr:g}"] + [f"{wd:g}"] * show_wd + [sched] * show_sched
+        summary.add_row(*cells, str(len(members)), stat("test_acc"), stat("ood_acc"), stat("dist_from_init", 1),
+                        str(len(members) - len(alive)))
     console.print(summary)
 
 
