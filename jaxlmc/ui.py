@@ -5,8 +5,7 @@ import math
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -32,11 +31,10 @@ class TrainingProgress:
         if not enabled:
             return
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-            _MemberStepsPerSecond(), TextColumn("{task.fields[loss]}"), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=console,
+            TextColumn("[bold]{task.description}"), BarColumn(bar_width=10), MofNCompleteColumn(),
+            _MemberStepsPerSecond(), TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console,
         )
-        resumed = f" (resumed at step {start_step})" if start_step else ""
+        resumed = f" from {start_step}" if start_step else ""
         self._task = self._progress.add_task(f"{name} ×{num_members}{resumed}", total=total_steps,
                                              completed=start_step, members=num_members, loss="")
 
