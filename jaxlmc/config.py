@@ -37,7 +37,7 @@ class DataConfig:
 class ModelConfig:
     kind: Literal["mlp", "cnn"] = "mlp"
     width: int = 256  # hidden units (MLP) or channels (CNN)
-    depth: int = 2  # hidden layers (MLP) or conv layers (CNN)
+    depth: int = 2  # hidden layers (MLP; 0 is logistic regression) or conv layers (CNN)
     norm: Literal["none", "layernorm"] = "none"
     kernel_size: int = 3  # CNN only
 
@@ -185,7 +185,7 @@ def validate(cfg: Config) -> None:
     """Checks that span keys, or bound values; types were checked on reading."""
     m, p, f, r = cfg.model, cfg.pretrain, cfg.finetune, cfg.run
     positive = {
-        "model.width": m.width, "model.depth": m.depth, "model.kernel_size": m.kernel_size,
+        "model.width": m.width, "model.kernel_size": m.kernel_size,
         "pretrain.batch_size": p.batch_size, "pretrain.lr": p.lr, "finetune.steps": f.steps,
         "finetune.batch_size": f.batch_size, "finetune.seeds": f.seeds, "run.chunk_steps": r.chunk_steps,
         "run.checkpoint_every": r.checkpoint_every, "run.eval_batch_size": r.eval_batch_size,
@@ -197,6 +197,9 @@ def validate(cfg: Config) -> None:
     non_negative = {"pretrain.steps": p.steps, "pretrain.weight_decay": p.weight_decay,
                     "pretrain.warmup_steps": p.warmup_steps, "finetune.warmup_steps": f.warmup_steps,
                     "pretrain.momentum": p.momentum, "finetune.momentum": f.momentum}
+    if m.depth < 0 or (m.kind == "cnn" and m.depth == 0):
+        raise ConfigError(f"model.depth must be positive for a CNN and non-negative for an MLP (0: logistic "
+                          f"regression), got {m.depth}")
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be non-negative, got {value}")

@@ -53,7 +53,7 @@ class Classifier(nnx.Module):
                 if self.use_norm:
                     setattr(self, f"norm{i}", nnx.LayerNorm(cfg.width, rngs=rngs))
                 fan_in = cfg.width
-            feature_dim = cfg.width
+            feature_dim = fan_in  # depth 0: logistic regression on the flattened input
         else:
             # A 1-D signal of length L is a 1-channel sequence; an image H×W×C keeps its channels.
             spatial = input_shape[:1] if len(input_shape) == 1 else input_shape[:-1]
