@@ -120,9 +120,18 @@ def load_finetune_task(cfg: Config) -> Task:
     return Task(splits["train"], splits["test"], ood)
 
 
-def _device_split(split: data.Split, limit: int | None = None):
-    n = len(split.y) if limit is None else min(limit, len(split.y))
-    return jnp.asarray(split.x[:n]), jnp.asarray(split.y[:n])
+def _device_split(split: data.Split):
+    return {"x": jnp.asarray(split.x), "y": jnp.asarray(split.y)}
+
+
+def _eval_sets(cfg: Config, task: Task) -> dict[str, tuple]:
+    """The fixed train subset, test and (if any) OOD sets, batched on the device once per run."""
+    n = cfg.data.train_eval_size
+    sets = {"train": train.batch_eval_set(task.train.x[:n], task.train.y[:n], cfg.run.eval_batch_size),
+            "test": train.batch_eval_set(task.test.x, task.test.y, cfg.run.eval_batch_size)}
+    if task.ood is not None:
+        sets["ood"] = train.batch_eval_set(task.ood.x, task.ood.y, cfg.run.eval_batch_size)
+    return sets
 
 
 # --------------------------------------------------------------------------------------------- the training loop
@@ -142,30 +151,26 @@ def run_loop(chunk_fn, state, consts, device_data, total_steps: int, chunk_steps
     """Advance every member to `total_steps` in compiled chunks; save at the steps in `save_at` and at the end.
 
     The metrics of a chunk are read on the host only after the next chunk was dispatched, so the device never waits
-    for the host. Returns the final state and the last chunk's mean training-batch loss per member.
+    for the host. Returns the final state.
     """
     step = int(state["step"])
     pending = None
-    last_loss_M = None
 
-    def report(pending_item):
-        loss_LxM, n = pending_item
-        loss_nxM = np.asarray(loss_LxM)[:n]  # the one host read per chunk
+    def report(loss_LxM, n):
         if progress is not None:
-            progress.advance(n, loss_nxM)
-        return np.nanmean(loss_nxM, axis=0) if n else None
+            progress.advance(n, np.asarray(loss_LxM)[:n])  # the one host read per chunk
 
     for end in _boundaries(step, total_steps, chunk_steps, save_at):
         state, loss_LxM, _ = chunk_fn(state, consts, device_data, end - step)
         if pending is not None:
-            last_loss_M = report(pending)
+            report(*pending)
         pending = (loss_LxM, end - step)
         step = end
         if end in save_at or end == total_steps:
             save_fn(end, state)
     if pending is not None:
-        last_loss_M = report(pending)
-    return state, last_loss_M
+        report(*pending)
+    return state
 
 
 # --------------------------------------------------------------------------------------------- pretraining
@@ -201,23 +206,22 @@ def pretrain(cfg: Config, out: str, progress: bool = True, task: Task | None = N
 
     save_at = set(p.save_steps) | set(range(cfg.run.checkpoint_every, p.steps, cfg.run.checkpoint_every))
     chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps)
-    device_data = dict(zip(("x", "y"), _device_split(task.train)))
+    device_data = _device_split(task.train)
     from jaxlmc.ui import TrainingProgress
 
     with TrainingProgress("pretrain", total_steps=p.steps, num_members=1, start_step=int(state["step"]),
                           enabled=progress) as bar:
-        state, _ = run_loop(chunk_fn, state, consts, device_data, p.steps, cfg.run.chunk_steps, save_at,
+        state = run_loop(chunk_fn, state, consts, device_data, p.steps, cfg.run.chunk_steps, save_at,
                             manager.save, bar)
 
     # Evaluate every kept checkpoint (also those saved before a resume) so the table is complete.
-    evaluate = train.make_evaluate(model, len(task.test.y), cfg.run.eval_batch_size)
-    evaluate_train = train.make_evaluate(model, min(cfg.data.train_eval_size, n_train), cfg.run.eval_batch_size)
-    train_xy, test_xy = _device_split(task.train, cfg.data.train_eval_size), _device_split(task.test)
+    evaluate = train.make_evaluate(model)
+    eval_sets = _eval_sets(cfg, task)
     rows = []
     for step in sorted(set(p.save_steps) | {p.steps}):
         params = manager.restore(step, jax.eval_shape(lambda: state))["params"]
-        train_loss, train_acc = evaluate_train(params, *train_xy)
-        test_loss, test_acc = evaluate(params, *test_xy)
+        train_loss, train_acc = evaluate(params, eval_sets["train"])
+        test_loss, test_acc = evaluate(params, eval_sets["test"])
         rows.append({"step": step, "train_loss": float(train_loss[0]), "train_acc": float(train_acc[0]),
                      "test_loss": float(test_loss[0]), "test_acc": float(test_acc[0])})
     manager.close()
@@ -295,12 +299,12 @@ def finetune(cfg: Config, out: str, progress: bool = True) -> list[dict]:
 
     save_at = set(range(cfg.run.checkpoint_every, f.steps, cfg.run.checkpoint_every))
     chunk_fn = train.make_train_chunk(model, f.optimizer, f.momentum, f.batch_size, n_train, cfg.run.chunk_steps)
-    device_data = dict(zip(("x", "y"), _device_split(task.train)))
+    device_data = _device_split(task.train)
     from jaxlmc.ui import TrainingProgress
 
     with TrainingProgress("finetune", total_steps=f.steps, num_members=len(rows), start_step=int(state["step"]),
                           enabled=progress) as bar:
-        state, _ = run_loop(chunk_fn, state, consts, device_data, f.steps, cfg.run.chunk_steps, save_at,
+        state = run_loop(chunk_fn, state, consts, device_data, f.steps, cfg.run.chunk_steps, save_at,
                             manager.save, bar)
     manager.close()
 
@@ -316,11 +320,9 @@ def finetune(cfg: Config, out: str, progress: bool = True) -> list[dict]:
 def evaluate_members(cfg: Config, model: models.Model, task: Task, params_M, start_M) -> dict[str, np.ndarray]:
     """Per-member train (fixed subset) / test / OOD loss and accuracy, and distance from the starting point."""
     out = {}
-    splits = {"train": _device_split(task.train, cfg.data.train_eval_size), "test": _device_split(task.test)}
-    if task.ood is not None:
-        splits["ood"] = _device_split(task.ood)
-    for name, (x, y) in splits.items():
-        loss_M, acc_M = train.make_evaluate(model, len(y), cfg.run.eval_batch_size)(params_M, x, y)
+    evaluate = train.make_evaluate(model)
+    for name, eval_set in _eval_sets(cfg, task).items():
+        loss_M, acc_M = evaluate(params_M, eval_set)
         out[f"{name}_loss"], out[f"{name}_acc"] = np.asarray(loss_M), np.asarray(acc_M)
     if task.ood is None:
         nan = np.full(len(out["test_acc"]), np.nan)

@@ -14,50 +14,21 @@ Barriers (BRIEF §2), for a curve L(α) on the full grid including the endpoints
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from jaxlmc.models import Model
-from jaxlmc.train import cross_entropy
+from jaxlmc.train import cross_entropy, loss_and_error
 
 
 def lerp(params_i, params_j, alpha):
     return jax.tree.map(lambda a, b: (1.0 - alpha) * a + alpha * b, params_i, params_j)
 
 
-def _model_loss_err(model: Model, params, x_NBxBxF, y_NBxB, mask_NBxB, n_examples: int):
-    """Mean loss and error (1 − accuracy) of one model over pre-batched data (lax.map over batches)."""
-
-    def batch_sums(args):
-        x, y, mask = args
-        logits = model.apply(params, x)
-        loss = jnp.where(mask, cross_entropy(logits, y), 0.0).sum()
-        wrong = jnp.where(mask, jnp.argmax(logits, -1) != y, False).sum()
-        return loss, wrong
-
-    loss, wrong = lax.map(batch_sums, (x_NBxBxF, y_NBxB, mask_NBxB))
-    return loss.sum() / n_examples, wrong.sum() / n_examples
-
-
-def batch_eval_set(x, y, batch_size: int):
-    """Pad and reshape an evaluation set into [num_batches, batch, ...] with a validity mask."""
-    n = len(y)
-    batch = min(batch_size, n)
-    num_batches = math.ceil(n / batch)
-    pad = num_batches * batch - n
-    x = np.concatenate([np.asarray(x), np.zeros((pad, *np.shape(x)[1:]), np.float32)])
-    y = np.concatenate([np.asarray(y), np.zeros((pad,), np.int32)])
-    mask = np.arange(num_batches * batch) < n
-    return (jnp.asarray(x.reshape(num_batches, batch, *x.shape[1:])), jnp.asarray(y.reshape(num_batches, batch)),
-            jnp.asarray(mask.reshape(num_batches, batch)), n)
-
-
 def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int):
-    """jit(params_M, pairs_Px2, batched eval set) -> (loss_PxA, err_PxA) on the full α grid.
+    """jit(params_M, pairs_Px2, eval_set) -> (loss_PxA, err_PxA) on the full α grid (eval_set: train.batch_eval_set).
 
     `alphas` must start at 0 and end at 1; the endpoints come from one evaluation per member.
     """
@@ -66,8 +37,8 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int):
         raise ValueError("alphas must increase from 0 to 1")
     interior = jnp.asarray(alphas[1:-1])
 
-    def curves(params_M, pairs_Px2, x, y, mask, n_examples):
-        evaluate = lambda p: _model_loss_err(model, p, x, y, mask, n_examples)  # noqa: E731
+    def curves(params_M, pairs_Px2, eval_set):
+        evaluate = lambda p: loss_and_error(model, p, eval_set)  # noqa: E731
         end_loss_M, end_err_M = jax.vmap(evaluate)(params_M)
 
         num_pairs = pairs_Px2.shape[0]
@@ -89,7 +60,7 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int):
         full_err = jnp.concatenate([end_err_M[i][:, None], err, end_err_M[j][:, None]], axis=1)
         return full_loss, full_err
 
-    return jax.jit(curves, static_argnums=5)
+    return jax.jit(curves)
 
 
 def reference_curves(model: Model, params_M, pairs, alphas, x, y):

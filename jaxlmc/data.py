@@ -98,19 +98,18 @@ def _builder(name: str, data_dir: str | None):
         raise ValueError(f"unknown TFDS dataset {name!r}: {err}") from None
 
 
-def prepare(name: str, data_dir: str | None = None) -> None:
-    """Download (real datasets) or generate (MNIST-1D) and write the array_record files, once."""
-    builder = _builder(name, data_dir)
-    tfds.display_progress_bar(False)
-    builder.download_and_prepare(file_format="array_record")
-
-
-def _read_all(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+def prepare(name: str, data_dir: str | None = None):
+    """Download (real datasets) or generate (MNIST-1D) and write the array_record files, once; return the builder."""
     builder = _builder(name, data_dir)
     if not builder.is_prepared():
         tfds.display_progress_bar(False)  # jaxlmc shows its own progress; TFDS's bars would interleave
         builder.download_and_prepare(file_format="array_record")
         builder = _builder(name, data_dir)  # a fresh builder reads the split info just written
+    return builder
+
+
+def _read_all(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+    builder = prepare(name, data_dir)
     source = builder.as_data_source(split=split)
     examples = [source[i] for i in range(len(source))]
     x_key = "signal" if "signal" in builder.info.features else "image"

@@ -130,10 +130,6 @@ def param_count(params: dict) -> int:
     return sum(int(math.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
-def with_new_head(params: dict, head: dict) -> dict:
-    return {**params, "head": head}
-
-
 def tree_l2(a, b):
     """‖a − b‖₂ over all leaves of two parameter trees (one member each)."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))

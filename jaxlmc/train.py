@@ -136,29 +136,44 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
     return jax.jit(chunk, donate_argnums=0)
 
 
-def make_evaluate(model: Model, n_examples: int, eval_batch_size: int):
-    """jit(params_M, x, y) -> (loss_M, acc_M) over a whole evaluation set, walked in batches with lax.map."""
-    batch = min(eval_batch_size, n_examples)
-    num_batches = math.ceil(n_examples / batch)
-    padded = num_batches * batch
+def batch_eval_set(x_NxF, y_N, batch_size: int) -> tuple:
+    """An evaluation set padded and reshaped once, on the host, into (x_NBxBxF…, y_NBxB, mask_NBxB) device arrays."""
+    n = len(y_N)
+    batch = min(batch_size, n)
+    num_batches = math.ceil(n / batch)
+    pad = num_batches * batch - n
+    x = np.concatenate([np.asarray(x_NxF, np.float32), np.zeros((pad, *np.shape(x_NxF)[1:]), np.float32)])
+    y = np.concatenate([np.asarray(y_N, np.int32), np.zeros((pad,), np.int32)])
+    mask = np.arange(num_batches * batch) < n
+    return (jnp.asarray(x.reshape(num_batches, batch, *x.shape[1:])), jnp.asarray(y.reshape(num_batches, batch)),
+            jnp.asarray(mask.reshape(num_batches, batch)))
 
-    def evaluate(params_M, x_NxF, y_N):
-        pad = padded - n_examples
-        x = jnp.concatenate([x_NxF, jnp.zeros((pad, *x_NxF.shape[1:]), x_NxF.dtype)]).reshape(
-            num_batches, batch, *x_NxF.shape[1:])
-        y = jnp.concatenate([y_N, jnp.zeros((pad,), y_N.dtype)]).reshape(num_batches, batch)
-        mask = (jnp.arange(padded) < n_examples).reshape(num_batches, batch)
 
-        def batch_sums(args):
-            x_BxF, y_B, mask_B = args
-            logits_MxBxC = jax.vmap(model.apply, in_axes=(0, None))(params_M, x_BxF)
-            loss_MxB = jax.vmap(cross_entropy, in_axes=(0, None))(logits_MxBxC, y_B)
-            correct_MxB = jnp.argmax(logits_MxBxC, -1) == y_B[None]
-            return (jnp.where(mask_B[None], loss_MxB, 0.0).sum(-1),
-                    jnp.where(mask_B[None], correct_MxB, False).sum(-1))
+def loss_and_error(model: Model, params: dict, eval_set: tuple):
+    """Mean loss and error (1 − accuracy) of one model over a batched evaluation set (lax.map over batches).
 
-        loss_sums, correct = lax.map(batch_sums, (x, y, mask))
-        return loss_sums.sum(0) / n_examples, correct.sum(0) / n_examples
+    The ensemble's evaluation vmaps this over members and the barrier pass over interpolated models.
+    """
+    x_NBxBxF, y_NBxB, mask_NBxB = eval_set
+
+    def batch_sums(args):
+        x_BxF, y_B, mask_B = args
+        logits_BxC = model.apply(params, x_BxF)
+        loss = jnp.where(mask_B, cross_entropy(logits_BxC, y_B), 0.0).sum()
+        wrong = jnp.where(mask_B, jnp.argmax(logits_BxC, -1) != y_B, False).sum()
+        return loss, wrong
+
+    loss, wrong = lax.map(batch_sums, (x_NBxBxF, y_NBxB, mask_NBxB))
+    n_examples = mask_NBxB.sum()
+    return loss.sum() / n_examples, wrong.sum() / n_examples
+
+
+def make_evaluate(model: Model):
+    """jit(params_M, eval_set) -> (loss_M, acc_M): every member on a whole evaluation set from `batch_eval_set`."""
+
+    def evaluate(params_M, eval_set):
+        loss_M, err_M = jax.vmap(loss_and_error, in_axes=(None, 0, None))(model, params_M, eval_set)
+        return loss_M, 1.0 - err_M
 
     return jax.jit(evaluate)
 

@@ -119,8 +119,8 @@ def test_divergent_member_is_frozen_and_flagged_and_others_unharmed(problem):
 def test_evaluate_matches_direct_computation(problem):
     model, data = problem
     state, _ = make_members(model, [0, 1], [1e-3] * 2, [0.0] * 2, init_seeds=[1, 2])
-    evaluate = train.make_evaluate(model, N_TRAIN, eval_batch_size=64)  # 200 = 3×64 + 8: exercises padding
-    loss_M, acc_M = evaluate(state["params"], data["x"], data["y"])
+    eval_set = train.batch_eval_set(data["x"], data["y"], batch_size=64)  # 200 = 3×64 + 8: exercises padding
+    loss_M, acc_M = train.make_evaluate(model)(state["params"], eval_set)
     for k in range(2):
         logits = model.apply(jax.tree.map(lambda a: a[k], state["params"]), data["x"])
         loss = train.cross_entropy(logits, data["y"]).mean()
