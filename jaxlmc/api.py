@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlmc import ckpt, data, models, train
-from jaxlmc.config import Config, ConfigError
+from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError
 
 MEMBER_COLUMNS = ["member", "pretrain_step", "lr", "weight_decay", "schedule", "seed", "train_loss", "train_acc",
                   "test_loss", "test_acc", "ood_loss", "ood_acc", "dist_from_init", "diverged"]
@@ -56,15 +56,19 @@ def _versions() -> dict:
 
 
 def open_run_dir(cfg: Config, out: str) -> None:
-    """Create `out` with its config.json, or check that an existing run directory was made by the same config."""
+    """Create `out` with its config.json, or check that an existing run directory was trained with the same config.
+
+    Only the training sections must agree (and not data.data_dir, which says where the data is, not what it is);
+    reporting and measuring settings may change from one invocation to the next.
+    """
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)["config"]
         mine = json.loads(cfg.to_json())
         diffs = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
-                 for section, table in mine.items() for key, value in table.items()
-                 if saved.get(section, {}).get(key) != value]
+                 for section in TRAINING_SECTIONS for key, value in mine[section].items()
+                 if (section, key) != ("data", "data_dir") and saved.get(section, {}).get(key) != value]
         if diffs:
             raise ConfigError(f"run directory {out} was made with a different config ({'; '.join(diffs)}); "
                               "use a new --out, or the same config to resume")
@@ -269,20 +273,11 @@ def finetune(cfg: Config, out: str, progress: bool = True) -> list[dict]:
         pretrain(cfg, out, progress=progress, task=pre_task)
 
     rows = member_grid(cfg)
-    num_classes = task.train.num_classes
-    new_head = f.new_head or num_classes != pre_task.train.num_classes
-    model = models.build(cfg.model, task.input_shape, num_classes)
+    model = models.build(cfg.model, task.input_shape, task.train.num_classes)
     keys = train.member_keys([r["seed"] for r in rows])
 
-    pre_dir = os.path.join(out, "pretrain", "checkpoints")
-    # Pretraining states have a member axis of length 1.
-    starts = {s: jax.tree.map(lambda a: a[0], ckpt.restore_params(pre_dir, s)) for s in f.pretrain_steps}
-    params_M = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)),
-                            *[starts[r["pretrain_step"]] for r in rows])
-    if new_head:
-        # jit lets XLA drop the body initialisation: only the heads are materialised.
-        params_M["head"] = jax.jit(jax.vmap(lambda k: model.init(k)["head"]))(keys["head"])
-    start_M = jax.tree.map(jnp.copy, params_M)  # the state's copy is donated; this one is kept for distances
+    start_M = start_params(cfg, out, model, rows)
+    params_M = jax.tree.map(jnp.copy, start_M)  # the state's copy is donated; start_M is kept for distances
 
     consts = {
         "lr": jnp.asarray(train.lr_table([r["lr"] for r in rows], [r["schedule"] for r in rows], f.steps,
@@ -315,6 +310,23 @@ def finetune(cfg: Config, out: str, progress: bool = True) -> list[dict]:
         r["diverged"] = bool(diverged[i])
     _write_csv(os.path.join(out, "members.csv"), rows, MEMBER_COLUMNS)
     return rows
+
+
+def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict]) -> dict:
+    """start_M: every member's starting point: its pretraining checkpoint, with a new head drawn from the member's
+    head key when finetune.new_head is set or the fine-tuning task's classes differ from the pretraining task's."""
+    pre_dir = os.path.join(out, "pretrain", "checkpoints")
+    # Pretraining states have a member axis of length 1.
+    starts = {s: jax.tree.map(lambda a: a[0], ckpt.restore_params(pre_dir, s))
+              for s in sorted({r["pretrain_step"] for r in rows})}
+    start_M = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *[starts[r["pretrain_step"]] for r in rows])
+    head_shapes = jax.tree.map(lambda a: tuple(a.shape), jax.eval_shape(model.init, jax.random.key(0))["head"])
+    pretrained_shapes = jax.tree.map(lambda a: tuple(a.shape[1:]), start_M["head"])
+    if cfg.finetune.new_head or head_shapes != pretrained_shapes:
+        keys = train.member_keys([r["seed"] for r in rows])
+        # jit lets XLA drop the body initialisation: only the heads are materialised.
+        start_M["head"] = jax.jit(jax.vmap(lambda k: model.init(k)["head"]))(keys["head"])
+    return start_M
 
 
 def evaluate_members(cfg: Config, model: models.Model, task: Task, params_M, start_M) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ temporary directories are ignored and cleaned up on the next start.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import jax
@@ -33,7 +34,8 @@ class Checkpoints:
             read_only=read_only,
             preservation_policy=None if read_only else checkpoint_managers.AnyPreservationPolicy(policies),
         )
-        self._manager = ocp.CheckpointManager(directory, options=options)
+        # Orbax's tensorstore layer refuses relative paths; run directories are usually given relative to the cwd.
+        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

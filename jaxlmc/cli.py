@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -21,6 +22,15 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override a config value; repeatable")
         sub.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    text = "loss and error barriers between fine-tuned members and to their starting points; writes RUN_DIR/barriers/"
+    sub = commands.add_parser("barriers", help=text, description=text)
+    sub.add_argument("run_dir", help="a fine-tuning run directory")
+    sub.add_argument("--pairs", help='"within" (pairs inside each grid cell; the default), "all", or a CSV file '
+                                     "with columns i, j")
+    sub.add_argument("--alphas", type=int, help="points on the interpolation grid, ends included (default 25)")
+    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a [barriers] or [run] value; repeatable")
+    sub.add_argument("--quiet", action="store_true", help="no tables")
     return parser
 
 
@@ -28,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from jaxlmc import config
 
+    if args.command == "barriers":
+        return _barriers(args)
     try:
         cfg = config.load(args.config, args.overrides)
     except ConfigError as err:
@@ -51,6 +63,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.quiet:
         ui.console.print(f"results in {out}")
+    return 0
+
+
+def _barriers(args) -> int:
+    from jaxlmc import measure, ui
+
+    overrides = list(args.overrides)
+    if args.pairs is not None:
+        overrides.append(f"barriers.pairs={json.dumps(args.pairs)}")
+    if args.alphas is not None:
+        overrides.append(f"barriers.alphas={args.alphas}")
+    try:
+        cfg = measure.run_config(args.run_dir, overrides)
+        with ui.console.status("barriers") as status:
+            result = measure.barriers_of_run(cfg, args.run_dir,
+                                             status=None if args.quiet else lambda text: status.update(text))
+    except ConfigError as err:
+        print(f"jaxlmc: error: {err}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        ui.print_barriers(result)
+        ui.console.print(f"results in {os.path.join(args.run_dir, 'barriers')}")
     return 0
 
 

@@ -79,12 +79,27 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BarrierConfig:
+    alphas: int = 25  # points on the α grid, ends included (Git Re-Basin uses 25)
+    pairs: str = "within"  # "within" (pairs inside each grid cell), "all", or a file of pairs (columns i, j)
+    chunk_pairs: int = 0  # pairs evaluated together; 0 picks the largest that fits memory_fraction of free memory
+    memory_fraction: float = 0.5
+    bootstrap: int = 1000  # resamples for the confidence intervals of the per-group means; 0 for none
+
+
+# The sections that decide what a run directory's checkpoints contain; the others (how often to report, how to
+# measure) may change between invocations on the same directory.
+TRAINING_SECTIONS = ("data", "model", "pretrain", "finetune")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    barriers: BarrierConfig = dataclasses.field(default_factory=BarrierConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,7 +198,7 @@ def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Confi
 
 def validate(cfg: Config) -> None:
     """Checks that span keys, or bound values; types were checked on reading."""
-    m, p, f, r = cfg.model, cfg.pretrain, cfg.finetune, cfg.run
+    m, p, f, r, b = cfg.model, cfg.pretrain, cfg.finetune, cfg.run, cfg.barriers
     positive = {
         "model.width": m.width, "model.kernel_size": m.kernel_size,
         "pretrain.batch_size": p.batch_size, "pretrain.lr": p.lr, "finetune.steps": f.steps,
@@ -223,5 +238,14 @@ def validate(cfg: Config) -> None:
                           f"(pretrain.save_steps = {p.save_steps})")
     if p.warmup_steps > p.steps:
         raise ConfigError(f"pretrain.warmup_steps ({p.warmup_steps}) exceeds pretrain.steps ({p.steps})")
+    if b.alphas < 3:
+        raise ConfigError(f"barriers.alphas must be at least 3 (both ends and a point between), got {b.alphas}")
+    if b.chunk_pairs < 0 or b.bootstrap < 0:
+        raise ConfigError(f"barriers.chunk_pairs and barriers.bootstrap must be non-negative, got "
+                          f"{b.chunk_pairs} and {b.bootstrap}")
+    if not 0 < b.memory_fraction <= 1:
+        raise ConfigError(f"barriers.memory_fraction must lie in (0, 1], got {b.memory_fraction}")
+    if not b.pairs:
+        raise ConfigError('barriers.pairs must be "within", "all" or the path of a pair file')
     if f.warmup_steps > f.steps:
         raise ConfigError(f"finetune.warmup_steps ({f.warmup_steps}) exceeds finetune.steps ({f.steps})")

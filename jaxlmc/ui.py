@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -115,3 +116,57 @@ def print_pretrain(rows: list[dict]) -> None:
     for row in rows:
         table.add_row(*[_fmt(row[c]) for c in ["step", "train_loss", "train_acc", "test_loss", "test_acc"]])
     console.print(table)
+
+
+def _num(value, digits=3) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def print_barriers(result: dict) -> None:
+    """Per-cell summary of measure.barriers_of_run: mean, std and bootstrap CI of the barriers between seeds, then the
+    barrier to the starting point and the geometry. Every column of every form is in barriers/summary.csv."""
+    summary, settings = result["summary"], result["settings"]
+    if not summary:
+        return
+    show_wd = len({r["weight_decay"] for r in summary}) > 1
+    show_sched = len({r["schedule"] for r in summary}) > 1
+
+    def keys(row):
+        return [str(row["pretrain_step"]), f"{row['lr']:g}"] + [f"{row['weight_decay']:g}"] * show_wd + \
+            [row["schedule"]] * show_sched
+
+    key_headers = ["pretrain", "lr"] + ["wd"] * show_wd + ["sched"] * show_sched
+    splits = [s for s in ("test", "ood") if f"error_barrier_{s}_mean" in summary[0]]
+    for metric in ("error", "loss"):
+        table = Table(title=f"{metric} barrier between seeds (endpoint-mean form): mean ± std and 95% bootstrap CI "
+                            "over pairs", box=box.SIMPLE_HEAD, pad_edge=False)
+        for header in key_headers + ["n"] + [h for s in splits for h in (s, f"{s} CI")]:
+            table.add_column(header, justify="right")
+        for row in summary:
+            cells = keys(row) + [str(row["pairs"])]
+            for split in splits:
+                name = f"{metric}_barrier_{split}"
+                cells += [f"{_num(row[name + '_mean'])}±{_num(row[name + '_std'])}",
+                          f"{_num(row[name + '_ci_lo'])}–{_num(row[name + '_ci_hi'])}"]
+            table.add_row(*cells)
+        console.print(table)
+
+    # To the start, the linear-baseline form: a new head makes the start much worse than the member, and the
+    # endpoint-mean form would report half that gap as a "barrier" even for a curve that falls monotonically.
+    table = Table(title="to the starting point (test error barrier, linear-baseline form) and geometry: mean ± std",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in key_headers + ["n", "to start", "dist to start", "dist between", "update cos"]:
+        table.add_column(header, justify="right")
+    for row in summary:
+        def ms(metric, digits=3):
+            return f"{_num(row[f'{metric}_mean'], digits)}±{_num(row[f'{metric}_std'], digits)}"
+
+        table.add_row(*keys(row), str(row["members_used"]), ms("start_error_barrier_test_lin"), ms("start_dist", 2),
+                      ms("dist", 2), ms("update_cos", 2))
+    console.print(table)
+    if settings["diverged_members"]:
+        console.print(f"[yellow]{settings['diverged_members']} diverged members left out "
+                      f"({settings['left_out_diverged_pairs']} pairs)[/yellow]")
+    console.print(f"{settings['member_pairs']} member pairs and {settings['start_pairs']} to-start pairs × "
+                  f"{len(settings['alphas'])} α on {', '.join(settings['splits'])} in {settings['seconds']:.1f} s "
+                  f"(chunks of {settings['chunk_pairs']} pair{'s' * (settings['chunk_pairs'] > 1)}, compilation included)")

@@ -93,10 +93,12 @@ def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path, kill_whe
     api.finetune(cfg, reference, progress=False)
 
     killed = str(tmp_path / "killed")
-    command = [sys.executable, "-m", "jaxlmc.cli", "finetune", "configs/mnist1d.toml", "--out", killed, "--quiet"]
+    # A relative --out, as researchers type it (Orbax itself wants absolute paths).
+    command = [sys.executable, "-m", "jaxlmc.cli", "finetune", os.path.abspath("configs/mnist1d.toml"), "--out",
+               "killed", "--quiet"]
     for o in overrides:
         command += ["--set", o]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     deadline = time.time() + 120
     while not os.path.isdir(os.path.join(killed, kill_when)):
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -106,7 +108,7 @@ def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path, kill_whe
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "members.csv"))  # it really was killed mid-run
 
-    finished = subprocess.run(command, capture_output=True, text=True)
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
     for step_dir in ("checkpoints",):
         a = ckpt.restore_params(os.path.join(reference, step_dir))

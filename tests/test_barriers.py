@@ -24,8 +24,8 @@ def ensemble():
 
 def compiled(model, params_M, pairs, x, y, chunk=3, batch=32, alphas=ALPHAS):
     fn = barriers.make_curves(model, alphas, chunk_pairs=chunk)
-    loss, err = fn(params_M, jnp.asarray(pairs, jnp.int32), train.batch_eval_set(x, y, batch))
-    return np.asarray(loss), np.asarray(err)
+    out = fn(params_M, jnp.asarray(pairs, jnp.int32), {"train": train.batch_eval_set(x, y, batch)})
+    return np.asarray(out["train"][0]), np.asarray(out["train"][1])
 
 
 def test_compiled_pass_equals_reference_loop(ensemble):
@@ -89,17 +89,17 @@ def test_memory_does_not_grow_with_the_number_of_pairs():
     params_M = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 256))
     x = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int32)
-    eval_set = train.batch_eval_set(x, y, 16)
+    eval_sets = {"train": train.batch_eval_set(x, y, 16)}
     fn = barriers.make_curves(model, np.linspace(0, 1, 5), chunk_pairs=64)
     all_pairs = jnp.asarray(list(itertools.combinations(range(256), 2)), jnp.int32)
     assert all_pairs.shape == (32640, 2)
 
     def scratch_bytes(pairs):
-        return fn.lower(params_M, pairs, eval_set).compile().memory_analysis().temp_size_in_bytes
+        return fn.lower(params_M, pairs, eval_sets).compile().memory_analysis().temp_size_in_bytes
 
     small, large = scratch_bytes(all_pairs[:64]), scratch_bytes(all_pairs)
     # Only the [pairs, α] outputs scale with the pairs; the scratch space may hold a few such arrays, never the
     # pairs × parameters that an unchunked pass would need (32,640 × 2 × 34 params × 4 B ≈ 8.9 MB).
     assert large - small < 32640 * 5 * 4 * 8
-    loss, err = fn(params_M, all_pairs, eval_set)
+    loss, err = fn(params_M, all_pairs, eval_sets)["train"]
     assert loss.shape == (32640, 5) and np.isfinite(np.asarray(loss)).all()
