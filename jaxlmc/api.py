@@ -29,7 +29,7 @@ from jaxlmc import ckpt, data, models, train
 from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError
 
 MEMBER_COLUMNS = ["member", "pretrain_step", "lr", "weight_decay", "schedule", "seed", "train_loss", "train_acc",
-                  "test_loss", "test_acc", "ood_loss", "ood_acc", "dist_from_init", "diverged"]
+                  "test_loss", "test_acc", "ood_loss", "ood_acc", "val_loss", "val_acc", "dist_from_init", "diverged"]
 
 
 # --------------------------------------------------------------------------------------------- run directory
@@ -94,15 +94,16 @@ class Task:
     train: data.Split
     test: data.Split
     ood: data.Split | None = None
+    val: data.Split | None = None  # held out from the training split: never trained on, never the test set
 
     @property
     def input_shape(self):
         return self.train.x.shape[1:]
 
 
-def _load(key: str, name: str, label_map: str, data_dir: str, splits=("train", "test")) -> dict:
+def _load(key: str, name: str, label_map: str, data_dir: str, splits=("train", "test"), stats_from=None) -> dict:
     try:
-        return data.load_task(name, label_map, data_dir or None, splits=splits)
+        return data.load_task(name, label_map, data_dir or None, splits=splits, stats_from=stats_from)
     except ValueError as err:  # an unknown dataset or label map is a config error: name the key
         raise ConfigError(f"{key}: {err}") from None
 
@@ -117,24 +118,37 @@ def load_finetune_task(cfg: Config) -> Task:
     splits = _load("data.finetune_task", d.finetune_task, d.finetune_labels, d.data_dir)
     ood = None
     if d.ood_task:
-        ood = _load("data.ood_task", d.ood_task, d.finetune_labels, d.data_dir, splits=("test",))["test"]
+        ood = _load("data.ood_task", d.ood_task, d.finetune_labels, d.data_dir, splits=("test",),
+                    stats_from=d.finetune_task)["test"]
         if ood.x.shape[1:] != splits["train"].x.shape[1:]:
             raise ConfigError(f"data.ood_task {d.ood_task} has inputs {ood.x.shape[1:]}, the fine-tuning task "
                               f"{splits['train'].x.shape[1:]}")
-    return Task(splits["train"], splits["test"], ood)
+    full = splits["train"]
+    n_val = d.validation_size
+    if n_val >= len(full.y):
+        raise ConfigError(f"data.validation_size {n_val} leaves no training examples ({d.finetune_task} has "
+                          f"{len(full.y)})")
+    # The last examples of the training split are held out; TFDS splits are shuffled at preparation.
+    cut = len(full.y) - n_val
+    train_split = dataclasses.replace(full, x=full.x[:cut], y=full.y[:cut])
+    val = dataclasses.replace(full, x=full.x[cut:], y=full.y[cut:], name=full.name + "[validation]") if n_val else None
+    return Task(train_split, splits["test"], ood, val)
 
 
 def _device_split(split: data.Split):
     return {"x": jnp.asarray(split.x), "y": jnp.asarray(split.y)}
 
 
-def _eval_sets(cfg: Config, task: Task) -> dict[str, tuple]:
-    """The fixed train subset, test and (if any) OOD sets, batched on the device once per run."""
+def eval_sets(cfg: Config, task: Task, validation: bool = False) -> dict[str, tuple]:
+    """The fixed train subset, test, (if any) OOD and (if asked and held out) validation sets, batched on the device
+    once per run."""
     n = cfg.data.train_eval_size
     sets = {"train": train.batch_eval_set(task.train.x[:n], task.train.y[:n], cfg.run.eval_batch_size),
             "test": train.batch_eval_set(task.test.x, task.test.y, cfg.run.eval_batch_size)}
     if task.ood is not None:
         sets["ood"] = train.batch_eval_set(task.ood.x, task.ood.y, cfg.run.eval_batch_size)
+    if validation and task.val is not None:
+        sets["val"] = train.batch_eval_set(task.val.x, task.val.y, cfg.run.eval_batch_size)
     return sets
 
 
@@ -220,12 +234,12 @@ def pretrain(cfg: Config, out: str, progress: bool = True, task: Task | None = N
 
     # Evaluate every kept checkpoint (also those saved before a resume) so the table is complete.
     evaluate = train.make_evaluate(model)
-    eval_sets = _eval_sets(cfg, task)
+    sets = eval_sets(cfg, task)
     rows = []
     for step in sorted(set(p.save_steps) | {p.steps}):
         params = manager.restore(step, jax.eval_shape(lambda: state))["params"]
-        train_loss, train_acc = evaluate(params, eval_sets["train"])
-        test_loss, test_acc = evaluate(params, eval_sets["test"])
+        train_loss, train_acc = evaluate(params, sets["train"])
+        test_loss, test_acc = evaluate(params, sets["test"])
         rows.append({"step": step, "train_loss": float(train_loss[0]), "train_acc": float(train_acc[0]),
                      "test_loss": float(test_loss[0]), "test_acc": float(test_acc[0])})
     manager.close()
@@ -246,9 +260,11 @@ def pretraining_complete(cfg: Config, out: str) -> bool:
 
 
 def member_grid(cfg: Config) -> list[dict]:
-    """Every (pretraining checkpoint × lr × weight decay × schedule × seed), in that nesting order."""
+    """Every (pretraining checkpoint × lr × weight decay × schedule × seed), in that nesting order; with
+    finetune.scratch the checkpoints are preceded by -1, the from-scratch control."""
     f = cfg.finetune
-    cells = itertools.product(f.pretrain_steps, f.lrs, f.weight_decays, f.schedules, range(f.seeds))
+    steps = ([-1] if f.scratch else []) + list(f.pretrain_steps)  # -1: the from-scratch control row
+    cells = itertools.product(steps, f.lrs, f.weight_decays, f.schedules, range(f.seeds))
     return [{"member": i, "pretrain_step": s, "lr": lr, "weight_decay": wd, "schedule": sch, "seed": seed}
             for i, (s, lr, wd, sch, seed) in enumerate(cells)]
 
@@ -313,17 +329,30 @@ def finetune(cfg: Config, out: str, progress: bool = True) -> list[dict]:
 
 
 def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict]) -> dict:
-    """start_M: every member's starting point: its pretraining checkpoint, with a new head drawn from the member's
-    head key when finetune.new_head is set or the fine-tuning task's classes differ from the pretraining task's."""
+    """start_M: every member's starting point.
+
+    A member starts from its pretraining checkpoint, or (pretrain_step -1, the scratch control) from its own random
+    initialisation (the seed's "init" key stream). It gets a new head drawn from its seed's "head" stream when
+    finetune.new_head is set or the fine-tuning task's classes differ from the pretraining task's.
+    """
+    keys = train.member_keys([r["seed"] for r in rows])
     pre_dir = os.path.join(out, "pretrain", "checkpoints")
     # Pretraining states have a member axis of length 1.
     starts = {s: jax.tree.map(lambda a: a[0], ckpt.restore_params(pre_dir, s))
-              for s in sorted({r["pretrain_step"] for r in rows})}
-    start_M = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *[starts[r["pretrain_step"]] for r in rows])
+              for s in sorted({r["pretrain_step"] for r in rows if r["pretrain_step"] >= 0})}
+    scratch = [k for k, r in enumerate(rows) if r["pretrain_step"] < 0]
+    if scratch:
+        scratch_S = jax.tree.map(np.asarray, jax.jit(jax.vmap(model.init))(keys["init"][jnp.asarray(scratch)]))
+        for n, k in enumerate(scratch):
+            starts[("scratch", k)] = jax.tree.map(lambda a, n=n: a[n], scratch_S)
+    sources = [starts[("scratch", k) if r["pretrain_step"] < 0 else r["pretrain_step"]] for k, r in enumerate(rows)]
+
     head_shapes = jax.tree.map(lambda a: tuple(a.shape), jax.eval_shape(model.init, jax.random.key(0))["head"])
-    pretrained_shapes = jax.tree.map(lambda a: tuple(a.shape[1:]), start_M["head"])
-    if cfg.finetune.new_head or head_shapes != pretrained_shapes:
-        keys = train.member_keys([r["seed"] for r in rows])
+    new_head = cfg.finetune.new_head or any(jax.tree.map(lambda a: tuple(a.shape), src["head"]) != head_shapes
+                                            for src in sources)
+    bodies = [{k: v for k, v in src.items() if not (new_head and k == "head")} for src in sources]
+    start_M = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *bodies)
+    if new_head:
         # jit lets XLA drop the body initialisation: only the heads are materialised.
         start_M["head"] = jax.jit(jax.vmap(lambda k: model.init(k)["head"]))(keys["head"])
     return start_M
@@ -333,12 +362,13 @@ def evaluate_members(cfg: Config, model: models.Model, task: Task, params_M, sta
     """Per-member train (fixed subset) / test / OOD loss and accuracy, and distance from the starting point."""
     out = {}
     evaluate = train.make_evaluate(model)
-    for name, eval_set in _eval_sets(cfg, task).items():
+    for name, eval_set in eval_sets(cfg, task, validation=True).items():
         loss_M, acc_M = evaluate(params_M, eval_set)
         out[f"{name}_loss"], out[f"{name}_acc"] = np.asarray(loss_M), np.asarray(acc_M)
-    if task.ood is None:
-        nan = np.full(len(out["test_acc"]), np.nan)
-        out["ood_loss"], out["ood_acc"] = nan, nan
+    for name in ("ood", "val"):
+        if f"{name}_acc" not in out:
+            nan = np.full(len(out["test_acc"]), np.nan)
+            out[f"{name}_loss"], out[f"{name}_acc"] = nan, nan
     out["dist_from_init"] = np.asarray(train.distance_from(params_M, start_M))
     return out
 

@@ -13,7 +13,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlmc", description="Vectorised fine-tuning ensembles and "
                                      "linear mode connectivity in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in [("pretrain", "pretrain one model, saving Orbax checkpoints at pretrain.save_steps"),
+    for name, text in [("study", "the whole study: pretrain, fine-tune the grid, barriers, soups, similarity, report "
+                                 "(resumes at the first unfinished stage)"),
+                       ("pretrain", "pretrain one model, saving Orbax checkpoints at pretrain.save_steps"),
                        ("finetune", "fine-tune the member grid in one compiled program (pretrains first if "
                                     "needed) and write members.csv")]:
         sub = commands.add_parser(name, help=text, description=text)
@@ -31,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a [barriers] or [run] value; repeatable")
     sub.add_argument("--quiet", action="store_true", help="no tables")
+    text = "re-render RUN_DIR/report.html, figures/ and summary.csv from a finished study"
+    sub = commands.add_parser("report", help=text, description=text)
+    sub.add_argument("run_dir", help="a study's run directory")
     return parser
 
 
@@ -40,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "barriers":
         return _barriers(args)
+    if args.command == "report":
+        return _report(args)
     try:
         cfg = config.load(args.config, args.overrides)
     except ConfigError as err:
@@ -50,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     from jaxlmc import api, ui
 
     try:
-        if args.command == "pretrain":
+        if args.command == "study":
+            from jaxlmc import study
+
+            say = (lambda text: None) if args.quiet else (lambda text: ui.console.print(f"[bold]{text}[/bold]"))
+            study.study(cfg, out, progress=not args.quiet, say=say)
+            if not args.quiet:
+                ui.print_study(out)
+        elif args.command == "pretrain":
             rows = api.pretrain(cfg, out, progress=not args.quiet)
             if not args.quiet:
                 ui.print_pretrain(rows)
@@ -63,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.quiet:
         ui.console.print(f"results in {out}")
+    return 0
+
+
+def _report(args) -> int:
+    from jaxlmc import report
+
+    try:
+        path = report.render(args.run_dir)
+    except ConfigError as err:
+        print(f"jaxlmc: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report in {path}")
     return 0
 
 

@@ -31,6 +31,7 @@ class DataConfig:
     ood_task: str = "mnist1d/noisy"  # "" for none; read with the fine-tuning label map
     data_dir: str = ""  # "" means $JAXLMC_DATA_DIR or ~/tensorflow_datasets
     train_eval_size: int = 1000  # fixed subset of the training split used for train loss / accuracy
+    validation_size: int = 500  # held out from the end of the fine-tuning train split (greedy soups, best member)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,7 @@ class FinetuneConfig:
     optimizer: Optimizer = "adamw"
     momentum: float = 0.9
     new_head: bool = True  # forced when the fine-tuning task has a different number of classes
+    scratch: bool = False  # add a control row (pretrain_step -1): every seed from its own random initialisation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,12 @@ class BarrierConfig:
     bootstrap: int = 1000  # resamples for the confidence intervals of the per-group means; 0 for none
 
 
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    basin_threshold: float = 0.02  # members share a basin when their test error barrier is below this (Frankle: 2 %)
+    similarity_examples: int = 1000  # test examples for prediction disagreement and CKA
+
+
 # The sections that decide what a run directory's checkpoints contain; the others (how often to report, how to
 # measure) may change between invocations on the same directory.
 TRAINING_SECTIONS = ("data", "model", "pretrain", "finetune")
@@ -100,6 +108,7 @@ class Config:
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     barriers: BarrierConfig = dataclasses.field(default_factory=BarrierConfig)
+    study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -238,6 +247,10 @@ def validate(cfg: Config) -> None:
                           f"(pretrain.save_steps = {p.save_steps})")
     if p.warmup_steps > p.steps:
         raise ConfigError(f"pretrain.warmup_steps ({p.warmup_steps}) exceeds pretrain.steps ({p.steps})")
+    if cfg.data.validation_size < 0:
+        raise ConfigError(f"data.validation_size must be non-negative, got {cfg.data.validation_size}")
+    if cfg.study.basin_threshold < 0 or cfg.study.similarity_examples < 2:
+        raise ConfigError("study.basin_threshold must be non-negative and study.similarity_examples at least 2")
     if b.alphas < 3:
         raise ConfigError(f"barriers.alphas must be at least 3 (both ends and a point between), got {b.alphas}")
     if b.chunk_pairs < 0 or b.bootstrap < 0:

@@ -119,11 +119,12 @@ def _read_all(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, 
 
 
 def load_task(name: str, label_map: str = "identity", data_dir: str | None = None,
-              splits: tuple[str, ...] = ("train", "test")) -> dict[str, Split]:
+              splits: tuple[str, ...] = ("train", "test"), stats_from: str | None = None) -> dict[str, Split]:
     """Load the splits of a task as float32 inputs and int32 labels.
 
-    Images are scaled to [0, 1] and standardised per channel with the *train* split's statistics, so every split of
-    a task (and an OOD task read with the same call) is normalised alike.
+    Images are scaled to [0, 1] and standardised per channel with the statistics of the first split requested, or,
+    with `stats_from`, of that task's train split: an OOD set must be normalised like the task it shifts, or the
+    normalisation would undo part of the shift.
     """
     if label_map not in LABEL_MAPS:
         raise ValueError(f"unknown label map {label_map!r}; choose one of {sorted(LABEL_MAPS)}")
@@ -136,6 +137,8 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
         out[split] = (x, y, num_classes)
     if out[splits[0]][0].ndim == 4:
         train_x = out[splits[0]][0]
+        if stats_from is not None:
+            train_x = _read_all(stats_from, "train", data_dir)[0].astype(np.float32) / 255.0
         mean, std = train_x.mean(axis=(0, 1, 2)), train_x.std(axis=(0, 1, 2)) + 1e-6
         out = {s: ((x - mean) / std, y, c) for s, (x, y, c) in out.items()}
     result = {}

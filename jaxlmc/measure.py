@@ -1,7 +1,7 @@
-"""Measurements on a finished fine-tuning run directory: interpolation barriers between members and from each member
-to its starting point.
+"""Measurements on a finished fine-tuning run directory.
 
-`barriers(cfg, out)` writes, under ``out/barriers/``:
+`barriers_of_run(cfg, out)`: interpolation barriers between members and from each member to its starting point,
+written under ``out/barriers/``:
 
     pairs.csv     one row per member pair: group keys, barriers in both forms on every evaluation set, midpoints,
                   the distance between the members and the cosine of their fine-tuning updates
@@ -9,6 +9,10 @@ to its starting point.
     curves.npz    the full curves, [pairs, alphas] per metric and split, with the α grid and the pair list
     summary.csv   one row per grid cell: mean, std and bootstrap CI of every measure over its pairs / members
     settings.json the barrier settings, the chunk size used, timings and the number of diverged members left out
+
+`soups_of_run(cfg, out)`: soups, ensembles, best and mean member per grid cell (``out/soups.csv``).
+`similarity_of_run(cfg, out)`: accuracy spread, prediction disagreement, CKA and basins per grid cell
+(``out/similarity.csv``, ``out/basins.csv``, ``out/similarity.npz``).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import api, barriers, ckpt, models
+from jaxlmc import analysis, api, barriers, ckpt, models
 from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError, from_dict, parse_override
 
 CELL_KEYS = ("pretrain_step", "lr", "weight_decay", "schedule")
@@ -53,12 +57,59 @@ def read_members(out: str) -> list[dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        r["member"], r["pretrain_step"], r["seed"] = int(r["member"]), int(r["pretrain_step"]), int(r["seed"])
-        r["lr"], r["weight_decay"] = float(r["lr"]), float(r["weight_decay"])
-        r["diverged"] = r["diverged"] == "True"
-        for key in ("test_acc", "ood_acc"):
-            r[key] = float(r[key]) if r.get(key) not in (None, "") else float("nan")
+        for key, value in r.items():
+            if key in ("member", "pretrain_step", "seed"):
+                r[key] = int(value)
+            elif key == "diverged":
+                r[key] = value == "True"
+            elif key != "schedule":
+                r[key] = float(value) if value not in (None, "") else float("nan")
     return rows
+
+
+def cell_groups(members: list[dict]) -> dict[tuple, list[int]]:
+    """{cell: [member, ...]} in grid order (every member, diverged or not)."""
+    groups: dict = {}
+    for m in members:
+        groups.setdefault(cell(m), []).append(m["member"])
+    return groups
+
+
+@dataclasses.dataclass
+class FinishedRun:
+    members: list[dict]
+    task: api.Task
+    model: models.Model
+    params_M: dict  # the final parameters of every member (device arrays)
+
+    @property
+    def alive(self) -> list[int]:
+        return [m["member"] for m in self.members if not m["diverged"]]
+
+    def alive_groups(self) -> tuple[list[tuple], np.ndarray]:
+        """The cells and idx_GxK of their non-diverged members (padded with -1)."""
+        groups = {key: [m for m in ids if not self.members[m]["diverged"]]
+                  for key, ids in cell_groups(self.members).items()}
+        width = max([len(v) for v in groups.values()] + [1])
+        idx = np.full((len(groups), width), -1, np.int64)
+        for g, ids in enumerate(groups.values()):
+            idx[g, :len(ids)] = ids
+        return list(groups), idx
+
+
+def load_run(cfg: Config, out: str) -> FinishedRun:
+    """A finished fine-tuning run: members.csv, the fine-tuning task, the model and the final parameters."""
+    members = read_members(out)
+    task = api.load_finetune_task(cfg)
+    manager = ckpt.Checkpoints(os.path.join(out, "checkpoints"), read_only=True)
+    latest = manager.latest_step()
+    manager.close()
+    if latest != cfg.finetune.steps:
+        raise ConfigError(f"{out}: the latest fine-tuning checkpoint is at step {latest}, not finetune.steps = "
+                          f"{cfg.finetune.steps}; finish the run with `jaxlmc finetune` first")
+    model = models.build(cfg.model, task.input_shape, task.train.num_classes)
+    params_M = jax.tree.map(jnp.asarray, ckpt.restore_params(os.path.join(out, "checkpoints"), latest))
+    return FinishedRun(members, task, model, params_M)
 
 
 def cell(row: dict) -> tuple:
@@ -71,10 +122,7 @@ def select_pairs(spec: str, members: list[dict]) -> tuple[list[tuple[int, int]],
     if spec == "all":
         return barriers.pairs_all(alive), len(barriers.pairs_all(range(len(members)))) - len(barriers.pairs_all(alive))
     if spec == "within":
-        groups: dict = {}
-        for m in members:
-            groups.setdefault(cell(m), []).append(m["member"])
-        everything = barriers.pairs_within(groups)
+        everything = barriers.pairs_within(cell_groups(members))
         kept = [p for p in everything if not (members[p[0]]["diverged"] or members[p[1]]["diverged"])]
         return kept, len(everything) - len(kept)
     if not os.path.isfile(spec):
@@ -136,20 +184,11 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     compiled pass; write out/barriers/. Returns {"pairs", "to_start", "summary", "settings"}."""
     b = cfg.barriers
     members = read_members(out)
-    pairs, left_out = select_pairs(b.pairs, members)
-    alive = [m["member"] for m in members if not m["diverged"]]
-    task = api.load_finetune_task(cfg)
+    pairs, left_out = select_pairs(b.pairs, members)  # a bad pair file is refused before any loading
+    run = load_run(cfg, out)
+    task, model, params_M, alive = run.task, run.model, run.params_M, run.alive
     if not alive:
         raise ConfigError(f"every member of {out} diverged: there is nothing to interpolate")
-
-    manager = ckpt.Checkpoints(os.path.join(out, "checkpoints"), read_only=True)
-    latest = manager.latest_step()
-    manager.close()
-    if latest != cfg.finetune.steps:
-        raise ConfigError(f"{out}: the latest fine-tuning checkpoint is at step {latest}, not finetune.steps = "
-                          f"{cfg.finetune.steps}; finish the run with `jaxlmc finetune` first")
-    model = models.build(cfg.model, task.input_shape, task.train.num_classes)
-    params_M = jax.tree.map(jnp.asarray, ckpt.restore_params(os.path.join(out, "checkpoints"), latest))
     start_M = api.start_params(cfg, out, model, members)
 
     # Only non-diverged members enter the pass: members at positions 0..K-1, their starting points at K..2K-1.
@@ -164,7 +203,7 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     pairs_Px2 = jnp.asarray(member_pairs + start_pairs, jnp.int32).reshape(-1, 2)
 
     alphas = barriers.alpha_grid(b.alphas)
-    eval_sets = api._eval_sets(cfg, task)
+    eval_sets = api.eval_sets(cfg, task)
     budget = barriers.memory_budget(b.memory_fraction)
     chunk = b.chunk_pairs or barriers.auto_chunk_pairs(model, both_2K, eval_sets, alphas, len(pairs_Px2), budget)
     if status:
@@ -201,10 +240,7 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
         row["dist"] = float(dist_K[k])
         start_rows.append(row)
 
-    groups: dict = {}
-    for m in members:
-        groups.setdefault(cell(m), []).append(m["member"])
-    summary = _summary(groups, pair_rows, start_rows, b.bootstrap)
+    summary = _summary(cell_groups(members), pair_rows, start_rows, b.bootstrap)
     num_evals = len(pairs_Px2) * (len(alphas) - 2) + 2 * num_alive
     settings = {"barriers": dataclasses.asdict(b), "chunk_pairs": chunk, "member_pairs": num_member_pairs,
                 "start_pairs": len(start_pairs), "left_out_diverged_pairs": left_out,
@@ -229,3 +265,129 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     _save_npz(os.path.join(directory, "curves.npz"), arrays)
     api.write_atomic(os.path.join(directory, "settings.json"), json.dumps(settings, indent=2))
     return {"pairs": pair_rows, "to_start": start_rows, "summary": summary, "settings": settings}
+
+
+# --------------------------------------------------------------------------------------------- soups and ensembles
+
+SOUP_COLUMNS = [*CELL_KEYS, "members", "members_used", "best_member", "best_val_acc", "best_test_acc", "best_ood_acc",
+                "mean_test_acc", "mean_ood_acc", "uniform_val_acc", "uniform_test_acc", "uniform_ood_acc",
+                "greedy_size", "greedy_members", "greedy_val_acc", "greedy_test_acc", "greedy_ood_acc",
+                "ensemble_test_acc", "ensemble_ood_acc", "uniform_gain", "greedy_gain", "ensemble_gain"]
+
+
+def soups_of_run(cfg: Config, out: str) -> list[dict]:
+    """Per grid cell: uniform soup, greedy soup (chosen on the validation split), logit ensemble, best member (by
+    validation accuracy) and mean member, each on test and OOD. Gains are test accuracy over the best member's.
+    Writes out/soups.csv."""
+    run = load_run(cfg, out)
+    if run.task.val is None:
+        raise ConfigError("data.validation_size is 0: greedy soups and the best member are chosen on a held-out "
+                          "validation split, so it must be positive")
+    cells, idx_GxK = run.alive_groups()
+    num_members = len(run.members)
+    sets = api.eval_sets(cfg, run.task, validation=True)
+    val_acc_M = np.array([m["val_acc"] for m in run.members])
+    uniform_GxM = analysis.group_weights(idx_GxK, num_members)
+    greedy_GxM = analysis.greedy_soup(run.model, run.params_M, idx_GxK, sets["val"], val_acc_M)
+    soup_accuracy = analysis.make_soup_accuracy(run.model)
+    usable = uniform_GxM.sum(axis=1) > 0  # a cell whose members all diverged has no soup
+    acc = {}
+    for name in ("val", "test", "ood"):
+        if name in sets:
+            for kind, weights in (("uniform", uniform_GxM), ("greedy", greedy_GxM)):
+                safe = np.where(usable[:, None], weights, 1.0)  # placeholder weights, reported as NaN below
+                acc[kind, name] = np.where(usable, np.asarray(soup_accuracy(run.params_M, jnp.asarray(safe),
+                                                                            sets[name])), np.nan)
+    outputs = analysis.make_outputs(run.model)
+    logits = {name: np.asarray(outputs(run.params_M, jnp.asarray(split.x))[0])
+              for name, split in (("test", run.task.test), ("ood", run.task.ood)) if split is not None}
+
+    rows = []
+    for g, key in enumerate(cells):
+        ids = [int(i) for i in idx_GxK[g] if i >= 0]
+        row = {**dict(zip(CELL_KEYS, key)), "members": len(cell_groups(run.members)[key]), "members_used": len(ids)}
+        if ids:
+            best = max(ids, key=lambda i: val_acc_M[i])
+            chosen = [int(i) for i in np.flatnonzero(greedy_GxM[g])]
+            row.update({"best_member": best, "best_val_acc": val_acc_M[best],
+                        "greedy_size": len(chosen), "greedy_members": " ".join(map(str, chosen))})
+            for split_name, split in (("test", run.task.test), ("ood", run.task.ood)):
+                if split is None:
+                    continue
+                row[f"best_{split_name}_acc"] = run.members[best][f"{split_name}_acc"]
+                row[f"mean_{split_name}_acc"] = float(np.mean([run.members[i][f"{split_name}_acc"] for i in ids]))
+                row[f"ensemble_{split_name}_acc"] = analysis.ensemble_accuracy(logits[split_name][ids], split.y)
+            for (kind, name), values in acc.items():
+                row[f"{kind}_{name}_acc"] = float(values[g])
+            for kind in ("uniform", "greedy", "ensemble"):
+                row[f"{kind}_gain"] = row[f"{kind}_test_acc"] - row["best_test_acc"]
+        rows.append(row)
+    api._write_csv(os.path.join(out, "soups.csv"), rows, SOUP_COLUMNS)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- path dependence
+
+SIMILARITY_COLUMNS = [*CELL_KEYS, "members_used", "test_acc_std", "test_acc_range", "ood_acc_std", "ood_acc_range",
+                      "disagreement_test", "disagreement_ood", "cka_mean", "cka_min", "basins", "basin_sizes",
+                      "largest_basin_fraction"]
+
+
+def similarity_of_run(cfg: Config, out: str) -> list[dict]:
+    """Per grid cell: spread of test and OOD accuracy over seeds, mean pairwise prediction disagreement, linear CKA of
+    penultimate representations, and basins: clusters of the test error barrier matrix (barriers/pairs.csv) cut at
+    study.basin_threshold. Writes out/similarity.csv, out/basins.csv and out/similarity.npz (the matrices)."""
+    run = load_run(cfg, out)
+    pairs_path = os.path.join(out, "barriers", "pairs.csv")
+    if not os.path.exists(pairs_path):
+        raise ConfigError(f"{out} has no barriers/pairs.csv; run `jaxlmc barriers {out}` first")
+    with open(pairs_path, newline="") as f:
+        barrier_of = {(int(r["i"]), int(r["j"])): float(r["error_barrier_test"]) for r in csv.DictReader(f)}
+    cells, idx_GxK = run.alive_groups()
+    n = cfg.study.similarity_examples
+    outputs = analysis.make_outputs(run.model)
+    logits_test, features = map(np.asarray, outputs(run.params_M, jnp.asarray(run.task.test.x[:n])))
+    preds_ood = None
+    if run.task.ood is not None:
+        preds_ood = np.asarray(outputs(run.params_M, jnp.asarray(run.task.ood.x[:n]))[0]).argmax(-1)
+    preds_test = logits_test.argmax(-1)
+
+    rows, basin_rows, arrays = [], [], {}
+    for g, key in enumerate(cells):
+        ids = [int(i) for i in idx_GxK[g] if i >= 0]
+        row = {**dict(zip(CELL_KEYS, key)), "members_used": len(ids)}
+        if not ids:
+            rows.append(row)
+            continue
+        for split in ("test", "ood"):
+            values = np.array([run.members[i][f"{split}_acc"] for i in ids])
+            row[f"{split}_acc_std"], row[f"{split}_acc_range"] = float(values.std()), float(np.ptp(values))
+        off = ~np.eye(len(ids), dtype=bool)
+        disagree_test = analysis.disagreement(preds_test[ids])
+        row["disagreement_test"] = float(disagree_test[off].mean()) if len(ids) > 1 else np.nan
+        if preds_ood is not None:
+            disagree_ood = analysis.disagreement(preds_ood[ids])
+            row["disagreement_ood"] = float(disagree_ood[off].mean()) if len(ids) > 1 else np.nan
+        cka = np.asarray(analysis.linear_cka(jnp.asarray(features[ids])))
+        row["cka_mean"] = float(cka[off].mean()) if len(ids) > 1 else np.nan
+        row["cka_min"] = float(cka[off].min()) if len(ids) > 1 else np.nan
+        barrier = np.full((len(ids), len(ids)), np.nan)
+        np.fill_diagonal(barrier, 0.0)
+        for a, i in enumerate(ids):
+            for b, j in enumerate(ids):
+                value = barrier_of.get((i, j), barrier_of.get((j, i)))
+                if value is not None:
+                    barrier[a, b] = value
+        labels = analysis.basins(barrier, cfg.study.basin_threshold)
+        sizes = np.bincount(labels)
+        row.update({"basins": int(len(sizes)), "basin_sizes": "+".join(map(str, sizes)),
+                    "largest_basin_fraction": float(sizes.max() / len(ids))})
+        rows.append(row)
+        for i, label in zip(ids, labels):
+            basin_rows.append({"member": i, **dict(zip(CELL_KEYS, key)), "basin": int(label)})
+        arrays.update({f"cell{g}_members": np.asarray(ids), f"cell{g}_barrier": barrier, f"cell{g}_cka": cka,
+                       f"cell{g}_disagreement_test": disagree_test, f"cell{g}_basin": labels})
+    api._write_csv(os.path.join(out, "basins.csv"), basin_rows, ["member", *CELL_KEYS, "basin"])
+    _save_npz(os.path.join(out, "similarity.npz"), arrays)
+    api._write_csv(os.path.join(out, "similarity.csv"), rows, SIMILARITY_COLUMNS)
+    return rows

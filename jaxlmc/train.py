@@ -53,10 +53,11 @@ def lr_table(peak_lrs: list[float], kinds: list[str], steps: int, warmup_steps: 
 
 
 def member_keys(seeds) -> dict:
-    """Isolated randomness: separate key streams for head initialisation, data order and other noise."""
+    """Isolated randomness: separate key streams for head initialisation, data order, other noise, and the whole
+    initialisation of from-scratch controls."""
     base = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     return {name: jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(base)
-            for i, name in enumerate(("head", "data", "noise"))}
+            for i, name in enumerate(("head", "data", "noise", "init"))}
 
 
 def init_state(params_M: dict, opt_kind: str, momentum: float, n_train: int) -> dict:

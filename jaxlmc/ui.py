@@ -170,3 +170,29 @@ def print_barriers(result: dict) -> None:
     console.print(f"{settings['member_pairs']} member pairs and {settings['start_pairs']} to-start pairs × "
                   f"{len(settings['alphas'])} α on {', '.join(settings['splits'])} in {settings['seconds']:.1f} s "
                   f"(chunks of {settings['chunk_pairs']} pair{'s' * (settings['chunk_pairs'] > 1)}, compilation included)")
+
+
+def print_study(out: str) -> None:
+    """The study's answer in the terminal: the report's headline sentences and a compact per-cell table."""
+    import json
+    import os
+
+    from jaxlmc import report
+
+    summary = report.build_summary(out)
+    with open(os.path.join(out, "config.json")) as f:
+        threshold = json.load(f)["config"]["study"]["basin_threshold"]
+    table = Table(title="per cell (test set; every column in summary.csv)", box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = [("pretrain_step", "pretrain"), ("lr", "lr"), ("error_barrier_test_mean", "err barrier"),
+               ("basins", "basins"), ("best_test_acc", "best"), ("uniform_test_acc", "soup"),
+               ("greedy_test_acc", "greedy"), ("ensemble_test_acc", "ens"), ("ood_acc_std", "ood std")]
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    for row in summary:
+        table.add_row(*[report.step_label(int(row[k])) if k == "pretrain_step" else
+                        f"{row[k]:g}" if k == "lr" else str(int(row[k])) if k == "basins" else _num(row.get(k))
+                        for k, _ in columns])
+    console.print(table)
+    for line in report._headline(summary, threshold):
+        console.print(f"• {line}")
+    console.print(f"report: {os.path.join(out, 'report.html')}")
