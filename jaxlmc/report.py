@@ -32,7 +32,8 @@ def _read_csv(path: str) -> list[dict]:
                 row[key] = float(value) if value != "" else float("nan")
             except ValueError:
                 pass
-        for key in ("pretrain_step", "member", "i", "j", "seed", "basin", "step"):
+        for key in ("pretrain_step", "member", "i", "j", "seed", "basin", "step", "basins", "members", "members_used",
+                    "pairs", "best_member", "greedy_size"):
             if key in row and isinstance(row[key], float) and np.isfinite(row[key]):
                 row[key] = int(row[key])
     return rows

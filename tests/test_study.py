@@ -1,0 +1,211 @@
+"""`jaxlmc study` end to end on a tiny grid: stages, resume after interruption in each stage, greedy soups that never
+see test data, and the report rendered by a real headless browser."""
+import csv
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxlmc import api, config, data, measure, study
+
+from conftest import TINY
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+STUDY = ["finetune.seeds=3", "finetune.scratch=true", "barriers.alphas=5", "barriers.chunk_pairs=4",
+         "data.validation_size=300"]
+
+
+def tiny(data_dir, *extra):
+    return config.load("configs/mnist1d.toml", TINY + [f'data.data_dir="{data_dir}"', *STUDY, *extra])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    cfg = tiny(data_dir)
+    out = str(tmp_path_factory.mktemp("study"))
+    ran = study.study(cfg, out, progress=False)
+    return cfg, out, ran
+
+
+def test_a_tiny_study_end_to_end(reference):
+    cfg, out, ran = reference
+    assert ran == study.STAGE_NAMES
+    summary = read_csv(os.path.join(out, "summary.csv"))
+    # scratch, 0 and 60 pretraining steps × 2 LRs.
+    assert [(r["pretrain_step"], r["lr"]) for r in summary] == [(s, lr) for s in ("-1", "0", "60")
+                                                               for lr in ("0.001", "0.01")]
+    for row in summary:
+        for key in ("error_barrier_test_mean", "error_barrier_test_ci_lo", "uniform_test_acc", "greedy_test_acc",
+                    "ensemble_test_acc", "best_test_acc", "ood_acc_std", "disagreement_test", "cka_mean", "basins"):
+            assert row[key] not in ("", "nan"), key
+        assert 0.0 <= float(row["cka_mean"]) <= 1.0 + 1e-6
+        assert 1 <= int(row["basins"]) <= 3
+    page = open(os.path.join(out, "report.html")).read()
+    assert page.count("<img src='data:image/png;base64,") == 6 and "<script" not in page
+    assert sorted(os.listdir(os.path.join(out, "figures"))) == sorted(
+        ["phase_diagram.png", "barrier_vs_pretraining.png", "interpolation_curves.png", "basins.png", "soup_gain.png",
+         "ood_spread.png"])
+    soups = read_csv(os.path.join(out, "soups.csv"))
+    members = read_csv(os.path.join(out, "members.csv"))
+    for row in soups:
+        cell = [m["member"] for m in members if (m["pretrain_step"], m["lr"]) == (row["pretrain_step"], row["lr"])]
+        assert set(row["greedy_members"].split()) <= set(cell) and row["best_member"] in row["greedy_members"].split()
+        assert float(row["greedy_val_acc"]) >= float(row["best_val_acc"]) - 1e-9
+
+
+def test_scratch_members_start_apart_and_checkpoint_members_together(reference):
+    cfg, out, _ = reference
+    members = measure.read_members(out)
+    run = measure.load_run(cfg, out)
+    start_M = api.start_params(cfg, out, run.model, members)
+    kernel = np.asarray(start_M["dense0"]["kernel"])
+    scratch = [m["member"] for m in members if m["pretrain_step"] == -1]
+    step0 = [m["member"] for m in members if m["pretrain_step"] == 0]
+    assert len(scratch) == 6 and not np.allclose(kernel[scratch[0]], kernel[scratch[1]])
+    np.testing.assert_array_equal(kernel[scratch[0]], kernel[scratch[3]])  # seed 0 at both LRs: one initialisation
+    np.testing.assert_array_equal(kernel[step0[0]], kernel[step0[1]])  # the step-0 checkpoint, shared
+
+
+def test_rerun_skips_every_stage_and_study_settings_rerun_only_later_stages(reference, data_dir, tmp_path):
+    cfg, out, _ = reference
+    assert study.study(cfg, out, progress=False) == []
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    changed = tiny(data_dir, "study.basin_threshold=0.5")
+    assert study.study(changed, copy, progress=False) == ["similarity", "report"]
+    assert all(r["basins"] == "1" for r in read_csv(os.path.join(copy, "similarity.csv")))
+
+
+@pytest.mark.parametrize("stage", study.STAGE_NAMES)
+def test_resume_after_interruption_in_each_stage(reference, data_dir, tmp_path, monkeypatch, stage):
+    """The stage is killed after doing its work but before its marker is written (the worst moment): the rerun
+    resumes at that stage, keeps every earlier stage, and ends with the same results as an uninterrupted study."""
+    cfg, ref_out, _ = reference
+    out = str(tmp_path / "run")
+    index = study.STAGE_NAMES.index(stage)
+    original = study.STAGES[index]
+
+    def interrupted(cfg, out, progress):
+        original.run(cfg, out, progress)
+        raise KeyboardInterrupt
+
+    stages = list(study.STAGES)
+    stages[index] = dataclasses.replace(original, run=interrupted)
+    monkeypatch.setattr(study, "STAGES", stages)
+    with pytest.raises(KeyboardInterrupt):
+        study.study(cfg, out, progress=False)
+    markers = sorted(os.listdir(os.path.join(out, "stages")))
+    assert markers == sorted(f"{s}.json" for s in study.STAGE_NAMES[:index])
+    before = {m: open(os.path.join(out, "stages", m)).read() for m in markers}
+    monkeypatch.undo()
+    assert study.study(cfg, out, progress=False) == study.STAGE_NAMES[index:]
+    assert all(open(os.path.join(out, "stages", m)).read() == text for m, text in before.items())
+    assert read_csv(os.path.join(out, "summary.csv")) == read_csv(os.path.join(ref_out, "summary.csv"))
+
+
+def test_kill_9_during_the_study_loses_nothing(reference, data_dir, tmp_path):
+    cfg, ref_out, _ = reference
+    out = str(tmp_path / "killed")
+    command = [sys.executable, "-m", "jaxlmc.cli", "study", "configs/mnist1d.toml", "--out", out, "--quiet"]
+    for o in TINY + [f'data.data_dir="{data_dir}"', *STUDY]:
+        command += ["--set", o]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "stages", "finetune.json")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the study never finished fine-tuning"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "report.html"))
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert read_csv(os.path.join(out, "summary.csv")) == read_csv(os.path.join(ref_out, "summary.csv"))
+
+
+def test_greedy_soup_never_reads_test_data(reference, monkeypatch):
+    """Replace the test and OOD sets with noise: the greedy soups and the best members stay the same."""
+    cfg, out, _ = reference
+    honest = read_csv(os.path.join(out, "soups.csv"))
+    load = api.load_finetune_task
+    rng = np.random.default_rng(0)
+
+    def scrambled(cfg):
+        task = load(cfg)
+        noise = lambda s: dataclasses.replace(s, x=rng.normal(size=s.x.shape).astype(np.float32),  # noqa: E731
+                                              y=rng.permutation(s.y))
+        return dataclasses.replace(task, test=noise(task.test), ood=noise(task.ood))
+
+    monkeypatch.setattr(api, "load_finetune_task", scrambled)
+    rows = measure.soups_of_run(cfg, out)
+    for a, b in zip(honest, rows):
+        assert a["greedy_members"] == b["greedy_members"] and int(a["best_member"]) == b["best_member"]
+        assert float(a["greedy_val_acc"]) == pytest.approx(b["greedy_val_acc"])
+    assert any(abs(float(a["uniform_test_acc"]) - b["uniform_test_acc"]) > 0.01 for a, b in zip(honest, rows))
+    # Put the honest soups back for the other tests of this module.
+    monkeypatch.undo()
+    measure.soups_of_run(cfg, out)
+
+
+def test_report_command_and_its_errors(reference, tmp_path):
+    _, out, _ = reference
+    os.remove(os.path.join(out, "report.html"))
+    done = subprocess.run([sys.executable, "-m", "jaxlmc.cli", "report", out], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert os.path.exists(os.path.join(out, "report.html"))
+    empty = subprocess.run([sys.executable, "-m", "jaxlmc.cli", "report", str(tmp_path)], capture_output=True,
+                           text=True)
+    assert empty.returncode == 2 and "run `jaxlmc study`" in empty.stderr
+
+
+def test_validation_split_is_held_out_of_training(data_dir):
+    cfg = tiny(data_dir)
+    task = api.load_finetune_task(cfg)
+    full = data.load_task(cfg.data.finetune_task, cfg.data.finetune_labels, data_dir)["train"]
+    assert len(task.train.y) + len(task.val.y) == len(full.y) and len(task.val.y) == 300
+    np.testing.assert_array_equal(task.val.x, full.x[-300:])
+    with pytest.raises(config.ConfigError, match="data.validation_size 4000"):
+        api.load_finetune_task(tiny(data_dir, "data.validation_size=4000"))
+
+
+BROWSER = ("/usr/bin/chromium", "/usr/bin/chromedriver")
+
+
+def test_report_renders_in_a_headless_browser(reference):
+    """Debian's chromium opens report.html offline: every figure decodes to a non-empty image, no console errors."""
+    if not all(os.path.exists(p) for p in BROWSER):
+        if os.environ.get("JAXLMC_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required here (.ci/run installs them)")
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    _, out, _ = reference
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER[0]
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(BROWSER[1]), options=options)
+    try:
+        driver.get("file://" + os.path.abspath(os.path.join(out, "report.html")))
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        assert len(images) == 6
+        assert all(complete and width > 100 and height > 100 for complete, width, height in images), images
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert errors == []
+        assert "Is fine-tuning path dependent?" in driver.title + driver.page_source
+    finally:
+        driver.quit()
