@@ -26,6 +26,11 @@ MNIST1D_VARIANTS: dict[str, dict] = {
     "sheared": {"shear_scale": 2.0, "seed": 2042},
     "scaled": {"scale_coeff": 1.0, "seed": 3042},
     "shifted": {"scale_coeff": 0.8, "shear_scale": 1.25, "corr_noise_scale": 0.35, "seed": 4042},
+    # Far from the pretraining distribution: one fixed permutation of the 40 positions destroys the spatial
+    # structure pretrained features rely on (an MLP can still learn it). Jaxlmc applies the permutation itself (not
+    # mnist1d's shuffle_seq, whose permutation depends on the seed) so both permuted configs share it.
+    "permuted": {"seed": 5042, "permute_positions": 7},
+    "permuted_noisy": {"corr_noise_scale": 0.6, "iid_noise_scale": 0.1, "seed": 6042, "permute_positions": 7},
 }
 MNIST1D_DESCRIPTIONS = {
     "default": "The published MNIST-1D generator settings: 4000 train / 1000 test signals of length 40.",
@@ -33,6 +38,8 @@ MNIST1D_DESCRIPTIONS = {
     "sheared": "Stronger shear (OOD).",
     "scaled": "Stronger amplitude scaling (OOD).",
     "shifted": "Moderately more scaling, shear and noise: a fine-tuning distribution near the default.",
+    "permuted": "The default's generator with the 40 positions in one fixed random order: far from the default.",
+    "permuted_noisy": "The noisy variant with the permuted variant's position order (OOD for permuted).",
 }
 
 LABEL_MAPS = {
@@ -68,9 +75,14 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
         from mnist1d.data import get_dataset_args, make_dataset
 
         args = get_dataset_args()
-        for key, value in MNIST1D_VARIANTS[self.builder_config.name].items():
+        variant = dict(MNIST1D_VARIANTS[self.builder_config.name])
+        permutation_seed = variant.pop("permute_positions", None)
+        for key, value in variant.items():
             setattr(args, key, value)
         data = make_dataset(args)
+        if permutation_seed is not None:
+            order = np.random.default_rng(permutation_seed).permutation(args.final_seq_length)
+            data = {**data, "x": data["x"][:, order], "x_test": data["x_test"][:, order]}
         return {
             "train": self._generate_examples(data["x"], data["y"]),
             "test": self._generate_examples(data["x_test"], data["y_test"]),

@@ -329,8 +329,8 @@ def soups_of_run(cfg: Config, out: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------- path dependence
 
 SIMILARITY_COLUMNS = [*CELL_KEYS, "members_used", "test_acc_std", "test_acc_range", "ood_acc_std", "ood_acc_range",
-                      "disagreement_test", "disagreement_ood", "cka_mean", "cka_min", "basins", "basin_sizes",
-                      "largest_basin_fraction"]
+                      "disagreement_test", "disagreement_ood", "cka_mean", "cka_min", "basin_threshold", "basins",
+                      "basin_sizes", "largest_basin_fraction"]
 
 
 def similarity_of_run(cfg: Config, out: str) -> list[dict]:
@@ -380,7 +380,7 @@ def similarity_of_run(cfg: Config, out: str) -> list[dict]:
                     barrier[a, b] = value
         labels = analysis.basins(barrier, cfg.study.basin_threshold)
         sizes = np.bincount(labels)
-        row.update({"basins": int(len(sizes)), "basin_sizes": "+".join(map(str, sizes)),
+        row.update({"basin_threshold": cfg.study.basin_threshold, "basins": int(len(sizes)), "basin_sizes": "+".join(map(str, sizes)),
                     "largest_basin_fraction": float(sizes.max() / len(ids))})
         rows.append(row)
         for i, label in zip(ids, labels):

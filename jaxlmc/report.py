@@ -164,8 +164,16 @@ def _figures(out: str, summary: list[dict], members: list[dict]) -> list[tuple[s
     sim = np.load(os.path.join(out, "similarity.npz"))
     sim_rows = _read_csv(os.path.join(out, "similarity.csv"))
     candidates = [g for g, r in enumerate(sim_rows) if f"cell{g}_barrier" in sim]
+    pretrained = [g for g in candidates if sim_rows[g]["pretrain_step"] >= 0]
+    candidates = pretrained or candidates  # the question is about fine-tunes; scratch is the control
+
+    def structure(g):  # prefer cells with shared basins and several of them, then higher barriers
+        r = sim_rows[g]
+        return (r["basins"] > 1 and r["largest_basin_fraction"] > 1 / r["members_used"], r["basins"],
+                np.nanmean(sim[f"cell{g}_barrier"]))
+
     if candidates:
-        g = max(candidates, key=lambda g: (sim_rows[g]["basins"], np.nanmean(sim[f"cell{g}_barrier"])))
+        g = max(candidates, key=structure)
         row = sim_rows[g]
         ids, labels, barrier = sim[f"cell{g}_members"], sim[f"cell{g}_basin"], sim[f"cell{g}_barrier"]
         order = np.lexsort((ids, labels))
@@ -185,8 +193,9 @@ def _figures(out: str, summary: list[dict], members: list[dict]) -> list[tuple[s
         bx.set_xlabel("OOD accuracy" if has_ood else "test accuracy")
         lo, hi = float(np.nanmin(acc)), float(np.nanmax(acc))
         bx.set_xlim(max(0.0, lo - 0.05), min(1.0, hi + 0.05) if hi > lo else hi + 0.05)
-        save(fig, "basins.png", "Barrier matrix of the cell with the most basins, members ordered by basin (b0 = the "
-             "largest), beside each member's " + ("OOD" if has_ood else "test") + " accuracy coloured by basin.")
+        save(fig, "basins.png", "Barrier matrix of a fine-tuning cell with several basins (shared ones preferred), "
+             "members ordered by basin (b0 = the largest), beside each member's " + ("OOD" if has_ood else "test")
+             + " accuracy coloured by basin.")
 
     # 5. Soup gain over the best member.
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
@@ -220,9 +229,10 @@ def _figures(out: str, summary: list[dict], members: list[dict]) -> list[tuple[s
 # --------------------------------------------------------------------------------------------- the page
 
 
-def _headline(summary: list[dict], threshold: float) -> list[str]:
+def headline(summary: list[dict]) -> list[str]:
     """Sentences computed from the summary: the answer a researcher looks for first."""
     lines = []
+    threshold = summary[0].get("basin_threshold", float("nan")) if summary else float("nan")
     steps = sorted({r["pretrain_step"] for r in summary if r["pretrain_step"] >= 0})
     for lr in sorted({r["lr"] for r in summary}):
         def at(step):
@@ -286,12 +296,13 @@ def render(out: str) -> str:
     api._write_csv(os.path.join(out, "summary.csv"), summary, columns)
     figures = _figures(out, summary, members)
 
-    threshold = provenance["config"].get("study", {}).get("basin_threshold", 0.02)
-    timings = []
+    timings, stage_settings = [], {}
     for name in ("pretrain", "finetune", "barriers", "soups", "similarity"):
         try:
             with open(os.path.join(out, "stages", f"{name}.json")) as f:
-                timings.append(f"{name} {json.load(f)['seconds']:.0f} s")
+                marker = json.load(f)
+            timings.append(f"{name} {marker['seconds']:.0f} s")
+            stage_settings[name] = marker["settings"]
         except (OSError, ValueError, KeyError):
             pass
     pretrain_rows = _read_csv(os.path.join(out, "pretrain", "checkpoints.csv")) \
@@ -311,7 +322,7 @@ def render(out: str) -> str:
         + (f", OOD <code>{html.escape(d['ood_task'])}</code>" if d["ood_task"] else "")
         + f"; {f_['seeds']} seeds per cell, {f_['steps']} fine-tuning steps. Stage times: "
         + html.escape(", ".join(timings) or "not recorded") + ".</p>",
-        "<h2>Answer</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in _headline(summary, threshold)) + "</ul>",
+        "<h2>Answer</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in headline(summary)) + "</ul>",
         "<h2>Figures</h2>",
     ]
     for name, caption in figures:
@@ -326,7 +337,10 @@ def render(out: str) -> str:
         parts += ["<h2>Pretraining checkpoints</h2>",
                   _table(pretrain_rows, [("step", "step"), ("train_acc", "train acc"), ("test_acc", "test acc"),
                                          ("test_loss", "test loss")])]
-    parts += ["<h2>Provenance</h2><pre>" + html.escape(json.dumps(provenance, indent=2)) + "</pre>",
+    parts += ["<h2>Provenance</h2><p>The run directory's config (training sections; <code>config.json</code>), "
+              "library versions and devices, then the settings each measuring stage ran with "
+              "(<code>stages/*.json</code>).</p><pre>" + html.escape(json.dumps(provenance, indent=2)) + "</pre><pre>"
+              + html.escape(json.dumps(stage_settings, indent=2)) + "</pre>",
               "</body></html>"]
     path = os.path.join(out, "report.html")
     api.write_atomic(path, "\n".join(parts))

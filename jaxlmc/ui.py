@@ -174,14 +174,11 @@ def print_barriers(result: dict) -> None:
 
 def print_study(out: str) -> None:
     """The study's answer in the terminal: the report's headline sentences and a compact per-cell table."""
-    import json
     import os
 
     from jaxlmc import report
 
     summary = report.build_summary(out)
-    with open(os.path.join(out, "config.json")) as f:
-        threshold = json.load(f)["config"]["study"]["basin_threshold"]
     table = Table(title="per cell (test set; every column in summary.csv)", box=box.SIMPLE_HEAD, pad_edge=False)
     columns = [("pretrain_step", "pretrain"), ("lr", "lr"), ("error_barrier_test_mean", "err barrier"),
                ("basins", "basins"), ("best_test_acc", "best"), ("uniform_test_acc", "soup"),
@@ -193,6 +190,6 @@ def print_study(out: str) -> None:
                         f"{row[k]:g}" if k == "lr" else str(int(row[k])) if k == "basins" else _num(row.get(k))
                         for k, _ in columns])
     console.print(table)
-    for line in report._headline(summary, threshold):
+    for line in report.headline(summary):
         console.print(f"• {line}")
     console.print(f"report: {os.path.join(out, 'report.html')}")

@@ -58,3 +58,32 @@ def test_real_tfds_datasets_through_the_same_loader(name, shape, tmp_path):
 def test_unknown_dataset_is_a_clear_error(data_dir):
     with pytest.raises(ValueError, match="unknown TFDS dataset 'mnist2d'"):
         data.load_task("mnist2d", data_dir=data_dir)
+
+
+def test_permuted_variants_share_one_fixed_order_of_positions(data_dir):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    permuted = data.load_task("mnist1d/permuted", data_dir=data_dir, splits=("test",))["test"]
+    args = get_dataset_args()
+    args.seed = 5042
+    raw = make_dataset(args)
+    order = np.random.default_rng(7).permutation(40)
+    expected = raw["x_test"][:, order].astype(np.float32)
+    rows = lambda x: x[np.lexsort(x.T[::-1])]  # noqa: E731  (TFDS stores examples in its own order)
+    np.testing.assert_allclose(rows(permuted.x), rows(expected), rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(order, np.arange(40))
+    # The noisy OOD set uses the same order: its signals are as smooth as the noisy variant's under that order and
+    # rough in the natural order.
+    noisy_perm = data.load_task("mnist1d/permuted_noisy", data_dir=data_dir, splits=("test",))["test"]
+    unpermuted = np.empty_like(noisy_perm.x)
+    unpermuted[:, order] = noisy_perm.x
+    rough = lambda x: np.mean(np.diff(x, axis=1) ** 2)  # noqa: E731
+    assert rough(unpermuted) < 0.5 * rough(noisy_perm.x)
+
+
+def test_ood_images_are_normalised_like_the_task_they_shift(tmp_path):
+    with tfds.testing.mock_data(num_examples=48):
+        own = data.load_task("cifar10", data_dir=str(tmp_path), splits=("test",))["test"]
+        shifted = data.load_task("cifar10", data_dir=str(tmp_path), splits=("test",), stats_from="cifar100")["test"]
+    np.testing.assert_allclose(own.x.mean(axis=(0, 1, 2)), 0.0, atol=1e-3)
+    assert not np.allclose(shifted.x, own.x)  # cifar100's train statistics, not the set's own
