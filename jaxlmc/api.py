@@ -302,21 +302,19 @@ def finetune(cfg: Config, out: str, progress: bool = True) -> list[dict]:
         "data_key": keys["data"],
     }
     n_train = len(task.train.y)
-    state = train.init_state(params_M, f.optimizer, f.momentum, n_train)
-    manager = ckpt.Checkpoints(os.path.join(out, "checkpoints"), keep_latest=2)
-    latest = manager.latest_step()
-    if latest is not None:
-        state = manager.restore(latest, jax.eval_shape(lambda: state))
-
-    save_at = set(range(cfg.run.checkpoint_every, f.steps, cfg.run.checkpoint_every))
     chunk_fn = train.make_train_chunk(model, f.optimizer, f.momentum, f.batch_size, n_train, cfg.run.chunk_steps)
     device_data = _device_split(task.train)
-    from jaxlmc.ui import TrainingProgress
-
-    with TrainingProgress("finetune", total_steps=f.steps, num_members=len(rows), start_step=int(state["step"]),
-                          enabled=progress) as bar:
-        state = run_loop(chunk_fn, state, consts, device_data, f.steps, cfg.run.chunk_steps, save_at,
-                            manager.save, bar)
+    manager = ckpt.Checkpoints(os.path.join(out, "checkpoints"), keep_latest=2)
+    latest = manager.latest_step()
+    num_members = len(rows)
+    fit = members_per_program(cfg, chunk_fn, params_M, consts, device_data, n_train)
+    if fit >= num_members or latest == f.steps:
+        state = train.init_state(params_M, f.optimizer, f.momentum, n_train)
+        if latest is not None:
+            state = manager.restore(latest, jax.eval_shape(lambda: state))
+        state = _train_part(cfg, chunk_fn, state, consts, device_data, manager, "finetune", progress)
+    else:
+        state = _train_in_parts(cfg, out, chunk_fn, params_M, consts, device_data, fit, manager, progress)
     manager.close()
 
     results = evaluate_members(cfg, model, task, state["params"], start_M)
@@ -326,6 +324,86 @@ def finetune(cfg: Config, out: str, progress: bool = True) -> list[dict]:
         r["diverged"] = bool(diverged[i])
     _write_csv(os.path.join(out, "members.csv"), rows, MEMBER_COLUMNS)
     return rows
+
+
+def members_per_program(cfg: Config, chunk_fn, params_M, consts, device_data, n_train: int) -> int:
+    """How many members one compiled program can train at once: run.max_members, else all of them when their
+    state is small beside the free memory, else the number that XLA's memory analysis of the compiled training
+    chunk (at 1 and 2 members: memory is affine in the member count) fits in 80 % of the free memory."""
+    from jaxlmc.barriers import available_memory_bytes
+
+    num_members = jax.tree.leaves(params_M)[0].shape[0]
+    if cfg.run.max_members:
+        return min(cfg.run.max_members, num_members)
+    f = cfg.finetune
+    budget = 0.8 * available_memory_bytes()
+    state_M = jax.eval_shape(lambda p: train.init_state(p, f.optimizer, f.momentum, n_train), params_M)
+    state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state_M))
+    if 4 * state_bytes < 0.05 * budget:  # the usual case: no need to compile anything to know it fits
+        return num_members
+
+    def footprint(m):
+        take = lambda tree: jax.tree.map(  # noqa: E731
+            lambda a: jax.ShapeDtypeStruct((m, *a.shape[1:]), a.dtype) if a.ndim else a, tree)
+        abstract_state = jax.eval_shape(lambda p: train.init_state(p, f.optimizer, f.momentum, n_train),
+                                        take(jax.eval_shape(lambda: params_M)))
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (consts, device_data))
+        analysis = chunk_fn.lower(abstract_state, take(abstract[0]), abstract[1], 1).compile().memory_analysis()
+        if analysis is None:
+            return None
+        return analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+
+    one, two = footprint(1), footprint(2)
+    if one is None or two is None:
+        return num_members
+    per_member = max(two - one, 1)
+    return int(max(1, min(num_members, (budget - (one - per_member)) // per_member)))
+
+
+def _train_part(cfg: Config, chunk_fn, state, consts, device_data, manager, label: str, progress: bool):
+    f = cfg.finetune
+    save_at = set(range(cfg.run.checkpoint_every, f.steps, cfg.run.checkpoint_every))
+    num_members = state["diverged"].shape[0]
+    from jaxlmc.ui import TrainingProgress
+
+    with TrainingProgress(label, total_steps=f.steps, num_members=num_members, start_step=int(state["step"]),
+                          enabled=progress) as bar:
+        return run_loop(chunk_fn, state, consts, device_data, f.steps, cfg.run.chunk_steps, save_at, manager.save,
+                        bar)
+
+
+def _train_in_parts(cfg: Config, out: str, chunk_fn, params_M, consts, device_data, fit: int, manager,
+                    progress: bool):
+    """Members that do not fit one program are trained in as few parts as possible, one after another, each
+    checkpointed in parts/partK (and resumed from there); the finished parts are stacked into one state saved in
+    checkpoints/ like a single program's, and parts/ is removed. Members are independent, so the result is the
+    same as training them all at once (tested)."""
+    f = cfg.finetune
+    num_members = jax.tree.leaves(params_M)[0].shape[0]
+    num_parts = -(-num_members // fit)
+    finished = []
+    for k, members in enumerate(np.array_split(np.arange(num_members), num_parts)):
+        take = jnp.asarray(members)
+        part_params = jax.tree.map(lambda a: a[take], params_M)
+        part_consts = jax.tree.map(lambda a: a[take], consts)
+        state = train.init_state(part_params, f.optimizer, f.momentum, device_data["y"].shape[0])
+        part_manager = ckpt.Checkpoints(os.path.join(out, "parts", f"part{k}"), keep_latest=2)
+        latest = part_manager.latest_step()
+        if latest is not None:
+            state = part_manager.restore(latest, jax.eval_shape(lambda: state))
+        if latest != f.steps:
+            state = _train_part(cfg, chunk_fn, state, part_consts, device_data, part_manager,
+                                f"finetune {k + 1}/{num_parts}", progress)
+        part_manager.close()
+        finished.append(jax.device_get(state))
+    state = {key: (finished[0][key] if key == "step" else
+                   jax.tree.map(lambda *parts: np.concatenate(parts), *[p[key] for p in finished]))
+             for key in finished[0]}
+    manager.save(f.steps, state)  # atomic: until it lands, a rerun resumes from the finished parts
+    import shutil
+
+    shutil.rmtree(os.path.join(out, "parts"), ignore_errors=True)
+    return state
 
 
 def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict]) -> dict:

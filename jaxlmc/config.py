@@ -78,6 +78,7 @@ class RunConfig:
     chunk_steps: int = 100  # steps per compiled scan; metrics reach the host once per chunk
     checkpoint_every: int = 500  # steps between Orbax saves (and always at the end)
     eval_batch_size: int = 1000
+    max_members: int = 0  # members per compiled program; 0: all that fit in memory (then as few parts as possible)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +248,8 @@ def validate(cfg: Config) -> None:
                           f"(pretrain.save_steps = {p.save_steps})")
     if p.warmup_steps > p.steps:
         raise ConfigError(f"pretrain.warmup_steps ({p.warmup_steps}) exceeds pretrain.steps ({p.steps})")
+    if r.max_members < 0:
+        raise ConfigError(f"run.max_members must be non-negative (0: automatic), got {r.max_members}")
     if cfg.data.validation_size < 0:
         raise ConfigError(f"data.validation_size must be non-negative, got {cfg.data.validation_size}")
     if cfg.study.basin_threshold < 0 or cfg.study.similarity_examples < 2:

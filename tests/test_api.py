@@ -158,3 +158,37 @@ def test_cnn_learns_mnist1d(data_dir, tmp_path):
         "finetune.pretrain_steps=[1000]"])
     rows = api.pretrain(cfg, str(tmp_path), progress=False)
     assert rows[-1]["step"] == 1000 and rows[-1]["test_acc"] > 0.85
+
+
+def test_members_that_do_not_fit_train_in_parts_with_the_same_result(finished_run, tmp_path, monkeypatch):
+    """run.max_members = 3 trains the 8 members as parts of 3, 3 and 2; a kill in the second part resumes from the
+    parts' checkpoints; the stacked result equals the single program's."""
+    cfg, reference, rows = finished_run
+    parted = config.load("configs/mnist1d.toml", TINY + [f'data.data_dir="{cfg.data.data_dir}"',
+                                                         "run.max_members=3"])
+    out = str(tmp_path / "parts")
+    calls = []
+    original = api._train_part
+
+    def killed_in_second_part(*args, **kwargs):
+        calls.append(args[-2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_train_part", killed_in_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        api.finetune(parted, out, progress=False)
+    assert calls == ["finetune 1/3", "finetune 2/3"]
+    assert os.path.isdir(os.path.join(out, "parts", "part0", "40"))  # the first part's finished checkpoint
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(api, "_train_part", lambda *a, **k: calls.append(a[-2]) or original(*a, **k))
+    parted_rows = api.finetune(parted, out, progress=False)
+    assert calls == ["finetune 2/3", "finetune 3/3"]  # part 1 is not trained again
+    assert not os.path.exists(os.path.join(out, "parts"))
+    a, b = ckpt.restore_params(os.path.join(reference, "checkpoints")), ckpt.restore_params(os.path.join(out,
+                                                                                                          "checkpoints"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert [r["test_acc"] for r in parted_rows] == pytest.approx([r["test_acc"] for r in rows], abs=2e-3)
