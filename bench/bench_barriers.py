@@ -17,17 +17,15 @@ no TFDS (the GPU image lacks it).
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _record import write_record
 from jaxlmc import barriers, models, train
 from jaxlmc.config import ModelConfig
 
@@ -93,12 +91,7 @@ def main() -> None:
         print(f"{name:>22} {chunk:>6} {row['compiled_evals_per_s']:>16.0f} {row['loop_evals_per_s']:>12.0f} "
               f"{row['ratio']:>6.1f}× {first_s - compiled_s:>10.1f}")
 
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"benchmark": "barriers", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                   "device": device.device_kind, "platform": platform.platform(), "jax": jax.__version__,
-                   "cpu_count": os.cpu_count(), "results": results}, f, indent=2)
-    print(f"written to {args.out}")
+    write_record(args.out, "barriers", results=results)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,7 @@ N and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 
 import jax
@@ -24,6 +21,7 @@ from bench_train import setup, timed_run  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _record import write_record
 from jaxlmc import models, train  # noqa: E402
 from jaxlmc.config import ModelConfig  # noqa: E402
 
@@ -66,13 +64,7 @@ def main() -> None:
         results.append(row)
         print(f"{n:>4} {speed['patch_conv']:>20,.0f} {speed['nnx_conv']:>19,.0f} {row['ratio']:>6.2f}×", flush=True)
 
-    record = {"benchmark": "conv_implementation", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "device": str(jax.devices()[0]), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-              "versions": {"jax": jax.__version__}, "timed_steps": args.steps, "results": results}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"written to {args.out}")
+    write_record(args.out, "conv_implementation", timed_steps=args.steps, results=results)
 
 
 if __name__ == "__main__":

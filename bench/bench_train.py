@@ -13,16 +13,14 @@ values, and the benchmark then needs no TFDS (the GPU image lacks it).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _record import write_record
 from jaxlmc import models, train
 from jaxlmc.config import ModelConfig
 
@@ -82,18 +80,9 @@ def main() -> None:
         print(f"{n:>5} {row['vmapped_member_steps_per_s']:>18,.0f} {row['loop_member_steps_per_s']:>15,.0f} "
               f"{row['ratio']:>6.2f}×", flush=True)
 
-    record = {
-        "benchmark": "train_throughput", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
-        "platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-        "versions": {"jax": jax.__version__}, "model": {"kind": "mlp", "width": args.width, "depth": args.depth,
-                                                        "params": params},
-        "batch_size": args.batch, "timed_steps": args.steps, "results": results,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"written to {args.out}")
+    write_record(args.out, "train_throughput", model={"kind": "mlp", "width": args.width, "depth": args.depth,
+                                                      "params": params},
+                 batch_size=args.batch, timed_steps=args.steps, results=results)
 
 
 if __name__ == "__main__":

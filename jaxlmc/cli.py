@@ -9,6 +9,12 @@ import sys
 from jaxlmc.config import ConfigError
 
 
+def _add_common(sub, overrides_help: str, quiet_help: str) -> None:
+    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help=overrides_help)
+    sub.add_argument("--quiet", action="store_true", help=quiet_help)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlmc", description="Vectorised fine-tuning ensembles and "
                                      "linear mode connectivity in JAX.")
@@ -21,18 +27,14 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("config", help="TOML config file (see configs/)")
         sub.add_argument("--out", help="run directory (default: runs/<config name>)")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="override a config value; repeatable")
-        sub.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+        _add_common(sub, "override a config value; repeatable", "no progress bar or tables")
     text = "loss and error barriers between fine-tuned members and to their starting points; writes RUN_DIR/barriers/"
     sub = commands.add_parser("barriers", help=text, description=text)
     sub.add_argument("run_dir", help="a fine-tuning run directory")
     sub.add_argument("--pairs", help='"within" (pairs inside each grid cell; the default), "all", or a CSV file '
                                      "with columns i, j")
     sub.add_argument("--alphas", type=int, help="points on the interpolation grid, ends included (default 25)")
-    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override a [barriers] or [run] value; repeatable")
-    sub.add_argument("--quiet", action="store_true", help="no tables")
+    _add_common(sub, "override a [barriers] or [run] value; repeatable", "no tables")
     text = "re-render RUN_DIR/report.html, figures/ and summary.csv from a finished study"
     sub = commands.add_parser("report", help=text, description=text)
     sub.add_argument("run_dir", help="a study's run directory")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 import json
 import os
 
@@ -81,7 +80,6 @@ def _figures(out: str, summary: list[dict], members: list[dict]) -> list[tuple[s
     os.makedirs(directory, exist_ok=True)
     steps = sorted({r["pretrain_step"] for r in summary})
     lrs = sorted({r["lr"] for r in summary})
-    xpos = {s: k for k, s in enumerate(steps)}
     colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(lrs), 1)))
     step_colors = plt.get_cmap("plasma")(np.linspace(0.05, 0.85, max(len(steps), 1)))
     has_ood = any(np.isfinite(r.get("error_barrier_ood_mean", np.nan)) for r in summary)
