@@ -12,7 +12,7 @@ Members are random initialisations with MNIST-1D's shapes (40 features, 10 class
 (1000 examples, the size of MNIST-1D's test split): the cost does not depend on the values, and the benchmark needs
 no TFDS (the GPU image lacks it).
 
-    python bench/bench_barriers.py [--members 8] [--alphas 25] [--out bench/results/barriers.json]
+    python -m bench.bench_barriers [--members 8] [--alphas 25] [--out bench/results/barriers.json]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _record import write_record
+from bench._record import write_record
 from jaxlmc import barriers, models, train
 from jaxlmc.config import ModelConfig
 

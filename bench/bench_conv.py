@@ -4,7 +4,7 @@ Same MNIST-1D CNN (configs/mnist1d_cnn.toml: 3 conv layers × 32 channels, kerne
 compiled training chunk; only the convolution implementation differs. Prints member-steps/s and the ratio for each
 N and writes JSON.
 
-    python bench/bench_conv.py [--members 1 8 32] [--steps 100] [--out bench/results/conv.json]
+    python -m bench.bench_conv [--members 1 8 32] [--steps 100] [--out bench/results/conv.json]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from bench_train import setup, timed_run  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _record import write_record
+from bench._record import write_record
 from jaxlmc import models, train  # noqa: E402
 from jaxlmc.config import ModelConfig  # noqa: E402
 

@@ -8,7 +8,7 @@ this one run, and their ratio, are printed and written to JSON.
 The data are random arrays with MNIST-1D's shapes (4000 × 40, 10 classes): throughput does not depend on the
 values, and the benchmark then needs no TFDS (the GPU image lacks it).
 
-    python bench/bench_train.py [--members 1 8 32 128] [--steps 200] [--out bench/results/train.json]
+    python -m bench.bench_train [--members 1 8 32 128] [--steps 200] [--out bench/results/train.json]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _record import write_record
+from bench._record import write_record
 from jaxlmc import models, train
 from jaxlmc.config import ModelConfig
 

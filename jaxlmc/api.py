@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import ckpt, data, models, train
+from jaxlmc import ckpt, data, models, shard, train
 from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError
 
 MEMBER_COLUMNS = ["member", "pretrain_step", "lr", "weight_decay", "schedule", "seed", "train_loss", "train_acc",
@@ -309,16 +309,18 @@ def finetune(cfg: Config, out: str, progress: bool = True) -> list[dict]:
     num_members = len(rows)
     fit = members_per_program(cfg, chunk_fn, params_M, consts, device_data, n_train)
     if fit >= num_members or latest == f.steps:
-        state = train.init_state(params_M, f.optimizer, f.momentum, n_train)
+        mesh = shard.member_mesh(num_members)
+        state = shard.shard_members(train.init_state(params_M, f.optimizer, f.momentum, n_train), mesh)
         if latest is not None:
-            state = manager.restore(latest, jax.eval_shape(lambda: state))
-        state = _train_part(cfg, chunk_fn, state, consts, device_data, manager, "finetune", progress)
+            state = manager.restore(latest, shard.abstract(state))
+        state = _train_part(cfg, chunk_fn, state, shard.shard_members(consts, mesh),
+                            shard.replicate(device_data, mesh), manager, "finetune", progress)
     else:
         state = _train_in_parts(cfg, out, chunk_fn, params_M, consts, device_data, fit, manager, progress)
     manager.close()
 
     results = evaluate_members(cfg, model, task, state["params"], start_M)
-    diverged = np.asarray(state["diverged"])
+    diverged = shard.to_host(state["diverged"])
     for r, i in zip(rows, range(len(rows))):
         r.update({k: float(v[i]) for k, v in results.items()})
         r["diverged"] = bool(diverged[i])
@@ -386,16 +388,19 @@ def _train_in_parts(cfg: Config, out: str, chunk_fn, params_M, consts, device_da
         take = jnp.asarray(members)
         part_params = jax.tree.map(lambda a: a[take], params_M)
         part_consts = jax.tree.map(lambda a: a[take], consts)
-        state = train.init_state(part_params, f.optimizer, f.momentum, device_data["y"].shape[0])
+        mesh = shard.member_mesh(len(members))
+        state = shard.shard_members(
+            train.init_state(part_params, f.optimizer, f.momentum, device_data["y"].shape[0]), mesh)
         part_manager = ckpt.Checkpoints(os.path.join(out, "parts", f"part{k}"), keep_latest=2)
         latest = part_manager.latest_step()
         if latest is not None:
-            state = part_manager.restore(latest, jax.eval_shape(lambda: state))
+            state = part_manager.restore(latest, shard.abstract(state))
         if latest != f.steps:
-            state = _train_part(cfg, chunk_fn, state, part_consts, device_data, part_manager,
-                                f"finetune {k + 1}/{num_parts}", progress)
+            state = _train_part(cfg, chunk_fn, state, shard.shard_members(part_consts, mesh),
+                                shard.replicate(device_data, mesh), part_manager, f"finetune {k + 1}/{num_parts}",
+                                progress)
         part_manager.close()
-        finished.append(jax.device_get(state))
+        finished.append(jax.tree.map(shard.to_host, state))
     state = {key: (finished[0][key] if key == "step" else
                    jax.tree.map(lambda *parts: np.concatenate(parts), *[p[key] for p in finished]))
              for key in finished[0]}
@@ -442,12 +447,12 @@ def evaluate_members(cfg: Config, model: models.Model, task: Task, params_M, sta
     evaluate = train.make_evaluate(model)
     for name, eval_set in eval_sets(cfg, task, validation=True).items():
         loss_M, acc_M = evaluate(params_M, eval_set)
-        out[f"{name}_loss"], out[f"{name}_acc"] = np.asarray(loss_M), np.asarray(acc_M)
+        out[f"{name}_loss"], out[f"{name}_acc"] = shard.to_host(loss_M), shard.to_host(acc_M)
     for name in ("ood", "val"):
         if f"{name}_acc" not in out:
             nan = np.full(len(out["test_acc"]), np.nan)
             out[f"{name}_loss"], out[f"{name}_acc"] = nan, nan
-    out["dist_from_init"] = np.asarray(train.distance_from(params_M, start_M))
+    out["dist_from_init"] = shard.to_host(train.distance_from(params_M, start_M))
     return out
 
 

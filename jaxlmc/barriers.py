@@ -38,11 +38,13 @@ def alpha_grid(num_alphas: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, num_alphas, dtype=np.float32)
 
 
-def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int):
+def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None):
     """jit(params_M, pairs_Px2, eval_sets) -> {name: (loss_PxA, err_PxA)} on the full α grid.
 
     `eval_sets` maps a name to a set from `train.batch_eval_set`. `alphas` must increase from 0 to 1; the endpoints
-    come from one evaluation per member, walked in chunks of `chunk_pairs` members.
+    come from one evaluation per member, walked in chunks of `chunk_pairs` members. With a `mesh` (jaxlmc.shard) the
+    pairs are padded to a multiple of its size and split over its devices with `jax.shard_map`; every device holds
+    all members and evaluates their endpoints itself (no communication at all).
     """
     alphas = np.asarray(alphas, np.float32)
     if alphas[0] != 0.0 or alphas[-1] != 1.0 or np.any(np.diff(alphas) <= 0):
@@ -71,7 +73,20 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int):
 
         return jax.tree.map(full, ends_M, inner_P)
 
-    return jax.jit(curves)
+    if mesh is None:
+        return jax.jit(curves)
+    from jax.sharding import PartitionSpec
+
+    from jaxlmc.shard import MEMBERS
+
+    def sharded(params_M, pairs_Px2, eval_sets):
+        num_pairs = pairs_Px2.shape[0]
+        padded = jnp.concatenate([pairs_Px2, jnp.zeros(((-num_pairs) % mesh.size, 2), pairs_Px2.dtype)])
+        local = jax.shard_map(curves, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(MEMBERS), PartitionSpec()),
+                              out_specs=PartitionSpec(MEMBERS))
+        return jax.tree.map(lambda a: a[:num_pairs], local(params_M, padded, eval_sets))
+
+    return jax.jit(sharded)
 
 
 @jax.jit

@@ -35,7 +35,8 @@ class Checkpoints:
             preservation_policy=None if read_only else checkpoint_managers.AnyPreservationPolicy(policies),
         )
         # Orbax's tensorstore layer refuses relative paths; run directories are usually given relative to the cwd.
-        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                              item_handlers=ocp.StandardCheckpointHandler())
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -52,8 +53,12 @@ class Checkpoints:
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
     def restore_raw(self, step: int):
-        """Restore without a target: nested dicts/lists of arrays, for reading parts of a state."""
-        return self._manager.restore(step, args=ocp.args.StandardRestore())
+        """Restore without a target from the caller: nested dicts/lists of arrays on this process's first device,
+        whatever devices saved them (a checkpoint saved sharded over 8 devices restores on 1)."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              self._manager.item_metadata(step))
+        return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
     def close(self) -> None:
         self._manager.close()

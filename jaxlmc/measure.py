@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import analysis, api, barriers, ckpt, models
+from jaxlmc import analysis, api, barriers, ckpt, models, shard
 from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError, from_dict, parse_override
 
 CELL_KEYS = ("pretrain_step", "lr", "weight_decay", "schedule")
@@ -209,7 +209,7 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     if status:
         status(f"{len(member_pairs)} member pairs + {len(start_pairs)} to-start pairs × {len(alphas)} α × "
                f"{len(eval_sets)} sets (chunks of {chunk} pairs)")
-    curves_fn = barriers.make_curves(model, alphas, chunk)
+    curves_fn = barriers.make_curves(model, alphas, chunk, mesh=shard.device_mesh())
     start_time = time.perf_counter()
     curves = jax.tree.map(np.asarray, curves_fn(both_2K, pairs_Px2, eval_sets))
     seconds = time.perf_counter() - start_time  # includes compilation: what the researcher waits for

@@ -140,7 +140,7 @@ def test_image_tasks_end_to_end_with_a_new_head(tmp_path):
         "pretrain.steps=4", "pretrain.save_steps=[0, 4]", "pretrain.batch_size=16", "pretrain.warmup_steps=0",
         "finetune.pretrain_steps=[0, 4]", "finetune.lrs=[1e-3]", "finetune.seeds=2", "finetune.steps=4",
         "finetune.batch_size=16", "finetune.warmup_steps=0", "run.chunk_steps=2", "run.checkpoint_every=2",
-        "data.train_eval_size=32", "data.validation_size=8"])
+        "data.train_eval_size=32", "data.validation_size=8", "finetune.scratch=false"])
     with tfds.testing.mock_data(num_examples=32):
         rows = api.finetune(cfg, str(tmp_path / "run"), progress=False)
     assert len(rows) == 4 and all(np.isfinite(r["test_loss"]) for r in rows)

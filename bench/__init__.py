@@ -1,0 +1,1 @@
+"""jaxlmc's benchmarks: `python -m bench [--quick]` runs the suite; `python -m bench.bench_train` etc. run one."""

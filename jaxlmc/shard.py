@@ -1,0 +1,72 @@
+"""The member axis spread over devices: one named `Mesh` with a single axis, "members", and `NamedSharding`s.
+
+Members are independent, so sharding their leading axis needs no communication during training: XLA's partitioner
+keeps every vmapped operation on the devices that hold the members, and the training data are replicated. The
+barrier pass shards its pair axis the same way (`jax.shard_map`, every device holding all members). With several
+processes (`jax.distributed.initialize`), `jax.devices()` lists every process's devices and the same code runs on
+all of them; host arrays are placed with `jax.make_array_from_callback` (each process fills its own shards from
+the same host data) and read back with `to_host`, which gathers across processes when needed.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MEMBERS = "members"
+
+
+def member_mesh(num_members: int, devices=None) -> Mesh | None:
+    """A mesh over the most devices that divide `num_members` evenly, or None for a single device."""
+    devices = list(devices if devices is not None else jax.devices())
+    count = max(d for d in range(1, len(devices) + 1) if num_members % d == 0)
+    if count == 1:
+        return None
+    return Mesh(np.asarray(devices[:count]), (MEMBERS,))
+
+
+def device_mesh(devices=None) -> Mesh | None:
+    """A mesh over every device (for axes that are padded to fit it, like the barrier pass's pairs)."""
+    devices = list(devices if devices is not None else jax.devices())
+    return Mesh(np.asarray(devices), (MEMBERS,)) if len(devices) > 1 else None
+
+
+def _sharding(mesh: Mesh, leaf) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(MEMBERS) if np.ndim(leaf) else PartitionSpec())
+
+
+def _place(leaf, sharding):
+    if jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
+        data = jax.random.key_data(leaf)
+        impl = jax.random.key_impl(leaf)
+        placed = _place(data, NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec)))
+        return jax.random.wrap_key_data(placed, impl=impl)
+    host = to_host(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shard_members(tree, mesh: Mesh | None):
+    """Every leaf with a leading member axis split over the mesh; scalars replicated. No-op without a mesh."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(lambda leaf: _place(leaf, _sharding(mesh, leaf)), tree)
+
+
+def replicate(tree, mesh: Mesh | None):
+    if mesh is None:
+        return tree
+    return jax.tree.map(lambda leaf: _place(leaf, NamedSharding(mesh, PartitionSpec())), tree)
+
+
+def abstract(tree):
+    """Shapes, dtypes and shardings of a placed tree: the target Orbax restores into."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
+
+
+def to_host(leaf) -> np.ndarray:
+    """A host copy of an array, gathered from every process when this one does not hold all of it."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)

@@ -1,0 +1,64 @@
+"""The member axis over 8 forced CPU devices gives the single-device results; checkpoints move between 8 devices
+and 1 in both directions; the barrier pass splits its pairs over the devices."""
+import csv
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlmc import api, ckpt, config, measure, shard
+
+from conftest import TINY
+
+# Few steps: members are independent, but a one-ulp difference in a reduction (XLA picks kernels per batch shape)
+# grows chaotically over many Adam steps at a large rate; 20 steps keep the comparison at float32 precision.
+OVERRIDES = TINY + ["finetune.steps=20", "run.checkpoint_every=10", "run.chunk_steps=5", "barriers.alphas=5"]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def assert_params_close(a_dir, b_dir):
+    a, b = ckpt.restore_params(a_dir), ckpt.restore_params(b_dir)  # b was saved on 8 devices, restored on 1
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_member_mesh_uses_the_most_devices_that_divide_the_members():
+    devices = list(range(8))  # stand-ins: the mesh only arranges them
+    assert shard.member_mesh(120, devices).size == 8
+    assert shard.member_mesh(12, devices).size == 6
+    assert shard.member_mesh(7, devices).size == 7
+    assert shard.member_mesh(11, devices) is None  # a prime beyond the device count: one device
+    assert shard.member_mesh(8, [0]) is None
+
+
+def test_eight_devices_equal_one(data_dir, tmp_path):
+    cfg = config.load("configs/mnist1d.toml", OVERRIDES + [f'data.data_dir="{data_dir}"'])
+    reference = str(tmp_path / "reference")
+    api.finetune(cfg, reference, progress=False)
+    work = tmp_path / "eight"
+    work.mkdir()
+    done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "shard_check.py"), data_dir,
+                           reference, str(work)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "devices 8" in done.stdout and "resume from 10" in done.stdout and "restored on 8 devices" in done.stdout
+
+    assert_params_close(os.path.join(reference, "checkpoints"), str(work / "fresh" / "checkpoints"))
+    assert_params_close(os.path.join(reference, "checkpoints"), str(work / "resumed" / "checkpoints"))
+    for a, b in zip(read_csv(os.path.join(reference, "members.csv")), read_csv(work / "fresh" / "members.csv")):
+        assert float(a["test_loss"]) == pytest.approx(float(b["test_loss"]), rel=1e-5)
+
+    measure.barriers_of_run(cfg, reference)  # one device
+    ref_pairs, pairs = read_csv(os.path.join(reference, "barriers", "pairs.csv")), read_csv(
+        work / "barriers" / "barriers" / "pairs.csv")
+    assert len(ref_pairs) == len(pairs) == 4
+    for a, b in zip(ref_pairs, pairs):
+        assert (a["i"], a["j"]) == (b["i"], b["j"])
+        for key in ("loss_barrier_test", "error_barrier_ood", "loss_barrier_train_lin", "dist", "update_cos"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
