@@ -46,7 +46,8 @@ def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
 
 
 def compiled_stats(jitted, *args) -> tuple[float, int]:
-    """XLA's FLOP count and memory footprint (arguments + outputs + scratch) of one call."""
+    """XLA's FLOP count and memory footprint (arguments + outputs + scratch) of one call. XLA counts the body of a
+    loop (scan, map) once, whatever its trip count: callers count loop-free programs or scale by the trip count."""
     compiled = jitted.lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -100,19 +101,21 @@ def training(members: list[int], steps: int, chunk: int, width: int, batch: int,
             "y": jnp.asarray(rng.integers(0, CLASSES, N_TRAIN).astype(np.int32))}
     model = models.build(ModelConfig(kind="mlp", width=width, depth=2), (FEATURES,), CLASSES)
     chunk_fn = train.make_train_chunk(model, "adamw", 0.9, batch, N_TRAIN, chunk)
+    one_step_fn = train.make_train_chunk(model, "adamw", 0.9, batch, N_TRAIN, 1)  # for XLA's FLOP count
     rows = []
     print(f"{'N':>5} {'vmapped':>10} {'loop':>10} {'torch.func':>11} {'vs loop':>8} {'vs torch':>9} {'peak %':>7} "
           f"{'memory MB':>10}   (member-steps/s)")
     for n in members:
         state, consts = setup(model, n, N_TRAIN)
-        flops, footprint = compiled_stats(chunk_fn, state, consts, data, chunk)
+        _, footprint = compiled_stats(chunk_fn, state, consts, data, chunk)
+        flops_per_step, _ = compiled_stats(one_step_fn, state, consts, data, 1)
         vmapped_s = timed_run(chunk_fn, state, consts, data, steps, chunk)
         loop_s = sum(timed_run(chunk_fn, *setup(model, 1, N_TRAIN), data, steps, chunk) for _ in range(n))
         torch_s = torch_ensemble_seconds(n, steps, width, batch)
         row = {"members": n, "vmapped_member_steps_per_s": n * steps / vmapped_s,
                "loop_member_steps_per_s": n * steps / loop_s,
                "torch_func_member_steps_per_s": n * steps / torch_s if torch_s else None,
-               "vmapped_flops_per_s": flops * (steps // chunk) / vmapped_s, "memory_bytes": footprint}
+               "vmapped_flops_per_s": flops_per_step * steps / vmapped_s, "memory_bytes": footprint}
         row["vmapped_examples_per_s"] = row["vmapped_member_steps_per_s"] * batch
         row["ratio_vs_loop"] = row["vmapped_member_steps_per_s"] / row["loop_member_steps_per_s"]
         row["ratio_vs_torch_func"] = (row["vmapped_member_steps_per_s"] / row["torch_func_member_steps_per_s"]
@@ -139,7 +142,11 @@ def barrier_pass(members: int, alphas: int, loop_pairs: int, width: int, peak: f
     grid = barriers.alpha_grid(alphas)
     chunk = barriers.auto_chunk_pairs(model, params_M, sets, grid, len(pairs), barriers.memory_budget(0.5))
     fn = barriers.make_curves(model, grid, chunk)
-    flops, footprint = compiled_stats(fn, params_M, pairs_Px2, sets)
+    _, footprint = compiled_stats(fn, params_M, pairs_Px2, sets)
+    # FLOPs: one model on the evaluation set (a single batch: no loop) × the models the pass evaluates.
+    one = jax.tree.map(lambda a: a[0], params_M)
+    per_model, _ = compiled_stats(jax.jit(lambda p, s: train.loss_and_error(model, p, s)), one, sets["test"])
+    flops = per_model * (len(pairs) * (alphas - 2) + members)
     jax.block_until_ready(fn(params_M, pairs_Px2, sets))
     start = time.perf_counter()
     jax.block_until_ready(fn(params_M, pairs_Px2, sets))

@@ -65,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             say = (lambda text: None) if args.quiet else (lambda text: ui.console.print(f"[bold]{text}[/bold]"))
             study.study(cfg, out, progress=not args.quiet, say=say)
             if not args.quiet:
-                ui.print_study(out)
+                for width in cfg.study.widths:
+                    ui.console.print(f"[bold]width {width}[/bold]")
+                    ui.print_study(study.width_dir(out, width))
+                if cfg.study.widths:
+                    ui.console.print(f"scaling trend: {os.path.join(out, 'scaling.html')}")
+                else:
+                    ui.print_study(out)
         elif args.command == "pretrain":
             rows = api.pretrain(cfg, out, progress=not args.quiet)
             if not args.quiet:

@@ -94,6 +94,7 @@ class BarrierConfig:
 class StudyConfig:
     basin_threshold: float = 0.02  # members share a basin when their test error barrier is below this (Frankle: 2 %)
     similarity_examples: int = 1000  # test examples for prediction disagreement and CKA
+    widths: list[int] = dataclasses.field(default_factory=list)  # a scaling trend: one study per model width
 
 
 # The sections that decide what a run directory's checkpoints contain; the others (how often to report, how to
@@ -252,6 +253,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.max_members must be non-negative (0: automatic), got {r.max_members}")
     if cfg.data.validation_size < 0:
         raise ConfigError(f"data.validation_size must be non-negative, got {cfg.data.validation_size}")
+    if any(w <= 0 for w in cfg.study.widths) or len(set(cfg.study.widths)) != len(cfg.study.widths):
+        raise ConfigError(f"study.widths must be distinct positive widths, got {cfg.study.widths}")
     if cfg.study.basin_threshold < 0 or cfg.study.similarity_examples < 2:
         raise ConfigError("study.basin_threshold must be non-negative and study.similarity_examples at least 2")
     if b.alphas < 3:

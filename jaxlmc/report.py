@@ -343,3 +343,71 @@ def render(out: str) -> str:
     path = os.path.join(out, "report.html")
     api.write_atomic(path, "\n".join(parts))
     return path
+
+
+# --------------------------------------------------------------------------------------------- scaling trends
+
+
+def render_scaling(out: str, widths: list[int]) -> str:
+    """out/scaling.csv (one row per width × cell), out/figures/scaling.png and out/scaling.html from the studies in
+    out/width<W>/: the barrier between seeds and the fine-tuning throughput against model width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxlmc import api
+
+    rows = []
+    for width in widths:
+        directory = os.path.join(out, f"width{width}")
+        with open(os.path.join(directory, "stages", "finetune.json")) as f:
+            seconds = json.load(f)["seconds"]
+        with open(os.path.join(directory, "config.json")) as f:
+            finetune_cfg = json.load(f)["config"]["finetune"]
+        members = _read_csv(os.path.join(directory, "members.csv"))
+        throughput = len(members) * finetune_cfg["steps"] / seconds
+        for row in build_summary(directory):
+            rows.append({"width": width, **{k: row[k] for k in CELL_KEYS},
+                         "error_barrier_test_mean": row["error_barrier_test_mean"],
+                         "error_barrier_test_ci_lo": row["error_barrier_test_ci_lo"],
+                         "error_barrier_test_ci_hi": row["error_barrier_test_ci_hi"],
+                         "loss_barrier_test_mean": row["loss_barrier_test_mean"],
+                         "best_test_acc": row.get("best_test_acc", np.nan),
+                         "finetune_member_steps_per_s": throughput})
+    api._write_csv(os.path.join(out, "scaling.csv"), rows, list(rows[0]))
+    os.makedirs(os.path.join(out, "figures"), exist_ok=True)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    cells = sorted({(r["pretrain_step"], r["lr"]) for r in rows})
+    colors = plt.get_cmap("viridis")(np.linspace(0.05, 0.9, max(len(cells), 1)))
+    for (step, lr), color in zip(cells, colors):
+        mine = [r for r in rows if (r["pretrain_step"], r["lr"]) == (step, lr)]
+        ax.plot([r["width"] for r in mine], [r["error_barrier_test_mean"] for r in mine], "o-", color=color,
+                label=f"{step_label(step)}, LR {lr:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("model width")
+    ax.set_ylabel("mean test error barrier between seeds")
+    ax.legend(fontsize=6, ncol=2, title="pretraining, LR", title_fontsize=6)
+    by_width = {r["width"]: r["finetune_member_steps_per_s"] for r in rows}
+    bx.plot(list(by_width), list(by_width.values()), "s-")
+    bx.set_xscale("log", base=2)
+    bx.set_xlabel("model width")
+    bx.set_ylabel("fine-tuning member-steps/s (stage wall time)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "figures", "scaling.png"), dpi=110)
+    plt.close(fig)
+    with open(os.path.join(out, "figures", "scaling.png"), "rb") as fh:
+        data = base64.b64encode(fh.read()).decode("ascii")
+    caption = ("Left: mean test error barrier between seeds (endpoint-mean form) against model width, one line per "
+               "cell (pretraining checkpoint, LR). Right: fine-tuning throughput of each width's study, member-steps "
+               "per second of the whole stage (compilation and evaluation included).")
+    links = "".join(f"<li><a href='width{w}/report.html'>width {w}</a></li>" for w in widths)
+    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>jaxlmc scaling trend</title>"
+            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "img{max-width:100%;border:1px solid #ddd}</style></head><body><h1>Barriers and throughput against "
+            f"model width</h1><figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure><p>Each width's full report:</p><ul>{links}"
+            "</ul></body></html>")
+    path = os.path.join(out, "scaling.html")
+    api.write_atomic(path, page)
+    return path

@@ -63,8 +63,27 @@ def stage_done(cfg: Config, out: str, name: str) -> bool:
         return False
 
 
+def width_dir(out: str, width: int) -> str:
+    return os.path.join(out, f"width{width}")
+
+
 def study(cfg: Config, out: str, progress: bool = True, say: Callable[[str], None] = lambda text: None) -> list[str]:
-    """Run every unfinished stage in order. Returns the names of the stages that ran."""
+    """Run every unfinished stage in order. Returns the names of the stages that ran.
+
+    With study.widths, one whole study per width runs in out/width<W>/ (each resumable on its own), and
+    out/scaling.csv, out/figures/scaling.png and out/scaling.html report barriers and throughput against width.
+    """
+    if cfg.study.widths:
+        api.load_finetune_task(cfg)
+        api.open_run_dir(cfg, out)
+        ran = []
+        for width in cfg.study.widths:
+            say(f"width {width}")
+            one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width),
+                                      study=dataclasses.replace(cfg.study, widths=[]))
+            ran += [f"width{width}/{name}" for name in study(one, width_dir(out, width), progress, say)]
+        report.render_scaling(out, cfg.study.widths)
+        return ran
     api.load_finetune_task(cfg)  # bad data is refused before the run directory is created
     api.open_run_dir(cfg, out)
     os.makedirs(os.path.join(out, "stages"), exist_ok=True)

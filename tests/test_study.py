@@ -209,3 +209,26 @@ def test_report_renders_in_a_headless_browser(reference):
         assert "Is fine-tuning path dependent?" in driver.title + driver.page_source
     finally:
         driver.quit()
+
+
+def test_a_width_scaling_trend(data_dir, tmp_path):
+    cfg = config.load("configs/mnist1d.toml", TINY + [f'data.data_dir="{data_dir}"', "barriers.alphas=3",
+                                                      "barriers.chunk_pairs=4", "data.validation_size=300",
+                                                      "finetune.pretrain_steps=[60]", "study.widths=[8, 16]"])
+    out = str(tmp_path / "trend")
+    ran = study.study(cfg, out, progress=False)
+    assert ran[:len(study.STAGE_NAMES)] == [f"width8/{s}" for s in study.STAGE_NAMES]
+    rows = read_csv(os.path.join(out, "scaling.csv"))
+    assert [(r["width"], r["lr"]) for r in rows] == [("8", "0.001"), ("8", "0.01"), ("16", "0.001"), ("16", "0.01")]
+    for r in rows:
+        width_summary = read_csv(os.path.join(out, f"width{r['width']}", "summary.csv"))
+        match = [s for s in width_summary if s["lr"] == r["lr"]][0]
+        assert float(r["error_barrier_test_mean"]) == pytest.approx(float(match["error_barrier_test_mean"]))
+        assert float(r["finetune_member_steps_per_s"]) > 0
+    members = measure.read_members(os.path.join(out, "width16"))
+    run = measure.load_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=16)),
+                           os.path.join(out, "width16"))
+    assert run.params_M["dense0"]["kernel"].shape == (len(members), 40, 16)
+    page = open(os.path.join(out, "scaling.html")).read()
+    assert page.count("data:image/png;base64,") == 1 and "width16/report.html" in page
+    assert study.study(cfg, out, progress=False) == []  # resumes: nothing left to do
