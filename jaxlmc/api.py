@@ -35,13 +35,16 @@ MEMBER_COLUMNS = ["member", "pretrain_step", "lr", "weight_decay", "schedule", "
 # --------------------------------------------------------------------------------------------- run directory
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write a whole file or nothing: a kill mid-write leaves the previous version."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def write_atomic(path: str, text: str | bytes) -> None:
+    """Write a whole file or nothing: a kill mid-write leaves the previous version. With several processes the
+    primary one writes and the others wait for it."""
+    if shard.is_primary():
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    shard.sync(f"write {path}")
 
 
 def _versions() -> dict:
@@ -62,7 +65,10 @@ def open_run_dir(cfg: Config, out: str) -> None:
     reporting and measuring settings may change from one invocation to the next.
     """
     path = os.path.join(out, "config.json")
-    if os.path.exists(path):
+    shard.sync(f"open {out}")
+    exists = os.path.exists(path)
+    shard.sync(f"opened {out}")  # every process decided on the directory as it was before any of them writes to it
+    if exists:
         with open(path) as f:
             saved = json.load(f)["config"]
         mine = json.loads(cfg.to_json())
@@ -176,7 +182,7 @@ def run_loop(chunk_fn, state, consts, device_data, total_steps: int, chunk_steps
 
     def report(loss_LxM, n):
         if progress is not None:
-            progress.advance(n, np.asarray(loss_LxM)[:n])  # the one host read per chunk
+            progress.advance(n, shard.to_host(loss_LxM)[:n])  # the one host read per chunk
 
     for end in _boundaries(step, total_steps, chunk_steps, save_at):
         state, loss_LxM, _ = chunk_fn(state, consts, device_data, end - step)
@@ -214,17 +220,21 @@ def pretrain(cfg: Config, out: str, progress: bool = True, task: Task | None = N
         "data_key": jax.random.fold_in(key, 1)[None],
     }
     n_train = len(task.train.y)
-    state = train.init_state(params_1, p.optimizer, p.momentum, n_train)
+    # One process: the model lives on one device. Several: it is replicated over all of them, so that it is one
+    # global array that Orbax saves once.
+    mesh = shard.global_mesh()
+    state = shard.replicate(train.init_state(params_1, p.optimizer, p.momentum, n_train), mesh)
+    consts = shard.replicate(consts, mesh)
     manager = ckpt.Checkpoints(os.path.join(out, "pretrain", "checkpoints"), keep_steps=p.save_steps)
     latest = manager.latest_step()
     if latest is not None:
-        state = manager.restore(latest, jax.eval_shape(lambda: state))
+        state = manager.restore(latest, shard.abstract(state))
     elif 0 in p.save_steps:
         manager.save(0, state)
 
     save_at = set(p.save_steps) | set(range(cfg.run.checkpoint_every, p.steps, cfg.run.checkpoint_every))
     chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps)
-    device_data = _device_split(task.train)
+    device_data = shard.replicate(_device_split(task.train), mesh)
     from jaxlmc.ui import TrainingProgress
 
     with TrainingProgress("pretrain", total_steps=p.steps, num_members=1, start_step=int(state["step"]),
@@ -237,9 +247,9 @@ def pretrain(cfg: Config, out: str, progress: bool = True, task: Task | None = N
     sets = eval_sets(cfg, task)
     rows = []
     for step in sorted(set(p.save_steps) | {p.steps}):
-        params = manager.restore(step, jax.eval_shape(lambda: state))["params"]
-        train_loss, train_acc = evaluate(params, sets["train"])
-        test_loss, test_acc = evaluate(params, sets["test"])
+        params = manager.restore(step, shard.abstract(state))["params"]
+        train_loss, train_acc = map(shard.to_host, evaluate(params, shard.replicate(sets["train"], mesh)))
+        test_loss, test_acc = map(shard.to_host, evaluate(params, shard.replicate(sets["test"], mesh)))
         rows.append({"step": step, "train_loss": float(train_loss[0]), "train_acc": float(train_acc[0]),
                      "test_loss": float(test_loss[0]), "test_acc": float(test_acc[0])})
     manager.close()
@@ -445,14 +455,15 @@ def evaluate_members(cfg: Config, model: models.Model, task: Task, params_M, sta
     """Per-member train (fixed subset) / test / OOD loss and accuracy, and distance from the starting point."""
     out = {}
     evaluate = train.make_evaluate(model)
+    mesh = shard.mesh_of(params_M)  # evaluation data replicated beside sharded members
     for name, eval_set in eval_sets(cfg, task, validation=True).items():
-        loss_M, acc_M = evaluate(params_M, eval_set)
+        loss_M, acc_M = evaluate(params_M, shard.replicate(eval_set, mesh))
         out[f"{name}_loss"], out[f"{name}_acc"] = shard.to_host(loss_M), shard.to_host(acc_M)
     for name in ("ood", "val"):
         if f"{name}_acc" not in out:
             nan = np.full(len(out["test_acc"]), np.nan)
             out[f"{name}_loss"], out[f"{name}_acc"] = nan, nan
-    out["dist_from_init"] = shard.to_host(train.distance_from(params_M, start_M))
+    out["dist_from_init"] = shard.to_host(train.distance_from(params_M, shard.shard_members(start_M, mesh)))
     return out
 
 

@@ -203,7 +203,7 @@ def read_pairs(path: str, num_members: int) -> list[tuple[int, int]]:
 
 def available_memory_bytes(device=None) -> int:
     """Free memory of `device`: the allocator's headroom on an accelerator, available RAM on the CPU."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
@@ -223,7 +223,7 @@ CPU_SCRATCH_BYTES = 32 * 2**20
 
 
 def memory_budget(memory_fraction: float, device=None) -> int:
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     budget = int(memory_fraction * available_memory_bytes(device))
     return min(budget, CPU_SCRATCH_BYTES) if device.platform == "cpu" else budget
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
-import tempfile
 import time
 
 import jax
@@ -173,10 +173,9 @@ def _summary(groups: dict, pair_rows: list[dict], start_rows: list[dict], bootst
 
 
 def _save_npz(path: str, arrays: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    api.write_atomic(path, buffer.getvalue())
 
 
 def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
@@ -209,9 +208,10 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     if status:
         status(f"{len(member_pairs)} member pairs + {len(start_pairs)} to-start pairs × {len(alphas)} α × "
                f"{len(eval_sets)} sets (chunks of {chunk} pairs)")
-    curves_fn = barriers.make_curves(model, alphas, chunk, mesh=shard.device_mesh())
+    mesh = shard.device_mesh()
+    curves_fn = barriers.make_curves(model, alphas, chunk, mesh=mesh)
     start_time = time.perf_counter()
-    curves = jax.tree.map(np.asarray, curves_fn(both_2K, pairs_Px2, eval_sets))
+    curves = jax.tree.map(shard.to_host, curves_fn(*shard.replicate((both_2K, pairs_Px2, eval_sets), mesh)))
     seconds = time.perf_counter() - start_time  # includes compilation: what the researcher waits for
     num_member_pairs = len(member_pairs)
     pair_curves = {s: (c[0][:num_member_pairs], c[1][:num_member_pairs]) for s, c in curves.items()}

@@ -66,7 +66,34 @@ def abstract(tree):
 def to_host(leaf) -> np.ndarray:
     """A host copy of an array, gathered from every process when this one does not hold all of it."""
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if leaf.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     return np.asarray(leaf)
+
+
+def is_primary() -> bool:
+    """The process that writes the run directory's own files (Orbax coordinates checkpoints itself)."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Wait until every process gets here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def global_mesh() -> Mesh | None:
+    """With several processes, a mesh over every process's devices (for state that must be a global array, such as
+    the single pretraining model, replicated); None with one process."""
+    return device_mesh() if jax.process_count() > 1 else None
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh a placed tree's first leaf lives on, if it has one."""
+    sharding = getattr(jax.tree.leaves(tree)[0], "sharding", None)
+    return getattr(sharding, "mesh", None) if isinstance(sharding, NamedSharding) else None

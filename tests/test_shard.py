@@ -62,3 +62,31 @@ def test_eight_devices_equal_one(data_dir, tmp_path):
         assert (a["i"], a["j"]) == (b["i"], b["j"])
         for key in ("loss_barrier_test", "error_barrier_ood", "loss_barrier_train_lin", "dist", "update_cos"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
+
+
+def test_two_processes_equal_one(data_dir, tmp_path):
+    """2 processes × 4 devices on 127.0.0.1 (jax.distributed, gloo): the grid and its barriers as in one process."""
+    import socket
+
+    cfg = config.load("configs/mnist1d.toml", OVERRIDES + [f'data.data_dir="{data_dir}"'])
+    reference = str(tmp_path / "reference")
+    api.finetune(cfg, reference, progress=False)
+    measure.barriers_of_run(cfg, reference)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = str(tmp_path / "two")
+    script = os.path.join(os.path.dirname(__file__), "multihost_check.py")
+    procs = [subprocess.Popen([sys.executable, script, str(i), port, data_dir, out], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+        assert "of 2 devices 8" in stdout and "done" in stdout
+    assert_params_close(os.path.join(reference, "checkpoints"), os.path.join(out, "checkpoints"))
+    for a, b in zip(read_csv(os.path.join(reference, "members.csv")), read_csv(os.path.join(out, "members.csv"))):
+        assert float(a["test_loss"]) == pytest.approx(float(b["test_loss"]), rel=1e-5)
+    for a, b in zip(read_csv(os.path.join(reference, "barriers", "pairs.csv")),
+                    read_csv(os.path.join(out, "barriers", "pairs.csv"))):
+        for key in ("loss_barrier_test", "error_barrier_ood", "dist", "update_cos"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
