@@ -13,6 +13,23 @@ def _add_common(sub, overrides_help: str, quiet_help: str) -> None:
     sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help=overrides_help)
     sub.add_argument("--quiet", action="store_true", help=quiet_help)
+    sub.add_argument("--distributed", action="store_true",
+                     help="join a multi-host run: jax.distributed.initialize() from the cluster's environment "
+                          "(SLURM, Open MPI, TPU pod slice), or from JAX_COORDINATOR_ADDRESS, JAXLMC_NUM_PROCESSES "
+                          "and JAXLMC_PROCESS_ID; start the same command on every host")
+
+
+def _join_cluster() -> None:
+    import jax
+
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # (asking JAX for its backend would start it too early)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if "JAXLMC_NUM_PROCESSES" in os.environ:  # a launch by hand (ssh, or processes on one machine)
+        jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(os.environ["JAXLMC_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAXLMC_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "distributed", False):
+        _join_cluster()
+        import jax
+
+        args.quiet = args.quiet or jax.process_index() != 0  # one process prints
     from jaxlmc import config
 
     if args.command == "barriers":

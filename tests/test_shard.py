@@ -65,24 +65,31 @@ def test_eight_devices_equal_one(data_dir, tmp_path):
 
 
 def test_two_processes_equal_one(data_dir, tmp_path):
-    """2 processes × 4 devices on 127.0.0.1 (jax.distributed, gloo): the grid and its barriers as in one process."""
+    """2 processes × 4 devices on 127.0.0.1, launched as a researcher would on two hosts (`--distributed`; JAX's
+    distributed runtime with gloo collectives): the grid and its barriers come out as in one process."""
     import socket
 
     cfg = config.load("configs/mnist1d.toml", OVERRIDES + [f'data.data_dir="{data_dir}"'])
     reference = str(tmp_path / "reference")
     api.finetune(cfg, reference, progress=False)
     measure.barriers_of_run(cfg, reference)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     out = str(tmp_path / "two")
-    script = os.path.join(os.path.dirname(__file__), "multihost_check.py")
-    procs = [subprocess.Popen([sys.executable, script, str(i), port, data_dir, out], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stderr[-3000:]
-        assert "of 2 devices 8" in stdout and "done" in stdout
+    sets = [arg for o in OVERRIDES + [f'data.data_dir="{data_dir}"'] for arg in ("--set", o)]
+    for command in (["finetune", "configs/mnist1d.toml", "--out", out, *sets], ["barriers", out]):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = []
+        for i in range(2):
+            env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                   "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAXLMC_NUM_PROCESSES": "2",
+                   "JAXLMC_PROCESS_ID": str(i)}
+            procs.append(subprocess.Popen([sys.executable, "-m", "jaxlmc.cli", *command, "--distributed"], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [p.communicate(timeout=600) for p in procs]
+        for p, (stdout, stderr) in zip(procs, outputs):
+            assert p.returncode == 0, stderr[-3000:]
+        assert outputs[1][0].strip() == ""  # only the primary process prints
     assert_params_close(os.path.join(reference, "checkpoints"), os.path.join(out, "checkpoints"))
     for a, b in zip(read_csv(os.path.join(reference, "members.csv")), read_csv(os.path.join(out, "members.csv"))):
         assert float(a["test_loss"]) == pytest.approx(float(b["test_loss"]), rel=1e-5)
