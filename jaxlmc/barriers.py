@@ -44,7 +44,9 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None):
     `eval_sets` maps a name to a set from `train.batch_eval_set`. `alphas` must increase from 0 to 1; the endpoints
     come from one evaluation per member, walked in chunks of `chunk_pairs` members. With a `mesh` (jaxlmc.shard) the
     pairs are padded to a multiple of its size and split over its devices with `jax.shard_map`; every device holds
-    all members and evaluates their endpoints itself (no communication at all).
+    all members and evaluates their endpoints itself (no communication at all). Given an optional fourth argument,
+    perms (jaxlmc.permute.match_pairs: one [P, width] array per hidden layer), member j of each pair is permuted onto
+    member i inside the pass before interpolating.
     """
     alphas = np.asarray(alphas, np.float32)
     if alphas[0] != 0.0 or alphas[-1] != 1.0 or np.any(np.diff(alphas) <= 0):
@@ -53,19 +55,24 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None):
         raise ValueError(f"chunk_pairs must be positive, got {chunk_pairs}")
     interior = jnp.asarray(alphas[1:-1])
 
-    def curves(params_M, pairs_Px2, eval_sets):
+    def curves(params_M, pairs_Px2, eval_sets, perms=None):
         def evaluate(params):  # one model on every set: {name: (loss, err)}
             return {name: loss_and_error(model, params, s) for name, s in eval_sets.items()}
 
         num_members = jax.tree.leaves(params_M)[0].shape[0]
         ends_M = lax.map(evaluate, params_M, batch_size=min(chunk_pairs, num_members))
 
-        def on_pair(pair_2):
+        def on_pair(args):
+            pair_2, perm_list = args
             p_i = jax.tree.map(lambda a: a[pair_2[0]], params_M)
             p_j = jax.tree.map(lambda a: a[pair_2[1]], params_M)
+            if perm_list is not None:
+                from jaxlmc.permute import permute
+
+                p_j = permute(p_j, perm_list)
             return jax.vmap(lambda a: evaluate(lerp(p_i, p_j, a)))(interior)
 
-        inner_P = lax.map(on_pair, pairs_Px2, batch_size=min(chunk_pairs, pairs_Px2.shape[0]))
+        inner_P = lax.map(on_pair, (pairs_Px2, perms), batch_size=min(chunk_pairs, pairs_Px2.shape[0]))
         i, j = pairs_Px2[:, 0], pairs_Px2[:, 1]
 
         def full(end_M, inner_PxI):
@@ -79,12 +86,14 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None):
 
     from jaxlmc.shard import MEMBERS
 
-    def sharded(params_M, pairs_Px2, eval_sets):
+    def sharded(params_M, pairs_Px2, eval_sets, perms=None):
         num_pairs = pairs_Px2.shape[0]
-        padded = jnp.concatenate([pairs_Px2, jnp.zeros(((-num_pairs) % mesh.size, 2), pairs_Px2.dtype)])
-        local = jax.shard_map(curves, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(MEMBERS), PartitionSpec()),
+        pad = lambda a: jnp.concatenate([a, jnp.zeros(((-num_pairs) % mesh.size, *a.shape[1:]), a.dtype)])  # noqa
+        local = jax.shard_map(curves, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(MEMBERS), PartitionSpec(),
+                                                            PartitionSpec(MEMBERS)),
                               out_specs=PartitionSpec(MEMBERS))
-        return jax.tree.map(lambda a: a[:num_pairs], local(params_M, padded, eval_sets))
+        padded_perms = None if perms is None else [pad(p) for p in perms]
+        return jax.tree.map(lambda a: a[:num_pairs], local(params_M, pad(pairs_Px2), eval_sets, padded_perms))
 
     return jax.jit(sharded)
 

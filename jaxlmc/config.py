@@ -88,6 +88,7 @@ class BarrierConfig:
     chunk_pairs: int = 0  # pairs evaluated together; 0 picks the largest that fits memory_fraction of free memory
     memory_fraction: float = 0.5
     bootstrap: int = 1000  # resamples for the confidence intervals of the per-group means; 0 for none
+    align: bool = False  # also the barriers after weight matching (Git Re-Basin), columns with the suffix _aligned
 
 
 @dataclasses.dataclass(frozen=True)

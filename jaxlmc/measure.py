@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import analysis, api, barriers, ckpt, models, shard
+from jaxlmc import analysis, api, barriers, ckpt, models, permute, shard
 from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError, from_dict, parse_override
 
 CELL_KEYS = ("pretrain_step", "lr", "weight_decay", "schedule")
@@ -160,8 +160,8 @@ def _summary(groups: dict, pair_rows: list[dict], start_rows: list[dict], bootst
         row.update({"members": len(member_ids), "members_used": len(starts), "pairs": len(within)})
         for prefix, rows in (("", within), ("start_", starts)):
             for measure in measures:
-                if measure == "update_cos" and prefix:
-                    continue
+                if prefix and (measure == "update_cos" or measure.endswith("_aligned")):
+                    continue  # defined for pairs of members only
                 values = np.array([r[measure] for r in rows], np.float64)
                 finite = values[np.isfinite(values)]
                 lo, hi = barriers.bootstrap_ci(finite, bootstrap)
@@ -222,6 +222,16 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     else:
         dist_P = cos_P = np.zeros((0,), np.float32)
     pair_columns = _curve_columns(pair_curves, alphas)
+    aligned_curves, align_seconds = {}, 0.0
+    if b.align and member_pairs:
+        # Weight matching of j onto i for every member pair, then the same pass on the aligned pairs.
+        start_time = time.perf_counter()
+        perms = permute.match_pairs(params_K, member_pairs)
+        align_seconds = time.perf_counter() - start_time
+        member_Px2 = pairs_Px2[:num_member_pairs]
+        aligned_curves = jax.tree.map(shard.to_host, curves_fn(*shard.replicate(
+            (params_K, member_Px2, eval_sets, [jnp.asarray(p) for p in perms]), mesh)))
+        pair_columns.update({f"{k}_aligned": v for k, v in _curve_columns(aligned_curves, alphas).items()})
     pair_rows = []
     for p, (i, j) in enumerate(pairs):
         mi, mj = members[i], members[j]
@@ -245,7 +255,7 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     settings = {"barriers": dataclasses.asdict(b), "chunk_pairs": chunk, "member_pairs": num_member_pairs,
                 "start_pairs": len(start_pairs), "left_out_diverged_pairs": left_out,
                 "diverged_members": len(members) - num_alive, "splits": list(eval_sets), "alphas": alphas.tolist(),
-                "seconds": seconds, "model_evals_per_s": num_evals / seconds,
+                "seconds": seconds, "model_evals_per_s": num_evals / seconds, "align_seconds": align_seconds,
                 "form": {"<metric>_barrier_<split>": "endpoint-mean: max L(α) − (L(0) + L(1))/2",
                          "<metric>_barrier_<split>_lin": "linear-baseline: max [L(α) − ((1−α)L(0) + αL(1))]"}}
 
@@ -262,6 +272,8 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
         arrays[f"loss_{split}"], arrays[f"error_{split}"] = loss, err
     for split, (loss, err) in start_curves.items():
         arrays[f"start_loss_{split}"], arrays[f"start_error_{split}"] = loss, err
+    for split, (loss, err) in aligned_curves.items():
+        arrays[f"aligned_loss_{split}"], arrays[f"aligned_error_{split}"] = loss, err
     _save_npz(os.path.join(directory, "curves.npz"), arrays)
     api.write_atomic(os.path.join(directory, "settings.json"), json.dumps(settings, indent=2))
     return {"pairs": pair_rows, "to_start": start_rows, "summary": summary, "settings": settings}

@@ -137,6 +137,22 @@ def _figures(out: str, summary: list[dict], members: list[dict]) -> list[tuple[s
     save(fig, "barrier_vs_pretraining.png", "Barrier between seeds vs pretraining, one line per fine-tuning LR; "
          f"bands are 95% bootstrap confidence intervals over pairs{avg_note}.")
 
+    # 2b. Naive vs aligned (weight matching) barrier, when the barrier stage aligned the pairs.
+    if any(np.isfinite(r.get("error_barrier_test_aligned_mean", np.nan)) for r in summary):
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for lr, color in zip(lrs, colors):
+            for key, style, kind in (("error_barrier_test_mean", "o-", "naive"),
+                                     ("error_barrier_test_aligned_mean", "s--", "aligned")):
+                ax.plot(range(len(steps)), [mean_over(by(s, lr), key) for s in steps], style, color=color,
+                        label=f"{kind}, LR {lr:g}")
+        ax.axhline(0, color="gray", lw=0.8)
+        step_axis(ax)
+        ax.set_ylabel("mean test error barrier")
+        ax.legend(fontsize=7, ncol=2)
+        save(fig, "aligned_barrier.png", "Barrier between seeds before (solid) and after (dashed) weight matching "
+             "(Git Re-Basin): where alignment removes the barrier, the seeds share a basin up to a relabelling of "
+             "hidden units, as from-scratch controls can.")
+
     # 3. Interpolation curves of representative pairs: the median-barrier pair of each cell.
     curves = np.load(os.path.join(out, "barriers", "curves.npz"))
     pairs = _read_csv(os.path.join(out, "barriers", "pairs.csv"))
@@ -257,7 +273,7 @@ def headline(summary: list[dict]) -> list[str]:
 
 SUMMARY_TABLE = [("pretrain_step", "pretrain"), ("lr", "LR"), ("members_used", "n"),
                  ("error_barrier_test_mean", "err barrier"), ("loss_barrier_test_mean", "loss barrier"),
-                 ("error_barrier_ood_mean", "OOD err barrier"), ("start_error_barrier_test_lin_mean", "to start (lin)"),
+                 ("error_barrier_ood_mean", "OOD err barrier"), ("error_barrier_test_aligned_mean", "aligned"), ("start_error_barrier_test_lin_mean", "to start (lin)"),
                  ("basins", "basins"), ("best_test_acc", "best"), ("uniform_test_acc", "uniform soup"),
                  ("greedy_test_acc", "greedy soup"), ("ensemble_test_acc", "ensemble"), ("ood_acc_std", "OOD std"),
                  ("disagreement_test", "disagree"), ("cka_mean", "CKA")]

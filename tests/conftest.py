@@ -21,7 +21,7 @@ TINY = [
     "model.width=32", "pretrain.steps=60", "pretrain.save_steps=[0, 20, 60]", "pretrain.batch_size=50",
     "finetune.pretrain_steps=[0, 60]", "finetune.lrs=[0.001, 0.01]", "finetune.seeds=2", "finetune.steps=40",
     "finetune.batch_size=50", "run.chunk_steps=10", "run.checkpoint_every=20", "data.train_eval_size=500",
-    "finetune.scratch=false",
+    "finetune.scratch=false", "barriers.align=false",
 ]
 
 
