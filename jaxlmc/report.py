@@ -262,6 +262,14 @@ def headline(summary: list[dict]) -> list[str]:
             if np.isfinite(scratch):
                 text += f"; from scratch it is {scratch:.3f}"
             lines.append(text + ".")
+    aligned = [r for r in summary if np.isfinite(r.get("error_barrier_test_aligned_mean", np.nan))]
+    for label, rows in (("the scratch cells", [r for r in aligned if r["pretrain_step"] < 0]),
+                        ("the fine-tuning cells", [r for r in aligned if r["pretrain_step"] >= 0])):
+        if rows:
+            naive = np.mean([r["error_barrier_test_mean"] for r in rows])
+            after = np.mean([r["error_barrier_test_aligned_mean"] for r in rows])
+            lines.append(f"After weight matching, the mean test error barrier over {label} goes from {naive:.3f} to "
+                         f"{after:.3f}.")
     one_basin = [r for r in summary if r.get("basins") == 1]
     lines.append(f"{len(one_basin)} of {len(summary)} cells have all their seeds in one basin (average-linkage "
                  f"clusters of the test error barrier cut at {threshold:g}).")
