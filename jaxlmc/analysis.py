@@ -44,10 +44,12 @@ def make_soup_accuracy(model: Model):
     return jax.jit(accuracy)
 
 
-def greedy_soup(model: Model, params_M, idx_GxK: np.ndarray, val_set, val_acc_M: np.ndarray) -> np.ndarray:
+def greedy_soup(model: Model, params_M, idx_GxK: np.ndarray, val_set, val_acc_M: np.ndarray,
+                soup_accuracy=None) -> np.ndarray:
     """weights_GxM of each group's greedy soup, chosen on the validation set `val_set` (with the members' validation
-    accuracy `val_acc_M`) and on nothing else. Ties keep the candidate (Wortsman et al.: "does not drop")."""
-    soup_accuracy = make_soup_accuracy(model)
+    accuracy `val_acc_M`) and on nothing else. Ties keep the candidate (Wortsman et al.: "does not drop").
+    `soup_accuracy` (from make_soup_accuracy) may be passed in to share its compiled program."""
+    soup_accuracy = soup_accuracy or make_soup_accuracy(model)
     idx = np.asarray(idx_GxK)
     num_members = len(val_acc_M)
     # Each group's members in decreasing validation accuracy; padding (-1) last.

@@ -300,24 +300,27 @@ def soups_of_run(cfg: Config, out: str) -> list[dict]:
     sets = api.eval_sets(cfg, run.task, validation=True)
     val_acc_M = np.array([m["val_acc"] for m in run.members])
     uniform_GxM = analysis.group_weights(idx_GxK, num_members)
-    greedy_GxM = analysis.greedy_soup(run.model, run.params_M, idx_GxK, sets["val"], val_acc_M)
     soup_accuracy = analysis.make_soup_accuracy(run.model)
-    usable = uniform_GxM.sum(axis=1) > 0  # a cell whose members all diverged has no soup
+    greedy_GxM = analysis.greedy_soup(run.model, run.params_M, idx_GxK, sets["val"], val_acc_M, soup_accuracy)
+    usable = uniform_GxM.sum(axis=1) > 0  # a cell whose members all diverged has no soup: its accuracies stay NaN
     acc = {}
     for name in ("val", "test", "ood"):
         if name in sets:
             for kind, weights in (("uniform", uniform_GxM), ("greedy", greedy_GxM)):
-                safe = np.where(usable[:, None], weights, 1.0)  # placeholder weights, reported as NaN below
-                acc[kind, name] = np.where(usable, np.asarray(soup_accuracy(run.params_M, jnp.asarray(safe),
-                                                                            sets[name])), np.nan)
+                acc[kind, name] = np.full(len(cells), np.nan)
+                if usable.any():
+                    acc[kind, name][usable] = np.asarray(soup_accuracy(run.params_M, jnp.asarray(weights[usable]),
+                                                                       sets[name]))
     outputs = analysis.make_outputs(run.model)
     logits = {name: np.asarray(outputs(run.params_M, jnp.asarray(split.x))[0])
               for name, split in (("test", run.task.test), ("ood", run.task.ood)) if split is not None}
 
     rows = []
+    all_members = cell_groups(run.members)
     for g, key in enumerate(cells):
         ids = [int(i) for i in idx_GxK[g] if i >= 0]
-        row = {**dict(zip(CELL_KEYS, key)), "members": len(cell_groups(run.members)[key]), "members_used": len(ids)}
+        row = {**dict(zip(CELL_KEYS, key)), "members": len(all_members[key]), "members_used": len(ids)}
+        row.update({f"{kind}_{name}_acc": float(values[g]) for (kind, name), values in acc.items()})  # NaN if none
         if ids:
             best = max(ids, key=lambda i: val_acc_M[i])
             chosen = [int(i) for i in np.flatnonzero(greedy_GxM[g])]
@@ -329,8 +332,6 @@ def soups_of_run(cfg: Config, out: str) -> list[dict]:
                 row[f"best_{split_name}_acc"] = run.members[best][f"{split_name}_acc"]
                 row[f"mean_{split_name}_acc"] = float(np.mean([run.members[i][f"{split_name}_acc"] for i in ids]))
                 row[f"ensemble_{split_name}_acc"] = analysis.ensemble_accuracy(logits[split_name][ids], split.y)
-            for (kind, name), values in acc.items():
-                row[f"{kind}_{name}_acc"] = float(values[g])
             for kind in ("uniform", "greedy", "ensemble"):
                 row[f"{kind}_gain"] = row[f"{kind}_test_acc"] - row["best_test_acc"]
         rows.append(row)

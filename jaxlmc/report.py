@@ -100,6 +100,13 @@ def _figures(out: str, summary: list[dict], members: list[dict]) -> list[tuple[s
         plt.close(fig)
         figures.append((name, caption))
 
+    def lines_per_lr(ax, series):
+        """One line per (LR, series) over the pretraining steps: series = [(summary key, style, label)]."""
+        for lr, color in zip(lrs, colors):
+            for key, style, label in series:
+                ax.plot(range(len(steps)), [mean_over(by(s, lr), key) for s in steps], style, color=color,
+                        label=f"{label}, LR {lr:g}")
+
     def step_axis(ax):
         ax.set_xticks(range(len(steps)), [step_label(s) for s in steps])
         ax.set_xlabel("pretraining steps of the starting checkpoint")
@@ -140,11 +147,8 @@ def _figures(out: str, summary: list[dict], members: list[dict]) -> list[tuple[s
     # 2b. Naive vs aligned (weight matching) barrier, when the barrier stage aligned the pairs.
     if any(np.isfinite(r.get("error_barrier_test_aligned_mean", np.nan)) for r in summary):
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
-        for lr, color in zip(lrs, colors):
-            for key, style, kind in (("error_barrier_test_mean", "o-", "naive"),
-                                     ("error_barrier_test_aligned_mean", "s--", "aligned")):
-                ax.plot(range(len(steps)), [mean_over(by(s, lr), key) for s in steps], style, color=color,
-                        label=f"{kind}, LR {lr:g}")
+        lines_per_lr(ax, [("error_barrier_test_mean", "o-", "naive"),
+                          ("error_barrier_test_aligned_mean", "s--", "aligned")])
         ax.axhline(0, color="gray", lw=0.8)
         step_axis(ax)
         ax.set_ylabel("mean test error barrier")
@@ -213,10 +217,8 @@ def _figures(out: str, summary: list[dict], members: list[dict]) -> list[tuple[s
 
     # 5. Soup gain over the best member.
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for lr, color in zip(lrs, colors):
-        for kind, style in (("uniform", "o-"), ("greedy", "s--"), ("ensemble", "^:")):
-            ax.plot(range(len(steps)), [mean_over(by(s, lr), f"{kind}_gain") for s in steps], style, color=color,
-                    label=f"{kind}, LR {lr:g}")
+    lines_per_lr(ax, [(f"{kind}_gain", style, kind) for kind, style in (("uniform", "o-"), ("greedy", "s--"),
+                                                                         ("ensemble", "^:"))])
     ax.axhline(0, color="gray", lw=0.8)
     step_axis(ax)
     ax.set_ylabel("test accuracy − best member's")
@@ -226,12 +228,7 @@ def _figures(out: str, summary: list[dict], members: list[dict]) -> list[tuple[s
 
     # 6. OOD spread across seeds.
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for lr, color in zip(lrs, colors):
-        if has_ood:
-            ax.plot(range(len(steps)), [mean_over(by(s, lr), "ood_acc_std") for s in steps], "o-", color=color,
-                    label=f"OOD, LR {lr:g}")
-        ax.plot(range(len(steps)), [mean_over(by(s, lr), "test_acc_std") for s in steps], "s:", color=color,
-                label=f"test, LR {lr:g}")
+    lines_per_lr(ax, [("ood_acc_std", "o-", "OOD")] * has_ood + [("test_acc_std", "s:", "test")])
     step_axis(ax)
     ax.set_ylabel("std of accuracy across seeds")
     ax.legend(fontsize=7)

@@ -237,3 +237,19 @@ def test_a_width_scaling_trend(data_dir, tmp_path):
     page = open(os.path.join(out, "scaling.html")).read()
     assert page.count("data:image/png;base64,") == 1 and "width16/report.html" in page
     assert study.study(cfg, out, progress=False) == []  # resumes: nothing left to do
+
+
+def test_a_cell_whose_members_all_diverged_has_no_soup(reference, tmp_path):
+    cfg, out, _ = reference
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    rows = read_csv(os.path.join(copy, "members.csv"))
+    for r in rows:
+        if r["pretrain_step"] == "0" and r["lr"] == "0.01":
+            r["diverged"] = "True"
+    api._write_csv(os.path.join(copy, "members.csv"), rows, list(rows[0]))
+    soups = measure.soups_of_run(cfg, copy)
+    dead = [s for s in soups if s["pretrain_step"] == 0 and s["lr"] == 0.01]
+    assert len(dead) == 1 and dead[0]["members_used"] == 0 and np.isnan(dead[0]["uniform_test_acc"])
+    assert all(np.isfinite(s["uniform_test_acc"]) and np.isfinite(s["greedy_test_acc"]) for s in soups
+               if s is not dead[0])
