@@ -27,7 +27,7 @@ import numpy as np
 
 from bench._record import write_record
 from bench.bench_train import setup, timed_run
-from jaxlmc import barriers, models, train
+from jaxlmc import barriers, memory, models, train
 from jaxlmc.config import ModelConfig
 
 FEATURES, CLASSES, N_TRAIN = 40, 10, 4000
@@ -140,7 +140,7 @@ def barrier_pass(members: int, alphas: int, loop_pairs: int, width: int, peak: f
     pairs = list(itertools.combinations(range(members), 2))
     pairs_Px2 = jnp.asarray(pairs, jnp.int32)
     grid = barriers.alpha_grid(alphas)
-    chunk = barriers.auto_chunk_pairs(model, params_M, sets, grid, len(pairs), barriers.memory_budget(0.5))
+    chunk = barriers.auto_chunk_pairs(model, params_M, sets, grid, len(pairs), memory.memory_budget(0.5))
     fn = barriers.make_curves(model, grid, chunk)
     _, footprint = compiled_stats(fn, params_M, pairs_Px2, sets)
     # FLOPs: one model on the evaluation set (a single batch: no loop) × the models the pass evaluates.

@@ -32,9 +32,9 @@ def main() -> None:
     params_M = jax.vmap(model.init)(jax.random.split(jax.random.key(0), args.members))
     pairs = [pair for start in range(0, args.members, args.seeds)
              for pair in itertools.combinations(range(start, start + args.seeds), 2)]
-    permute.match_pairs(params_M, pairs[:2], max_iterations=1)  # compile
+    permute.match_pairs(model, params_M, pairs[:2], max_iterations=1)  # compile
     start = time.perf_counter()
-    perms = permute.match_pairs(params_M, pairs)
+    perms = permute.match_pairs(model, params_M, pairs)
     seconds = time.perf_counter() - start
     moved = sum(float((p != range(p.shape[1])).mean()) for p in perms) / len(perms)
     print(f"{len(pairs)} pairs of {args.members} members (MLP 2×{args.width}) aligned in {seconds:.1f} s: "

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench._record import write_record
-from jaxlmc import barriers, models, train
+from jaxlmc import barriers, memory, models, train
 from jaxlmc.config import ModelConfig
 
 MODELS = {  # name: (config, input shape)
@@ -63,7 +63,7 @@ def main() -> None:
         y = rng.integers(0, classes, args.examples).astype(np.int32)
         sets = {"test": train.batch_eval_set(x, y, args.batch)}
         pairs_Px2 = jnp.asarray(pairs, jnp.int32)
-        chunk = barriers.auto_chunk_pairs(model, params_M, sets, alphas, len(pairs), barriers.memory_budget(0.5))
+        chunk = barriers.auto_chunk_pairs(model, params_M, sets, alphas, len(pairs), memory.memory_budget(0.5))
         fn = barriers.make_curves(model, alphas, chunk)
 
         start = time.perf_counter()

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
 
 from jaxlmc.models import Model
 from jaxlmc.train import loss_and_error
@@ -122,9 +124,6 @@ def basins(barrier_KxK: np.ndarray, threshold: float) -> np.ndarray:
     Two members share a basin when the mean barrier between their clusters is at most the threshold. Negative
     barriers count as 0; missing pairs (NaN) as infinitely far.
     """
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import squareform
-
     b = np.asarray(barrier_KxK, np.float64)
     k = b.shape[0]
     if k == 1:

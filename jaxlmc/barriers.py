@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import csv
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
 
+from jaxlmc import memory
 from jaxlmc.models import Model
+from jaxlmc.permute import permute
+from jaxlmc.shard import MEMBERS
 from jaxlmc.train import cross_entropy, loss_and_error
 
 
@@ -67,9 +70,7 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None):
             p_i = jax.tree.map(lambda a: a[pair_2[0]], params_M)
             p_j = jax.tree.map(lambda a: a[pair_2[1]], params_M)
             if perm_list is not None:
-                from jaxlmc.permute import permute
-
-                p_j = permute(p_j, perm_list)
+                p_j = permute(p_j, perm_list, model.permutation_spec())
             return jax.vmap(lambda a: evaluate(lerp(p_i, p_j, a)))(interior)
 
         inner_P = lax.map(on_pair, (pairs_Px2, perms), batch_size=min(chunk_pairs, pairs_Px2.shape[0]))
@@ -82,9 +83,6 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None):
 
     if mesh is None:
         return jax.jit(curves)
-    from jax.sharding import PartitionSpec
-
-    from jaxlmc.shard import MEMBERS
 
     def sharded(params_M, pairs_Px2, eval_sets, perms=None):
         num_pairs = pairs_Px2.shape[0]
@@ -210,33 +208,6 @@ def read_pairs(path: str, num_members: int) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------------------------- chunk size
 
 
-def available_memory_bytes(device=None) -> int:
-    """Free memory of `device`: the allocator's headroom on an accelerator, available RAM on the CPU."""
-    device = device or jax.local_devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-# On the CPU the fastest chunks are the ones whose scratch space stays near the caches: measured on 2 cores
-# (28 pairs × 25 α × 1000 examples), the default MLP ran 1,542 evaluations/s in chunks of 1 pair (51 MB scratch)
-# against 777/s in chunks of 28 (1.4 GB); an MLP 1×32 peaked at chunks of 4 (23 MB). Accelerators want wide chunks,
-# so there the memory budget decides.
-CPU_SCRATCH_BYTES = 32 * 2**20
-
-
-def memory_budget(memory_fraction: float, device=None) -> int:
-    device = device or jax.local_devices()[0]
-    budget = int(memory_fraction * available_memory_bytes(device))
-    return min(budget, CPU_SCRATCH_BYTES) if device.platform == "cpu" else budget
-
-
 def auto_chunk_pairs(model: Model, params_M, eval_sets, alphas, num_pairs: int, budget_bytes: int,
                      max_chunk: int = 256) -> int:
     """The largest chunk of pairs whose scratch memory fits `budget_bytes`, from XLA's own memory analysis.
@@ -253,9 +224,4 @@ def auto_chunk_pairs(model: Model, params_M, eval_sets, alphas, num_pairs: int, 
         analysis = fn.lower(abstract[0], pairs, abstract[1]).compile().memory_analysis()
         return None if analysis is None else analysis.temp_size_in_bytes
 
-    small, large = scratch(1), scratch(4)
-    limit = max(1, min(num_pairs, max_chunk))
-    if small is None or large is None:
-        return limit
-    per_pair = max((large - small) / 3, 1.0)
-    return int(max(1, min(limit, (budget_bytes - small) // per_pair + 1)))
+    return memory.largest_fit(scratch, budget_bytes, limit=max(1, min(num_pairs, max_chunk)), probes=(1, 4))

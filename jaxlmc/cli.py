@@ -6,6 +6,9 @@ import json
 import os
 import sys
 
+import jax
+
+from jaxlmc import api, config, rundir, ui
 from jaxlmc.config import ConfigError
 
 
@@ -20,8 +23,6 @@ def _add_common(sub, overrides_help: str, quiet_help: str) -> None:
 
 
 def _join_cluster() -> None:
-    import jax
-
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # (asking JAX for its backend would start it too early)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if "JAXLMC_NUM_PROCESSES" in os.environ:  # a launch by hand (ssh, or processes on one machine)
@@ -36,8 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlmc", description="Vectorised fine-tuning ensembles and "
                                      "linear mode connectivity in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in [("study", "the whole study: pretrain, fine-tune the grid, barriers, soups, similarity, report "
-                                 "(resumes at the first unfinished stage)"),
+    stages = " → ".join(stage.name for stage in api.STAGES)
+    for name, text in [("study", f"the whole study, in resumable stages: {stages} (resumes at the first unfinished "
+                                 "stage)"),
                        ("pretrain", "pretrain one model, saving Orbax checkpoints at pretrain.save_steps"),
                        ("finetune", "fine-tune the member grid in one compiled program (pretrains first if "
                                     "needed) and write members.csv")]:
@@ -62,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "distributed", False):
         _join_cluster()
-        import jax
-
         args.quiet = args.quiet or jax.process_index() != 0  # one process prints
-    from jaxlmc import config
-
     if args.command == "barriers":
         return _barriers(args)
     if args.command == "report":
@@ -78,28 +76,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
 
-    from jaxlmc import api, ui
-
+    progress = None if args.quiet else ui.TrainingProgress
     try:
         if args.command == "study":
-            from jaxlmc import study
-
             say = (lambda text: None) if args.quiet else (lambda text: ui.console.print(f"[bold]{text}[/bold]"))
-            study.study(cfg, out, progress=not args.quiet, say=say)
+            api.study(cfg, out, progress=progress, say=say)
             if not args.quiet:
+                run = rundir.RunDir(out)
                 for width in cfg.study.widths:
                     ui.console.print(f"[bold]width {width}[/bold]")
-                    ui.print_study(study.width_dir(out, width))
+                    ui.print_study(run.width(width).root)
                 if cfg.study.widths:
-                    ui.console.print(f"scaling trend: {os.path.join(out, 'scaling.html')}")
+                    ui.console.print(f"scaling trend: {run.path(rundir.SCALING_PAGE)}")
                 else:
                     ui.print_study(out)
         elif args.command == "pretrain":
-            rows = api.pretrain(cfg, out, progress=not args.quiet)
+            rows = api.pretrain(cfg, out, progress=progress)
             if not args.quiet:
                 ui.print_pretrain(rows)
         else:
-            rows = api.finetune(cfg, out, progress=not args.quiet)
+            rows = api.finetune(cfg, out, progress=progress)
             if not args.quiet:
                 ui.print_members(rows)
     except ConfigError as err:
@@ -111,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(args) -> int:
-    from jaxlmc import report
-
     try:
-        path = report.render(args.run_dir)
+        path = api.render_report(args.run_dir)
     except ConfigError as err:
         print(f"jaxlmc: error: {err}", file=sys.stderr)
         return 2
@@ -123,24 +117,22 @@ def _report(args) -> int:
 
 
 def _barriers(args) -> int:
-    from jaxlmc import measure, ui
-
     overrides = list(args.overrides)
     if args.pairs is not None:
         overrides.append(f"barriers.pairs={json.dumps(args.pairs)}")
     if args.alphas is not None:
         overrides.append(f"barriers.alphas={args.alphas}")
     try:
-        cfg = measure.run_config(args.run_dir, overrides)
+        cfg = rundir.RunDir(args.run_dir).config(overrides)
         with ui.console.status("barriers") as status:
-            result = measure.barriers_of_run(cfg, args.run_dir,
+            result = api.barriers_of_run(cfg, args.run_dir,
                                              status=None if args.quiet else lambda text: status.update(text))
     except ConfigError as err:
         print(f"jaxlmc: error: {err}", file=sys.stderr)
         return 2
     if not args.quiet:
         ui.print_barriers(result)
-        ui.console.print(f"results in {os.path.join(args.run_dir, 'barriers')}")
+        ui.console.print(f"results in {os.path.dirname(rundir.RunDir(args.run_dir).path(rundir.PAIRS))}")
     return 0
 
 

@@ -11,7 +11,9 @@ import dataclasses
 import json
 import tomllib
 import typing
-from typing import Literal
+from typing import Callable, Literal
+
+from jaxlmc.models import KINDS
 
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["adamw", "sgd"]
@@ -20,6 +22,28 @@ LabelMap = Literal["identity", "mod5", "parity", "reverse"]  # see jaxlmc.data.L
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GridAxis:
+    """A per-member hyperparameter of the fine-tuning grid, declared once, on the FinetuneConfig field that lists its
+    values. From this declaration follow the member grid (jaxlmc.grid), the per-member constants of the training step,
+    members.csv's columns, the cell keys and every table and report that shows the grid."""
+
+    column: str  # its name in member rows, members.csv and the cell keys
+    header: str  # short table header
+    cell: bool = True  # members that differ in it belong to different cells (the seed does not: it is replicated)
+    always_shown: bool = False  # a column in tables even when the grid does not vary it
+    const: str | None = None  # the name of its per-member float32 constant in the training step, if it is one
+    neutral: float | None = None  # a value that does nothing: when every member has it, the step compiles without it
+    noise: bool = False  # it draws random numbers from the member's seed's "noise" key stream (consts["noise_key"])
+    check: tuple[str, Callable] | None = None  # (what every value must be, the test): "be positive", v > 0
+
+
+def grid_axis(column: str, header: str, default: list, **kwargs):
+    """A FinetuneConfig field holding the values of one grid axis."""
+    return dataclasses.field(default_factory=lambda: list(default),
+                             metadata={"grid": GridAxis(column, header, **kwargs)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +60,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    kind: Literal["mlp", "cnn"] = "mlp"
+    kind: str = "mlp"  # a registered model kind (jaxlmc.models.KINDS)
     width: int = 256  # hidden units (MLP) or channels (CNN)
     depth: int = 2  # hidden layers (MLP; 0 is logistic regression) or conv layers (CNN)
     norm: Literal["none", "layernorm"] = "none"
@@ -59,12 +83,19 @@ class PretrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    pretrain_steps: list[int] = dataclasses.field(default_factory=lambda: [0, 100, 300, 3000])
-    lrs: list[float] = dataclasses.field(default_factory=lambda: [1e-3, 1e-2])
-    weight_decays: list[float] = dataclasses.field(default_factory=lambda: [0.0])
-    schedules: list[Schedule] = dataclasses.field(default_factory=lambda: ["cosine"])
+    # The grid: every combination of these values is a cell, and every cell has `seeds` members. The nesting order of
+    # the grid (and of members.csv's columns) is the order of the fields here.
+    pretrain_steps: list[int] = grid_axis("pretrain_step", "pretrain", [0, 100, 300, 3000], always_shown=True)
+    lrs: list[float] = grid_axis("lr", "lr", [1e-3, 1e-2], always_shown=True, check=("be positive", lambda v: v > 0))
+    weight_decays: list[float] = grid_axis("weight_decay", "wd", [0.0], const="wd",
+                                           check=("be non-negative", lambda v: v >= 0))
+    schedules: list[Schedule] = grid_axis("schedule", "sched", ["cosine"])
+    # Per-member dropout of hidden units while fine-tuning (never at evaluation), masks from the seed's noise stream.
+    dropouts: list[float] = grid_axis("dropout", "drop", [0.0], const="dropout", neutral=0.0, noise=True,
+                                      check=("lie in [0, 1)", lambda v: 0 <= v < 1))
     warmup_steps: int = 0
-    seeds: int = 8  # seeds 0 .. seeds-1 in every cell of the grid
+    seeds: int = dataclasses.field(default=8, metadata={"grid": GridAxis("seed", "seed", cell=False,
+                                                                          always_shown=True)})  # 0 .. seeds-1
     steps: int = 1000
     batch_size: int = 100
     optimizer: Optimizer = "adamw"
@@ -224,23 +255,27 @@ def validate(cfg: Config) -> None:
     non_negative = {"pretrain.steps": p.steps, "pretrain.weight_decay": p.weight_decay,
                     "pretrain.warmup_steps": p.warmup_steps, "finetune.warmup_steps": f.warmup_steps,
                     "pretrain.momentum": p.momentum, "finetune.momentum": f.momentum}
-    if m.depth < 0 or (m.kind == "cnn" and m.depth == 0):
-        raise ConfigError(f"model.depth must be positive for a CNN and non-negative for an MLP (0: logistic "
-                          f"regression), got {m.depth}")
+    if m.kind not in KINDS:
+        raise ConfigError(f"model.kind: {m.kind!r} is not one of {sorted(KINDS)}")
+    kind = KINDS[m.kind]
+    if m.depth < kind.min_depth:
+        raise ConfigError(f"model.depth must be at least {kind.min_depth} for model.kind {m.kind!r}, got {m.depth}")
+    if b.align and kind.permutation_spec is None:
+        raise ConfigError(f"barriers.align: model.kind {m.kind!r} declares no permutation spec, so weight matching "
+                          "cannot align its members; set barriers.align = false")
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be non-negative, got {value}")
-    for key, values in {"finetune.lrs": f.lrs, "finetune.weight_decays": f.weight_decays,
-                        "finetune.schedules": f.schedules, "finetune.pretrain_steps": f.pretrain_steps,
-                        "pretrain.save_steps": p.save_steps}.items():
+    lists = {f"finetune.{field.name}": (getattr(f, field.name), field.metadata["grid"].check)
+             for field in dataclasses.fields(f) if "grid" in field.metadata and isinstance(getattr(f, field.name), list)}
+    lists["pretrain.save_steps"] = (p.save_steps, None)
+    for key, (values, check) in lists.items():
         if not values:
             raise ConfigError(f"{key} must not be empty")
         if len(set(values)) != len(values):
             raise ConfigError(f"{key} has repeated values: {values}")
-    if any(lr <= 0 for lr in f.lrs):
-        raise ConfigError(f"finetune.lrs must be positive, got {f.lrs}")
-    if any(wd < 0 for wd in f.weight_decays):
-        raise ConfigError(f"finetune.weight_decays must be non-negative, got {f.weight_decays}")
+        if check is not None and not all(check[1](v) for v in values):
+            raise ConfigError(f"{key} must {check[0]}, got {values}")
     bad_saves = [s for s in p.save_steps if not 0 <= s <= p.steps]
     if bad_saves:
         raise ConfigError(f"pretrain.save_steps {bad_saves} lie outside [0, pretrain.steps={p.steps}]")

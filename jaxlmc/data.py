@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from mnist1d.data import get_dataset_args, make_dataset
 
 DEFAULT_DATA_DIR = os.path.expanduser(os.environ.get("JAXLMC_DATA_DIR", "~/tensorflow_datasets"))
 
@@ -72,8 +73,6 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        from mnist1d.data import get_dataset_args, make_dataset
-
         args = get_dataset_args()
         variant = dict(MNIST1D_VARIANTS[self.builder_config.name])
         permutation_seed = variant.pop("permute_positions", None)

@@ -1,9 +1,10 @@
 """Barriers modulo permutation: weight matching (Git Re-Basin, Ainsworth et al. 2023) for jaxlmc's models.
 
 Hidden units can be relabelled without changing the function a network computes. Hidden layer k's units form one
-permutation, P_k; the spec says which axes it indexes, derived from the parameters' layer order and shapes:
-layer k's kernel (last axis) and bias, its LayerNorm's scale and bias, and the input axis (second to last) of the
-next layer's kernel — for a CNN's head, the channel axis of the flattened (positions × channels) features.
+permutation, P_k; the model kind's permutation spec (jaxlmc.models) says which parameter axes it indexes: for the
+MLP and CNN, layer k's kernel (output axis) and bias, its LayerNorm's scale and bias, and the input axis of the next
+layer's kernel — for a CNN's head, the channel axis of the flattened (positions × channels) features. Nothing here
+reads parameter names: a kind without a spec cannot be aligned, and says so.
 
 Weight matching aligns network B to network A by coordinate descent: for each P_k in turn, with the others fixed,
 maximise Σ ⟨A, P_k·B⟩ over every parameter P_k touches — a linear assignment problem (scipy's solver on the host);
@@ -14,80 +15,64 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from jaxlmc.models import Model, PermutationSpec, UnitAxis
 
 
-def hidden_layers(params: dict) -> list[str]:
-    """The hidden layers in order (dense0, dense1, … or conv0, …); the head comes after them."""
-    names = sorted((k for k in params if k.startswith(("dense", "conv"))), key=lambda k: int(k.lstrip("denscov")))
-    return names
-
-
-def permutation_spec(params: dict) -> list[list[tuple[str, str, int]]]:
-    """For each hidden layer k: the (layer, parameter, axis) entries its units index. One member's params."""
-    layers = hidden_layers(params)
-    spec = []
-    for k, layer in enumerate(layers):
-        entries = [(layer, "kernel", params[layer]["kernel"].ndim - 1), (layer, "bias", 0)]
-        norm = f"norm{k}"
-        if norm in params:
-            entries += [(norm, name, 0) for name in params[norm]]
-        following = layers[k + 1] if k + 1 < len(layers) else "head"
-        entries.append((following, "kernel", params[following]["kernel"].ndim - 2))
-        spec.append(entries)
-    return spec
-
-
-def _units_axis(params: dict, layer: str, name: str, axis: int, width: int):
-    """The array with the permuted axis moved to the front and split out: [width, …]. A CNN head's kernel rows are
-    flattened (positions × channels): its channel axis is recovered by a reshape."""
-    w = params[layer][name]
-    if layer == "head" and w.shape[-2] != width:
-        positions = w.shape[-2] // width
-        w = w.reshape(*w.shape[:-2], positions, width, w.shape[-1])
-        axis = w.ndim - 2
+def _units_first(w, entry: UnitAxis, width: int):
+    """The array with the units' axis moved to the front: [width, …] (a blocked axis is split into blocks × width
+    first, keeping the blocks in place)."""
+    axis = entry.axis
+    if entry.blocks > 1:
+        w = w.reshape(*w.shape[:axis], entry.blocks, width, *w.shape[axis + 1:])
+        axis += 1
     return jnp.moveaxis(w, axis, 0)
 
 
-def permute(params: dict, perms: list, spec=None) -> dict:
+def permute(params: dict, perms: list, spec: PermutationSpec) -> dict:
     """params with hidden layer k's units reordered by perms[k] (unit u of the result is unit perms[k][u])."""
-    spec = spec or permutation_spec(params)
-    out = jax.tree.map(lambda a: a, params)
+    out = dict(params)
     for entries, perm in zip(spec, perms):
         width = perm.shape[0]
-        for layer, name, axis in entries:
-            w = out[layer][name]
-            if layer == "head" and w.shape[-2] != width:
-                positions = w.shape[-2] // width
-                shaped = w.reshape(*w.shape[:-2], positions, width, w.shape[-1])
-                out[layer] = {**out[layer], name: jnp.take(shaped, perm, axis=shaped.ndim - 2).reshape(w.shape)}
+        for entry in entries:
+            w = out[entry.layer][entry.name]
+            if entry.blocks > 1:
+                shaped = w.reshape(*w.shape[:entry.axis], entry.blocks, width, *w.shape[entry.axis + 1:])
+                moved = jnp.take(shaped, perm, axis=entry.axis + 1).reshape(w.shape)
             else:
-                out[layer] = {**out[layer], name: jnp.take(w, perm, axis=axis)}
+                moved = jnp.take(w, perm, axis=entry.axis)
+            out[entry.layer] = {**out[entry.layer], entry.name: moved}
     return out
 
 
-def _cost(params_a: dict, params_b: dict, k: int, spec) -> jax.Array:
+def _width(params: dict, entries: list[UnitAxis]) -> int:
+    first = entries[0]
+    return params[first.layer][first.name].shape[first.axis] // first.blocks
+
+
+def _cost(params_a: dict, params_b: dict, k: int, spec: PermutationSpec) -> jax.Array:
     """C[u, v] = Σ ⟨unit u of A, unit v of B⟩ over every parameter that hidden layer k's units index."""
-    width = params_a[spec[k][0][0]]["bias"].shape[0]
+    width = _width(params_a, spec[k])
     total = jnp.zeros((width, width), jnp.float32)
-    for layer, name, axis in spec[k]:
-        a = _units_axis(params_a, layer, name, axis, width).reshape(width, -1)
-        b = _units_axis(params_b, layer, name, axis, width).reshape(width, -1)
+    for entry in spec[k]:
+        a = _units_first(params_a[entry.layer][entry.name], entry, width).reshape(width, -1)
+        b = _units_first(params_b[entry.layer][entry.name], entry, width).reshape(width, -1)
         total = total + a @ b.T
     return total
 
 
-def match_pairs(params_M: dict, pairs, max_iterations: int = 20, seed: int = 0) -> list[np.ndarray]:
+def match_pairs(model: Model, params_M: dict, pairs, max_iterations: int = 20, seed: int = 0) -> list[np.ndarray]:
     """Weight matching of member j to member i for every pair (i, j): perms[k] of shape [pairs, width_k].
 
-    All pairs move in lock-step: per layer, one vmapped device call builds every pair's cost matrix with the other
-    layers' current permutations applied; the assignments run on the host.
+    The model's kind supplies the permutation spec (ValueError for a kind that declares none). All pairs move in
+    lock-step: per layer, one vmapped device call builds every pair's cost matrix with the other layers' current
+    permutations applied; the assignments run on the host.
     """
-    from scipy.optimize import linear_sum_assignment
-
+    spec = model.permutation_spec()
     pairs = np.asarray(pairs, np.int32).reshape(-1, 2)
     one = jax.tree.map(lambda a: a[0], params_M)
-    spec = permutation_spec(one)
-    widths = [one[entries[0][0]]["bias"].shape[0] for entries in spec]
+    widths = [_width(one, entries) for entries in spec]
     perms = [np.tile(np.arange(w, dtype=np.int32), (len(pairs), 1)) for w in widths]
     if not spec or len(pairs) == 0:
         return perms

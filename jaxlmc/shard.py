@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MEMBERS = "members"
@@ -68,8 +69,6 @@ def to_host(leaf) -> np.ndarray:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
         if leaf.is_fully_replicated:
             return np.asarray(leaf.addressable_data(0))
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     return np.asarray(leaf)
 
@@ -82,8 +81,6 @@ def is_primary() -> bool:
 def sync(name: str) -> None:
     """Wait until every process gets here (a no-op with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

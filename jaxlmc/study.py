@@ -2,105 +2,104 @@
 
     pretrain → finetune → barriers → soups → similarity → report
 
+The stages are data (`STAGES`): each names the function that runs it, the config keys its results depend on beyond
+the training sections, the stages whose results it reads, and the run-directory files it writes. The report and the
+CLI read this table; nothing else lists the stages.
+
 Each stage stores its results in the run directory and then a marker, ``stages/<stage>.json``, holding the settings
 it ran with; the marker is written last and atomically, so a stage killed at any moment has no marker and runs again
 (pretraining and fine-tuning also resume from their latest Orbax checkpoint inside the stage). Running the study
 again skips every stage whose marker matches the current settings and resumes at the first that does not; when a
-stage runs again, every later stage runs again too.
+stage runs again, so does every stage that needs its results (directly or through another).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Callable
 
-from jaxlmc import api, measure, report
+from jaxlmc import finetuning, loop, measure, pretraining, report, rundir, similarity, soups, tasks
 from jaxlmc.config import Config
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[[Config, str, bool], object]
-    settings: Callable[[Config], dict]  # what the stage's results depend on beyond the training config
+    run: Callable[..., object]  # run(cfg, out), and progress=… when `trains`
+    settings: tuple[str, ...] = ()  # config keys ("section" or "section.key") its results depend on
+    needs: tuple[str, ...] = ()  # the stages whose results it reads: when one of them runs again, so does this one
+    writes: tuple = ()  # its results: rundir tables and files
+    trains: bool = False  # it shows a training progress bar
+
+    def settings_of(self, cfg: Config) -> dict:
+        """The values of `settings` in `cfg`: a whole section's keys, or one key, by its own name. JSON round trip:
+        compare what the marker stores, not Python objects."""
+        values = {}
+        for name in self.settings:
+            section, _, key = name.partition(".")
+            part = dataclasses.asdict(getattr(cfg, section))
+            values.update({key: part[key]} if key else part)
+        return json.loads(json.dumps(values))
 
 
-def _training(cfg: Config) -> dict:
-    return {}  # the training sections are enforced for the whole directory by api.open_run_dir
+def render_report(cfg: Config, out: str) -> str:
+    return report.render(out, STAGES)
 
 
-STAGES = [
-    Stage("pretrain", lambda cfg, out, progress: api.pretrain(cfg, out, progress=progress), _training),
-    Stage("finetune", lambda cfg, out, progress: api.finetune(cfg, out, progress=progress),
-          lambda cfg: {"eval_batch_size": cfg.run.eval_batch_size, "train_eval_size": cfg.data.train_eval_size}),
-    Stage("barriers", lambda cfg, out, progress: measure.barriers_of_run(cfg, out),
-          lambda cfg: {**dataclasses.asdict(cfg.barriers), "train_eval_size": cfg.data.train_eval_size}),
-    Stage("soups", lambda cfg, out, progress: measure.soups_of_run(cfg, out), lambda cfg: {}),
-    Stage("similarity", lambda cfg, out, progress: measure.similarity_of_run(cfg, out),
-          lambda cfg: dataclasses.asdict(cfg.study)),
-    Stage("report", lambda cfg, out, progress: report.render(out), lambda cfg: {}),
+# The training sections are enforced for the whole directory by RunDir.open, so no stage lists them.
+STAGES: list[Stage] = [
+    Stage("pretrain", pretraining.pretrain, writes=(rundir.PRETRAIN,), trains=True),
+    Stage("finetune", finetuning.finetune, settings=("run.eval_batch_size", "data.train_eval_size"),
+          needs=("pretrain",), writes=(rundir.MEMBERS,), trains=True),
+    Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size"), needs=("finetune",),
+          writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES, rundir.BARRIER_SETTINGS)),
+    Stage("soups", soups.soups_of_run, needs=("finetune",), writes=(rundir.SOUPS,)),
+    Stage("similarity", similarity.similarity_of_run, settings=("study",), needs=("finetune", "barriers"),
+          writes=(rundir.SIMILARITY, rundir.BASINS, rundir.SIMILARITY_ARRAYS)),
+    Stage("report", render_report, needs=("finetune", "barriers", "soups", "similarity"),
+          writes=(rundir.SUMMARY, rundir.REPORT)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
 
-def _marker(out: str, name: str) -> str:
-    return os.path.join(out, "stages", f"{name}.json")
-
-
-def _settings(stage: Stage, cfg: Config) -> dict:
-    # JSON round trip: compare what is stored, not Python objects.
-    return json.loads(json.dumps(stage.settings(cfg)))
-
-
 def stage_done(cfg: Config, out: str, name: str) -> bool:
     stage = STAGES[STAGE_NAMES.index(name)]
-    try:
-        with open(_marker(out, name)) as f:
-            return json.load(f)["settings"] == _settings(stage, cfg)
-    except (OSError, ValueError, KeyError):
-        return False
+    marker = rundir.RunDir(out).read_marker(name)
+    return marker is not None and marker.get("settings") == stage.settings_of(cfg)
 
 
-def width_dir(out: str, width: int) -> str:
-    return os.path.join(out, f"width{width}")
-
-
-def study(cfg: Config, out: str, progress: bool = True, say: Callable[[str], None] = lambda text: None) -> list[str]:
+def study(cfg: Config, out: str, progress: loop.Progress | None = None,
+          say: Callable[[str], None] = lambda text: None) -> list[str]:
     """Run every unfinished stage in order. Returns the names of the stages that ran.
 
     With study.widths, one whole study per width runs in out/width<W>/ (each resumable on its own), and
     out/scaling.csv, out/figures/scaling.png and out/scaling.html report barriers and throughput against width.
     """
+    run = rundir.RunDir(out)
+    tasks.load_finetune_task(cfg)  # bad data is refused before the run directory is created
+    run.open(cfg)
     if cfg.study.widths:
-        api.load_finetune_task(cfg)
-        api.open_run_dir(cfg, out)
         ran = []
         for width in cfg.study.widths:
             say(f"width {width}")
             one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width),
                                       study=dataclasses.replace(cfg.study, widths=[]))
-            ran += [f"width{width}/{name}" for name in study(one, width_dir(out, width), progress, say)]
+            ran += [f"width{width}/{name}" for name in study(one, run.width(width).root, progress, say)]
         report.render_scaling(out, cfg.study.widths)
         return ran
-    api.load_finetune_task(cfg)  # bad data is refused before the run directory is created
-    api.open_run_dir(cfg, out)
-    os.makedirs(os.path.join(out, "stages"), exist_ok=True)
     ran: list[str] = []
     for stage in STAGES:
-        if not ran and stage_done(cfg, out, stage.name):
+        if stage_done(cfg, out, stage.name) and not set(stage.needs) & set(ran):
             say(f"{stage.name}: done, skipped")
             continue
-        if os.path.exists(_marker(out, stage.name)):
-            os.remove(_marker(out, stage.name))  # stale: it must not survive a kill during the rerun
+        run.remove_marker(stage.name)  # stale: it must not survive a kill during the rerun
         say(f"{stage.name}: running")
         start = time.perf_counter()
-        stage.run(cfg, out, progress)
+        stage.run(cfg, out, progress=progress) if stage.trains else stage.run(cfg, out)
         seconds = time.perf_counter() - start
-        api.write_atomic(_marker(out, stage.name), json.dumps(
-            {"settings": _settings(stage, cfg), "seconds": seconds,
-             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+        run.write_marker(stage.name, {"settings": stage.settings_of(cfg), "seconds": seconds,
+                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         say(f"{stage.name}: finished in {seconds:.1f} s")
         ran.append(stage.name)
     return ran

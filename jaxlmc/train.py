@@ -3,11 +3,13 @@
 Everything here is a pure function over pytrees whose leaves carry a leading member axis M:
 
     state  = {"params": params_M, "opt": opt_state_M, "perm": perm_MxN, "diverged": diverged_M, "step": ()}
-    consts = {"lr": lr_MxT, "wd": wd_M, "data_key": data_key_M}          # per-member hyperparameters, never donated
+    consts = {"lr": lr_MxT, "wd": wd_M, "data_key": data_key_M,          # per-member hyperparameters, never donated
+              "dropout": dropout_M, "noise_key": noise_key_M}           #   (the last two only if a member drops)
     data   = {"x": x_NxF…, "y": y_N}                                    # device-resident training split
 
-One member's update is written for a single model and `jax.vmap`-ed over M; a chunk of steps is a `lax.scan` inside
-one jit-compiled function that donates the state. The step counter is shared by all members (it is not batched),
+The constants are built from the grid's declarations (jaxlmc.grid.member_consts). One member's update is written for
+a single model and `jax.vmap`-ed over M, with the member's slice of the whole `consts` pytree; a chunk of steps is a
+`lax.scan` inside one jit-compiled function that donates the state. The step counter is shared by all members (it is not batched),
 so "start a new epoch" is a real `lax.cond`, not a select evaluated for every member on every step.
 """
 from __future__ import annotations
@@ -53,8 +55,8 @@ def lr_table(peak_lrs: list[float], kinds: list[str], steps: int, warmup_steps: 
 
 
 def member_keys(seeds) -> dict:
-    """Isolated randomness: separate key streams for head initialisation, data order, other noise, and the whole
-    initialisation of from-scratch controls."""
+    """Isolated randomness: separate key streams for head initialisation, data order, other noise (dropout), and the
+    whole initialisation of from-scratch controls."""
     base = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     return {name: jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(base)
             for i, name in enumerate(("head", "data", "noise", "init"))}
@@ -86,21 +88,26 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
 
     Steps past `n_active` are skipped (a real cond on the shared step index), so chunks of any length up to
     `chunk_steps` reuse one compiled program. The returned metrics are the training-batch loss and accuracy of each
-    member at each step (NaN for skipped steps).
+    member at each step (NaN for skipped steps). When `consts` holds "dropout" (and "noise_key"), each member drops
+    hidden units at its own rate, with masks from its own key stream folded with the step; without it (no member
+    uses dropout) the program draws no masks at all. The pytree's structure is static, so this is decided at trace
+    time.
     """
     steps_per_epoch = n_train // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {batch_size} exceeds the {n_train} training examples")
 
-    def loss_fn(params, x_BxF, y_B):
-        logits_BxC = model.apply(params, x_BxF)
+    def loss_fn(params, x_BxF, y_B, drop):
+        logits_BxC = model.apply(params, x_BxF, drop)
         loss = cross_entropy(logits_BxC, y_B).mean()
         return loss, (jnp.argmax(logits_BxC, -1) == y_B).mean()
 
-    def member_update(params, opt, perm_N, diverged, lr_T, wd, step, x_all, y_all):
+    def member_update(params, opt, perm_N, diverged, hp, step, x_all, y_all):
+        """One member's step; `hp` is its slice of the per-member constants."""
         idx_B = lax.dynamic_slice_in_dim(perm_N, (step % steps_per_epoch) * batch_size, batch_size)
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x_all[idx_B], y_all[idx_B])
-        updates, new_opt = make_tx(opt_kind, momentum, lr_T[step], wd).update(grads, opt, params)
+        drop = (hp["dropout"], jax.random.fold_in(hp["noise_key"], step)) if "dropout" in hp else None
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x_all[idx_B], y_all[idx_B], drop)
+        updates, new_opt = make_tx(opt_kind, momentum, hp["lr"][step], hp["wd"]).update(grads, opt, params)
         new_params = optax.apply_updates(params, updates)
         # A member whose loss or parameters stop being finite is frozen at its last finite state and flagged;
         # the where() is per member, so nothing leaks into the others.
@@ -117,10 +124,11 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
                 consts["data_key"]).astype(jnp.int32)
 
         perm_MxN = lax.cond(step % steps_per_epoch == 0, new_order, lambda: state["perm"])
-        params, opt, diverged, loss_M, acc_M = jax.vmap(
-            member_update, in_axes=(0, 0, 0, 0, 0, 0, None, None, None)
-        )(state["params"], state["opt"], perm_MxN, state["diverged"], consts["lr"], consts["wd"], step,
-          data["x"], data["y"])
+        def member(params, opt, perm_N, diverged, hp):  # every argument carries the member axis; step and data do not
+            return member_update(params, opt, perm_N, diverged, hp, step, data["x"], data["y"])
+
+        params, opt, diverged, loss_M, acc_M = jax.vmap(member)(state["params"], state["opt"], perm_MxN,
+                                                                state["diverged"], consts)
         new_state = {"params": params, "opt": opt, "perm": perm_MxN, "diverged": diverged, "step": step + 1}
         return new_state, (loss_M, acc_M)
 

@@ -1,7 +1,10 @@
-"""Terminal feedback: a rich progress bar in member-steps per second, and the per-member summary table."""
+"""Terminal feedback: a rich progress bar in member-steps per second (`TrainingProgress`, the CLI's
+jaxlmc.loop.Progress), and the tables of members, barriers and the study. Grid columns come from the grid's
+declarations (jaxlmc.grid): an axis gets a column when it is declared always shown or the rows vary it."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from rich import box
@@ -9,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+
+from jaxlmc import grid, report, rundir
 
 console = Console()
 
@@ -67,15 +72,13 @@ def _fmt(value) -> str:
 
 
 # Short headers so the per-member table fits an 80-column terminal; members.csv has every column in full.
-MEMBER_TABLE = [("member", "#"), ("pretrain_step", "pretrain"), ("lr", "lr"), ("weight_decay", "wd"),
-                ("schedule", "sched"), ("seed", "seed"), ("train_acc", "train acc"), ("test_acc", "test acc"),
-                ("ood_acc", "ood acc"), ("dist_from_init", "dist"), ("diverged", "div")]
+MEMBER_RESULTS = [("train_acc", "train acc"), ("test_acc", "test acc"), ("ood_acc", "ood acc"),
+                  ("dist_from_init", "dist"), ("diverged", "div")]
 
 
 def print_members(rows: list[dict]) -> None:
-    # Columns the grid does not vary (often weight decay and schedule) are left out so the table fits 80 columns.
-    columns = [(key, header) for key, header in MEMBER_TABLE
-               if key not in ("weight_decay", "schedule") or len({r[key] for r in rows}) > 1]
+    # Grid axes the rows do not vary (often weight decay and schedule) are left out so the table fits 80 columns.
+    columns = [("member", "#")] + [(a.column, a.header) for a in grid.shown(rows)] + MEMBER_RESULTS
     table = Table(title=f"{len(rows)} fine-tuned members (all columns in members.csv)")
     for _, header in columns:
         table.add_column(header, justify="right")
@@ -85,16 +88,12 @@ def print_members(rows: list[dict]) -> None:
 
     groups: dict = {}
     for row in rows:
-        groups.setdefault((row["pretrain_step"], row["lr"], row["weight_decay"], row["schedule"]), []).append(row)
-    # Weight decay and schedule get a column only when the grid varies them, so the table fits 80 columns.
-    show_wd = len({key[2] for key in groups}) > 1
-    show_sched = len({key[3] for key in groups}) > 1
+        groups.setdefault(grid.cell(row), []).append(row)
+    axes = grid.shown(rows, cells_only=True)
     summary = Table(title="per cell: mean ± std over seeds (diverged members left out)")
-    headers = ["pretrain", "lr"] + ["wd"] * show_wd + ["sched"] * show_sched + ["n", "test acc", "ood acc", "dist",
-                                                                              "div"]
-    for header in headers:
+    for header in [a.header for a in axes] + ["n", "test acc", "ood acc", "dist", "div"]:
         summary.add_column(header, justify="right")
-    for (step, lr, wd, sched), members in groups.items():
+    for members in groups.values():
         alive = [m for m in members if not m["diverged"]]
 
         def stat(key, digits=3):
@@ -103,10 +102,13 @@ def print_members(rows: list[dict]) -> None:
                 return "–"
             return f"{values.mean():.{digits}f}±{values.std():.{digits}f}"
 
-        cells = [str(step), f"{lr:g}"] + [f"{wd:g}"] * show_wd + [sched] * show_sched
-        summary.add_row(*cells, str(len(members)), stat("test_acc"), stat("ood_acc"), stat("dist_from_init", 1),
+        summary.add_row(*cell_values(members[0], axes), str(len(members)), stat("test_acc"), stat("ood_acc"), stat("dist_from_init", 1),
                         str(len(members) - len(alive)))
     console.print(summary)
+
+
+def cell_values(row: dict, axes) -> list[str]:
+    return [f"{row[a.column]:g}" if isinstance(row[a.column], float) else str(row[a.column]) for a in axes]
 
 
 def print_pretrain(rows: list[dict]) -> None:
@@ -116,6 +118,10 @@ def print_pretrain(rows: list[dict]) -> None:
     for row in rows:
         table.add_row(*[_fmt(row[c]) for c in ["step", "train_loss", "train_acc", "test_loss", "test_acc"]])
     console.print(table)
+
+
+def _count(value) -> str:
+    return "–" if value is None else str(value)
 
 
 def _num(value, digits=3) -> str:
@@ -128,14 +134,9 @@ def print_barriers(result: dict) -> None:
     summary, settings = result["summary"], result["settings"]
     if not summary:
         return
-    show_wd = len({r["weight_decay"] for r in summary}) > 1
-    show_sched = len({r["schedule"] for r in summary}) > 1
+    axes = grid.shown(summary, cells_only=True)
+    key_headers = [a.header for a in axes]
 
-    def keys(row):
-        return [str(row["pretrain_step"]), f"{row['lr']:g}"] + [f"{row['weight_decay']:g}"] * show_wd + \
-            [row["schedule"]] * show_sched
-
-    key_headers = ["pretrain", "lr"] + ["wd"] * show_wd + ["sched"] * show_sched
     splits = [s for s in ("test", "ood") if f"error_barrier_{s}_mean" in summary[0]]
     for metric in ("error", "loss"):
         table = Table(title=f"{metric} barrier between seeds (endpoint-mean form): mean ± std and 95% bootstrap CI "
@@ -143,7 +144,7 @@ def print_barriers(result: dict) -> None:
         for header in key_headers + ["n"] + [h for s in splits for h in (s, f"{s} CI")]:
             table.add_column(header, justify="right")
         for row in summary:
-            cells = keys(row) + [str(row["pairs"])]
+            cells = cell_values(row, axes) + [str(row["pairs"])]
             for split in splits:
                 name = f"{metric}_barrier_{split}"
                 cells += [f"{_num(row[name + '_mean'])}±{_num(row[name + '_std'])}",
@@ -161,7 +162,7 @@ def print_barriers(result: dict) -> None:
         def ms(metric, digits=3):
             return f"{_num(row[f'{metric}_mean'], digits)}±{_num(row[f'{metric}_std'], digits)}"
 
-        table.add_row(*keys(row), str(row["members_used"]), ms("start_error_barrier_test_lin"), ms("start_dist", 2),
+        table.add_row(*cell_values(row, axes), str(row["members_used"]), ms("start_error_barrier_test_lin"), ms("start_dist", 2),
                       ms("dist", 2), ms("update_cos", 2))
     console.print(table)
     if settings["diverged_members"]:
@@ -174,11 +175,7 @@ def print_barriers(result: dict) -> None:
 
 def print_study(out: str) -> None:
     """The study's answer in the terminal: the report's headline sentences and a compact per-cell table."""
-    import os
-
-    from jaxlmc import report
-
-    summary = report.build_summary(out)
+    summary = report.build_summary(rundir.RunDir(out))
     table = Table(title="per cell (test set; every column in summary.csv)", box=box.SIMPLE_HEAD, pad_edge=False)
     columns = [("pretrain_step", "pretrain"), ("lr", "lr"), ("error_barrier_test_mean", "err barrier"),
                ("basins", "basins"), ("best_test_acc", "best"), ("uniform_test_acc", "soup"),
@@ -187,7 +184,7 @@ def print_study(out: str) -> None:
         table.add_column(header, justify="right")
     for row in summary:
         table.add_row(*[report.step_label(int(row[k])) if k == "pretrain_step" else
-                        f"{row[k]:g}" if k == "lr" else str(int(row[k])) if k == "basins" else _num(row.get(k))
+                        f"{row[k]:g}" if k == "lr" else _count(row[k]) if k == "basins" else _num(row.get(k))
                         for k, _ in columns])
     console.print(table)
     for line in report.headline(summary):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlmc import api, ckpt, config
+from jaxlmc import api, ckpt, config, finetuning, grid, rundir
 from jaxlmc.config import ConfigError
 
 from conftest import TINY
@@ -36,7 +36,7 @@ def test_finetune_writes_the_run_directory(finished_run):
     saved = json.load(open(os.path.join(out, "config.json")))
     assert saved["config"] == cfg.to_dict() and saved["versions"]["jax"]
     table = read_csv(os.path.join(out, "members.csv"))
-    assert list(table[0]) == api.MEMBER_COLUMNS
+    assert list(table[0]) == rundir.MEMBERS.names
     assert [int(r["member"]) for r in table] == list(range(8))
     assert {(int(r["pretrain_step"]), float(r["lr"]), int(r["seed"])) for r in table} == {
         (s, lr, seed) for s in (0, 60) for lr in (1e-3, 1e-2) for seed in (0, 1)}
@@ -168,7 +168,7 @@ def test_members_that_do_not_fit_train_in_parts_with_the_same_result(finished_ru
                                                          "run.max_members=3"])
     out = str(tmp_path / "parts")
     calls = []
-    original = api._train_part
+    original = finetuning._train_part
 
     def killed_in_second_part(*args, **kwargs):
         calls.append(args[-2])
@@ -176,14 +176,14 @@ def test_members_that_do_not_fit_train_in_parts_with_the_same_result(finished_ru
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(api, "_train_part", killed_in_second_part)
+    monkeypatch.setattr(finetuning, "_train_part", killed_in_second_part)
     with pytest.raises(KeyboardInterrupt):
         api.finetune(parted, out, progress=False)
     assert calls == ["finetune 1/3", "finetune 2/3"]
     assert os.path.isdir(os.path.join(out, "parts", "part0", "40"))  # the first part's finished checkpoint
     monkeypatch.undo()
     calls.clear()
-    monkeypatch.setattr(api, "_train_part", lambda *a, **k: calls.append(a[-2]) or original(*a, **k))
+    monkeypatch.setattr(finetuning, "_train_part", lambda *a, **k: calls.append(a[-2]) or original(*a, **k))
     parted_rows = api.finetune(parted, out, progress=False)
     assert calls == ["finetune 2/3", "finetune 3/3"]  # part 1 is not trained again
     assert not os.path.exists(os.path.join(out, "parts"))
@@ -192,3 +192,26 @@ def test_members_that_do_not_fit_train_in_parts_with_the_same_result(finished_ru
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert [r["test_acc"] for r in parted_rows] == pytest.approx([r["test_acc"] for r in rows], abs=2e-3)
+
+
+def test_a_per_member_dropout_rate_end_to_end(finished_run, tmp_path):
+    """finetune.dropouts is a grid axis: it is a column of members.csv and a cell key; members that differ only in
+    it differ; members at rate 0 train exactly as in a run without the axis."""
+    cfg, out, rows = finished_run
+    with_dropout = config.load("configs/mnist1d.toml", TINY + [f'data.data_dir="{cfg.data.data_dir}"',
+                                                               "finetune.dropouts=[0.0, 0.5]"])
+    new = api.finetune(with_dropout, str(tmp_path / "dropout"), progress=False)
+    table = read_csv(str(tmp_path / "dropout" / "members.csv"))
+    assert len(new) == 16 and {r["dropout"] for r in table} == {"0.0", "0.5"}
+    assert "dropout" in grid.CELL_KEYS and len(grid.cell_groups(new)) == 8  # 2 checkpoints × 2 LRs × 2 rates
+    key = lambda r: (r["pretrain_step"], r["lr"], r["seed"])  # noqa: E731
+    plain = {key(r): r["member"] for r in rows}
+    for r in new:
+        twin = [m for m in new if key(m) == key(r) and m["dropout"] != r["dropout"]][0]
+        if r["dropout"] == 0.0:
+            same = api.load_member(out, plain[key(r)])
+            for a, b in zip(jax.tree.leaves(api.load_member(str(tmp_path / "dropout"), r["member"])),
+                            jax.tree.leaves(same)):
+                np.testing.assert_array_equal(a, b)
+            assert r["test_acc"] == rows[plain[key(r)]]["test_acc"]
+        assert r["dist_from_init"] != twin["dist_from_init"]

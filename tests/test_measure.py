@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import api, barriers, config, measure, models, train
+from jaxlmc import api, barriers, config, grid, measure, models, rundir, train
 from jaxlmc.config import ConfigError
 
 from conftest import TINY
@@ -43,9 +43,9 @@ def test_within_pairs_files_and_agreement_with_the_reference_loop(run):
     pairs = read_csv(os.path.join(directory, "pairs.csv"))
     # 2 checkpoints × 2 lrs = 4 cells of 3 seeds: 3 pairs each, every pair inside its cell.
     assert len(pairs) == 12 and all(p["same_cell"] == "True" for p in pairs)
-    members = measure.read_members(out)
+    members = rundir.RunDir(out).members()
     for p in pairs:
-        assert measure.cell(members[int(p["i"])]) == measure.cell(members[int(p["j"])])
+        assert grid.cell(members[int(p["i"])]) == grid.cell(members[int(p["j"])])
     for column in ["loss_barrier_train", "error_barrier_test", "loss_barrier_test_lin", "error_barrier_ood_lin",
                    "loss_mid_ood", "dist", "update_cos"]:
         assert column in pairs[0]
@@ -97,7 +97,7 @@ def test_all_pairs_and_diverged_members_left_out(run, tmp_path):
     shutil.copytree(out, copy)
     rows = read_csv(os.path.join(copy, "members.csv"))
     rows[4]["diverged"] = "True"
-    api._write_csv(os.path.join(copy, "members.csv"), rows, list(rows[0]))
+    rundir.RunDir(copy).write_csv(rundir.MEMBERS, rows)
     result = measure.barriers_of_run(with_barriers(cfg, alphas=3, pairs="all", chunk_pairs=5), copy)
     assert len(result["pairs"]) == len(list(itertools.combinations(range(11), 2)))
     assert all(4 not in (p["i"], p["j"]) for p in result["pairs"])

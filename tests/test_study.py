@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxlmc import api, config, data, measure, study
+from jaxlmc import api, config, data, measure, rundir, study, tasks
 
 from conftest import TINY
 
@@ -70,7 +70,7 @@ def test_a_tiny_study_end_to_end(reference):
 
 def test_scratch_members_start_apart_and_checkpoint_members_together(reference):
     cfg, out, _ = reference
-    members = measure.read_members(out)
+    members = rundir.RunDir(out).members()
     run = measure.load_run(cfg, out)
     start_M = api.start_params(cfg, out, run.model, members)
     kernel = np.asarray(start_M["dense0"]["kernel"])
@@ -91,6 +91,24 @@ def test_rerun_skips_every_stage_and_study_settings_rerun_only_later_stages(refe
     assert all(r["basins"] == "1" for r in read_csv(os.path.join(copy, "similarity.csv")))
 
 
+def test_stages_are_declared_in_an_order_their_needs_respect():
+    names = study.STAGE_NAMES
+    assert len(set(names)) == len(names) and names[-1] == "report"
+    for k, stage in enumerate(study.STAGES):
+        assert set(stage.needs) <= set(names[:k]), stage.name
+    assert set(study.STAGES[-1].needs) == set(names[1:-1])  # the report reads every measuring stage's results
+
+
+def test_a_changed_barrier_setting_reruns_what_reads_barriers_and_keeps_the_soups(reference, data_dir, tmp_path):
+    cfg, out, _ = reference
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    soups_before = open(os.path.join(copy, "soups.csv")).read()
+    changed = tiny(data_dir, "barriers.bootstrap=50")
+    assert study.study(changed, copy, progress=False) == ["barriers", "similarity", "report"]
+    assert open(os.path.join(copy, "soups.csv")).read() == soups_before
+
+
 @pytest.mark.parametrize("stage", study.STAGE_NAMES)
 def test_resume_after_interruption_in_each_stage(reference, data_dir, tmp_path, monkeypatch, stage):
     """The stage is killed after doing its work but before its marker is written (the worst moment): the rerun
@@ -100,8 +118,8 @@ def test_resume_after_interruption_in_each_stage(reference, data_dir, tmp_path, 
     index = study.STAGE_NAMES.index(stage)
     original = study.STAGES[index]
 
-    def interrupted(cfg, out, progress):
-        original.run(cfg, out, progress)
+    def interrupted(cfg, out, **kwargs):
+        original.run(cfg, out, **kwargs)
         raise KeyboardInterrupt
 
     stages = list(study.STAGES)
@@ -142,7 +160,7 @@ def test_greedy_soup_never_reads_test_data(reference, monkeypatch):
     """Replace the test and OOD sets with noise: the greedy soups and the best members stay the same."""
     cfg, out, _ = reference
     honest = read_csv(os.path.join(out, "soups.csv"))
-    load = api.load_finetune_task
+    load = tasks.load_finetune_task
     rng = np.random.default_rng(0)
 
     def scrambled(cfg):
@@ -151,15 +169,15 @@ def test_greedy_soup_never_reads_test_data(reference, monkeypatch):
                                               y=rng.permutation(s.y))
         return dataclasses.replace(task, test=noise(task.test), ood=noise(task.ood))
 
-    monkeypatch.setattr(api, "load_finetune_task", scrambled)
-    rows = measure.soups_of_run(cfg, out)
+    monkeypatch.setattr(tasks, "load_finetune_task", scrambled)
+    rows = api.soups_of_run(cfg, out)
     for a, b in zip(honest, rows):
         assert a["greedy_members"] == b["greedy_members"] and int(a["best_member"]) == b["best_member"]
         assert float(a["greedy_val_acc"]) == pytest.approx(b["greedy_val_acc"])
     assert any(abs(float(a["uniform_test_acc"]) - b["uniform_test_acc"]) > 0.01 for a, b in zip(honest, rows))
     # Put the honest soups back for the other tests of this module.
     monkeypatch.undo()
-    measure.soups_of_run(cfg, out)
+    api.soups_of_run(cfg, out)
 
 
 def test_report_command_and_its_errors(reference, tmp_path):
@@ -230,7 +248,7 @@ def test_a_width_scaling_trend(data_dir, tmp_path):
         match = [s for s in width_summary if s["lr"] == r["lr"]][0]
         assert float(r["error_barrier_test_mean"]) == pytest.approx(float(match["error_barrier_test_mean"]))
         assert float(r["finetune_member_steps_per_s"]) > 0
-    members = measure.read_members(os.path.join(out, "width16"))
+    members = rundir.RunDir(os.path.join(out, "width16")).members()
     run = measure.load_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=16)),
                            os.path.join(out, "width16"))
     assert run.params_M["dense0"]["kernel"].shape == (len(members), 40, 16)
@@ -247,8 +265,8 @@ def test_a_cell_whose_members_all_diverged_has_no_soup(reference, tmp_path):
     for r in rows:
         if r["pretrain_step"] == "0" and r["lr"] == "0.01":
             r["diverged"] = "True"
-    api._write_csv(os.path.join(copy, "members.csv"), rows, list(rows[0]))
-    soups = measure.soups_of_run(cfg, copy)
+    rundir.RunDir(copy).write_csv(rundir.MEMBERS, rows)
+    soups = api.soups_of_run(cfg, copy)
     dead = [s for s in soups if s["pretrain_step"] == 0 and s["lr"] == 0.01]
     assert len(dead) == 1 and dead[0]["members_used"] == 0 and np.isnan(dead[0]["uniform_test_acc"])
     assert all(np.isfinite(s["uniform_test_acc"]) and np.isfinite(s["greedy_test_acc"]) for s in soups

@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from jaxlmc import models, train
 from jaxlmc.config import ModelConfig
 
@@ -151,3 +153,37 @@ def test_patch_conv_equals_nnx_conv(kernel, shape):
     patched = models.PatchConv(3, 8, kernel, strides=2, padding="SAME", rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), shape)
     np.testing.assert_allclose(patched(x), reference(x), atol=1e-5)
+
+
+def test_dropout_is_per_member_from_the_noise_stream_and_rate_zero_changes_nothing(problem):
+    """Members 0–3 share their data order; their dropout rates are 0, 0.5, 0.5, 0.5 and their noise streams come
+    from seeds 0, 0, 0, 1. A member at rate 0 trains exactly as without dropout; equal rates and streams give equal
+    members; another stream or rate gives another member; evaluation never drops."""
+    model, data = problem
+    state, consts = make_members(model, [0] * 4, [1e-2] * 4, [0.0] * 4)
+    plain = run(model, data, *make_members(model, [0], [1e-2], [0.0]))
+    consts = {**consts, "dropout": jnp.asarray([0.0, 0.5, 0.5, 0.5]), "noise_key": train.member_keys([0, 0, 0, 1])["noise"]}
+    dropped = run(model, data, state, consts)
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(dropped["params"])]
+    for a, b in zip(leaves, jax.tree.leaves(plain["params"])):
+        np.testing.assert_array_equal(a[0], np.asarray(b)[0])  # rate 0: bit for bit the run without dropout
+        np.testing.assert_array_equal(a[1], a[2])  # same rate, same stream
+    assert not np.allclose(leaves[0][1], leaves[0][0])  # the rate takes effect
+    assert not np.allclose(leaves[0][3], leaves[0][2])  # another noise stream, other masks
+    params = jax.tree.map(lambda a: a[1], dropped["params"])
+    x = data["x"][:8]
+    np.testing.assert_array_equal(model.apply(params, x), model.apply(params, x))
+
+
+@pytest.mark.parametrize("kind, shape", [("mlp", (FEATURES,)), ("cnn", (FEATURES,))])
+def test_dropout_keeps_units_at_one_minus_the_rate_and_rescales_them(kind, shape):
+    model = models.build(ModelConfig(kind=kind, width=64, depth=1), shape, CLASSES)
+    params = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (256, *shape))
+    clean = np.asarray(model.features(params, x))
+    merged = nnx.merge(model.graphdef, params)
+    dropped = np.asarray(merged.features(x, (jnp.float32(0.25), jax.random.key(2))))
+    live = clean != 0
+    kept = dropped[live] != 0
+    assert abs(kept.mean() - 0.75) < 0.02  # units kept with probability 1 − rate
+    np.testing.assert_allclose(dropped[live][kept], clean[live][kept] / 0.75, rtol=1e-6)

@@ -1,0 +1,227 @@
+"""The report's figures: each a function from the study's results (already read from the run directory) to a
+matplotlib figure and its one-line caption. Nothing here reads or writes files; jaxlmc.report saves them.
+
+The figures show the study's two main axes, the pretraining checkpoint × the fine-tuning LR; the cells of any other
+grid axis (weight decay, schedule, dropout, …) are averaged, and the captions say so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window; before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxlmc import grid  # noqa: E402
+
+MAIN_AXES = ("pretrain_step", "lr")
+
+
+def step_label(step: int) -> str:
+    return "scratch" if step < 0 else str(step)
+
+
+@dataclasses.dataclass
+class Cells:
+    """The summary rows (one per grid cell) laid out over the pretraining checkpoints × LRs."""
+
+    summary: list[dict]
+
+    def __post_init__(self):
+        self.steps = sorted({r["pretrain_step"] for r in self.summary})
+        self.lrs = sorted({r["lr"] for r in self.summary})
+        self.lr_colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(self.lrs), 1)))
+        self.step_colors = plt.get_cmap("plasma")(np.linspace(0.05, 0.85, max(len(self.steps), 1)))
+        averaged = grid.varied_names(self.summary, besides=MAIN_AXES)
+        self.avg_note = f" (averaged over {' and '.join(averaged)})" if averaged else ""
+        self.has_ood = any(np.isfinite(r.get("error_barrier_ood_mean", np.nan)) for r in self.summary)
+
+    def mean(self, step, lr, key) -> float:
+        """The mean of `key` over the cells at (step, lr) where it is finite (NaN if none is)."""
+        values = [r[key] for r in self.summary if r["pretrain_step"] == step and r["lr"] == lr
+                  and np.isfinite(r.get(key, np.nan))]
+        return float(np.mean(values)) if values else np.nan
+
+    def step_axis(self, ax):
+        ax.set_xticks(range(len(self.steps)), [step_label(s) for s in self.steps])
+        ax.set_xlabel("pretraining steps of the starting checkpoint")
+
+    def lines_per_lr(self, ax, series):
+        """One line per (LR, series) over the pretraining steps: series = [(summary key, style, label)]."""
+        for lr, color in zip(self.lrs, self.lr_colors):
+            for key, style, label in series:
+                ax.plot(range(len(self.steps)), [self.mean(s, lr, key) for s in self.steps], style, color=color,
+                        label=f"{label}, LR {lr:g}")
+
+
+def phase_diagram(c: Cells):
+    grid_LxS = np.array([[c.mean(s, lr, "error_barrier_test_mean") for s in c.steps] for lr in c.lrs])
+    fig, ax = plt.subplots(figsize=(1.3 * len(c.steps) + 2.5, 0.8 * len(c.lrs) + 2))
+    image = ax.imshow(grid_LxS, cmap="magma_r", aspect="auto", vmin=0)
+    for a in range(len(c.lrs)):
+        for b in range(len(c.steps)):
+            if np.isfinite(grid_LxS[a, b]):
+                ax.text(b, a, f"{grid_LxS[a, b]:.3f}", ha="center", va="center",
+                        color="white" if grid_LxS[a, b] > 0.6 * np.nanmax(grid_LxS) else "black", fontsize=9)
+    ax.set_yticks(range(len(c.lrs)), [f"{lr:g}" for lr in c.lrs])
+    ax.set_ylabel("fine-tuning learning rate")
+    c.step_axis(ax)
+    fig.colorbar(image, ax=ax, label="mean test error barrier")
+    ax.set_title("Phase diagram: barrier between fine-tuning seeds")
+    return fig, ("Mean test error barrier (endpoint-mean form) between seeds of each cell, over pretraining steps × "
+                 f"fine-tuning LR{c.avg_note}: dark = seeds in different basins, light = one basin.")
+
+
+def barrier_vs_pretraining(c: Cells):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, label in ((axes[0], "error", "test error barrier"), (axes[1], "loss", "test loss barrier")):
+        for lr, color in zip(c.lrs, c.lr_colors):
+            mean, lo, hi = ([c.mean(s, lr, f"{metric}_barrier_test_{stat}") for s in c.steps]
+                            for stat in ("mean", "ci_lo", "ci_hi"))
+            ax.plot(range(len(c.steps)), mean, "o-", color=color, label=f"LR {lr:g}")
+            ax.fill_between(range(len(c.steps)), lo, hi, color=color, alpha=0.25)
+        ax.axhline(0, color="gray", lw=0.8)
+        c.step_axis(ax)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    return fig, ("Barrier between seeds vs pretraining, one line per fine-tuning LR; bands are 95% bootstrap "
+                 f"confidence intervals over pairs{c.avg_note}.")
+
+
+def aligned_barrier(c: Cells):
+    """Naive vs aligned (weight matching) barrier; None when the barrier stage did not align the pairs."""
+    if not any(np.isfinite(r.get("error_barrier_test_aligned_mean", np.nan)) for r in c.summary):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    c.lines_per_lr(ax, [("error_barrier_test_mean", "o-", "naive"),
+                        ("error_barrier_test_aligned_mean", "s--", "aligned")])
+    ax.axhline(0, color="gray", lw=0.8)
+    c.step_axis(ax)
+    ax.set_ylabel("mean test error barrier")
+    ax.legend(fontsize=7, ncol=2)
+    return fig, ("Barrier between seeds before (solid) and after (dashed) weight matching (Git Re-Basin): where "
+                 "alignment removes the barrier, the seeds share a basin up to a relabelling of hidden units, as "
+                 "from-scratch controls can.")
+
+
+def interpolation_curves(c: Cells, pairs: list[dict], curves: dict):
+    """The median-barrier pair of each cell: `pairs` are barriers/pairs.csv's rows, `curves` its curves.npz."""
+    fig, axes = plt.subplots(1, len(c.lrs), figsize=(4.2 * len(c.lrs), 3.6), squeeze=False)
+    for ax, lr in zip(axes[0], c.lrs):
+        for s, color in zip(c.steps, c.step_colors):
+            cell_pairs = [(k, p) for k, p in enumerate(pairs) if p["same_cell"] and p["pretrain_step"] == s
+                          and p["lr"] == lr]
+            if not cell_pairs:
+                continue
+            order = sorted(cell_pairs, key=lambda kp: kp[1]["error_barrier_test"])
+            k, p = order[len(order) // 2]
+            ax.plot(curves["alphas"], curves["error_test"][k], color=color,
+                    label=f"{step_label(s)} (#{p['i']}–#{p['j']})")
+        ax.set_title(f"LR {lr:g}")
+        ax.set_xlabel("α")
+        ax.set_ylabel("test error")
+        ax.legend(fontsize=7, title="pretraining", title_fontsize=7)
+    return fig, ("Test error along the line between two seeds, for the pair with the median barrier of each cell "
+                 "(members' numbers in the legend); a bump in the middle is a barrier.")
+
+
+def _most_structured_cell(sim_rows: list[dict], sim: dict) -> int | None:
+    """The fine-tuning cell (scratch only if no other) with shared basins and several of them, then the highest
+    barriers."""
+    candidates = [g for g, r in enumerate(sim_rows) if f"cell{g}_barrier" in sim]
+    pretrained = [g for g in candidates if sim_rows[g]["pretrain_step"] >= 0]
+    candidates = pretrained or candidates  # the question is about fine-tunes; scratch is the control
+
+    def structure(g):
+        r = sim_rows[g]
+        return (r["basins"] > 1 and r["largest_basin_fraction"] > 1 / r["members_used"], r["basins"],
+                np.nanmean(sim[f"cell{g}_barrier"]))
+
+    return max(candidates, key=structure) if candidates else None
+
+
+def basins(c: Cells, members: list[dict], sim_rows: list[dict], sim: dict):
+    """The barrier matrix of the cell with the most basin structure, ordered by basin, beside each member's OOD (or
+    test) accuracy; None when no cell has one."""
+    g = _most_structured_cell(sim_rows, sim)
+    if g is None:
+        return None
+    row = sim_rows[g]
+    ids, labels, barrier = sim[f"cell{g}_members"], sim[f"cell{g}_basin"], sim[f"cell{g}_barrier"]
+    order = np.lexsort((ids, labels))
+    acc_key = "ood_acc" if c.has_ood else "test_acc"
+    acc = np.array([members[int(i)][acc_key] for i in ids])[order]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
+    image = ax.imshow(barrier[np.ix_(order, order)], cmap="magma_r", vmin=0)
+    names = [f"#{int(ids[o])} b{int(labels[o])}" for o in order]
+    ax.set_xticks(range(len(order)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(order)), names, fontsize=7)
+    fig.colorbar(image, ax=ax, label="test error barrier")
+    ax.set_title(f"pretrain {step_label(row['pretrain_step'])}, LR {row['lr']:g}: {int(row['basins'])} basins "
+                 f"({row['basin_sizes']})", fontsize=9)
+    bx.barh(range(len(order)), acc, color=plt.get_cmap("tab10")(labels[order] % 10))
+    bx.set_yticks(range(len(order)), names, fontsize=7)
+    bx.invert_yaxis()
+    bx.set_xlabel("OOD accuracy" if c.has_ood else "test accuracy")
+    lo, hi = float(np.nanmin(acc)), float(np.nanmax(acc))
+    bx.set_xlim(max(0.0, lo - 0.05), min(1.0, hi + 0.05) if hi > lo else hi + 0.05)
+    return fig, ("Barrier matrix of a fine-tuning cell with several basins (shared ones preferred), members ordered "
+                 "by basin (b0 = the largest), beside each member's " + ("OOD" if c.has_ood else "test")
+                 + " accuracy coloured by basin.")
+
+
+def soup_gain(c: Cells):
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    c.lines_per_lr(ax, [(f"{kind}_gain", style, kind) for kind, style in (("uniform", "o-"), ("greedy", "s--"),
+                                                                           ("ensemble", "^:"))])
+    ax.axhline(0, color="gray", lw=0.8)
+    c.step_axis(ax)
+    ax.set_ylabel("test accuracy − best member's")
+    ax.legend(fontsize=7, ncol=2)
+    return fig, ("Test accuracy of the uniform soup, greedy soup (chosen on validation data) and logit ensemble minus "
+                 "that of the best member (chosen on validation data): soups work where seeds share a basin.")
+
+
+def ood_spread(c: Cells):
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    c.lines_per_lr(ax, [("ood_acc_std", "o-", "OOD")] * c.has_ood + [("test_acc_std", "s:", "test")])
+    c.step_axis(ax)
+    ax.set_ylabel("std of accuracy across seeds")
+    ax.legend(fontsize=7)
+    return fig, ("Spread (std across seeds) of OOD accuracy (solid) and test accuracy (dotted) in each cell: "
+                 "path-dependent fine-tunes generalise differently out of distribution.")
+
+
+def scaling(rows: list[dict]):
+    """Barrier between seeds and fine-tuning throughput against model width (rows of rundir.SCALING)."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    cells = sorted({(r["pretrain_step"], r["lr"]) for r in rows})
+    colors = plt.get_cmap("viridis")(np.linspace(0.05, 0.9, max(len(cells), 1)))
+    for (step, lr), color in zip(cells, colors):
+        mine = [r for r in rows if (r["pretrain_step"], r["lr"]) == (step, lr)]
+        ax.plot([r["width"] for r in mine], [r["error_barrier_test_mean"] for r in mine], "o-", color=color,
+                label=f"{step_label(step)}, LR {lr:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("model width")
+    ax.set_ylabel("mean test error barrier between seeds")
+    ax.legend(fontsize=6, ncol=2, title="pretraining, LR", title_fontsize=6)
+    by_width = {r["width"]: r["finetune_member_steps_per_s"] for r in rows}
+    bx.plot(list(by_width), list(by_width.values()), "s-")
+    bx.set_xscale("log", base=2)
+    bx.set_xlabel("model width")
+    bx.set_ylabel("fine-tuning member-steps/s (stage wall time)")
+    return fig, ("Left: mean test error barrier between seeds (endpoint-mean form) against model width, one line per "
+                 "cell (pretraining checkpoint, LR). Right: fine-tuning throughput of each width's study, member-steps "
+                 "per second of the whole stage (compilation and evaluation included).")
+
+
+def png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

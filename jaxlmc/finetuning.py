@@ -1,0 +1,192 @@
+"""Fine-tuning: every member of the grid (jaxlmc.grid) from its starting point, simultaneously, in one compiled
+program (or in as few parts as memory allows); members.csv; and reading members back."""
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlmc import ckpt, grid, loop, memory, models, rundir, shard, tasks, train
+from jaxlmc.config import Config, ConfigError
+from jaxlmc.pretraining import pretrain, pretraining_complete
+
+
+def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> list[dict]:
+    """Fine-tune every member of the grid simultaneously in one compiled program; write members.csv.
+
+    Pretrains first if the run directory lacks the pretraining checkpoints. Resumes from the latest fine-tuning
+    checkpoint. Returns the rows of members.csv.
+    """
+    f = cfg.finetune
+    run = rundir.RunDir(out)
+    # Everything that can be wrong with the inputs is checked before the run directory is touched.
+    task = tasks.load_finetune_task(cfg)
+    pre_task = tasks.load_pretrain_task(cfg)
+    if task.input_shape != pre_task.input_shape:
+        raise ConfigError(f"data.finetune_task inputs {task.input_shape} differ from data.pretrain_task inputs "
+                          f"{pre_task.input_shape}")
+    if f.batch_size > len(task.train.y):
+        raise ConfigError(f"finetune.batch_size {f.batch_size} exceeds the {len(task.train.y)} training examples")
+    run.open(cfg)
+    if not pretraining_complete(cfg, out):
+        pretrain(cfg, out, progress=progress, task=pre_task)
+
+    rows = grid.member_grid(cfg)
+    model = models.build(cfg.model, task.input_shape, task.train.num_classes)
+    start_M = start_params(cfg, out, model, rows)
+    params_M = jax.tree.map(jnp.copy, start_M)  # the state's copy is donated; start_M is kept for distances
+    consts = grid.member_consts(f, rows)
+    n_train = len(task.train.y)
+    chunk_fn = train.make_train_chunk(model, f.optimizer, f.momentum, f.batch_size, n_train, cfg.run.chunk_steps)
+    device_data = {"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}
+    manager = ckpt.Checkpoints(run.path(rundir.CHECKPOINTS), keep_latest=2)
+    latest = manager.latest_step()
+    num_members = len(rows)
+    fit = members_per_program(cfg, chunk_fn, params_M, consts, device_data, n_train)
+    if fit >= num_members or latest == f.steps:
+        mesh = shard.member_mesh(num_members)
+        state = shard.shard_members(train.init_state(params_M, f.optimizer, f.momentum, n_train), mesh)
+        if latest is not None:
+            state = manager.restore(latest, shard.abstract(state))
+        state = _train_part(cfg, chunk_fn, state, shard.shard_members(consts, mesh),
+                            shard.replicate(device_data, mesh), manager, "finetune", progress)
+    else:
+        state = _train_in_parts(cfg, run, chunk_fn, params_M, consts, device_data, fit, manager, progress)
+    manager.close()
+
+    results = evaluate_members(cfg, model, task, state["params"], start_M)
+    diverged = shard.to_host(state["diverged"])
+    for i, r in enumerate(rows):
+        r.update({k: float(v[i]) for k, v in results.items()})
+        r["diverged"] = bool(diverged[i])
+    run.write_csv(rundir.MEMBERS, rows)
+    return rows
+
+
+def members_per_program(cfg: Config, chunk_fn, params_M, consts, device_data, n_train: int) -> int:
+    """How many members one compiled program can train at once: run.max_members, else all of them when their
+    state is small beside the free memory, else the number that XLA's memory analysis of the compiled training
+    chunk (at 1 and 2 members: memory is affine in the member count) fits in 80 % of the free memory."""
+    num_members = jax.tree.leaves(params_M)[0].shape[0]
+    if cfg.run.max_members:
+        return min(cfg.run.max_members, num_members)
+    f = cfg.finetune
+    budget = 0.8 * memory.available_memory_bytes()
+    state_M = jax.eval_shape(lambda p: train.init_state(p, f.optimizer, f.momentum, n_train), params_M)
+    state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state_M))
+    if 4 * state_bytes < 0.05 * budget:  # the usual case: no need to compile anything to know it fits
+        return num_members
+
+    def footprint(m):
+        take = lambda tree: jax.tree.map(  # noqa: E731
+            lambda a: jax.ShapeDtypeStruct((m, *a.shape[1:]), a.dtype) if a.ndim else a, tree)
+        abstract_state = jax.eval_shape(lambda p: train.init_state(p, f.optimizer, f.momentum, n_train),
+                                        take(jax.eval_shape(lambda: params_M)))
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (consts, device_data))
+        analysis = chunk_fn.lower(abstract_state, take(abstract[0]), abstract[1], 1).compile().memory_analysis()
+        if analysis is None:
+            return None
+        return analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+
+    return memory.largest_fit(footprint, budget, limit=num_members)
+
+
+def _train_part(cfg: Config, chunk_fn, state, consts, device_data, manager, label: str,
+                progress: loop.Progress | None):
+    f = cfg.finetune
+    save_at = set(range(cfg.run.checkpoint_every, f.steps, cfg.run.checkpoint_every))
+    return loop.train_to(label, chunk_fn, state, consts, device_data, f.steps, cfg.run.chunk_steps, save_at,
+                         manager.save, progress)
+
+
+def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts, device_data, fit: int, manager,
+                    progress: loop.Progress | None):
+    """Members that do not fit one program are trained in as few parts as possible, one after another, each
+    checkpointed in parts/partK (and resumed from there); the finished parts are stacked into one state saved in
+    checkpoints/ like a single program's, and parts/ is removed. Members are independent, so the result is the
+    same as training them all at once (tested)."""
+    f = cfg.finetune
+    num_members = jax.tree.leaves(params_M)[0].shape[0]
+    num_parts = -(-num_members // fit)
+    finished = []
+    for k, members in enumerate(np.array_split(np.arange(num_members), num_parts)):
+        take = jnp.asarray(members)
+        part_params = jax.tree.map(lambda a: a[take], params_M)
+        part_consts = jax.tree.map(lambda a: a[take], consts)
+        mesh = shard.member_mesh(len(members))
+        state = shard.shard_members(
+            train.init_state(part_params, f.optimizer, f.momentum, device_data["y"].shape[0]), mesh)
+        part_manager = ckpt.Checkpoints(run.part(k), keep_latest=2)
+        latest = part_manager.latest_step()
+        if latest is not None:
+            state = part_manager.restore(latest, shard.abstract(state))
+        if latest != f.steps:
+            state = _train_part(cfg, chunk_fn, state, shard.shard_members(part_consts, mesh),
+                                shard.replicate(device_data, mesh), part_manager, f"finetune {k + 1}/{num_parts}",
+                                progress)
+        part_manager.close()
+        finished.append(jax.tree.map(shard.to_host, state))
+    state = {key: (finished[0][key] if key == "step" else
+                   jax.tree.map(lambda *parts: np.concatenate(parts), *[p[key] for p in finished]))
+             for key in finished[0]}
+    manager.save(f.steps, state)  # atomic: until it lands, a rerun resumes from the finished parts
+    shutil.rmtree(run.path(rundir.PARTS), ignore_errors=True)
+    return state
+
+
+def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict]) -> dict:
+    """start_M: every member's starting point.
+
+    A member starts from its pretraining checkpoint, or (pretrain_step -1, the scratch control) from its own random
+    initialisation (the seed's "init" key stream). It gets a new head drawn from its seed's "head" stream when
+    finetune.new_head is set or the fine-tuning task's classes differ from the pretraining task's.
+    """
+    keys = train.member_keys([r["seed"] for r in rows])
+    pre_dir = rundir.RunDir(out).path(rundir.PRETRAIN_CHECKPOINTS)
+    # Pretraining states have a member axis of length 1.
+    starts = {s: jax.tree.map(lambda a: a[0], ckpt.restore_params(pre_dir, s))
+              for s in sorted({r["pretrain_step"] for r in rows if r["pretrain_step"] >= 0})}
+    scratch = [k for k, r in enumerate(rows) if r["pretrain_step"] < 0]
+    if scratch:
+        scratch_S = jax.tree.map(np.asarray, jax.jit(jax.vmap(model.init))(keys["init"][jnp.asarray(scratch)]))
+        for n, k in enumerate(scratch):
+            starts[("scratch", k)] = jax.tree.map(lambda a, n=n: a[n], scratch_S)
+    sources = [starts[("scratch", k) if r["pretrain_step"] < 0 else r["pretrain_step"]] for k, r in enumerate(rows)]
+
+    head_shapes = jax.tree.map(lambda a: tuple(a.shape), jax.eval_shape(model.init, jax.random.key(0))["head"])
+    new_head = cfg.finetune.new_head or any(jax.tree.map(lambda a: tuple(a.shape), src["head"]) != head_shapes
+                                            for src in sources)
+    bodies = [{k: v for k, v in src.items() if not (new_head and k == "head")} for src in sources]
+    start_M = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *bodies)
+    if new_head:
+        # jit lets XLA drop the body initialisation: only the heads are materialised.
+        start_M["head"] = jax.jit(jax.vmap(lambda k: model.init(k)["head"]))(keys["head"])
+    return start_M
+
+
+def evaluate_members(cfg: Config, model: models.Model, task: tasks.Task, params_M, start_M) -> dict[str, np.ndarray]:
+    """Per-member train (fixed subset) / test / OOD / validation loss and accuracy (NaN for a set the task lacks),
+    and distance from the starting point."""
+    out = {}
+    evaluate = train.make_evaluate(model)
+    mesh = shard.mesh_of(params_M)  # evaluation data replicated beside sharded members
+    for name, eval_set in tasks.eval_sets(cfg, task, validation=True).items():
+        loss_M, acc_M = evaluate(params_M, shard.replicate(eval_set, mesh))
+        out[f"{name}_loss"], out[f"{name}_acc"] = shard.to_host(loss_M), shard.to_host(acc_M)
+    for name in ("ood", "val"):
+        if f"{name}_acc" not in out:
+            nan = np.full(len(out["test_acc"]), np.nan)
+            out[f"{name}_loss"], out[f"{name}_acc"] = nan, nan
+    out["dist_from_init"] = shard.to_host(train.distance_from(params_M, shard.shard_members(start_M, mesh)))
+    return out
+
+
+def load_member(out: str, index: int, step: int | None = None) -> dict:
+    """One fine-tuned member's parameters (host arrays) from a run directory's latest (or given) checkpoint."""
+    params_M = ckpt.restore_params(rundir.RunDir(out).path(rundir.CHECKPOINTS), step)
+    num_members = jax.tree.leaves(params_M)[0].shape[0]
+    if not 0 <= index < num_members:
+        raise IndexError(f"member {index} out of range: the run has {num_members} members")
+    return jax.tree.map(lambda a: a[index], params_M)

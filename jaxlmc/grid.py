@@ -1,0 +1,115 @@
+"""The fine-tuning grid: its axes, its members, its cells, and the per-member constants of the training step.
+
+Every per-member hyperparameter is declared once, as a `GridAxis` on the `FinetuneConfig` field that lists its values
+(jaxlmc.config). Everything else follows from those declarations: the member grid (every combination, in field
+order, seeds innermost), members.csv's columns (jaxlmc.rundir), the cell keys, the per-member constants the step vmaps
+over, and the columns of every table and report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import typing
+
+import jax.numpy as jnp
+
+from jaxlmc import train
+from jaxlmc.config import Config, FinetuneConfig, GridAxis
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """A declared grid axis with the config field it lives on and the type of one value."""
+
+    field: str
+    type: type
+    decl: GridAxis
+
+    def __getattr__(self, name):  # the declaration's attributes: column, header, cell, always_shown, const, …
+        return getattr(self.decl, name)
+
+    def values(self, f: FinetuneConfig) -> list:
+        value = getattr(f, self.field)
+        if isinstance(value, int):  # a count (seeds): the values 0 .. count-1
+            return list(range(value))
+        if self.field == "pretrain_steps" and f.scratch:
+            return [-1] + list(value)  # -1: the from-scratch control row, before the checkpoints
+        return list(value)
+
+
+def _value_type(hint) -> type:
+    """int, float or str: the type of one value of a field typed list[T], Literal[...] or int."""
+    if typing.get_origin(hint) is list:
+        hint = typing.get_args(hint)[0]
+    if typing.get_origin(hint) is typing.Literal:
+        return type(typing.get_args(hint)[0])
+    return hint
+
+
+def _axes() -> tuple[Axis, ...]:
+    hints = typing.get_type_hints(FinetuneConfig)
+    return tuple(Axis(f.name, _value_type(hints[f.name]), f.metadata["grid"])
+                 for f in dataclasses.fields(FinetuneConfig) if "grid" in f.metadata)
+
+
+AXES: tuple[Axis, ...] = _axes()
+CELL_KEYS: tuple[str, ...] = tuple(a.column for a in AXES if a.cell)  # the fields that define a grid cell
+
+
+def member_grid(cfg: Config) -> list[dict]:
+    """One row per member: {"member": index, <axis column>: value, …}, every combination of the axes' values in
+    field order (the first axis outermost, seeds innermost)."""
+    f = cfg.finetune
+    combos = itertools.product(*[a.values(f) for a in AXES])
+    return [{"member": i, **dict(zip((a.column for a in AXES), combo))} for i, combo in enumerate(combos)]
+
+
+def cell(row: dict) -> tuple:
+    """A member's (or a result row's) grid cell: its values of CELL_KEYS."""
+    return tuple(row[k] for k in CELL_KEYS)
+
+
+def cell_groups(members: list[dict]) -> dict[tuple, list[int]]:
+    """{cell: [member, ...]} in grid order (every member, diverged or not)."""
+    groups: dict = {}
+    for m in members:
+        groups.setdefault(cell(m), []).append(m["member"])
+    return groups
+
+
+def member_consts(f: FinetuneConfig, rows: list[dict]) -> dict:
+    """The per-member constants of the training step (jaxlmc.train) for the members in `rows`.
+
+    lr_MxT comes from each member's peak rate and schedule; every axis declared with `const` gives a float32 vector
+    under that name, left out when every member has the axis's neutral value (the step then compiles without it);
+    each member's seed gives its data-order key stream, and its noise stream when a constant that draws noise is
+    there.
+    """
+    keys = train.member_keys([r["seed"] for r in rows])
+    consts = {
+        "lr": jnp.asarray(train.lr_table([r["lr"] for r in rows], [r["schedule"] for r in rows], f.steps,
+                                         f.warmup_steps)),
+        "data_key": keys["data"],
+    }
+    for axis in AXES:
+        values = [r[axis.column] for r in rows]
+        if axis.const and not (axis.neutral is not None and all(v == axis.neutral for v in values)):
+            consts[axis.const] = jnp.asarray(values, jnp.float32)
+    if any(axis.noise and axis.const in consts for axis in AXES):
+        consts["noise_key"] = keys["noise"]
+    return consts
+
+
+def shown(rows: list[dict], cells_only: bool = False) -> list[Axis]:
+    """The axes a table of `rows` shows: those declared always shown and those the rows vary (so that tables fit 80
+    columns when most axes are fixed); with `cells_only`, the cell axes alone."""
+    return [a for a in AXES if (a.cell or not cells_only)
+            and (a.always_shown or len({r[a.column] for r in rows}) > 1)]
+
+
+def varied_names(rows: list[dict], besides: tuple[str, ...]) -> list[str]:
+    """The config field names of the cell axes other than `besides` that the rows vary (for "averaged over …")."""
+    return [a.field.replace("_", " ") for a in AXES
+            if a.cell and a.column not in besides and len({r[a.column] for r in rows}) > 1]
+
+

@@ -1,0 +1,128 @@
+"""What every model kind shares: the `Classifier` contract, the `ModelKind` a kind registers, its permutation spec's
+entries, per-member dropout, and `Model`, the static structure the training core works with.
+
+No model uses BatchNorm: interpolated networks would carry stale batch statistics (BRIEF §2), and BatchNorm under
+vmap needs per-member running state. Every model is a `Classifier`: `features` (the body, whose output is the
+penultimate representation) followed by a linear `head`, so a fine-tuning task with a new label set replaces
+`params["head"]` only.
+
+At the boundary a module is split into a graphdef and a pure dict of parameters; the training core works on those
+pure pytrees (with a leading member axis) and calls `apply`.
+
+This module does not read jaxlmc's config (the config validates against the registry, so it sits above): a kind
+receives the `[model]` section as `cfg` and reads its fields (kind, width, depth, norm, kernel_size).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Per-member dropout: (rate, key) of one member at one step, or None (evaluation, or no member uses dropout).
+Dropout = tuple[jax.Array, jax.Array] | None
+
+
+def dropout(h, drop: Dropout, layer: int):
+    """Inverted dropout of hidden activations `h` with a traced per-member rate: each unit is kept with probability
+    1 − rate and scaled by 1 / (1 − rate). Layer `layer` draws its own mask from the member's step key. At rate 0
+    every unit is kept and scaled by exactly 1, so the result equals `h` bit for bit."""
+    if drop is None:
+        return h
+    rate, key = drop
+    keep = jax.random.uniform(jax.random.fold_in(key, layer), h.shape) >= rate
+    return jnp.where(keep, h / (1.0 - rate), jnp.zeros_like(h))
+
+
+class Classifier(nnx.Module):
+    """A model kind's module. Each kind defines `features(x, drop=None)`, the batch's penultimate representation,
+    and builds its layers and a linear `head` on those features in `__init__(cfg, input_shape, num_classes, rngs)`."""
+
+    head: nnx.Linear
+
+    def __call__(self, x, drop: Dropout = None):
+        return self.head(self.features(x, drop))
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitAxis:
+    """One parameter axis indexed by a hidden layer's units: params[layer][name] along `axis`. With `blocks` > 1 the
+    axis holds `blocks` consecutive copies of the units (a CNN head's flattened positions × channels)."""
+
+    layer: str
+    name: str
+    axis: int
+    blocks: int = 1
+
+
+# For each hidden layer in order: every parameter axis its units index (one permutation per hidden layer).
+PermutationSpec = list[list[UnitAxis]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """A registered model kind: its module, the order of its hidden layers and its permutation spec.
+
+    `layers(cfg)` names the hidden layers in order. `permutation_spec(cfg, input_shape)` says which parameter axes
+    each hidden layer's units index; a kind without one (None) cannot be weight-matched, and `barriers.align` on it is
+    a config error, never a silent wrong alignment.
+    """
+
+    name: str
+    module: type[Classifier]
+    layers: Callable[..., list[str]]
+    permutation_spec: Callable[..., PermutationSpec] | None
+    min_depth: int = 1  # the least model.depth the kind accepts
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model's static structure: graphdef plus the shapes it was built for. Parameters live elsewhere."""
+
+    graphdef: nnx.GraphDef
+    cfg: object  # jaxlmc.config.ModelConfig
+    kind: ModelKind
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def init(self, key) -> dict:
+        """Fresh parameters (a pure dict) from one PRNG key; vmap over keys for a member axis."""
+        module = self.kind.module(self.cfg, self.input_shape, self.num_classes, rngs=nnx.Rngs(params=key))
+        return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+    def apply(self, params: dict, x_BxF, drop: Dropout = None):
+        """Logits B×C of one member's `params` on a batch (with dropout when `drop` is given: training only)."""
+        return nnx.merge(self.graphdef, params)(x_BxF, drop)
+
+    def features(self, params: dict, x_BxF):
+        return nnx.merge(self.graphdef, params).features(x_BxF)
+
+    def layers(self) -> list[str]:
+        return self.kind.layers(self.cfg)
+
+    def permutation_spec(self) -> PermutationSpec:
+        if self.kind.permutation_spec is None:
+            raise ValueError(f"model kind {self.kind.name!r} declares no permutation spec: its members cannot be "
+                             "weight-matched (set barriers.align = false)")
+        return self.kind.permutation_spec(self.cfg, self.input_shape)
+
+
+def build(kind: ModelKind, cfg, input_shape, num_classes: int) -> Model:
+    """The graphdef of a model, built abstractly (no parameters are allocated)."""
+    shape = tuple(input_shape)
+    abstract = nnx.eval_shape(lambda: kind.module(cfg, shape, num_classes, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    return Model(graphdef=graphdef, cfg=cfg, kind=kind, input_shape=shape, num_classes=num_classes)
+
+
+def param_count(params: dict) -> int:
+    """Number of scalars in one member's parameters (pass one member, not the stacked tree)."""
+    return sum(int(math.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
+def tree_l2(a, b):
+    """‖a − b‖₂ over all leaves of two parameter trees (one member each)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))

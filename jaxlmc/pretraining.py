@@ -1,0 +1,75 @@
+"""Pretraining: one model on the pretraining task, with Orbax checkpoints at `pretrain.save_steps` (the starting
+points of the fine-tuning grid) and a table of their loss and accuracy."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxlmc import ckpt, loop, models, rundir, shard, tasks, train
+from jaxlmc.config import Config, ConfigError
+
+
+def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
+             task: tasks.Task | None = None) -> list[dict]:
+    """Pretrain one model on the pretraining task; save Orbax checkpoints at `pretrain.save_steps`.
+
+    Resumes from the latest checkpoint in the run directory. Returns one row per saved checkpoint with its train/test
+    loss and accuracy (also written to pretrain/checkpoints.csv).
+    """
+    p = cfg.pretrain
+    run = rundir.RunDir(out)
+    task = task or tasks.load_pretrain_task(cfg)  # before the run directory: bad data leaves nothing behind
+    if p.batch_size > len(task.train.y):
+        raise ConfigError(f"pretrain.batch_size {p.batch_size} exceeds the {len(task.train.y)} training examples")
+    run.open(cfg)
+    model = models.build(cfg.model, task.input_shape, task.train.num_classes)
+    key = jax.random.key(p.seed)
+    params_1 = jax.tree.map(lambda a: a[None], model.init(jax.random.fold_in(key, 0)))
+    consts = {
+        "lr": jnp.asarray(train.lr_table([p.lr], [p.schedule], p.steps, p.warmup_steps)),
+        "wd": jnp.asarray([p.weight_decay], jnp.float32),
+        "data_key": jax.random.fold_in(key, 1)[None],
+    }
+    n_train = len(task.train.y)
+    # One process: the model lives on one device. Several: it is replicated over all of them, so that it is one
+    # global array that Orbax saves once.
+    mesh = shard.global_mesh()
+    state = shard.replicate(train.init_state(params_1, p.optimizer, p.momentum, n_train), mesh)
+    consts = shard.replicate(consts, mesh)
+    manager = ckpt.Checkpoints(run.path(rundir.PRETRAIN_CHECKPOINTS), keep_steps=p.save_steps)
+    latest = manager.latest_step()
+    if latest is not None:
+        state = manager.restore(latest, shard.abstract(state))
+    elif 0 in p.save_steps:
+        manager.save(0, state)
+
+    save_at = set(p.save_steps) | set(range(cfg.run.checkpoint_every, p.steps, cfg.run.checkpoint_every))
+    chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps)
+    device_data = shard.replicate({"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}, mesh)
+    state = loop.train_to("pretrain", chunk_fn, state, consts, device_data, p.steps, cfg.run.chunk_steps, save_at,
+                          manager.save, progress)
+
+    # Evaluate every kept checkpoint (also those saved before a resume) so the table is complete.
+    evaluate = train.make_evaluate(model)
+    sets = tasks.eval_sets(cfg, task)
+    rows = []
+    for step in sorted(set(p.save_steps) | {p.steps}):
+        params = manager.restore(step, shard.abstract(state))["params"]
+        row = {"step": step}
+        for name in ("train", "test"):
+            loss, acc = map(shard.to_host, evaluate(params, shard.replicate(sets[name], mesh)))
+            row.update({f"{name}_loss": float(loss[0]), f"{name}_acc": float(acc[0])})
+        rows.append(row)
+    manager.close()
+    run.write_csv(rundir.PRETRAIN, rows)
+    return rows
+
+
+def pretraining_complete(cfg: Config, out: str) -> bool:
+    directory = rundir.RunDir(out).path(rundir.PRETRAIN_CHECKPOINTS)
+    if not os.path.isdir(directory):
+        return False
+    steps = ckpt.Checkpoints(directory, read_only=True).steps()
+    return all(s in steps for s in cfg.finetune.pretrain_steps) and cfg.pretrain.steps in steps

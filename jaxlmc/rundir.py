@@ -1,0 +1,290 @@
+"""The run directory: its layout, its file schemas, and every read and write of its result files.
+
+No other module builds a path inside a run directory or parses one of its files. A run directory (``--out``) holds
+
+    config.json                  the resolved config, library versions and devices (provenance)
+    pretrain/checkpoints/STEP    Orbax: the pretraining state at each of pretrain.save_steps (and the latest)
+    pretrain/checkpoints.csv     PRETRAIN: loss and accuracy of each pretraining checkpoint
+    checkpoints/STEP             Orbax: the stacked fine-tuning state (params_M, opt_M, data order, diverged_M, step)
+    parts/partK/STEP             Orbax: members trained in parts, until they are stacked into checkpoints/
+    members.csv                  MEMBERS: one row per fine-tuned member
+    barriers/pairs.csv           PAIRS: one row per member pair (barriers, midpoints, geometry)
+    barriers/to_start.csv        TO_START: one row per member, the same measures to its starting point
+    barriers/summary.csv         BARRIER_SUMMARY: per grid cell, mean, std and bootstrap CI of every measure
+    barriers/curves.npz          CURVES: the interpolation curves
+    barriers/settings.json       the barrier settings, chunk size, timings, pairs left out
+    soups.csv                    SOUPS: soups, ensemble, best and mean member per cell
+    similarity.csv, basins.csv   SIMILARITY, BASINS: spread, disagreement, CKA, basins per cell; each member's basin
+    similarity.npz               SIMILARITY_ARRAYS: the per-cell matrices
+    summary.csv                  SUMMARY: the report's one row per cell
+    figures/*.png, report.html   the report
+    stages/STAGE.json            a study stage's marker: the settings it ran with (written last)
+    width<W>/                    a whole run directory per width of a scaling trend
+    scaling.csv, scaling.html    SCALING: the scaling trend
+
+Every file is written atomically (a temporary file renamed into place), so a kill at any moment leaves the previous
+version or the new one. CSV columns have declared types, and reading converts them: an int column reads as int (None
+where empty), a float column as float (NaN where empty), a bool column as bool.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import tempfile
+from importlib import metadata
+
+import jax
+import numpy as np
+
+from jaxlmc import grid, shard
+from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError, from_dict, parse_override
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A CSV file: its path in the run directory, its declared columns (in order) and the type of any further
+    columns (`rest`: measure columns, written in the order the rows give them); with `rest` None no other column
+    may appear."""
+
+    path: str
+    columns: tuple[tuple[str, type], ...]
+    rest: type | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.columns]
+
+    def types(self) -> dict[str, type]:
+        return dict(self.columns)
+
+
+def _cells(*extra: tuple[str, type]) -> tuple[tuple[str, type], ...]:
+    return tuple((a.column, a.type) for a in grid.AXES if a.cell) + extra
+
+
+_METRICS = tuple((f"{split}_{m}", float) for split in ("train", "test", "ood", "val") for m in ("loss", "acc"))
+
+PRETRAIN = Table("pretrain/checkpoints.csv", (("step", int), ("train_loss", float), ("train_acc", float),
+                                              ("test_loss", float), ("test_acc", float)))
+MEMBERS = Table("members.csv", (("member", int), *((a.column, a.type) for a in grid.AXES), *_METRICS,
+                                ("dist_from_init", float), ("diverged", bool)))
+PAIRS = Table("barriers/pairs.csv", (("i", int), ("j", int), *_cells(), ("same_cell", bool), ("pretrain_step_j", int),
+                                     ("lr_j", float), ("dist", float), ("update_cos", float)), rest=float)
+TO_START = Table("barriers/to_start.csv", (("member", int), *_cells(), ("seed", int), ("dist", float)), rest=float)
+_COUNTS = (("members", int), ("members_used", int), ("pairs", int))
+BARRIER_SUMMARY = Table("barriers/summary.csv", _cells(*_COUNTS), rest=float)
+SOUPS = Table("soups.csv", _cells(
+    ("members", int), ("members_used", int), ("best_member", int), ("best_val_acc", float), ("best_test_acc", float),
+    ("best_ood_acc", float), ("mean_test_acc", float), ("mean_ood_acc", float), ("uniform_val_acc", float),
+    ("uniform_test_acc", float), ("uniform_ood_acc", float), ("greedy_size", int), ("greedy_members", str),
+    ("greedy_val_acc", float), ("greedy_test_acc", float), ("greedy_ood_acc", float), ("ensemble_test_acc", float),
+    ("ensemble_ood_acc", float), ("uniform_gain", float), ("greedy_gain", float), ("ensemble_gain", float)))
+SIMILARITY = Table("similarity.csv", _cells(
+    ("members_used", int), ("test_acc_std", float), ("test_acc_range", float), ("ood_acc_std", float),
+    ("ood_acc_range", float), ("disagreement_test", float), ("disagreement_ood", float), ("cka_mean", float),
+    ("cka_min", float), ("basin_threshold", float), ("basins", int), ("basin_sizes", str),
+    ("largest_basin_fraction", float)))
+BASINS = Table("basins.csv", (("member", int), *_cells(), ("basin", int)))
+SUMMARY = Table("summary.csv", _cells(*_COUNTS, ("basins", int), ("basin_sizes", str), ("best_member", int),
+                                      ("greedy_size", int), ("greedy_members", str)), rest=float)
+SCALING = Table("scaling.csv", (("width", int), *_cells()), rest=float)
+
+# Other files, relative to the run directory.
+CONFIG = "config.json"
+CURVES = "barriers/curves.npz"
+BARRIER_SETTINGS = "barriers/settings.json"
+SIMILARITY_ARRAYS = "similarity.npz"
+REPORT = "report.html"
+SCALING_PAGE = "scaling.html"
+PRETRAIN_CHECKPOINTS = "pretrain/checkpoints"
+CHECKPOINTS = "checkpoints"
+PARTS = "parts"
+
+
+def _parse(text: str, kind: type):
+    if kind is bool:
+        return text == "True"
+    if kind is str:
+        return text
+    if text == "":
+        return None if kind is int else float("nan")
+    return kind(text)
+
+
+def rows_to_csv(table: Table, rows: list[dict]) -> str:
+    """The CSV text of `rows` under `table`'s columns."""
+    if table.rest is None:
+        unknown = sorted({k for r in rows for k in r} - set(table.names))
+        if unknown:
+            raise ValueError(f"{table.path} declares no column {unknown[0]!r}")
+        columns = table.names
+    else:
+        columns = list(dict.fromkeys([k for r in rows for k in r] or table.names))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def csv_to_rows(table: Table, text: str) -> list[dict]:
+    types = table.types()
+    return [{k: _parse(v, types.get(k, table.rest or str)) for k, v in row.items()}
+            for row in csv.DictReader(io.StringIO(text, newline=""))]
+
+
+# --------------------------------------------------------------------------------------------- the directory
+
+
+def write_atomic(path: str, content: str | bytes) -> None:
+    """Write a whole file or nothing: a kill mid-write leaves the previous version. With several processes the
+    primary one writes and the others wait for it."""
+    if shard.is_primary():
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    shard.sync(f"write {path}")
+
+
+def _versions() -> dict:
+    names = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "mnist1d", "numpy"]
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """One run directory. Paths are absolute (Orbax's tensorstore layer refuses relative ones)."""
+
+    root: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", os.path.abspath(self.root))
+
+    def path(self, name: str | Table) -> str:
+        return os.path.join(self.root, name.path if isinstance(name, Table) else name)
+
+    def exists(self, name: str | Table) -> bool:
+        return os.path.exists(self.path(name))
+
+    # Layout that takes an argument.
+    def part(self, k: int) -> str:
+        return self.path(f"{PARTS}/part{k}")
+
+    def figure(self, name: str) -> str:
+        return self.path(f"figures/{name}")
+
+    def marker(self, stage: str) -> str:
+        return self.path(f"stages/{stage}.json")
+
+    def width(self, width: int) -> RunDir:
+        return RunDir(self.path(f"width{width}"))
+
+    # Reading and writing.
+    def write_text(self, name: str, content: str | bytes) -> str:
+        path = self.path(name)
+        write_atomic(path, content)
+        return path
+
+    def write_csv(self, table: Table, rows: list[dict]) -> None:
+        write_atomic(self.path(table), rows_to_csv(table, rows))
+
+    def read_csv(self, table: Table) -> list[dict]:
+        with open(self.path(table), newline="") as f:
+            return csv_to_rows(table, f.read())
+
+    def write_json(self, name: str, value) -> None:
+        write_atomic(self.path(name), json.dumps(value, indent=2))
+
+    def read_json(self, name: str):
+        with open(self.path(name)) as f:
+            return json.load(f)
+
+    def write_npz(self, name: str, arrays: dict) -> None:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        write_atomic(self.path(name), buffer.getvalue())
+
+    def read_npz(self, name: str) -> dict[str, np.ndarray]:
+        with np.load(self.path(name)) as archive:
+            return dict(archive)
+
+    def write_figure(self, name: str, image: bytes) -> None:
+        write_atomic(self.figure(name), image)
+
+    def read_figure(self, name: str) -> bytes:
+        with open(self.figure(name), "rb") as f:
+            return f.read()
+
+    def write_marker(self, stage: str, value: dict) -> None:
+        write_atomic(self.marker(stage), json.dumps(value, indent=2))
+
+    def remove_marker(self, stage: str) -> None:
+        if os.path.exists(self.marker(stage)):
+            os.remove(self.marker(stage))
+
+    def read_marker(self, stage: str) -> dict | None:
+        try:
+            with open(self.marker(stage)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    # The config.
+    def open(self, cfg: Config) -> None:
+        """Create the directory with its config.json, or check that an existing one was trained with the same config.
+
+        Only the training sections must agree (and not data.data_dir, which says where the data is, not what it is);
+        reporting and measuring settings may change from one invocation to the next. A key the saved config lacks
+        (a directory from before the key existed) stands for its default.
+        """
+        path = self.path(CONFIG)
+        shard.sync(f"open {self.root}")
+        exists = os.path.exists(path)
+        shard.sync(f"opened {self.root}")  # every process decided on the directory before any of them writes to it
+        if exists:
+            saved = self.read_json(CONFIG)["config"]
+            mine, defaults = json.loads(cfg.to_json()), json.loads(Config().to_json())
+            diffs = [f"{section}.{key}: {before!r} -> {value!r}"
+                     for section in TRAINING_SECTIONS for key, value in mine[section].items()
+                     if (before := saved.get(section, {}).get(key, defaults[section][key])) != value
+                     and (section, key) != ("data", "data_dir")]
+            if diffs:
+                raise ConfigError(f"run directory {self.root} was made with a different config ({'; '.join(diffs)}); "
+                                  "use a new --out, or the same config to resume")
+            return
+        os.makedirs(self.root, exist_ok=True)
+        write_atomic(path, json.dumps({"config": cfg.to_dict(), "versions": _versions(),
+                                       "devices": [str(d) for d in jax.devices()]}, indent=2))
+
+    def config(self, overrides=()) -> Config:
+        """The config the directory was trained with, with overrides of the measuring sections only."""
+        if not self.exists(CONFIG):
+            raise ConfigError(f"{self.root} is not a run directory (no config.json); run `jaxlmc finetune` first")
+        raw = self.read_json(CONFIG)["config"]
+        for text in overrides:
+            section, key, value = parse_override(text)
+            if section in TRAINING_SECTIONS and (section, key) != ("data", "data_dir"):
+                raise ConfigError(f"{section}.{key} decides how the members in {self.root} were trained and cannot "
+                                  "be overridden here; only [run], [barriers] and data.data_dir can")
+            raw.setdefault(section, {})[key] = value
+        return from_dict(raw)
+
+    def members(self) -> list[dict]:
+        """members.csv, typed; a clear error when fine-tuning has not finished."""
+        if not self.exists(MEMBERS):
+            raise ConfigError(f"{self.root} has no finished fine-tuning (no members.csv); run `jaxlmc finetune` first")
+        return self.read_csv(MEMBERS)

@@ -1,0 +1,68 @@
+"""Soups and ensembles of a finished run, per grid cell: uniform soup, greedy soup (chosen on the validation split),
+logit ensemble, best member (by validation accuracy) and mean member, each on test and OOD (soups.csv)."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlmc import analysis, grid, rundir, tasks
+from jaxlmc.config import Config, ConfigError
+from jaxlmc.measure import FinishedRun, load_run
+
+
+def _soup_accuracies(cfg: Config, run: FinishedRun, idx_GxK: np.ndarray):
+    """({(kind, split): acc_G} of the uniform and greedy soups, greedy weights_GxM, val_acc_M)."""
+    sets = tasks.eval_sets(cfg, run.task, validation=True)
+    val_acc_M = np.array([m["val_acc"] for m in run.members])
+    uniform_GxM = analysis.group_weights(idx_GxK, len(run.members))
+    soup_accuracy = analysis.make_soup_accuracy(run.model)
+    greedy_GxM = analysis.greedy_soup(run.model, run.params_M, idx_GxK, sets["val"], val_acc_M, soup_accuracy)
+    usable = uniform_GxM.sum(axis=1) > 0  # a cell whose members all diverged has no soup: its accuracies stay NaN
+    acc = {}
+    for name in ("val", "test", "ood"):
+        if name in sets:
+            for kind, weights in (("uniform", uniform_GxM), ("greedy", greedy_GxM)):
+                acc[kind, name] = np.full(len(idx_GxK), np.nan)
+                if usable.any():
+                    acc[kind, name][usable] = np.asarray(soup_accuracy(run.params_M, jnp.asarray(weights[usable]),
+                                                                       sets[name]))
+    return acc, greedy_GxM, val_acc_M
+
+
+def soup_rows(cfg: Config, run: FinishedRun) -> list[dict]:
+    """One row per grid cell (the columns of rundir.SOUPS). Gains are test accuracy over the best member's."""
+    cells, idx_GxK = run.alive_groups()
+    acc, greedy_GxM, val_acc_M = _soup_accuracies(cfg, run, idx_GxK)
+    outputs = analysis.make_outputs(run.model)
+    splits = {name: split for name, split in (("test", run.task.test), ("ood", run.task.ood)) if split is not None}
+    logits = {name: np.asarray(outputs(run.params_M, jnp.asarray(split.x))[0]) for name, split in splits.items()}
+    all_members = grid.cell_groups(run.members)
+    rows = []
+    for g, key in enumerate(cells):
+        ids = [int(i) for i in idx_GxK[g] if i >= 0]
+        row = {**dict(zip(grid.CELL_KEYS, key)), "members": len(all_members[key]), "members_used": len(ids)}
+        row.update({f"{kind}_{name}_acc": float(values[g]) for (kind, name), values in acc.items()})  # NaN if none
+        if ids:
+            best = max(ids, key=lambda i: val_acc_M[i])
+            chosen = [int(i) for i in np.flatnonzero(greedy_GxM[g])]
+            row.update({"best_member": best, "best_val_acc": val_acc_M[best],
+                        "greedy_size": len(chosen), "greedy_members": " ".join(map(str, chosen))})
+            for name, split in splits.items():
+                row[f"best_{name}_acc"] = run.members[best][f"{name}_acc"]
+                row[f"mean_{name}_acc"] = float(np.mean([run.members[i][f"{name}_acc"] for i in ids]))
+                row[f"ensemble_{name}_acc"] = analysis.ensemble_accuracy(logits[name][ids], split.y)
+            for kind in ("uniform", "greedy", "ensemble"):
+                row[f"{kind}_gain"] = row[f"{kind}_test_acc"] - row["best_test_acc"]
+        rows.append(row)
+    return rows
+
+
+def soups_of_run(cfg: Config, out: str) -> list[dict]:
+    """Soups, ensembles, best and mean member of every cell of a finished run; writes soups.csv."""
+    run = load_run(cfg, out)
+    if run.task.val is None:
+        raise ConfigError("data.validation_size is 0: greedy soups and the best member are chosen on a held-out "
+                          "validation split, so it must be positive")
+    rows = soup_rows(cfg, run)
+    rundir.RunDir(out).write_csv(rundir.SOUPS, rows)
+    return rows

@@ -1,0 +1,67 @@
+"""Tasks and evaluation sets: the pretraining and fine-tuning tasks a config names (through jaxlmc.data, the one home
+of TFDS), the validation split held out of fine-tuning, and the evaluation sets batched on the device once per run."""
+from __future__ import annotations
+
+import dataclasses
+
+from jaxlmc import data, train
+from jaxlmc.config import Config, ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    train: data.Split
+    test: data.Split
+    ood: data.Split | None = None
+    val: data.Split | None = None  # held out from the training split: never trained on, never the test set
+
+    @property
+    def input_shape(self):
+        return self.train.x.shape[1:]
+
+
+def _load(key: str, name: str, label_map: str, data_dir: str, splits=("train", "test"), stats_from=None) -> dict:
+    try:
+        return data.load_task(name, label_map, data_dir or None, splits=splits, stats_from=stats_from)
+    except ValueError as err:  # an unknown dataset or label map is a config error: name the key
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def load_pretrain_task(cfg: Config) -> Task:
+    splits = _load("data.pretrain_task", cfg.data.pretrain_task, cfg.data.pretrain_labels, cfg.data.data_dir)
+    return Task(splits["train"], splits["test"])
+
+
+def load_finetune_task(cfg: Config) -> Task:
+    d = cfg.data
+    splits = _load("data.finetune_task", d.finetune_task, d.finetune_labels, d.data_dir)
+    ood = None
+    if d.ood_task:
+        ood = _load("data.ood_task", d.ood_task, d.finetune_labels, d.data_dir, splits=("test",),
+                    stats_from=d.finetune_task)["test"]
+        if ood.x.shape[1:] != splits["train"].x.shape[1:]:
+            raise ConfigError(f"data.ood_task {d.ood_task} has inputs {ood.x.shape[1:]}, the fine-tuning task "
+                              f"{splits['train'].x.shape[1:]}")
+    full = splits["train"]
+    n_val = d.validation_size
+    if n_val >= len(full.y):
+        raise ConfigError(f"data.validation_size {n_val} leaves no training examples ({d.finetune_task} has "
+                          f"{len(full.y)})")
+    # The last examples of the training split are held out; TFDS splits are shuffled at preparation.
+    cut = len(full.y) - n_val
+    train_split = dataclasses.replace(full, x=full.x[:cut], y=full.y[:cut])
+    val = dataclasses.replace(full, x=full.x[cut:], y=full.y[cut:], name=full.name + "[validation]") if n_val else None
+    return Task(train_split, splits["test"], ood, val)
+
+
+def eval_sets(cfg: Config, task: Task, validation: bool = False) -> dict[str, tuple]:
+    """The fixed train subset, test, (if any) OOD and (if asked and held out) validation sets, batched on the device
+    once per run."""
+    n = cfg.data.train_eval_size
+    sets = {"train": train.batch_eval_set(task.train.x[:n], task.train.y[:n], cfg.run.eval_batch_size),
+            "test": train.batch_eval_set(task.test.x, task.test.y, cfg.run.eval_batch_size)}
+    if task.ood is not None:
+        sets["ood"] = train.batch_eval_set(task.ood.x, task.ood.y, cfg.run.eval_batch_size)
+    if validation and task.val is not None:
+        sets["val"] = train.batch_eval_set(task.val.x, task.val.y, cfg.run.eval_batch_size)
+    return sets
