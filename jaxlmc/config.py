@@ -38,6 +38,9 @@ class GridAxis:
     neutral: float | None = None  # a value that does nothing: when every member has it, the step compiles without it
     noise: bool = False  # it draws random numbers from the member's seed's "noise" key stream (consts["noise_key"])
     check: tuple[str, Callable] | None = None  # (what every value must be, the test): "be positive", v > 0
+    # Filled in by jaxlmc.grid from the field the axis is declared on:
+    field: str = ""  # the FinetuneConfig field
+    type: type = object  # the type of one value (int, float or str)
 
 
 def grid_axis(column: str, header: str, default: list, **kwargs):

@@ -17,24 +17,17 @@ from jaxlmc import train
 from jaxlmc.config import Config, FinetuneConfig, GridAxis
 
 
-@dataclasses.dataclass(frozen=True)
-class Axis:
-    """A declared grid axis with the config field it lives on and the type of one value."""
+Axis = GridAxis  # a declaration with its `field` and `type` filled in
 
-    field: str
-    type: type
-    decl: GridAxis
 
-    def __getattr__(self, name):  # the declaration's attributes: column, header, cell, always_shown, const, …
-        return getattr(self.decl, name)
-
-    def values(self, f: FinetuneConfig) -> list:
-        value = getattr(f, self.field)
-        if isinstance(value, int):  # a count (seeds): the values 0 .. count-1
-            return list(range(value))
-        if self.field == "pretrain_steps" and f.scratch:
-            return [-1] + list(value)  # -1: the from-scratch control row, before the checkpoints
-        return list(value)
+def values(axis: Axis, f: FinetuneConfig) -> list:
+    """The values an axis takes in the grid of `f`."""
+    value = getattr(f, axis.field)
+    if isinstance(value, int):  # a count (seeds): the values 0 .. count-1
+        return list(range(value))
+    if axis.field == "pretrain_steps" and f.scratch:
+        return [-1] + list(value)  # -1: the from-scratch control row, before the checkpoints
+    return list(value)
 
 
 def _value_type(hint) -> type:
@@ -48,7 +41,7 @@ def _value_type(hint) -> type:
 
 def _axes() -> tuple[Axis, ...]:
     hints = typing.get_type_hints(FinetuneConfig)
-    return tuple(Axis(f.name, _value_type(hints[f.name]), f.metadata["grid"])
+    return tuple(dataclasses.replace(f.metadata["grid"], field=f.name, type=_value_type(hints[f.name]))
                  for f in dataclasses.fields(FinetuneConfig) if "grid" in f.metadata)
 
 
@@ -60,7 +53,7 @@ def member_grid(cfg: Config) -> list[dict]:
     """One row per member: {"member": index, <axis column>: value, …}, every combination of the axes' values in
     field order (the first axis outermost, seeds innermost)."""
     f = cfg.finetune
-    combos = itertools.product(*[a.values(f) for a in AXES])
+    combos = itertools.product(*[values(a, f) for a in AXES])
     return [{"member": i, **dict(zip((a.column for a in AXES), combo))} for i, combo in enumerate(combos)]
 
 

@@ -104,6 +104,7 @@ SCALING_PAGE = "scaling.html"
 PRETRAIN_CHECKPOINTS = "pretrain/checkpoints"
 CHECKPOINTS = "checkpoints"
 PARTS = "parts"
+STAGES = "stages"
 
 
 def _parse(text: str, kind: type):
@@ -188,7 +189,7 @@ class RunDir:
         return self.path(f"figures/{name}")
 
     def marker(self, stage: str) -> str:
-        return self.path(f"stages/{stage}.json")
+        return self.path(f"{STAGES}/{stage}.json")
 
     def width(self, width: int) -> RunDir:
         return RunDir(self.path(f"width{width}"))
@@ -228,6 +229,9 @@ class RunDir:
     def read_figure(self, name: str) -> bytes:
         with open(self.figure(name), "rb") as f:
             return f.read()
+
+    def make_marker_dir(self) -> None:
+        os.makedirs(self.path(STAGES), exist_ok=True)
 
     def write_marker(self, stage: str, value: dict) -> None:
         write_atomic(self.marker(stage), json.dumps(value, indent=2))

@@ -43,7 +43,7 @@ class Stage:
         return json.loads(json.dumps(values))
 
 
-def render_report(cfg: Config, out: str) -> str:
+def report_stage(cfg: Config, out: str) -> str:
     return report.render(out, STAGES)
 
 
@@ -57,7 +57,7 @@ STAGES: list[Stage] = [
     Stage("soups", soups.soups_of_run, needs=("finetune",), writes=(rundir.SOUPS,)),
     Stage("similarity", similarity.similarity_of_run, settings=("study",), needs=("finetune", "barriers"),
           writes=(rundir.SIMILARITY, rundir.BASINS, rundir.SIMILARITY_ARRAYS)),
-    Stage("report", render_report, needs=("finetune", "barriers", "soups", "similarity"),
+    Stage("report", report_stage, needs=("finetune", "barriers", "soups", "similarity"),
           writes=(rundir.SUMMARY, rundir.REPORT)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
@@ -88,6 +88,7 @@ def study(cfg: Config, out: str, progress: loop.Progress | None = None,
             ran += [f"width{width}/{name}" for name in study(one, run.width(width).root, progress, say)]
         report.render_scaling(out, cfg.study.widths)
         return ran
+    run.make_marker_dir()
     ran: list[str] = []
     for stage in STAGES:
         if stage_done(cfg, out, stage.name) and not set(stage.needs) & set(ran):
