@@ -18,6 +18,10 @@ from jaxlmc.models import KINDS
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["adamw", "sgd"]
 LabelMap = Literal["identity", "mod5", "parity", "reverse"]  # see jaxlmc.data.LABEL_MAPS
+# How a member's new head starts (jaxlmc.finetuning.start_params): its seed's own random draw, one random draw shared
+# by every seed (only the data order then differs between seeds: Frankle's instability analysis), zeros, or a linear
+# probe fitted on the frozen starting body's features (LP-FT, Kumar et al. 2022; deterministic, so also shared).
+HeadPolicy = Literal["per_seed", "shared", "zero", "probe"]
 
 
 class ConfigError(ValueError):
@@ -59,6 +63,10 @@ class DataConfig:
     data_dir: str = ""  # "" means $JAXLMC_DATA_DIR or ~/tensorflow_datasets
     train_eval_size: int = 1000  # fixed subset of the training split used for train loss / accuracy
     validation_size: int = 500  # held out from the end of the fine-tuning train split (greedy soups, best member)
+    # Class splits: keep only the examples of these original classes, relabelled 0 .. k-1 in this order ([]: all).
+    # Exclusive with a label map other than "identity"; the OOD set uses finetune_classes.
+    pretrain_classes: list[int] = dataclasses.field(default_factory=list)
+    finetune_classes: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +104,9 @@ class FinetuneConfig:
     # Per-member dropout of hidden units while fine-tuning (never at evaluation), masks from the seed's noise stream.
     dropouts: list[float] = grid_axis("dropout", "drop", [0.0], const="dropout", neutral=0.0, noise=True,
                                       check=("lie in [0, 1)", lambda v: 0 <= v < 1))
+    # How each member's new head starts (HeadPolicy). Which sources of randomness vary with the seed follows from it:
+    # per_seed varies the head's initialisation and the data order, the others the data order alone.
+    heads: list[HeadPolicy] = grid_axis("head", "head", ["per_seed"], always_shown=True)
     warmup_steps: int = 0
     seeds: int = dataclasses.field(default=8, metadata={"grid": GridAxis("seed", "seed", cell=False,
                                                                           always_shown=True)})  # 0 .. seeds-1
@@ -105,6 +116,10 @@ class FinetuneConfig:
     momentum: float = 0.9
     new_head: bool = True  # forced when the fine-tuning task has a different number of classes
     scratch: bool = False  # add a control row (pretrain_step -1): every seed from its own random initialisation
+    # The linear probe (head "probe", and the start every member's barrier to the start is measured against): full-
+    # batch L-BFGS on the frozen body's features of the fine-tuning training split, with an L2 penalty on its weights.
+    probe_steps: int = 100
+    probe_l2: float = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +138,16 @@ class BarrierConfig:
     memory_fraction: float = 0.5
     bootstrap: int = 1000  # resamples for the confidence intervals of the per-group means; 0 for none
     align: bool = False  # also the barriers after weight matching (Git Re-Basin), columns with the suffix _aligned
+    # Bootstrap resamples of the evaluation examples, evaluated inside the same pass: each pair's noise floor (the
+    # barrier evaluation noise alone would show, see jaxlmc.stats) comes from them. 0: no noise floors.
+    noise_resamples: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
-    basin_threshold: float = 0.02  # members share a basin when their test error barrier is below this (Frankle: 2 %)
+    # A member is "unfit" (left out of barriers, soups and basins like a diverged one, and counted) when its train
+    # accuracy is below this fraction of the best train accuracy reached from the same start (checkpoint and head).
+    unfit_fraction: float = 0.9
     similarity_examples: int = 1000  # test examples for prediction disagreement and CKA
     widths: list[int] = dataclasses.field(default_factory=list)  # a scaling trend: one study per model width
 
@@ -292,10 +312,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.max_members must be non-negative (0: automatic), got {r.max_members}")
     if cfg.data.validation_size < 0:
         raise ConfigError(f"data.validation_size must be non-negative, got {cfg.data.validation_size}")
+    for which in ("pretrain", "finetune"):  # that the classes exist in the dataset is checked when it is loaded
+        classes, labels = getattr(cfg.data, f"{which}_classes"), getattr(cfg.data, f"{which}_labels")
+        if not classes:
+            continue
+        if any(c < 0 for c in classes) or len(set(classes)) != len(classes) or len(classes) < 2:
+            raise ConfigError(f"data.{which}_classes must be at least two distinct non-negative classes, got {classes}")
+        if labels != "identity":
+            raise ConfigError(f"data.{which}_classes and data.{which}_labels = {labels!r} cannot be combined: a class "
+                              f"list relabels the classes 0 .. k-1 itself; set data.{which}_labels = \"identity\"")
     if any(w <= 0 for w in cfg.study.widths) or len(set(cfg.study.widths)) != len(cfg.study.widths):
         raise ConfigError(f"study.widths must be distinct positive widths, got {cfg.study.widths}")
-    if cfg.study.basin_threshold < 0 or cfg.study.similarity_examples < 2:
-        raise ConfigError("study.basin_threshold must be non-negative and study.similarity_examples at least 2")
+    if not 0 <= cfg.study.unfit_fraction <= 1:
+        raise ConfigError(f"study.unfit_fraction must lie in [0, 1], got {cfg.study.unfit_fraction}")
+    if cfg.study.similarity_examples < 2:
+        raise ConfigError(f"study.similarity_examples must be at least 2, got {cfg.study.similarity_examples}")
+    if b.noise_resamples < 0 or b.noise_resamples == 1:
+        raise ConfigError(f"barriers.noise_resamples must be 0 (none) or at least 2, got {b.noise_resamples}")
+    if f.probe_steps < 1 or f.probe_l2 < 0:
+        raise ConfigError(f"finetune.probe_steps must be positive and finetune.probe_l2 non-negative, got "
+                          f"{f.probe_steps} and {f.probe_l2}")
+    if not f.new_head and f.heads != ["per_seed"]:
+        raise ConfigError(f"finetune.heads {f.heads} needs a new head: with finetune.new_head = false the pretrained "
+                          "head is kept (set finetune.new_head = true, or finetune.heads = [\"per_seed\"])")
     if b.alphas < 3:
         raise ConfigError(f"barriers.alphas must be at least 3 (both ends and a point between), got {b.alphas}")
     if b.chunk_pairs < 0 or b.bootstrap < 0:

@@ -3,26 +3,37 @@
 Datasets are read with TFDS's array_record data sources, which need no TensorFlow. The embedded default,
 MNIST-1D (Greydanus 2020), is a TFDS builder that generates its data locally with the published `mnist1d`
 generator, so it is prepared and read like any other TFDS dataset and needs no network. Its builder configs are
-distribution shifts of the default (more noise, shear, scaling) used as fine-tuning tasks and OOD sets.
+distribution shifts of the default (more noise, shear, scaling) used as fine-tuning tasks and OOD sets, and a large
+draw of the default distribution for pretraining; all are standardised with the default's statistics, so a shift in
+amplitude or noise is not normalised away.
 
-A *task* is a dataset name (``name`` or ``name/config``) plus a label map; a label map that changes the label
-set (``mod5``, ``parity``) defines a fine-tuning task with a new head.
+A *task* is a dataset name (``name`` or ``name/config``) plus a label map or a class list; a label map that changes
+the label set (``mod5``, ``parity``) defines a fine-tuning task with a new head, and a class list keeps only some
+classes (a class split: pretrain on some digits, fine-tune on the others), relabelled 0 .. k-1.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
-from mnist1d.data import get_dataset_args, make_dataset
+from mnist1d.data import get_dataset_args, get_templates
+from mnist1d.transform import transform
+from mnist1d.utils import set_seed
 
 DEFAULT_DATA_DIR = os.path.expanduser(os.environ.get("JAXLMC_DATA_DIR", "~/tensorflow_datasets"))
 
 # Generator parameters that differ from the published MNIST-1D defaults, per builder config. Each config has its
-# own seed so that its signals are fresh draws, never copies of the default's.
+# own seed so that its signals are fresh draws, never copies of the default's. Every config is generated raw and
+# standardised with the default's statistics (see _mnist1d_raw), so a shift in amplitude or noise stays a shift.
+# Keys that are not mnist1d generator arguments: `permute_positions` (below) and `test_size` (test examples; the
+# rest of `num_samples` is the train split; without it, mnist1d's train_split of 0.8).
 MNIST1D_VARIANTS: dict[str, dict] = {
     "default": {},
+    # More draws of the default distribution, for a pretraining that generalises instead of memorising 4000 signals.
+    "large": {"num_samples": 51000, "test_size": 1000, "seed": 8042},
     "noisy": {"corr_noise_scale": 0.6, "iid_noise_scale": 0.1, "seed": 1042},
     "sheared": {"shear_scale": 2.0, "seed": 2042},
     "scaled": {"scale_coeff": 1.0, "seed": 3042},
@@ -35,6 +46,7 @@ MNIST1D_VARIANTS: dict[str, dict] = {
 }
 MNIST1D_DESCRIPTIONS = {
     "default": "The published MNIST-1D generator settings: 4000 train / 1000 test signals of length 40.",
+    "large": "The default's generator settings with more draws: 50000 train / 1000 test signals.",
     "noisy": "Stronger correlated and i.i.d. noise (OOD).",
     "sheared": "Stronger shear (OOD).",
     "scaled": "Stronger amplitude scaling (OOD).",
@@ -51,11 +63,55 @@ LABEL_MAPS = {
 }
 
 
+def _mnist1d_args(variant: str):
+    """mnist1d's generator arguments for a builder config, and jaxlmc's own keys (popped from the variant)."""
+    args = get_dataset_args()
+    params = dict(MNIST1D_VARIANTS[variant])
+    own = {key: params.pop(key, None) for key in ("permute_positions", "test_size")}
+    for key, value in params.items():
+        if not hasattr(args, key):
+            raise ValueError(f"MNIST-1D variant {variant!r}: unknown generator argument {key!r}")
+        setattr(args, key, value)
+    return args, own
+
+
+def _mnist1d_raw(args) -> tuple[np.ndarray, np.ndarray]:
+    """mnist1d's make_dataset without its final standardisation: the same seed, draws, order and shuffles, so the
+    signals are the published ones before make_dataset rescales them by their own statistics."""
+    templates = get_templates()
+    set_seed(args.seed)
+    xs, ys = [], []
+    samples_per_class = args.num_samples // len(templates["y"])
+    for label_ix in range(len(templates["y"])):
+        for _ in range(samples_per_class):
+            x, _t = transform(templates["x"][label_ix], templates["t"], args)
+            xs.append(x)
+            ys.append(templates["y"][label_ix])
+    batch_shuffle = np.random.permutation(len(ys))
+    xs, ys = np.stack(xs)[batch_shuffle], np.stack(ys)[batch_shuffle]
+    if args.shuffle_seq:
+        xs = xs[..., np.random.permutation(args.final_seq_length)]
+    return xs, ys
+
+
+@functools.cache
+def mnist1d_default_stats() -> tuple[float, float]:
+    """The scalar mean and std of the default config's raw signals (train and test, as make_dataset computes them):
+    every config is standardised with these, so the default is exactly make_dataset's output and the others keep
+    their shift in amplitude and noise relative to it."""
+    xs, _ = _mnist1d_raw(_mnist1d_args("default")[0])
+    return float(xs.mean()), float(xs.std())
+
+
 class Mnist1d(tfds.core.GeneratorBasedBuilder):
     """MNIST-1D, generated locally by the `mnist1d` package (no download)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Generated with mnist1d's make_dataset; one config per distribution shift."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Generated with mnist1d's make_dataset; one config per distribution shift.",
+        "1.1.0": "Every config standardised with the default config's statistics (make_dataset standardised each by "
+                 "its own, normalising part of the shift away); the default's data is unchanged. New config: large.",
+    }
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name=name, description=MNIST1D_DESCRIPTIONS[name]) for name in MNIST1D_VARIANTS
     ]
@@ -73,18 +129,16 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        args = get_dataset_args()
-        variant = dict(MNIST1D_VARIANTS[self.builder_config.name])
-        permutation_seed = variant.pop("permute_positions", None)
-        for key, value in variant.items():
-            setattr(args, key, value)
-        data = make_dataset(args)
-        if permutation_seed is not None:
-            order = np.random.default_rng(permutation_seed).permutation(args.final_seq_length)
-            data = {**data, "x": data["x"][:, order], "x_test": data["x_test"][:, order]}
+        mean, std = mnist1d_default_stats()
+        args, own = _mnist1d_args(self.builder_config.name)
+        xs, ys = _mnist1d_raw(args)
+        xs = (xs - mean) / std
+        if own["permute_positions"] is not None:
+            xs = xs[:, np.random.default_rng(own["permute_positions"]).permutation(args.final_seq_length)]
+        cut = len(ys) - own["test_size"] if own["test_size"] is not None else int(len(ys) * args.train_split)
         return {
-            "train": self._generate_examples(data["x"], data["y"]),
-            "test": self._generate_examples(data["x_test"], data["y_test"]),
+            "train": self._generate_examples(xs[:cut], ys[:cut]),
+            "test": self._generate_examples(xs[cut:], ys[cut:]),
         }
 
     def _generate_examples(self, signals, labels):
@@ -122,41 +176,92 @@ def prepare(name: str, data_dir: str | None = None):
 def _read_all(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:
     builder = prepare(name, data_dir)
     source = builder.as_data_source(split=split)
-    examples = [source[i] for i in range(len(source))]
+    try:  # one batched read: 5× faster than example by example (50,000 MNIST-1D signals: 1.3 s instead of 6 s)
+        examples = list(source.__getitems__(range(len(source))))
+    except (AttributeError, TypeError):  # a source without batched reads (tfds.testing.mock_data's)
+        examples = [source[i] for i in range(len(source))]
     x_key = "signal" if "signal" in builder.info.features else "image"
     x = np.stack([np.asarray(ex[x_key]) for ex in examples])
     y = np.asarray([ex["label"] for ex in examples], dtype=np.int32)
     return x, y, builder.info.features["label"].num_classes
 
 
+def num_classes(name: str, data_dir: str | None = None) -> int:
+    """The number of classes of a dataset, from its builder's info (nothing is downloaded or written)."""
+    return int(_builder(name, data_dir).info.features["label"].num_classes)
+
+
+def check_classes(classes, n_classes: int) -> None:
+    """A class list must name at least two distinct classes of a dataset with `n_classes` classes."""
+    classes = list(classes)
+    bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < n_classes]
+    if bad:
+        raise ValueError(f"classes {bad} are not classes of the dataset (0 .. {n_classes - 1})")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes {classes} has repeated values")
+    if len(classes) < 2:
+        raise ValueError(f"classes {classes}: a task needs at least two classes")
+
+
+def _keep_classes(x: np.ndarray, y: np.ndarray, classes: list[int], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The examples whose label is in `classes`, relabelled 0 .. k-1 in the list's order."""
+    keep = np.isin(y, classes)
+    if not keep.any():
+        raise ValueError(f"{what} has no examples of classes {classes}")
+    relabel = np.full(max(max(classes), int(y.max())) + 1, -1, dtype=np.int32)
+    relabel[classes] = np.arange(len(classes), dtype=np.int32)
+    return x[keep], relabel[y[keep]]
+
+
 def load_task(name: str, label_map: str = "identity", data_dir: str | None = None,
-              splits: tuple[str, ...] = ("train", "test"), stats_from: str | None = None) -> dict[str, Split]:
+              splits: tuple[str, ...] = ("train", "test"), stats_from: str | None = None,
+              classes: tuple[int, ...] | list[int] = ()) -> dict[str, Split]:
     """Load the splits of a task as float32 inputs and int32 labels.
 
+    With `classes` (a class split), only the examples whose original label is in the list are kept and they are
+    relabelled 0 .. k-1 in the list's order; a class list replaces a label map (the two cannot be combined).
+
     Images are scaled to [0, 1] and standardised per channel with the statistics of the first split requested, or,
-    with `stats_from`, of that task's train split: an OOD set must be normalised like the task it shifts, or the
-    normalisation would undo part of the shift.
+    with `stats_from`, of that task's train split (restricted to the same classes): an OOD set must be normalised like
+    the task it shifts, or the normalisation would undo part of the shift. MNIST-1D signals are stored standardised
+    with the default distribution's statistics and are not rescaled here.
     """
     if label_map not in LABEL_MAPS:
         raise ValueError(f"unknown label map {label_map!r}; choose one of {sorted(LABEL_MAPS)}")
-    raw = {split: _read_all(name, split, data_dir) for split in splits}
+    classes = list(classes)
+    if classes:
+        if label_map != "identity":
+            raise ValueError(f"a class list ({classes}) and the label map {label_map!r} cannot be combined")
+        check_classes(classes, num_classes(name, data_dir))
+        classes = [int(c) for c in classes]
+
+    def read(task: str, split: str):
+        x, y, c = _read_all(task, split, data_dir)
+        if classes:
+            x, y = _keep_classes(x, y, classes, f"{task}:{split}")
+            c = len(classes)
+        return x, y, c
+
+    raw = {split: read(name, split) for split in splits}
     out = {}
-    for split, (x, y, num_classes) in raw.items():
+    for split, (x, y, n) in raw.items():
         x = x.astype(np.float32)
         if x.ndim == 4:  # images N×H×W×C in [0, 255]
             x = x / 255.0
-        out[split] = (x, y, num_classes)
+        out[split] = (x, y, n)
     if out[splits[0]][0].ndim == 4:
         train_x = out[splits[0]][0]
         if stats_from is not None:
-            train_x = _read_all(stats_from, "train", data_dir)[0].astype(np.float32) / 255.0
+            train_x = read(stats_from, "train")[0].astype(np.float32) / 255.0
         mean, std = train_x.mean(axis=(0, 1, 2)), train_x.std(axis=(0, 1, 2)) + 1e-6
-        out = {s: ((x - mean) / std, y, c) for s, (x, y, c) in out.items()}
+        out = {s: ((x - mean) / std, y, n) for s, (x, y, n) in out.items()}
+    suffix = f"[classes {','.join(map(str, classes))}]" if classes else (
+        "" if label_map == "identity" else f"[{label_map}]")
     result = {}
-    for split, (x, y, num_classes) in out.items():
+    for split, (x, y, n) in out.items():
         mapping = LABEL_MAPS[label_map]
         if mapping is not None:
-            y, num_classes = mapping(y, num_classes)
-        result[split] = Split(x=x.astype(np.float32), y=y.astype(np.int32), num_classes=int(num_classes),
-                              name=f"{name}:{split}" + ("" if label_map == "identity" else f"[{label_map}]"))
+            y, n = mapping(y, n)
+        result[split] = Split(x=x.astype(np.float32), y=y.astype(np.int32), num_classes=int(n),
+                              name=f"{name}:{split}{suffix}")
     return result

@@ -87,8 +87,42 @@ def barrier_vs_pretraining(c: Cells):
         c.step_axis(ax)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
+        if metric == "error":
+            c.lines_per_lr(ax, [("error_barrier_test_floor_mean", ":", "noise floor")])
     return fig, ("Barrier between seeds vs pretraining, one line per fine-tuning LR; bands are 95% bootstrap "
-                 f"confidence intervals over pairs{c.avg_note}.")
+                 "confidence intervals over seeds (the independent units); dotted: the noise floor, the barrier "
+                 f"evaluation noise alone would show{c.avg_note}.")
+
+
+def sources(summary: list[dict]):
+    """The seeds' barrier per head policy (which sources of randomness vary with the seed), one panel per LR; None
+    when the grid has one head policy."""
+    heads = list(dict.fromkeys(r["head"] for r in summary))
+    if len(heads) < 2:
+        return None
+    cells = {h: Cells([r for r in summary if r["head"] == h]) for h in heads}
+    lrs = sorted({r["lr"] for r in summary})
+    steps = sorted({r["pretrain_step"] for r in summary})
+    fig, axes = plt.subplots(1, len(lrs), figsize=(4.2 * len(lrs), 3.6), squeeze=False, sharey=True)
+    colors = plt.get_cmap("tab10")(np.arange(len(heads)))
+    for ax, lr in zip(axes[0], lrs):
+        for head, color in zip(heads, colors):
+            mean, lo, hi = ([cells[head].mean(s, lr, f"error_barrier_test_{stat}") for s in steps]
+                            for stat in ("mean", "ci_lo", "ci_hi"))
+            ax.plot(range(len(steps)), mean, "o-", color=color, label=f"{head} head")
+            ax.fill_between(range(len(steps)), lo, hi, color=color, alpha=0.2)
+            ax.plot(range(len(steps)), [cells[head].mean(s, lr, "error_barrier_test_floor_mean") for s in steps], ":",
+                    color=color)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(steps)), [step_label(s) for s in steps])
+        ax.set_xlabel("pretraining steps")
+        ax.set_title(f"LR {lr:g}")
+    axes[0][0].set_ylabel("test error barrier between seeds")
+    axes[0][0].legend(fontsize=8)
+    return fig, ("Sources of randomness: the seeds' barrier when each seed draws its own head (per_seed: head "
+                 "initialisation and data order vary) and when every seed starts from the same head (shared, zero, "
+                 "probe: only the data order varies); bands: 95% CIs over seeds; dotted: noise floors. The gap between "
+                 "per_seed and shared is the head initialisation's part of the path dependence.")
 
 
 def aligned_barrier(c: Cells):

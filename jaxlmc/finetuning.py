@@ -7,8 +7,10 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax import lax
 
-from jaxlmc import ckpt, grid, loop, memory, models, rundir, shard, tasks, train
+from jaxlmc import ckpt, data, grid, loop, memory, models, rundir, shard, tasks, train
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.pretraining import pretrain, pretraining_complete
 
@@ -35,7 +37,7 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
 
     rows = grid.member_grid(cfg)
     model = models.build(cfg.model, task.input_shape, task.train.num_classes)
-    start_M = start_params(cfg, out, model, rows)
+    start_M = start_params(cfg, out, model, rows, task.train)
     params_M = jax.tree.map(jnp.copy, start_M)  # the state's copy is donated; start_M is kept for distances
     consts = grid.member_consts(f, rows)
     n_train = len(task.train.y)
@@ -61,8 +63,23 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
     for i, r in enumerate(rows):
         r.update({k: float(v[i]) for k, v in results.items()})
         r["diverged"] = bool(diverged[i])
+    for r, unfit in zip(rows, unfit_flags(rows, cfg.study.unfit_fraction)):
+        r["unfit"] = unfit
     run.write_csv(rundir.MEMBERS, rows)
     return rows
+
+
+def unfit_flags(rows: list[dict], fraction: float) -> list[bool]:
+    """Which members did not fit their training data: not diverged, but with a train accuracy below `fraction` of the
+    best train accuracy any non-diverged member reached from the same start (pretraining checkpoint and head policy),
+    whatever its rate or other hyperparameters: what fine-tuning from that start can reach. Such a member (too large
+    a rate without warm-up, say) has large barriers to everything for a trivial reason: a failed fit, not a basin."""
+    start = lambda r: (r["pretrain_step"], r["head"])  # noqa: E731
+    best: dict = {}
+    for r in rows:
+        if not r["diverged"] and np.isfinite(r["train_acc"]):
+            best[start(r)] = max(best.get(start(r), -np.inf), r["train_acc"])
+    return [bool(not r["diverged"] and r["train_acc"] < fraction * best[start(r)]) for r in rows]
 
 
 def members_per_program(cfg: Config, chunk_fn, params_M, consts, device_data, n_train: int) -> int:
@@ -136,34 +153,93 @@ def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts,
     return state
 
 
-def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict]) -> dict:
+def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict], train_split: data.Split,
+                 heads: str | None = None) -> dict:
     """start_M: every member's starting point.
 
-    A member starts from its pretraining checkpoint, or (pretrain_step -1, the scratch control) from its own random
-    initialisation (the seed's "init" key stream). It gets a new head drawn from its seed's "head" stream when
-    finetune.new_head is set or the fine-tuning task's classes differ from the pretraining task's.
+    A member's body comes from its pretraining checkpoint, or (pretrain_step -1, the scratch control) from its seed's
+    own random initialisation (the seed's "init" stream: members that share a seed share it). With a new head
+    (finetune.new_head, or a fine-tuning task with other classes) the head follows the member's head policy
+    (`heads`, when given, overrides it for every member: the barrier stage asks for "probe", the start with a head
+    that works):
+      per_seed  drawn from the seed's "head" stream;
+      shared    one draw for every member (the "shared" phase's stream): seeds differ in data order only;
+      zero      all zeros;
+      probe     a linear probe fitted on the fine-tuning training split's features of the frozen body (deterministic,
+                so the members of a cell start bit-identical too).
     """
-    keys = train.member_keys([r["seed"] for r in rows])
+    seeds = [r["seed"] for r in rows]
+    keys = train.member_keys(seeds)
     pre_dir = rundir.RunDir(out).path(rundir.PRETRAIN_CHECKPOINTS)
+    # A body's identity: its checkpoint, or the seed of a scratch initialisation.
+    body_of = [r["pretrain_step"] if r["pretrain_step"] >= 0 else ("scratch", r["seed"]) for r in rows]
     # Pretraining states have a member axis of length 1.
-    starts = {s: jax.tree.map(lambda a: a[0], ckpt.restore_params(pre_dir, s))
-              for s in sorted({r["pretrain_step"] for r in rows if r["pretrain_step"] >= 0})}
-    scratch = [k for k, r in enumerate(rows) if r["pretrain_step"] < 0]
+    bodies = {s: jax.tree.map(lambda a: a[0], ckpt.restore_params(pre_dir, s))
+              for s in sorted({b for b in body_of if not isinstance(b, tuple)})}
+    scratch = sorted({b for b in body_of if isinstance(b, tuple)})
     if scratch:
-        scratch_S = jax.tree.map(np.asarray, jax.jit(jax.vmap(model.init))(keys["init"][jnp.asarray(scratch)]))
-        for n, k in enumerate(scratch):
-            starts[("scratch", k)] = jax.tree.map(lambda a, n=n: a[n], scratch_S)
-    sources = [starts[("scratch", k) if r["pretrain_step"] < 0 else r["pretrain_step"]] for k, r in enumerate(rows)]
+        scratch_keys = train.member_keys([seed for _, seed in scratch])["init"]
+        scratch_S = jax.tree.map(np.asarray, jax.jit(jax.vmap(model.init))(scratch_keys))
+        bodies.update({b: jax.tree.map(lambda a, n=n: a[n], scratch_S) for n, b in enumerate(scratch)})
 
     head_shapes = jax.tree.map(lambda a: tuple(a.shape), jax.eval_shape(model.init, jax.random.key(0))["head"])
     new_head = cfg.finetune.new_head or any(jax.tree.map(lambda a: tuple(a.shape), src["head"]) != head_shapes
-                                            for src in sources)
-    bodies = [{k: v for k, v in src.items() if not (new_head and k == "head")} for src in sources]
-    start_M = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *bodies)
-    if new_head:
-        # jit lets XLA drop the body initialisation: only the heads are materialised.
-        start_M["head"] = jax.jit(jax.vmap(lambda k: model.init(k)["head"]))(keys["head"])
+                                            for src in bodies.values())
+    start_M = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)),
+                           *[{k: v for k, v in bodies[b].items() if not (new_head and k == "head")} for b in body_of])
+    if not new_head:
+        return start_M
+    policy = [heads or r["head"] for r in rows]
+    # jit lets XLA drop the body initialisation: only the heads are materialised.
+    draw_heads = jax.jit(jax.vmap(lambda k: model.init(k)["head"]))
+    head_M = jax.tree.map(np.array, draw_heads(keys["head"]))  # per_seed; the other policies overwrite their rows
+    shared = jax.tree.map(lambda a: np.asarray(a[0]), draw_heads(train.stream_keys("shared", [0])["head"]))
+    fixed = {"shared": shared, "zero": jax.tree.map(np.zeros_like, shared)}
+    need_probe = sorted({b for b, h in zip(body_of, policy) if h == "probe"}, key=str)
+    if need_probe:
+        body_U = jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *[
+            {**bodies[b], "head": fixed["zero"]} for b in need_probe])
+        head_U = fit_probe_heads(model, body_U, train_split, cfg.finetune.probe_steps, cfg.finetune.probe_l2)
+        fixed.update({("probe", b): jax.tree.map(lambda a, u=u: np.asarray(a[u]), head_U)
+                      for u, b in enumerate(need_probe)})
+    for m, (b, h) in enumerate(zip(body_of, policy)):
+        if h != "per_seed":
+            chosen = fixed[("probe", b) if h == "probe" else h]
+            for leaf_M, leaf in zip(jax.tree.leaves(head_M), jax.tree.leaves(chosen)):
+                leaf_M[m] = leaf
+    start_M["head"] = jax.tree.map(jnp.asarray, head_M)
     return start_M
+
+
+def fit_probe_heads(model: models.Model, params_U: dict, split: data.Split, steps: int, l2: float) -> dict:
+    """head_U: for each of U bodies, the linear head (kernel D×C, bias C) minimising the mean cross-entropy on the
+    split's features of the frozen body plus l2·‖kernel‖², by `steps` full-batch L-BFGS iterations from zero."""
+    if set(jax.eval_shape(model.init, jax.random.key(0))["head"]) != {"kernel", "bias"}:
+        raise TypeError(f"model kind {model.kind.name!r}: its head is not a linear layer (kernel, bias)")
+    x, y = jnp.asarray(split.x), jnp.asarray(split.y)
+    num_classes = split.num_classes
+
+    def fit(params):
+        features_NxD = model.features(params, x)
+        head = {"kernel": jnp.zeros((features_NxD.shape[1], num_classes)), "bias": jnp.zeros((num_classes,))}
+
+        def objective(h):
+            logits = features_NxD @ h["kernel"] + h["bias"][None]
+            return train.cross_entropy(logits, y).mean() + l2 * jnp.sum(jnp.square(h["kernel"]))
+
+        solver = optax.lbfgs()
+        value_and_grad = optax.value_and_grad_from_state(objective)
+
+        def step(carry, _):
+            h, state = carry
+            value, grad = value_and_grad(h, state=state)
+            updates, state = solver.update(grad, state, h, value=value, grad=grad, value_fn=objective)
+            return (optax.apply_updates(h, updates), state), None
+
+        (head, _), _ = lax.scan(step, (head, solver.init(head)), None, length=steps)
+        return head
+
+    return jax.jit(jax.vmap(fit))(params_U)
 
 
 def evaluate_members(cfg: Config, model: models.Model, task: tasks.Task, params_M, start_M) -> dict[str, np.ndarray]:

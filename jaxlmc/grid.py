@@ -62,6 +62,12 @@ def cell(row: dict) -> tuple:
     return tuple(row[k] for k in CELL_KEYS)
 
 
+def usable(member: dict) -> bool:
+    """Whether a member enters barriers, soups and basins: it neither diverged nor failed to fit (members.csv's
+    `diverged` and `unfit`; a run directory written before `unfit` existed has none)."""
+    return not (member["diverged"] or member.get("unfit"))
+
+
 def cell_groups(members: list[dict]) -> dict[tuple, list[int]]:
     """{cell: [member, ...]} in grid order (every member, diverged or not)."""
     groups: dict = {}

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, ckpt, finetuning, grid, memory, models, permute, rundir, shard, tasks
+from jaxlmc import barriers, ckpt, finetuning, grid, memory, models, permute, rundir, shard, stats, tasks
 from jaxlmc.config import Config, ConfigError
 
 
@@ -26,12 +26,13 @@ class FinishedRun:
     params_M: dict  # the final parameters of every member (device arrays)
 
     @property
-    def alive(self) -> list[int]:
-        return [m["member"] for m in self.members if not m["diverged"]]
+    def used(self) -> list[int]:
+        """The members that enter barriers, soups and basins: neither diverged nor unfit (grid.usable)."""
+        return [m["member"] for m in self.members if grid.usable(m)]
 
-    def alive_groups(self) -> tuple[list[tuple], np.ndarray]:
-        """The cells and idx_GxK of their non-diverged members (padded with -1)."""
-        groups = {key: [m for m in ids if not self.members[m]["diverged"]]
+    def used_groups(self) -> tuple[list[tuple], np.ndarray]:
+        """The cells and idx_GxK of their used members (padded with -1)."""
+        groups = {key: [m for m in ids if grid.usable(self.members[m])]
                   for key, ids in grid.cell_groups(self.members).items()}
         width = max([len(v) for v in groups.values()] + [1])
         idx = np.full((len(groups), width), -1, np.int64)
@@ -57,7 +58,8 @@ def load_run(cfg: Config, out: str) -> FinishedRun:
 
 
 def select_pairs(spec: str, members: list[dict]) -> tuple[list[tuple[int, int]], int]:
-    """The requested pairs among non-diverged members, and how many requested pairs were left out as diverged."""
+    """The requested pairs among used members, and how many requested pairs were left out (a member diverged or
+    unfit)."""
     if spec == "all":
         requested = barriers.pairs_all(range(len(members)))
     elif spec == "within":
@@ -69,42 +71,67 @@ def select_pairs(spec: str, members: list[dict]) -> tuple[list[tuple[int, int]],
             requested = barriers.read_pairs(spec, len(members))
         except ValueError as err:
             raise ConfigError(f"barriers.pairs: {err}") from None
-    kept = [p for p in requested if not (members[p[0]]["diverged"] or members[p[1]]["diverged"])]
+    kept = [p for p in requested if grid.usable(members[p[0]]) and grid.usable(members[p[1]])]
     return kept, len(requested) - len(kept)
 
 
-def _curve_columns(curves: dict, alphas: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-pair barrier columns from {split: (loss_PxA, err_PxA)}."""
+def _curve_columns(curves: dict, alphas: np.ndarray, suffix: str = "") -> dict[str, np.ndarray]:
+    """Per-pair barrier columns from {split: (loss_PxAxR1, err_PxAxR1)} (the last axis: the evaluation set itself,
+    then its resamplings): both barrier forms, each with its noise floor (jaxlmc.stats), and the midpoint."""
     columns = {}
     for split, (loss, err) in curves.items():
         for metric, curve in (("loss", loss), ("error", err)):
-            columns[f"{metric}_barrier_{split}"] = barriers.barrier_endpoint_mean(curve)
-            columns[f"{metric}_barrier_{split}_lin"] = barriers.barrier_linear(curve, alphas)
-            columns[f"{metric}_mid_{split}"] = barriers.midpoint(curve, alphas)
+            for form in stats.FORMS:
+                name = f"{metric}_barrier_{split}{form}{suffix}"
+                columns[name] = stats.barrier(curve[..., 0], alphas, form)
+                if curve.shape[-1] > 2:
+                    columns[f"{name}_floor"] = stats.noise_floor(curve, alphas, form)
+            columns[f"{metric}_mid_{split}{suffix}"] = barriers.midpoint(curve[..., 0], alphas)
     return columns
 
 
-def _summary(groups: dict, pair_rows: list[dict], start_rows: list[dict], bootstrap: int) -> list[dict]:
-    """One row per grid cell: mean, std and bootstrap CI of every pair measure (within-cell pairs) and of every
-    to-start measure (the cell's members)."""
-    measures = [k for k in (pair_rows or start_rows or [{}])[0] if k.startswith(("loss_", "error_"))]
-    measures += ["dist", "update_cos"]
+def _measures(rows: list[dict]) -> list[str]:
+    return [k for k in (rows or [{}])[0] if k.startswith(("loss_", "error_")) and not k.endswith("_floor")]
+
+
+def _summary(members: list[dict], pair_rows: list[dict], start_rows: list[dict], bootstrap: int,
+             num_seeds: int) -> list[dict]:
+    """One row per grid cell: for every pair measure (within-cell pairs) and every to-start measure (the cell's used
+    members), its mean, std over pairs (members) and member-bootstrap CI (jaxlmc.stats); for every barrier with a
+    noise floor, the mean floor and the mean excess (barrier − floor) with its CI."""
+    draws = stats.seed_draws(num_seeds, bootstrap)
     out = []
-    for key, member_ids in groups.items():
+    for key, member_ids in grid.cell_groups(members).items():
         row = dict(zip(grid.CELL_KEYS, key))
+        cell_members = [members[m] for m in member_ids]
         within = [p for p in pair_rows if p["same_cell"] and grid.cell(p) == key]
         starts = [s for s in start_rows if s["member"] in member_ids]
-        row.update({"members": len(member_ids), "members_used": len(starts), "pairs": len(within)})
+        row.update({"members": len(member_ids), "members_used": len(starts), "pairs": len(within),
+                    "diverged": sum(m["diverged"] for m in cell_members),
+                    "unfit": sum(bool(m.get("unfit")) for m in cell_members)})
+        seed_pairs = [(members[p["i"]]["seed"], members[p["j"]]["seed"]) for p in within]
         for prefix, rows in (("", within), ("start_", starts)):
-            for measure in measures:
-                if prefix and (measure == "update_cos" or measure.endswith("_aligned")):
-                    continue  # defined for pairs of members only
-                values = np.array([r[measure] for r in rows], np.float64)
-                finite = values[np.isfinite(values)]
-                lo, hi = barriers.bootstrap_ci(finite, bootstrap)
-                row[f"{prefix}{measure}_mean"] = finite.mean() if finite.size else np.nan
-                row[f"{prefix}{measure}_std"] = finite.std() if finite.size else np.nan
-                row[f"{prefix}{measure}_ci_lo"], row[f"{prefix}{measure}_ci_hi"] = lo, hi
+            for measure in _measures(pair_rows if not prefix else start_rows) + (["dist", "update_cos"] if not prefix
+                                                                                 else ["dist"]):
+                values = {name: np.array([r[name] for r in rows], np.float64)
+                          for name in (measure, f"{measure}_floor") if rows and name in rows[0]}
+                if measure not in values:
+                    continue
+                if f"{measure}_floor" in values:
+                    values["excess"] = values[measure] - values[f"{measure}_floor"]
+                for name, v in values.items():
+                    label = f"{prefix}{measure}" + ("_excess" if name == "excess" else
+                                                    "_floor" if name.endswith("_floor") else "")
+                    finite = v[np.isfinite(v)]
+                    row[f"{label}_mean"] = finite.mean() if finite.size else np.nan
+                    row[f"{label}_std"] = finite.std() if finite.size else np.nan
+                    if prefix:
+                        per_seed = np.full(num_seeds, np.nan)
+                        per_seed[[r["seed"] for r in rows]] = v
+                        replicates = stats.member_replicates(per_seed, draws)
+                    else:
+                        replicates = stats.pair_replicates(stats.symmetric_matrix(num_seeds, seed_pairs, v), draws)
+                    row[f"{label}_ci_lo"], row[f"{label}_ci_hi"] = stats.ci(replicates) if bootstrap else (np.nan,) * 2
         out.append(row)
     return out
 
@@ -112,7 +139,8 @@ def _summary(groups: dict, pair_rows: list[dict], start_rows: list[dict], bootst
 @dataclasses.dataclass
 class Curves:
     """The compiled pass's output for one run: curves of the member pairs, of each member to its start, and (with
-    barriers.align) of the aligned member pairs; {split: (loss_PxA, err_PxA)} each."""
+    barriers.align) of the aligned member pairs; {split: (loss_PxAxR1, err_PxAxR1)} each, the last axis holding the
+    curve on the evaluation set itself and then on each of its barriers.noise_resamples resamplings."""
 
     alphas: np.ndarray
     pairs: dict
@@ -128,23 +156,24 @@ class Curves:
 
 
 def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tuple[int, int]], status=None) -> Curves:
-    """Every requested member pair and every member-to-start pair of the non-diverged members in one compiled pass;
-    with barriers.align, weight matching of each member pair and the same pass on the aligned pairs."""
+    """Every requested member pair and every member-to-start pair of the used members in one compiled pass; with
+    barriers.align, weight matching of each member pair and the same pass on the aligned pairs."""
     b = cfg.barriers
-    alive = run.alive
-    # Only non-diverged members enter the pass: members at positions 0..K-1, their starting points at K..2K-1.
-    position = {m: k for k, m in enumerate(alive)}
-    take = jnp.asarray(alive)
+    used = run.used
+    # Only used members enter the pass: members at positions 0..K-1, their starting points at K..2K-1.
+    position = {m: k for k, m in enumerate(used)}
+    take = jnp.asarray(used)
     params_K = jax.tree.map(lambda a: a[take], run.params_M)
     start_K = jax.tree.map(lambda a: a[take], start_M)
     both_2K = jax.tree.map(lambda a, s: jnp.concatenate([a, s]), params_K, start_K)
-    num_alive = len(alive)
+    num_used = len(used)
     member_pairs = [(position[i], position[j]) for i, j in pairs]
-    start_pairs = [(k, num_alive + k) for k in range(num_alive)]
+    start_pairs = [(k, num_used + k) for k in range(num_used)]
     pairs_Px2 = jnp.asarray(member_pairs + start_pairs, jnp.int32).reshape(-1, 2)
 
     alphas = barriers.alpha_grid(b.alphas)
-    eval_sets = tasks.eval_sets(cfg, run.task)
+    eval_sets = tasks.eval_sets(cfg, run.task, resamples=b.noise_resamples)
+    with_resamples = (lambda a: a) if b.noise_resamples else (lambda a: a[..., None])
     budget = memory.memory_budget(b.memory_fraction)
     chunk = b.chunk_pairs or barriers.auto_chunk_pairs(run.model, both_2K, eval_sets, alphas, len(pairs_Px2), budget)
     if status:
@@ -153,7 +182,8 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
     mesh = shard.device_mesh()
     curves_fn = barriers.make_curves(run.model, alphas, chunk, mesh=mesh)
     start_time = time.perf_counter()
-    curves = jax.tree.map(shard.to_host, curves_fn(*shard.replicate((both_2K, pairs_Px2, eval_sets), mesh)))
+    curves = jax.tree.map(lambda a: with_resamples(shard.to_host(a)),
+                          curves_fn(*shard.replicate((both_2K, pairs_Px2, eval_sets), mesh)))
     seconds = time.perf_counter() - start_time  # includes compilation: what the researcher waits for
     num_member_pairs = len(member_pairs)
 
@@ -167,7 +197,7 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
         start_time = time.perf_counter()
         perms = permute.match_pairs(run.model, params_K, member_pairs)
         align_seconds = time.perf_counter() - start_time
-        aligned = jax.tree.map(shard.to_host, curves_fn(*shard.replicate(
+        aligned = jax.tree.map(lambda a: with_resamples(shard.to_host(a)), curves_fn(*shard.replicate(
             (params_K, pairs_Px2[:num_member_pairs], eval_sets, [jnp.asarray(p) for p in perms]), mesh)))
     return Curves(
         alphas=alphas,
@@ -177,10 +207,10 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
         chunk=chunk, splits=list(eval_sets), seconds=seconds, align_seconds=align_seconds)
 
 
-def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], alive: list[int], curves: Curves):
-    """(pair_rows, start_rows): one row per member pair and one per non-diverged member, with their cell keys."""
+def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[int], curves: Curves):
+    """(pair_rows, start_rows): one row per member pair and one per used member, with their cell keys."""
     pair_columns = _curve_columns(curves.pairs, curves.alphas)
-    pair_columns.update({f"{k}_aligned": v for k, v in _curve_columns(curves.aligned, curves.alphas).items()})
+    pair_columns.update(_curve_columns(curves.aligned, curves.alphas, "_aligned"))
     pair_rows = []
     for p, (i, j) in enumerate(pairs):
         mi, mj = members[i], members[j]
@@ -191,7 +221,7 @@ def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], alive: list[
         pair_rows.append(row)
     start_columns = _curve_columns(curves.to_start, curves.alphas)
     start_rows = []
-    for k, m in enumerate(alive):
+    for k, m in enumerate(used):
         row = {"member": m, **dict(zip(grid.CELL_KEYS, grid.cell(members[m]))), "seed": members[m]["seed"]}
         row.update({key: float(v[k]) for key, v in start_columns.items()})
         row["dist"] = float(curves.dist_K[k])
@@ -199,15 +229,15 @@ def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], alive: list[
     return pair_rows, start_rows
 
 
-def write_barriers(run: rundir.RunDir, pairs, alive, curves: Curves, pair_rows, start_rows, summary, settings) -> None:
+def write_barriers(run: rundir.RunDir, pairs, used, curves: Curves, pair_rows, start_rows, summary, settings) -> None:
     run.write_csv(rundir.PAIRS, pair_rows)
     run.write_csv(rundir.TO_START, start_rows)
     run.write_csv(rundir.BARRIER_SUMMARY, summary)
     arrays = {"alphas": curves.alphas, "pairs": np.asarray(pairs, np.int32).reshape(-1, 2),
-              "start_members": np.asarray(alive, np.int32)}
+              "start_members": np.asarray(used, np.int32)}
     for prefix, by_split in (("", curves.pairs), ("start_", curves.to_start), ("aligned_", curves.aligned)):
         for split, (loss, err) in by_split.items():
-            arrays[f"{prefix}loss_{split}"], arrays[f"{prefix}error_{split}"] = loss, err
+            arrays[f"{prefix}loss_{split}"], arrays[f"{prefix}error_{split}"] = loss[..., 0], err[..., 0]
     run.write_npz(rundir.CURVES, arrays)
     run.write_json(rundir.BARRIER_SETTINGS, settings)
 
@@ -220,20 +250,27 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     members = directory.members()
     pairs, left_out = select_pairs(b.pairs, members)  # a bad pair file is refused before any loading
     run = load_run(cfg, out)
-    if not run.alive:
-        raise ConfigError(f"every member of {out} diverged: there is nothing to interpolate")
-    start_M = finetuning.start_params(cfg, out, run.model, members)
+    if not run.used:
+        raise ConfigError(f"every member of {out} diverged or is unfit: there is nothing to interpolate")
+    # The start every member's barrier to the start is measured against: its body with the probe head (a head that
+    # works; a fresh random head sits at chance and would make that barrier meaningless). For probe-head members this
+    # is exactly where they started.
+    start_M = finetuning.start_params(cfg, out, run.model, members, run.task.train, heads="probe")
     curves = compute_curves(cfg, run, start_M, pairs, status)
-    pair_rows, start_rows = barrier_rows(members, pairs, run.alive, curves)
-    summary = _summary(grid.cell_groups(members), pair_rows, start_rows, b.bootstrap)
-    num_alive = len(run.alive)
-    num_evals = (len(pairs) + num_alive) * (len(curves.alphas) - 2) + 2 * num_alive
+    pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
+    summary = _summary(members, pair_rows, start_rows, b.bootstrap, cfg.finetune.seeds)
+    num_used = len(run.used)
+    num_evals = (len(pairs) + num_used) * (len(curves.alphas) - 2) + 2 * num_used
     settings = {"barriers": dataclasses.asdict(b), "chunk_pairs": curves.chunk, "member_pairs": len(pairs),
-                "start_pairs": num_alive, "left_out_diverged_pairs": left_out,
-                "diverged_members": len(members) - num_alive, "splits": curves.splits,
+                "start_pairs": num_used, "left_out_pairs": left_out,
+                "diverged_members": sum(m["diverged"] for m in members),
+                "unfit_members": sum(bool(m.get("unfit")) for m in members), "splits": curves.splits,
                 "alphas": curves.alphas.tolist(), "seconds": curves.seconds,
                 "model_evals_per_s": num_evals / curves.seconds, "align_seconds": curves.align_seconds,
+                "start": "each member's starting body with the linear-probe head (finetune.probe_steps, probe_l2)",
                 "form": {"<metric>_barrier_<split>": "endpoint-mean: max L(α) − (L(0) + L(1))/2",
-                         "<metric>_barrier_<split>_lin": "linear-baseline: max [L(α) − ((1−α)L(0) + αL(1))]"}}
-    write_barriers(directory, pairs, run.alive, curves, pair_rows, start_rows, summary, settings)
+                         "<metric>_barrier_<split>_lin": "linear-baseline: max [L(α) − ((1−α)L(0) + αL(1))]",
+                         "<barrier>_floor": "noise floor: 95 % quantile of the barrier of the centred curve over "
+                                            "bootstrap resamplings of the evaluation examples"}}
+    write_barriers(directory, pairs, run.used, curves, pair_rows, start_rows, summary, settings)
     return {"pairs": pair_rows, "to_start": start_rows, "summary": summary, "settings": settings}

@@ -25,12 +25,12 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
         raise ConfigError(f"pretrain.batch_size {p.batch_size} exceeds the {len(task.train.y)} training examples")
     run.open(cfg)
     model = models.build(cfg.model, task.input_shape, task.train.num_classes)
-    key = jax.random.key(p.seed)
-    params_1 = jax.tree.map(lambda a: a[None], model.init(jax.random.fold_in(key, 0)))
+    keys = train.stream_keys("pretrain", [p.seed])
+    params_1 = jax.tree.map(lambda a: a[None], model.init(keys["init"][0]))
     consts = {
         "lr": jnp.asarray(train.lr_table([p.lr], [p.schedule], p.steps, p.warmup_steps)),
         "wd": jnp.asarray([p.weight_decay], jnp.float32),
-        "data_key": jax.random.fold_in(key, 1)[None],
+        "data_key": keys["data"],
     }
     n_train = len(task.train.y)
     # One process: the model lives on one device. Several: it is replicated over all of them, so that it is one

@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from jaxlmc import figures, grid, rundir
+from jaxlmc import figures, grid, rundir, verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.figures import step_label
 
@@ -28,7 +28,7 @@ def build_summary(run: rundir.RunDir) -> list[dict]:
     for b in run.read_csv(rundir.BARRIER_SUMMARY):
         key = grid.cell(b)
         row = dict(zip(grid.CELL_KEYS, key))
-        row.update({"members": b["members"], "members_used": b["members_used"], "pairs": b["pairs"]})
+        row.update({k: b.get(k) for k in ("members", "members_used", "pairs", "diverged", "unfit")})
         for k, v in b.items():
             if k.endswith(("_mean", "_std", "_ci_lo", "_ci_hi")) and ("barrier" in k or k.startswith(("dist", "upd",
                                                                                                           "start_dist"))):
@@ -41,11 +41,13 @@ def build_summary(run: rundir.RunDir) -> list[dict]:
 
 def draw_figures(run: rundir.RunDir, summary: list[dict], members: list[dict]) -> list[tuple[str, str]]:
     """Draw every figure into figures/; returns (file name, one-line caption) pairs."""
-    cells = figures.Cells(summary)
+    head = figure_head(summary)
+    cells = figures.Cells([r for r in summary if head is None or r["head"] == head])
     curves = run.read_npz(rundir.CURVES)
     similarity = run.read_npz(rundir.SIMILARITY_ARRAYS)
     drawn = {
         "phase_diagram.png": figures.phase_diagram(cells),
+        "sources.png": figures.sources(summary),
         "barrier_vs_pretraining.png": figures.barrier_vs_pretraining(cells),
         "aligned_barrier.png": figures.aligned_barrier(cells),
         "interpolation_curves.png": figures.interpolation_curves(cells, run.read_csv(rundir.PAIRS), curves),
@@ -65,45 +67,27 @@ def draw_figures(run: rundir.RunDir, summary: list[dict], members: list[dict]) -
 # --------------------------------------------------------------------------------------------- the page
 
 
-def headline(summary: list[dict]) -> list[str]:
-    """Sentences computed from the summary: the answer a researcher looks for first."""
-    lines = []
-    threshold = summary[0].get("basin_threshold", float("nan")) if summary else float("nan")
-    steps = sorted({r["pretrain_step"] for r in summary if r["pretrain_step"] >= 0})
-    for lr in sorted({r["lr"] for r in summary}):
-        def at(step):
-            values = [r["error_barrier_test_mean"] for r in summary if r["lr"] == lr and r["pretrain_step"] == step]
-            return float(np.mean(values)) if values else np.nan
-
-        if len(steps) >= 2:
-            first, last = at(steps[0]), at(steps[-1])
-            trend = "falls" if last < first else "rises" if last > first else "stays"
-            text = (f"At fine-tuning LR {lr:g} the mean test error barrier between seeds {trend} from {first:.3f} "
-                    f"(checkpoint at step {steps[0]}) to {last:.3f} (step {steps[-1]})")
-            scratch = at(-1)
-            if np.isfinite(scratch):
-                text += f"; from scratch it is {scratch:.3f}"
-            lines.append(text + ".")
-    aligned = [r for r in summary if np.isfinite(r.get("error_barrier_test_aligned_mean", np.nan))]
-    for label, rows in (("the scratch cells", [r for r in aligned if r["pretrain_step"] < 0]),
-                        ("the fine-tuning cells", [r for r in aligned if r["pretrain_step"] >= 0])):
-        if rows:
-            naive = np.mean([r["error_barrier_test_mean"] for r in rows])
-            after = np.mean([r["error_barrier_test_aligned_mean"] for r in rows])
-            lines.append(f"After weight matching, the mean test error barrier over {label} goes from {naive:.3f} to "
-                         f"{after:.3f}.")
-    one_basin = [r for r in summary if r.get("basins") == 1]
-    lines.append(f"{len(one_basin)} of {len(summary)} cells have all their seeds in one basin (average-linkage "
-                 f"clusters of the test error barrier cut at {threshold:g}).")
-    gains = [r["uniform_gain"] for r in summary if np.isfinite(r.get("uniform_gain", np.nan))]
-    if gains:
-        lines.append(f"The uniform soup beats the best member in {sum(g > 0 for g in gains)} of {len(gains)} cells.")
-    return lines
+def headline(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
+    """The answers a researcher looks for first: BRIEF §1's hypotheses one by one (jaxlmc.verdicts)."""
+    return verdicts.answer(run)
 
 
-SUMMARY_TABLE = [("pretrain_step", "pretrain"), ("lr", "LR"), ("members_used", "n"),
-                 ("error_barrier_test_mean", "err barrier"), ("loss_barrier_test_mean", "loss barrier"),
-                 ("error_barrier_ood_mean", "OOD err barrier"), ("error_barrier_test_aligned_mean", "aligned"), ("start_error_barrier_test_lin_mean", "to start (lin)"),
+# The head policy the figures show when the grid varies it: the first of these present (data order alone first).
+FIGURE_HEADS = ("shared", "probe", "zero", "per_seed")
+
+
+def figure_head(summary: list[dict]) -> str | None:
+    heads = {r.get("head") for r in summary}
+    return next((h for h in FIGURE_HEADS if h in heads), None) if len(heads) > 1 else None
+
+
+SUMMARY_TABLE = [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"), ("members_used", "n"),
+                 ("unfit", "unfit"), ("diverged", "div"),
+                 ("error_barrier_test_mean", "err barrier"), ("error_barrier_test_floor_mean", "floor"),
+                 ("error_barrier_test_ci_lo", "CI lo"), ("error_barrier_test_ci_hi", "CI hi"),
+                 ("error_barrier_test_aligned_mean", "aligned"), ("error_barrier_test_aligned_floor_mean", "floor"),
+                 ("loss_barrier_test_mean", "loss barrier"), ("error_barrier_ood_mean", "OOD err barrier"),
+                 ("start_error_barrier_test_mean", "to start"), ("start_error_barrier_test_floor_mean", "floor"),
                  ("basins", "basins"), ("best_test_acc", "best"), ("uniform_test_acc", "uniform soup"),
                  ("greedy_test_acc", "greedy soup"), ("ensemble_test_acc", "ensemble"), ("ood_acc_std", "OOD std"),
                  ("disagreement_test", "disagree"), ("cka_mean", "CKA")]
@@ -174,7 +158,13 @@ def render(out: str, stages) -> str:
         + (f", OOD <code>{html.escape(d['ood_task'])}</code>" if d["ood_task"] else "")
         + f"; {f_['seeds']} seeds per cell, {f_['steps']} fine-tuning steps. Stage times: "
         + html.escape(", ".join(timings) or "not recorded") + ".</p>",
-        "<h2>Answer</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in headline(summary)) + "</ul>",
+        "<h2>Answer</h2><p>Every interval is a 95 % bootstrap CI over seeds (the independent units; pairs share "
+        "members); a difference is stated only when its CI excludes 0. How to read each number and figure: "
+        "<code>docs/science.md</code> in the jaxlmc repository.</p>"
+        + "".join(f"<h3>{html.escape(q)}</h3><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines) + "</ul>"
+                  for q, lines in headline(run))
+        + (f"<p>The figures show the <code>{html.escape(figure_head(summary))}</code>-head cells (the grid's "
+           "other head policies are in the table and in sources.png).</p>" if figure_head(summary) else ""),
         "<h2>Figures</h2>",
     ]
     parts += [_figure_html(run, name, caption) for name, caption in drawn]
@@ -183,8 +173,8 @@ def render(out: str, stages) -> str:
               _table(summary, SUMMARY_TABLE)]
     if pretrain_rows:
         parts += ["<h2>Pretraining checkpoints</h2>",
-                  _table(pretrain_rows, [("step", "step"), ("train_acc", "train acc"), ("test_acc", "test acc"),
-                                         ("test_loss", "test loss")])]
+                  _table(pretrain_rows, [("step", "step"), ("train_loss", "train loss"), ("train_acc", "train acc"),
+                                         ("test_loss", "test loss"), ("test_acc", "test acc")])]
     parts += ["<h2>Provenance</h2><p>The run directory's config (training sections; <code>config.json</code>), "
               "library versions and devices, then the settings each measuring stage ran with "
               "(<code>stages/*.json</code>).</p><pre>" + html.escape(json.dumps(provenance, indent=2)) + "</pre><pre>"

@@ -1,6 +1,8 @@
 """Path dependence beyond barriers, per grid cell of a finished run: spread of test and OOD accuracy over seeds, mean
 pairwise prediction disagreement, linear CKA of penultimate representations, and basins: clusters of the test error
-barrier matrix (barriers/pairs.csv) cut at study.basin_threshold (similarity.csv, basins.csv, similarity.npz)."""
+barrier matrix (barriers/pairs.csv; after weight matching when barriers.align measured it) cut at the cell's noise
+floor, the mean over its pairs of the barrier evaluation noise alone would show (jaxlmc.stats) — never at a round
+number (similarity.csv, basins.csv, similarity.npz)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -31,7 +33,7 @@ def _off_mean(matrix: np.ndarray, reduce=np.mean) -> float:
 
 
 def cell_similarity(cfg: Config, members: list[dict], ids: list[int], preds_test, preds_ood, features,
-                    barrier_of: dict) -> tuple[dict, dict]:
+                    barrier_of: dict, floor: float) -> tuple[dict, dict]:
     """(the similarity columns of one cell with members `ids`, its matrices)."""
     row = {}
     for split in ("test", "ood"):
@@ -44,12 +46,18 @@ def cell_similarity(cfg: Config, members: list[dict], ids: list[int], preds_test
     cka = np.asarray(analysis.linear_cka(jnp.asarray(features[ids])))
     row["cka_mean"], row["cka_min"] = _off_mean(cka), _off_mean(cka, np.min)
     barrier = _barrier_matrix(ids, barrier_of)
-    labels = analysis.basins(barrier, cfg.study.basin_threshold)
+    labels = analysis.basins(barrier, floor)
     sizes = np.bincount(labels)
-    row.update({"basin_threshold": cfg.study.basin_threshold, "basins": int(len(sizes)),
+    row.update({"basin_threshold": floor, "basins": int(len(sizes)),
                 "basin_sizes": "+".join(map(str, sizes)), "largest_basin_fraction": float(sizes.max() / len(ids))})
     return row, {"members": np.asarray(ids), "barrier": barrier, "cka": cka, "disagreement_test": disagree_test,
                  "basin": labels}
+
+
+def basin_measure(pair_rows: list[dict]) -> str:
+    """The barrier basins are cut on: the test error barrier, after weight matching when it was measured."""
+    aligned = "error_barrier_test_aligned"
+    return aligned if pair_rows and aligned in pair_rows[0] else "error_barrier_test"
 
 
 def similarity_of_run(cfg: Config, out: str) -> list[dict]:
@@ -59,8 +67,11 @@ def similarity_of_run(cfg: Config, out: str) -> list[dict]:
     directory = rundir.RunDir(out)
     if not directory.exists(rundir.PAIRS):
         raise ConfigError(f"{out} has no barriers/pairs.csv; run `jaxlmc barriers {out}` first")
-    barrier_of = {(r["i"], r["j"]): r["error_barrier_test"] for r in directory.read_csv(rundir.PAIRS)}
-    cells, idx_GxK = run.alive_groups()
+    pair_rows = directory.read_csv(rundir.PAIRS)
+    column = basin_measure(pair_rows)
+    barrier_of = {(r["i"], r["j"]): r[column] for r in pair_rows}
+    floor_of = {(r["i"], r["j"]): r.get(f"{column}_floor", np.nan) for r in pair_rows}
+    cells, idx_GxK = run.used_groups()
     n = cfg.study.similarity_examples
     outputs = analysis.make_outputs(run.model)
     logits_test, features = map(np.asarray, outputs(run.params_M, jnp.asarray(run.task.test.x[:n])))
@@ -73,8 +84,9 @@ def similarity_of_run(cfg: Config, out: str) -> list[dict]:
         ids = [int(i) for i in idx_GxK[g] if i >= 0]
         row = {**dict(zip(grid.CELL_KEYS, key)), "members_used": len(ids)}
         if ids:
+            floors = [v for (i, j), v in floor_of.items() if i in ids and j in ids and np.isfinite(v)]
             columns, matrices = cell_similarity(cfg, run.members, ids, logits_test.argmax(-1), preds_ood, features,
-                                                barrier_of)
+                                                barrier_of, float(np.mean(floors)) if floors else 0.0)
             row.update(columns)
             basin_rows += [{"member": i, **dict(zip(grid.CELL_KEYS, key)), "basin": int(label)}
                            for i, label in zip(ids, matrices["basin"])]

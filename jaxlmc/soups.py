@@ -31,7 +31,7 @@ def _soup_accuracies(cfg: Config, run: FinishedRun, idx_GxK: np.ndarray):
 
 def soup_rows(cfg: Config, run: FinishedRun) -> list[dict]:
     """One row per grid cell (the columns of rundir.SOUPS). Gains are test accuracy over the best member's."""
-    cells, idx_GxK = run.alive_groups()
+    cells, idx_GxK = run.used_groups()
     acc, greedy_GxM, val_acc_M = _soup_accuracies(cfg, run, idx_GxK)
     outputs = analysis.make_outputs(run.model)
     splits = {name: split for name, split in (("test", run.task.test), ("ood", run.task.ood)) if split is not None}

@@ -50,7 +50,7 @@ def report_stage(cfg: Config, out: str) -> str:
 # The training sections are enforced for the whole directory by RunDir.open, so no stage lists them.
 STAGES: list[Stage] = [
     Stage("pretrain", pretraining.pretrain, writes=(rundir.PRETRAIN,), trains=True),
-    Stage("finetune", finetuning.finetune, settings=("run.eval_batch_size", "data.train_eval_size"),
+    Stage("finetune", finetuning.finetune, settings=("run.eval_batch_size", "data.train_eval_size", "study.unfit_fraction"),
           needs=("pretrain",), writes=(rundir.MEMBERS,), trains=True),
     Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size"), needs=("finetune",),
           writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES, rundir.BARRIER_SETTINGS)),

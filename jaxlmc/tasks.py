@@ -20,25 +20,41 @@ class Task:
         return self.train.x.shape[1:]
 
 
-def _load(key: str, name: str, label_map: str, data_dir: str, splits=("train", "test"), stats_from=None) -> dict:
+def _load(key: str, name: str, label_map: str, data_dir: str, splits=("train", "test"), stats_from=None,
+          classes: tuple[str, list[int]] = ("", [])) -> dict:
+    """Load a task; a bad dataset, label map or class list is a config error naming the key (the classes' key for a
+    class list the dataset does not have), raised before anything is written."""
+    classes_key, class_list = classes
     try:
-        return data.load_task(name, label_map, data_dir or None, splits=splits, stats_from=stats_from)
+        if class_list:
+            n_classes = data.num_classes(name, data_dir or None)
+            try:
+                data.check_classes(class_list, n_classes)
+            except ValueError as err:
+                raise ConfigError(f"{classes_key}: {err} ({key} = {name!r})") from None
+        return data.load_task(name, label_map, data_dir or None, splits=splits, stats_from=stats_from,
+                              classes=class_list)
+    except ConfigError:
+        raise
     except ValueError as err:  # an unknown dataset or label map is a config error: name the key
         raise ConfigError(f"{key}: {err}") from None
 
 
 def load_pretrain_task(cfg: Config) -> Task:
-    splits = _load("data.pretrain_task", cfg.data.pretrain_task, cfg.data.pretrain_labels, cfg.data.data_dir)
+    d = cfg.data
+    splits = _load("data.pretrain_task", d.pretrain_task, d.pretrain_labels, d.data_dir,
+                   classes=("data.pretrain_classes", d.pretrain_classes))
     return Task(splits["train"], splits["test"])
 
 
 def load_finetune_task(cfg: Config) -> Task:
     d = cfg.data
-    splits = _load("data.finetune_task", d.finetune_task, d.finetune_labels, d.data_dir)
+    classes = ("data.finetune_classes", d.finetune_classes)
+    splits = _load("data.finetune_task", d.finetune_task, d.finetune_labels, d.data_dir, classes=classes)
     ood = None
     if d.ood_task:
         ood = _load("data.ood_task", d.ood_task, d.finetune_labels, d.data_dir, splits=("test",),
-                    stats_from=d.finetune_task)["test"]
+                    stats_from=d.finetune_task, classes=classes)["test"]
         if ood.x.shape[1:] != splits["train"].x.shape[1:]:
             raise ConfigError(f"data.ood_task {d.ood_task} has inputs {ood.x.shape[1:]}, the fine-tuning task "
                               f"{splits['train'].x.shape[1:]}")
@@ -54,14 +70,16 @@ def load_finetune_task(cfg: Config) -> Task:
     return Task(train_split, splits["test"], ood, val)
 
 
-def eval_sets(cfg: Config, task: Task, validation: bool = False) -> dict[str, tuple]:
+def eval_sets(cfg: Config, task: Task, validation: bool = False, resamples: int = 0) -> dict[str, tuple]:
     """The fixed train subset, test, (if any) OOD and (if asked and held out) validation sets, batched on the device
-    once per run."""
+    once per run. With `resamples` > 0 each set carries that many bootstrap resamplings of its examples (a fixed draw
+    per set), and evaluating it also gives the reweighted means (the barrier pass's noise floors, jaxlmc.stats)."""
     n = cfg.data.train_eval_size
-    sets = {"train": train.batch_eval_set(task.train.x[:n], task.train.y[:n], cfg.run.eval_batch_size),
-            "test": train.batch_eval_set(task.test.x, task.test.y, cfg.run.eval_batch_size)}
+    named = {"train": (task.train.x[:n], task.train.y[:n]), "test": (task.test.x, task.test.y)}
     if task.ood is not None:
-        sets["ood"] = train.batch_eval_set(task.ood.x, task.ood.y, cfg.run.eval_batch_size)
+        named["ood"] = (task.ood.x, task.ood.y)
     if validation and task.val is not None:
-        sets["val"] = train.batch_eval_set(task.val.x, task.val.y, cfg.run.eval_batch_size)
-    return sets
+        named["val"] = (task.val.x, task.val.y)
+    return {name: train.batch_eval_set(x, y, cfg.run.eval_batch_size,
+                                       train.resample_counts(len(y), resamples, seed=k) if resamples else None)
+            for k, (name, (x, y)) in enumerate(named.items())}

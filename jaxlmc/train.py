@@ -54,12 +54,27 @@ def lr_table(peak_lrs: list[float], kinds: list[str], steps: int, warmup_steps: 
                      for lr, k in zip(peak_lrs, kinds)])
 
 
+# Every random stream jaxlmc draws, by phase. A phase's streams of seed s are fold_in(fold_in(key(s), phase), stream):
+# pretraining with seed 0 and fine-tuning seed 0 never share a key (they did once: the pretrained body's init key was
+# fine-tuning seed 0's head key). "shared" holds the one head every member of a `shared`-head cell starts from.
+STREAMS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("init", "data"),
+    "finetune": ("head", "data", "noise", "init"),
+    "shared": ("head",),
+}
+
+
+def stream_keys(phase: str, seeds) -> dict:
+    """{stream: keys_S}: the key streams of `phase` for each seed (see STREAMS)."""
+    phase_index = list(STREAMS).index(phase)
+    base = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), phase_index))(jnp.asarray(seeds, jnp.uint32))
+    return {name: jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(base) for i, name in enumerate(STREAMS[phase])}
+
+
 def member_keys(seeds) -> dict:
-    """Isolated randomness: separate key streams for head initialisation, data order, other noise (dropout), and the
-    whole initialisation of from-scratch controls."""
-    base = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    return {name: jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(base)
-            for i, name in enumerate(("head", "data", "noise", "init"))}
+    """Isolated randomness of fine-tuning members: separate key streams for head initialisation, data order, other
+    noise (dropout), and the whole initialisation of from-scratch controls."""
+    return stream_keys("finetune", seeds)
 
 
 def init_state(params_M: dict, opt_kind: str, momentum: float, n_train: int) -> dict:
@@ -145,8 +160,13 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
     return jax.jit(chunk, donate_argnums=0)
 
 
-def batch_eval_set(x_NxF, y_N, batch_size: int) -> tuple:
-    """An evaluation set padded and reshaped once, on the host, into (x_NBxBxF…, y_NBxB, mask_NBxB) device arrays."""
+def batch_eval_set(x_NxF, y_N, batch_size: int, resample_weights_RxN=None) -> tuple:
+    """An evaluation set padded and reshaped once, on the host, into (x_NBxBxF…, y_NBxB, mask_NBxB) device arrays.
+
+    With `resample_weights_RxN` (e.g. bootstrap counts of the examples, `resample_counts`) a fourth array
+    weights_NBxBxR comes along, and `loss_and_error` also returns the R reweighted means: the same evaluation under R
+    resamplings of its examples, at the cost of one small matrix product per batch.
+    """
     n = len(y_N)
     batch = min(batch_size, n)
     num_batches = math.ceil(n / batch)
@@ -154,27 +174,49 @@ def batch_eval_set(x_NxF, y_N, batch_size: int) -> tuple:
     x = np.concatenate([np.asarray(x_NxF, np.float32), np.zeros((pad, *np.shape(x_NxF)[1:]), np.float32)])
     y = np.concatenate([np.asarray(y_N, np.int32), np.zeros((pad,), np.int32)])
     mask = np.arange(num_batches * batch) < n
-    return (jnp.asarray(x.reshape(num_batches, batch, *x.shape[1:])), jnp.asarray(y.reshape(num_batches, batch)),
-            jnp.asarray(mask.reshape(num_batches, batch)))
+    out = (jnp.asarray(x.reshape(num_batches, batch, *x.shape[1:])), jnp.asarray(y.reshape(num_batches, batch)),
+           jnp.asarray(mask.reshape(num_batches, batch)))
+    if resample_weights_RxN is None:
+        return out
+    weights = np.asarray(resample_weights_RxN, np.float32)
+    weights = np.concatenate([weights, np.zeros((len(weights), pad), np.float32)], axis=1)
+    return (*out, jnp.asarray(weights.T.reshape(num_batches, batch, len(weights))))
+
+
+def resample_counts(num_examples: int, num_resamples: int, seed: int = 0) -> np.ndarray:
+    """counts_RxN: how often each example is drawn in each of R bootstrap resamples (each sums to N)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, num_examples, (num_resamples, num_examples))
+    return np.stack([np.bincount(d, minlength=num_examples) for d in draws]).astype(np.float32)
 
 
 def loss_and_error(model: Model, params: dict, eval_set: tuple):
     """Mean loss and error (1 − accuracy) of one model over a batched evaluation set (lax.map over batches).
 
-    The ensemble's evaluation vmaps this over members and the barrier pass over interpolated models.
+    The ensemble's evaluation vmaps this over members and the barrier pass over interpolated models. For a set with
+    resample weights (`batch_eval_set`), loss and error are vectors [1 + R]: the plain mean first, then the R
+    reweighted means.
     """
-    x_NBxBxF, y_NBxB, mask_NBxB = eval_set
+    x_NBxBxF, y_NBxB, mask_NBxB = eval_set[:3]
+    weights_NBxBxR = eval_set[3] if len(eval_set) > 3 else None
 
     def batch_sums(args):
-        x_BxF, y_B, mask_B = args
+        x_BxF, y_B, mask_B, *weights = args
         logits_BxC = model.apply(params, x_BxF)
-        loss = jnp.where(mask_B, cross_entropy(logits_BxC, y_B), 0.0).sum()
-        wrong = jnp.where(mask_B, jnp.argmax(logits_BxC, -1) != y_B, False).sum()
-        return loss, wrong
+        loss_B = jnp.where(mask_B, cross_entropy(logits_BxC, y_B), 0.0)
+        wrong_B = jnp.where(mask_B, jnp.argmax(logits_BxC, -1) != y_B, False).astype(jnp.float32)
+        if not weights:
+            return loss_B.sum(), wrong_B.sum()
+        return (jnp.concatenate([loss_B.sum()[None], loss_B @ weights[0]]),
+                jnp.concatenate([wrong_B.sum()[None], wrong_B @ weights[0]]))
 
-    loss, wrong = lax.map(batch_sums, (x_NBxBxF, y_NBxB, mask_NBxB))
+    batches = (x_NBxBxF, y_NBxB, mask_NBxB) + (() if weights_NBxBxR is None else (weights_NBxBxR,))
+    loss, wrong = lax.map(batch_sums, batches)
     n_examples = mask_NBxB.sum()
-    return loss.sum() / n_examples, wrong.sum() / n_examples
+    if weights_NBxBxR is None:
+        return loss.sum() / n_examples, wrong.sum() / n_examples
+    totals = jnp.concatenate([n_examples[None].astype(jnp.float32), weights_NBxBxR.sum(axis=(0, 1))])
+    return loss.sum(axis=0) / totals, wrong.sum(axis=0) / totals
 
 
 def make_evaluate(model: Model):

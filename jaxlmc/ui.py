@@ -73,7 +73,7 @@ def _fmt(value) -> str:
 
 # Short headers so the per-member table fits an 80-column terminal; members.csv has every column in full.
 MEMBER_RESULTS = [("train_acc", "train acc"), ("test_acc", "test acc"), ("ood_acc", "ood acc"),
-                  ("dist_from_init", "dist"), ("diverged", "div")]
+                  ("dist_from_init", "dist"), ("diverged", "div"), ("unfit", "unfit")]
 
 
 def print_members(rows: list[dict]) -> None:
@@ -90,20 +90,20 @@ def print_members(rows: list[dict]) -> None:
     for row in rows:
         groups.setdefault(grid.cell(row), []).append(row)
     axes = grid.shown(rows, cells_only=True)
-    summary = Table(title="per cell: mean ± std over seeds (diverged members left out)")
-    for header in [a.header for a in axes] + ["n", "test acc", "ood acc", "dist", "div"]:
+    summary = Table(title="per cell: mean ± std over seeds (diverged and unfit members left out)")
+    for header in [a.header for a in axes] + ["n", "test acc", "ood acc", "dist", "div", "unfit"]:
         summary.add_column(header, justify="right")
     for members in groups.values():
-        alive = [m for m in members if not m["diverged"]]
+        used = [m for m in members if grid.usable(m)]
 
         def stat(key, digits=3):
-            values = np.array([m[key] for m in alive], dtype=float)
+            values = np.array([m[key] for m in used], dtype=float)
             if values.size == 0 or np.isnan(values).all():
                 return "–"
             return f"{values.mean():.{digits}f}±{values.std():.{digits}f}"
 
         summary.add_row(*cell_values(members[0], axes), str(len(members)), stat("test_acc"), stat("ood_acc"), stat("dist_from_init", 1),
-                        str(len(members) - len(alive)))
+                        str(sum(m["diverged"] for m in members)), str(sum(bool(m.get("unfit")) for m in members)))
     console.print(summary)
 
 
@@ -165,9 +165,9 @@ def print_barriers(result: dict) -> None:
         table.add_row(*cell_values(row, axes), str(row["members_used"]), ms("start_error_barrier_test_lin"), ms("start_dist", 2),
                       ms("dist", 2), ms("update_cos", 2))
     console.print(table)
-    if settings["diverged_members"]:
-        console.print(f"[yellow]{settings['diverged_members']} diverged members left out "
-                      f"({settings['left_out_diverged_pairs']} pairs)[/yellow]")
+    if settings["diverged_members"] or settings.get("unfit_members"):
+        console.print(f"[yellow]{settings['diverged_members']} diverged and {settings.get('unfit_members', 0)} unfit "
+                      f"members left out ({settings['left_out_pairs']} pairs)[/yellow]")
     console.print(f"{settings['member_pairs']} member pairs and {settings['start_pairs']} to-start pairs × "
                   f"{len(settings['alphas'])} α on {', '.join(settings['splits'])} in {settings['seconds']:.1f} s "
                   f"(chunks of {settings['chunk_pairs']} pair{'s' * (settings['chunk_pairs'] > 1)}, compilation included)")
@@ -175,18 +175,24 @@ def print_barriers(result: dict) -> None:
 
 def print_study(out: str) -> None:
     """The study's answer in the terminal: the report's headline sentences and a compact per-cell table."""
-    summary = report.build_summary(rundir.RunDir(out))
+    run = rundir.RunDir(out)
+    summary = report.build_summary(run)
     table = Table(title="per cell (test set; every column in summary.csv)", box=box.SIMPLE_HEAD, pad_edge=False)
-    columns = [("pretrain_step", "pretrain"), ("lr", "lr"), ("error_barrier_test_mean", "err barrier"),
+    heads = [("head", "head")] if len({r["head"] for r in summary}) > 1 else []
+    columns = [("pretrain_step", "pretrain"), ("lr", "lr"), *heads, ("unfit", "unfit"),
+               ("error_barrier_test_mean", "err barrier"), ("error_barrier_test_floor_mean", "floor"),
                ("basins", "basins"), ("best_test_acc", "best"), ("uniform_test_acc", "soup"),
                ("greedy_test_acc", "greedy"), ("ensemble_test_acc", "ens"), ("ood_acc_std", "ood std")]
     for _, header in columns:
         table.add_column(header, justify="right")
     for row in summary:
         table.add_row(*[report.step_label(int(row[k])) if k == "pretrain_step" else
-                        f"{row[k]:g}" if k == "lr" else _count(row[k]) if k == "basins" else _num(row.get(k))
+                        f"{row[k]:g}" if k == "lr" else str(row[k]) if k == "head" else
+                        _count(row[k]) if k in ("basins", "unfit") else _num(row.get(k))
                         for k, _ in columns])
     console.print(table)
-    for line in report.headline(summary):
-        console.print(f"• {line}")
+    for question, lines in report.headline(run):
+        console.print(f"[bold]{question}[/bold]")
+        for line in lines:
+            console.print(f"  • {line}")
     console.print(f"report: {os.path.join(out, 'report.html')}")

@@ -1,0 +1,176 @@
+"""Statistics a referee accepts (docs/science.md): uncertainty over the independent units, the seeds; noise floors
+from resampling the evaluation examples; and verdicts that say "not resolved" when the data do not decide.
+
+* **Member bootstrap.** The pairs of a cell share members (8 seeds give 28 dependent pairs), so a confidence interval
+  resamples seeds, never pairs: a replicate draws S seeds with replacement and averages the measure over the pairs of
+  distinct drawn seeds (or over the drawn members, for a per-member measure). Members that share a seed share their
+  data order (and head, per_seed) in every cell, so one set of draws serves every cell at once, and the difference of
+  two cells' replicates is the paired bootstrap of their difference.
+* **Noise floor.** A barrier is the maximum of a curve measured on n examples; two models in one basin still show a
+  positive one. The barrier pass also evaluates every curve under R bootstrap resamplings of the evaluation examples
+  (`train.batch_eval_set`). The centred resampled curve δ_r(α) = L_r(α) − L(α) is the curve's evaluation noise alone;
+  the barrier of δ_r is what that noise makes of a truly flat curve, and the pair's floor is its 95 % quantile. A model
+  against itself has δ_r constant in α, hence floor 0 and barrier 0.
+* **Verdicts.** A cell's excess, mean over its pairs of (barrier − floor), with a member-bootstrap CI: "one basin"
+  when the whole CI lies below 0, "separate basins" when it lies above, otherwise "not resolved".
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.stats
+
+from jaxlmc import barriers, grid
+
+LEVEL = 0.95
+FORMS = ("", "_lin")  # column suffixes: endpoint-mean and linear-baseline barriers
+
+
+def barrier(curve_PxA, alphas, form: str = "") -> np.ndarray:
+    """The endpoint-mean ("") or linear-baseline ("_lin") barrier of each curve (BRIEF §2)."""
+    if form == "":
+        return barriers.barrier_endpoint_mean(curve_PxA)
+    return barriers.barrier_linear(curve_PxA, alphas)
+
+
+def noise_floor(curves_PxAxR1, alphas, form: str = "", level: float = LEVEL) -> np.ndarray:
+    """floor_P: the `level` quantile, over the R resamplings, of the barrier of each pair's centred resampled curve.
+
+    `curves_PxAxR1[..., 0]` is the curve on the evaluation set itself, `[..., 1:]` its R resamplings."""
+    curves = np.asarray(curves_PxAxR1, np.float64)
+    if curves.shape[-1] < 3:
+        return np.full(curves.shape[0], np.nan)
+    centred = curves[..., 1:] - curves[..., :1]  # P × A × R
+    num_pairs, num_alphas, num_resamples = centred.shape
+    flat = np.moveaxis(centred, 2, 1).reshape(num_pairs * num_resamples, num_alphas)
+    null_PxR = barrier(flat, alphas, form).reshape(num_pairs, num_resamples)
+    return np.quantile(null_PxR, level, axis=1)
+
+
+def seed_draws(num_seeds: int, num_resamples: int, seed: int = 0) -> np.ndarray:
+    """draws_RxS: R bootstrap draws of S seed indices with replacement (fixed seed: reports are reproducible)."""
+    return np.random.default_rng(seed).integers(0, num_seeds, (num_resamples, num_seeds))
+
+
+def pair_replicates(matrix_SxS, draws_RxS) -> np.ndarray:
+    """The mean of a symmetric pair measure (NaN where a pair is missing) over the pairs of distinct seeds in each
+    draw: replicates_R. A draw with no finite pair gives NaN."""
+    matrix = np.asarray(matrix_SxS, np.float64)
+    sub = matrix[draws_RxS[:, :, None], draws_RxS[:, None, :]]
+    keep = (draws_RxS[:, :, None] != draws_RxS[:, None, :]) & np.isfinite(sub)
+    count = keep.sum(axis=(1, 2))
+    total = np.where(keep, sub, 0.0).sum(axis=(1, 2))
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def member_replicates(values_S, draws_RxS) -> np.ndarray:
+    """The mean of a per-member measure (NaN where a member is missing) over each draw: replicates_R."""
+    sub = np.asarray(values_S, np.float64)[draws_RxS]
+    keep = np.isfinite(sub)
+    count = keep.sum(axis=1)
+    return np.where(count > 0, np.where(keep, sub, 0.0).sum(axis=1) / np.maximum(count, 1), np.nan)
+
+
+def pair_mean(matrix_SxS) -> float:
+    """The plain mean over the finite off-diagonal entries."""
+    matrix = np.asarray(matrix_SxS, np.float64)
+    keep = ~np.eye(len(matrix), dtype=bool) & np.isfinite(matrix)
+    return float(matrix[keep].mean()) if keep.any() else float("nan")
+
+
+def ci(replicates_R, level: float = LEVEL) -> tuple[float, float]:
+    """Percentile interval of the finite replicates (NaN, NaN when fewer than two)."""
+    finite = np.asarray(replicates_R, np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size < 2:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def sign(lo: float, hi: float) -> int:
+    """+1 when an interval lies above 0, −1 below, 0 when it contains 0 or is undefined (not resolved)."""
+    if np.isfinite(lo) and lo > 0:
+        return 1
+    if np.isfinite(hi) and hi < 0:
+        return -1
+    return 0
+
+
+def basin_verdict(excess_lo: float, excess_hi: float) -> str:
+    """A cell's verdict from the CI of its mean excess of barrier over noise floor."""
+    return {1: "separate basins", -1: "one basin", 0: "not resolved"}[sign(excess_lo, excess_hi)]
+
+
+def symmetric_matrix(num_seeds: int, seed_pairs, values) -> np.ndarray:
+    """matrix_SxS with values[k] at (a, b) and (b, a) for seed_pairs[k] = (a, b); NaN elsewhere."""
+    matrix = np.full((num_seeds, num_seeds), np.nan)
+    for (a, b), v in zip(seed_pairs, values):
+        matrix[a, b] = matrix[b, a] = v
+    return matrix
+
+
+# --------------------------------------------------------------------------------------------- per cell, from tables
+
+
+def cell_seed_pairs(members: list[dict], pair_rows: list[dict], column: str) -> dict[tuple, tuple[list, list]]:
+    """{cell: (seed pairs, values)} of a pair measure over the within-cell pairs of pairs.csv."""
+    out: dict = {}
+    for p in pair_rows:
+        if p["same_cell"] and column in p:
+            pairs, values = out.setdefault(grid.cell(p), ([], []))
+            pairs.append((members[p["i"]]["seed"], members[p["j"]]["seed"]))
+            values.append(p[column])
+    return out
+
+
+def pair_cells(members: list[dict], pair_rows: list[dict], column: str, num_seeds: int, draws_RxS):
+    """({cell: point mean}, {cell: replicates_R}) of a within-cell pair measure."""
+    points, reps = {}, {}
+    for key, (pairs, values) in cell_seed_pairs(members, pair_rows, column).items():
+        matrix = symmetric_matrix(num_seeds, pairs, values)
+        points[key], reps[key] = pair_mean(matrix), pair_replicates(matrix, draws_RxS)
+    return points, reps
+
+
+def member_cells(rows: list[dict], column: str, num_seeds: int, draws_RxS, reduce: str = "mean"):
+    """({cell: point}, {cell: replicates_R}) of a per-member measure (rows with a seed: members.csv rows of used
+    members, or to_start.csv), reduced by its mean or its standard deviation over the (drawn) members."""
+    by_cell: dict = {}
+    for r in rows:
+        by_cell.setdefault(grid.cell(r), np.full(num_seeds, np.nan))[r["seed"]] = r[column]
+    points, reps = {}, {}
+    for key, values in by_cell.items():
+        finite = values[np.isfinite(values)]
+        if reduce == "mean":
+            points[key], reps[key] = (float(finite.mean()) if finite.size else np.nan,
+                                      member_replicates(values, draws_RxS))
+        else:
+            sub = values[draws_RxS]
+            keep = np.isfinite(sub)
+            count = keep.sum(axis=1)
+            mean = np.where(keep, sub, 0.0).sum(axis=1) / np.maximum(count, 1)
+            var = np.where(keep, (sub - mean[:, None]) ** 2, 0.0).sum(axis=1) / np.maximum(count, 1)
+            points[key] = float(finite.std()) if finite.size > 1 else np.nan
+            reps[key] = np.where(count > 1, np.sqrt(var), np.nan)
+    return points, reps
+
+
+def difference(point_a: float, reps_a, point_b: float, reps_b) -> tuple[float, float, float]:
+    """(b − a, CI lo, CI hi): the paired member-bootstrap difference of two cells (the same seed draws)."""
+    return point_b - point_a, *ci(np.asarray(reps_b) - np.asarray(reps_a))
+
+
+def spearman_replicates(x_CxR, y_CxR) -> np.ndarray:
+    """Spearman's ρ across cells, one per replicate (cells with a NaN in a replicate are left out of it)."""
+    out = np.full(x_CxR.shape[1], np.nan)
+    for r in range(x_CxR.shape[1]):
+        keep = np.isfinite(x_CxR[:, r]) & np.isfinite(y_CxR[:, r])
+        if keep.sum() >= 3:
+            out[r] = scipy.stats.spearmanr(x_CxR[keep, r], y_CxR[keep, r]).statistic
+    return out
+
+
+def spearman(x_C, y_C) -> float:
+    x_C, y_C = np.asarray(x_C, float), np.asarray(y_C, float)
+    keep = np.isfinite(x_C) & np.isfinite(y_C)
+    return float(scipy.stats.spearmanr(x_C[keep], y_C[keep]).statistic) if keep.sum() >= 3 else float("nan")

@@ -1,0 +1,237 @@
+"""The report's answers to BRIEF §1's hypotheses, one by one, as computed sentences with member-bootstrap CIs
+(jaxlmc.stats). A difference is stated only when its 95 % CI excludes zero; otherwise the sentence says it is not
+resolved. Everything is read from the run directory's tables.
+
+The seeds' barrier is the test error barrier (endpoint-mean form) after weight matching when the barrier stage
+measured it, else the naive one; the barrier to the start is measured to the starting body with the linear-probe head
+(jaxlmc.measure), in the same form.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxlmc import grid, rundir, similarity, stats
+from jaxlmc.figures import step_label
+
+NUM_RESAMPLES = 1000
+
+
+@dataclasses.dataclass
+class Measured:
+    """Per-cell point values and member-bootstrap replicates (one shared set of seed draws) of every measure the
+    verdicts use."""
+
+    cells: list[tuple]
+    varied: set[str]  # the cell axes the grid varies (for wording)
+    barrier: str  # the seeds' barrier column
+    values: dict  # {measure: ({cell: point}, {cell: replicates_R})}
+
+    def at(self, measure: str, **where) -> list[tuple]:
+        """The cells whose keys match `where` (e.g. lr=1e-2, head="shared") and have a finite point value."""
+        points = self.values[measure][0]
+        index = {k: i for i, k in enumerate(grid.CELL_KEYS)}
+        return [c for c in self.cells if all(c[index[k]] == v for k, v in where.items())
+                and np.isfinite(points.get(c, np.nan))]
+
+    def where(self, cell: tuple, skip: tuple[str, ...] = ()) -> str:
+        return describe(cell, self.varied, skip)
+
+    def point(self, measure: str, cell: tuple) -> float:
+        return self.values[measure][0].get(cell, np.nan)
+
+    def diff(self, measure: str, a: tuple, b: tuple) -> tuple[float, float, float]:
+        points, reps = self.values[measure]
+        return stats.difference(points[a], reps[a], points[b], reps[b])
+
+
+def measure_run(run: rundir.RunDir) -> Measured:
+    members = run.read_csv(rundir.MEMBERS)
+    pairs = run.read_csv(rundir.PAIRS)
+    starts = run.read_csv(rundir.TO_START)
+    num_seeds = max(m["seed"] for m in members) + 1
+    draws = stats.seed_draws(num_seeds, NUM_RESAMPLES)
+    barrier = similarity.basin_measure(pairs)
+    used = [m for m in members if grid.usable(m)]
+    values = {
+        "barrier": stats.pair_cells(members, pairs, barrier, num_seeds, draws),
+        "excess": stats.pair_cells(members, [{**p, "excess": p[barrier] - p.get(f"{barrier}_floor", np.nan)}
+                                             for p in pairs], "excess", num_seeds, draws),
+        "floor": stats.pair_cells(members, pairs, f"{barrier}_floor", num_seeds, draws),
+        "start": stats.member_cells(starts, "error_barrier_test", num_seeds, draws),
+        "start_excess": stats.member_cells(
+            [{**s, "x": s["error_barrier_test"] - s.get("error_barrier_test_floor", np.nan)} for s in starts], "x",
+            num_seeds, draws),
+        "test_acc": stats.member_cells(used, "test_acc", num_seeds, draws),
+        "ood_spread": stats.member_cells(used, "ood_acc", num_seeds, draws, reduce="std"),
+    }
+    return Measured(list(grid.cell_groups(members)), varied_axes(members), barrier, values)
+
+
+def _ci(lo: float, hi: float) -> str:
+    return f"[{lo:+.3f}, {hi:+.3f}]"
+
+
+def describe(cell: tuple, varied: set[str], skip: tuple[str, ...] = ()) -> str:
+    """A cell's coordinates in words (the axes in `varied`), its checkpoint as 'step S' or 'scratch'."""
+    parts = []
+    for k, v in zip(grid.CELL_KEYS, cell):
+        if k in skip or k not in varied:
+            continue
+        parts.append(step_label(v) if k == "pretrain_step" and v < 0 else f"step {v}" if k == "pretrain_step"
+                     else f"LR {v:g}" if k == "lr" else f"{v} heads" if k == "head" else f"{k} {v:g}"
+                     if isinstance(v, float) else f"{k} {v}")
+    return ", ".join(parts)
+
+
+def varied_axes(members: list[dict]) -> set[str]:
+    """The cell axes worth naming: checkpoint, LR, and any other the grid varies."""
+    return {"pretrain_step", "lr"} | {a.column for a in grid.shown(members, cells_only=True)}
+
+
+def _others(m: Measured, besides: tuple[str, ...]) -> list[dict]:
+    """Every combination of the cell axes other than `besides` that the run has."""
+    index = [i for i, k in enumerate(grid.CELL_KEYS) if k not in besides]
+    seen = dict.fromkeys(tuple(c[i] for i in index) for c in m.cells)
+    return [{grid.CELL_KEYS[i]: v for i, v in zip(index, combo)} for combo in seen]
+
+
+def pretraining(m: Measured) -> list[str]:
+    """H1: does the seeds' barrier fall with pretraining (first vs last checkpoint), per LR and every other axis?"""
+    lines = []
+    for where in _others(m, ("pretrain_step",)):
+        cells = [c for c in m.at("barrier", **where) if c[0] >= 0]
+        if len(cells) < 2:
+            continue
+        first, last = cells[0], cells[-1]
+        delta, lo, hi = m.diff("barrier", first, last)
+        word = {1: "rises", -1: "falls", 0: "not resolved"}[stats.sign(lo, hi)]
+        text = (f"{m.where(first, ('pretrain_step',))}: {m.point('barrier', first):.3f} at step {first[0]} → "
+                f"{m.point('barrier', last):.3f} at step {last[0]}: {word} ({delta:+.3f}, 95 % CI {_ci(lo, hi)})")
+        lines.append(text + ".")
+    return lines
+
+
+def learning_rate(m: Measured) -> list[str]:
+    """H2: does the seeds' barrier rise with the fine-tuning LR (lowest vs highest LR with usable members)?"""
+    lines = []
+    for where in _others(m, ("lr",)):
+        cells = m.at("barrier", **where)
+        if len(cells) < 2:
+            continue
+        low, high = cells[0], cells[-1]
+        delta, lo, hi = m.diff("barrier", low, high)
+        word = {1: "rises", -1: "falls", 0: "not resolved"}[stats.sign(lo, hi)]
+        lines.append(f"{m.where(low, ('lr',))}: {m.point('barrier', low):.3f} at LR {low[1]:g} → "
+                     f"{m.point('barrier', high):.3f} at LR {high[1]:g}: {word} ({delta:+.3f}, 95 % CI "
+                     f"{_ci(lo, hi)}).")
+    return lines
+
+
+def basins(m: Measured, measure: str, label: str) -> list[str]:
+    """Per cell, against the noise floor: one basin, separate basins, or not resolved; counted, then listed."""
+    verdicts: dict[str, list[tuple]] = {"one basin": [], "separate basins": [], "not resolved": []}
+    points, reps = m.values[measure]
+    for c in m.cells:
+        if c in reps:
+            verdicts[stats.basin_verdict(*stats.ci(reps[c]))].append(c)
+    measured = sum(len(v) for v in verdicts.values())
+    lines = [f"{label}: of {measured} cells with usable members, " + ", ".join(
+        f"{len(v)} {k}" for k, v in verdicts.items()) + " (mean excess of the barrier over its noise floor; 95 % "
+        "member-bootstrap CI below 0, above 0, or across 0)."]
+    for verdict in ("one basin", "separate basins"):
+        if verdicts[verdict]:
+            lines.append(f"{verdict.capitalize()}: " + "; ".join(m.where(c) for c in verdicts[verdict]) + ".")
+    return lines
+
+
+def sources(m: Measured) -> list[str]:
+    """How much of the seeds' barrier is the head's initialisation and how much the data order: per_seed − shared,
+    per (checkpoint, LR, …) and on average over them (the average of the paired replicates)."""
+    heads = {c[grid.CELL_KEYS.index("head")] for c in m.cells}
+    if not {"per_seed", "shared"} <= heads:
+        return []
+    h = grid.CELL_KEYS.index("head")
+    pairs = [(c, c[:h] + ("shared",) + c[h + 1:]) for c in m.at("barrier", head="per_seed")]
+    pairs = [(a, b) for a, b in pairs if b in m.at("barrier", head="shared")]
+    if not pairs:
+        return []
+    points, reps = m.values["barrier"]
+    delta_each = [stats.difference(points[b], reps[b], points[a], reps[a]) for a, b in pairs]
+    mean_delta = float(np.mean([d[0] for d in delta_each]))
+    lo, hi = stats.ci(np.mean([reps[a] - reps[b] for a, b in pairs], axis=0))
+    shared = float(np.mean([points[b] for _, b in pairs]))
+    resolved = sum(stats.sign(d[1], d[2]) == 1 for d in delta_each)
+    return [f"With one shared head (only the data order differs between seeds) the seeds' barrier averages "
+            f"{shared:.3f} over {len(pairs)} cells; a new random head per seed adds {mean_delta:+.3f} on average "
+            f"(95 % CI {_ci(lo, hi)}): "
+            + ("the head's initialisation is a resolved part of the path dependence" if lo > 0 else
+               "its contribution is not resolved" if stats.sign(lo, hi) == 0 else
+               "per-seed heads give smaller barriers")
+            + f"; the difference is resolved above 0 in {resolved} of {len(pairs)} cells."]
+
+
+def moves_together(m: Measured, soups: list[dict], sim_rows: list[dict]) -> list[str]:
+    """H4: across cells, Spearman's ρ of the seeds' barrier with OOD accuracy spread (member-bootstrap CI), test
+    accuracy, and (point values only: they are not recomputed per resample) uniform soup gain and CKA."""
+    cells = m.at("barrier")
+    if len(cells) < 3:
+        return []
+    bar_pts, bar_reps = m.values["barrier"]
+    lines = []
+    x = np.array([bar_reps[c] for c in cells])
+    for measure, label in (("ood_spread", "the spread (std) of OOD accuracy over seeds"),
+                           ("test_acc", "mean test accuracy")):
+        pts, reps = m.values[measure]
+        if not all(c in reps for c in cells):
+            continue
+        rho = stats.spearman([bar_pts[c] for c in cells], [pts[c] for c in cells])
+        lo, hi = stats.ci(stats.spearman_replicates(x, np.array([reps[c] for c in cells])))
+        lines.append(f"Across {len(cells)} cells the seeds' barrier has Spearman ρ = {rho:+.2f} (95 % CI "
+                     f"[{lo:+.2f}, {hi:+.2f}]) with {label}.")
+    for rows, column, label in ((soups, "uniform_gain", "the uniform soup's gain over the best member"),
+                                (sim_rows, "cka_mean", "the mean CKA between seeds")):
+        by_cell = {grid.cell(r): r.get(column, np.nan) for r in rows}
+        rho = stats.spearman([bar_pts[c] for c in cells], [by_cell.get(c, np.nan) for c in cells])
+        if np.isfinite(rho):
+            lines.append(f"With {label}: ρ = {rho:+.2f} (point estimate; cells share seeds, so no p-value is "
+                         "claimed).")
+    return lines
+
+
+def failures(members: list[dict]) -> list[str]:
+    diverged = [m for m in members if m["diverged"]]
+    unfit = [m for m in members if m.get("unfit")]
+    if not diverged and not unfit:
+        return [f"All {len(members)} members fitted their training data; none diverged."]
+    by_cell: dict = {}
+    for m in diverged + unfit:
+        by_cell.setdefault(grid.cell(m), 0)
+        by_cell[grid.cell(m)] += 1
+    worst = sorted(by_cell.items(), key=lambda kv: -kv[1])[:6]
+    return [f"{len(diverged)} members diverged and {len(unfit)} did not fit their training data (unfit); both are "
+            "left out of barriers, soups and basins and counted here, never as a basin of their own. Most affected: "
+            + "; ".join(f"{describe(c, varied_axes(members))} ({n})" for c, n in worst) + "."]
+
+
+def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
+    """(question, sentences) for each hypothesis the run can speak to."""
+    m = measure_run(run)
+    members = run.read_csv(rundir.MEMBERS)
+    soups = run.read_csv(rundir.SOUPS) if run.exists(rundir.SOUPS) else []
+    sim_rows = run.read_csv(rundir.SIMILARITY) if run.exists(rundir.SIMILARITY) else []
+    name = "aligned test error barrier" if m.barrier.endswith("_aligned") else "test error barrier"
+    sections = [
+        ("Failed fits", failures(members)),
+        (f"H1 — does the seeds' barrier ({name}) fall with pretraining? (first vs last checkpoint)", pretraining(m)),
+        ("H2 — does it rise with the fine-tuning learning rate? (lowest vs highest rate with usable members)",
+         learning_rate(m)),
+        ("Sources of randomness — head initialisation vs data order", sources(m)),
+        ("Same basin? Seeds against each other, and each member against its start", [
+            *basins(m, "excess", f"Between seeds ({name})"),
+            *basins(m, "start_excess", "To the start (pretrained body + linear-probe head, test error barrier)")]),
+        ("H4 — do OOD spread, accuracy, soups and similarity move with the barrier?", moves_together(m, soups,
+                                                                                                     sim_rows)),
+    ]
+    return [(q, lines) for q, lines in sections if lines]
