@@ -147,7 +147,7 @@ class BarrierConfig:
 class StudyConfig:
     # A member is "unfit" (left out of barriers, soups and basins like a diverged one, and counted) when its train
     # accuracy is below this fraction of the best train accuracy reached from the same start (checkpoint and head).
-    unfit_fraction: float = 0.9
+    unfit_fraction: float = 0.8
     similarity_examples: int = 1000  # test examples for prediction disagreement and CKA
     widths: list[int] = dataclasses.field(default_factory=list)  # a scaling trend: one study per model width
 

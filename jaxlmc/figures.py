@@ -144,10 +144,11 @@ def aligned_barrier(c: Cells):
 def interpolation_curves(c: Cells, pairs: list[dict], curves: dict):
     """The median-barrier pair of each cell: `pairs` are barriers/pairs.csv's rows, `curves` its curves.npz."""
     fig, axes = plt.subplots(1, len(c.lrs), figsize=(4.2 * len(c.lrs), 3.6), squeeze=False)
+    shown = {grid.cell(r) for r in c.summary}
     for ax, lr in zip(axes[0], c.lrs):
         for s, color in zip(c.steps, c.step_colors):
             cell_pairs = [(k, p) for k, p in enumerate(pairs) if p["same_cell"] and p["pretrain_step"] == s
-                          and p["lr"] == lr]
+                          and p["lr"] == lr and grid.cell(p) in shown]
             if not cell_pairs:
                 continue
             order = sorted(cell_pairs, key=lambda kp: kp[1]["error_barrier_test"])
@@ -157,7 +158,8 @@ def interpolation_curves(c: Cells, pairs: list[dict], curves: dict):
         ax.set_title(f"LR {lr:g}")
         ax.set_xlabel("α")
         ax.set_ylabel("test error")
-        ax.legend(fontsize=7, title="pretraining", title_fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, title="pretraining", title_fontsize=7)
     return fig, ("Test error along the line between two seeds, for the pair with the median barrier of each cell "
                  "(members' numbers in the legend); a bump in the middle is a barrier.")
 

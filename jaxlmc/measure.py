@@ -155,9 +155,14 @@ class Curves:
     align_seconds: float
 
 
-def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tuple[int, int]], status=None) -> Curves:
+def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tuple[int, int]], status=None,
+                   reference_M: dict | None = None) -> Curves:
     """Every requested member pair and every member-to-start pair of the used members in one compiled pass; with
-    barriers.align, weight matching of each member pair and the same pass on the aligned pairs."""
+    barriers.align, weight matching of each member pair and the same pass on the aligned pairs.
+
+    `start_M` is where each member started (the fine-tuning updates θ − start, for update_cos); `reference_M` (default
+    `start_M`) is the start its to-start curve and distance are measured to."""
+    reference_M = start_M if reference_M is None else reference_M
     b = cfg.barriers
     used = run.used
     # Only used members enter the pass: members at positions 0..K-1, their starting points at K..2K-1.
@@ -165,7 +170,8 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
     take = jnp.asarray(used)
     params_K = jax.tree.map(lambda a: a[take], run.params_M)
     start_K = jax.tree.map(lambda a: a[take], start_M)
-    both_2K = jax.tree.map(lambda a, s: jnp.concatenate([a, s]), params_K, start_K)
+    reference_K = jax.tree.map(lambda a: a[take], reference_M)
+    both_2K = jax.tree.map(lambda a, s: jnp.concatenate([a, s]), params_K, reference_K)
     num_used = len(used)
     member_pairs = [(position[i], position[j]) for i, j in pairs]
     start_pairs = [(k, num_used + k) for k in range(num_used)]
@@ -203,7 +209,7 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
         alphas=alphas,
         pairs={s: (c[0][:num_member_pairs], c[1][:num_member_pairs]) for s, c in curves.items()},
         to_start={s: (c[0][num_member_pairs:], c[1][num_member_pairs:]) for s, c in curves.items()},
-        aligned=aligned, dist_P=dist_P, cos_P=cos_P, dist_K=np.asarray(jax.vmap(models.tree_l2)(params_K, start_K)),
+        aligned=aligned, dist_P=dist_P, cos_P=cos_P, dist_K=np.asarray(jax.vmap(models.tree_l2)(params_K, reference_K)),
         chunk=chunk, splits=list(eval_sets), seconds=seconds, align_seconds=align_seconds)
 
 
@@ -255,8 +261,9 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     # The start every member's barrier to the start is measured against: its body with the probe head (a head that
     # works; a fresh random head sits at chance and would make that barrier meaningless). For probe-head members this
     # is exactly where they started.
-    start_M = finetuning.start_params(cfg, out, run.model, members, run.task.train, heads="probe")
-    curves = compute_curves(cfg, run, start_M, pairs, status)
+    start_M = finetuning.start_params(cfg, out, run.model, members, run.task.train)
+    probe_M = finetuning.start_params(cfg, out, run.model, members, run.task.train, heads="probe")
+    curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M)
     pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
     summary = _summary(members, pair_rows, start_rows, b.bootstrap, cfg.finetune.seeds)
     num_used = len(run.used)

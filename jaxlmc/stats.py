@@ -12,7 +12,7 @@ from resampling the evaluation examples; and verdicts that say "not resolved" wh
   the barrier of δ_r is what that noise makes of a truly flat curve, and the pair's floor is its 95 % quantile. A model
   against itself has δ_r constant in α, hence floor 0 and barrier 0.
 * **Verdicts.** A cell's excess, mean over its pairs of (barrier − floor), with a member-bootstrap CI: "one basin"
-  when the whole CI lies below 0, "separate basins" when it lies above, otherwise "not resolved".
+  when the whole CI lies at or below 0, "separate basins" when it lies above, otherwise "not resolved".
 """
 from __future__ import annotations
 
@@ -97,8 +97,12 @@ def sign(lo: float, hi: float) -> int:
 
 
 def basin_verdict(excess_lo: float, excess_hi: float) -> str:
-    """A cell's verdict from the CI of its mean excess of barrier over noise floor."""
-    return {1: "separate basins", -1: "one basin", 0: "not resolved"}[sign(excess_lo, excess_hi)]
+    """A cell's verdict from the CI of its mean excess of barrier over noise floor: one basin when no barrier rises
+    above its floor (the CI lies at or below 0: a model against itself, barrier = floor = 0, is one basin), separate
+    basins when the CI lies above 0, otherwise not resolved."""
+    if np.isfinite(excess_hi) and excess_hi <= 0:
+        return "one basin"
+    return "separate basins" if np.isfinite(excess_lo) and excess_lo > 0 else "not resolved"
 
 
 def symmetric_matrix(num_seeds: int, seed_pairs, values) -> np.ndarray:

@@ -139,7 +139,7 @@ def basins(m: Measured, measure: str, label: str) -> list[str]:
     measured = sum(len(v) for v in verdicts.values())
     lines = [f"{label}: of {measured} cells with usable members, " + ", ".join(
         f"{len(v)} {k}" for k, v in verdicts.items()) + " (mean excess of the barrier over its noise floor; 95 % "
-        "member-bootstrap CI below 0, above 0, or across 0)."]
+        "member-bootstrap CI at or below 0, above 0, or across 0)."]
     for verdict in ("one basin", "separate basins"):
         if verdicts[verdict]:
             lines.append(f"{verdict.capitalize()}: " + "; ".join(m.where(c) for c in verdicts[verdict]) + ".")

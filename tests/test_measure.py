@@ -71,7 +71,7 @@ def test_within_pairs_files_and_agreement_with_the_reference_loop(run):
                                rtol=1e-5)
 
     # Geometry: distance between members and the cosine of their updates, against numpy.
-    start_M = api.start_params(cfg, out, model, members)
+    start_M = api.start_params(cfg, out, model, members, measure.load_run(cfg, out).task.train)
     flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])  # noqa: E731
     u_i = flat(api.load_member(out, i)) - flat(jax.tree.map(lambda a: a[i], start_M))
     u_j = flat(api.load_member(out, j)) - flat(jax.tree.map(lambda a: a[j], start_M))
@@ -101,7 +101,7 @@ def test_all_pairs_and_diverged_members_left_out(run, tmp_path):
     result = measure.barriers_of_run(with_barriers(cfg, alphas=3, pairs="all", chunk_pairs=5), copy)
     assert len(result["pairs"]) == len(list(itertools.combinations(range(11), 2)))
     assert all(4 not in (p["i"], p["j"]) for p in result["pairs"])
-    assert result["settings"]["left_out_diverged_pairs"] == 11 and result["settings"]["diverged_members"] == 1
+    assert result["settings"]["left_out_pairs"] == 11 and result["settings"]["diverged_members"] == 1
     assert [s["member"] for s in result["to_start"]] == [m for m in range(12) if m != 4]
     assert {p["same_cell"] for p in result["pairs"]} == {True, False}
 

@@ -55,8 +55,8 @@ def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
 def test_cell_keys_and_member_columns_follow_the_grid_declarations():
     fields = [f for f in dataclasses.fields(config.FinetuneConfig) if "grid" in f.metadata]
     assert [a.field for a in grid.AXES] == [f.name for f in fields]
-    assert grid.CELL_KEYS == ("pretrain_step", "lr", "weight_decay", "schedule", "dropout")
-    assert rundir.MEMBERS.names[:7] == ["member", *grid.CELL_KEYS, "seed"]
+    assert grid.CELL_KEYS == ("pretrain_step", "lr", "weight_decay", "schedule", "dropout", "head")
+    assert rundir.MEMBERS.names[:8] == ["member", *grid.CELL_KEYS, "seed"]
     for table in (rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.SOUPS, rundir.SIMILARITY,
                   rundir.BASINS, rundir.SUMMARY, rundir.SCALING):
         assert set(grid.CELL_KEYS) <= set(table.names), table.path
