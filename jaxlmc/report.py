@@ -168,8 +168,10 @@ def render(out: str, stages) -> str:
         "<h2>Figures</h2>",
     ]
     parts += [_figure_html(run, name, caption) for name, caption in drawn]
-    parts += ["<h2>Per cell</h2><p>Barriers: endpoint-mean form between seeds, linear-baseline form to the starting "
-              "point; accuracies on the test set; every column in <code>summary.csv</code>.</p>",
+    parts += ["<h2>Per cell</h2><p>Test error barriers, endpoint-mean form, between seeds (CI: 95 % over seeds) and "
+              "to the probed start (the starting body with a linear-probe head), each beside its noise floor; "
+              "members left out as unfit or diverged are counted; accuracies on the test set; every column in "
+              "<code>summary.csv</code>.</p>",
               _table(summary, SUMMARY_TABLE)]
     if pretrain_rows:
         parts += ["<h2>Pretraining checkpoints</h2>",

@@ -22,6 +22,7 @@ import scipy.stats
 from jaxlmc import barriers, grid
 
 LEVEL = 0.95
+MIN_MEMBERS = 3  # fewer usable members than this give no interval: two seeds' one pair cannot be resampled
 FORMS = ("", "_lin")  # column suffixes: endpoint-mean and linear-baseline barriers
 
 
@@ -53,8 +54,11 @@ def seed_draws(num_seeds: int, num_resamples: int, seed: int = 0) -> np.ndarray:
 
 def pair_replicates(matrix_SxS, draws_RxS) -> np.ndarray:
     """The mean of a symmetric pair measure (NaN where a pair is missing) over the pairs of distinct seeds in each
-    draw: replicates_R. A draw with no finite pair gives NaN."""
+    draw: replicates_R. A draw with no finite pair gives NaN, and every replicate is NaN when fewer than MIN_MEMBERS
+    seeds have a finite pair."""
     matrix = np.asarray(matrix_SxS, np.float64)
+    if np.isfinite(matrix).any(axis=1).sum() < MIN_MEMBERS:
+        return np.full(len(draws_RxS), np.nan)
     sub = matrix[draws_RxS[:, :, None], draws_RxS[:, None, :]]
     keep = (draws_RxS[:, :, None] != draws_RxS[:, None, :]) & np.isfinite(sub)
     count = keep.sum(axis=(1, 2))
@@ -63,7 +67,10 @@ def pair_replicates(matrix_SxS, draws_RxS) -> np.ndarray:
 
 
 def member_replicates(values_S, draws_RxS) -> np.ndarray:
-    """The mean of a per-member measure (NaN where a member is missing) over each draw: replicates_R."""
+    """The mean of a per-member measure (NaN where a member is missing) over each draw: replicates_R (all NaN when
+    fewer than MIN_MEMBERS members have a value)."""
+    if np.isfinite(np.asarray(values_S, np.float64)).sum() < MIN_MEMBERS:
+        return np.full(len(draws_RxS), np.nan)
     sub = np.asarray(values_S, np.float64)[draws_RxS]
     keep = np.isfinite(sub)
     count = keep.sum(axis=1)
@@ -155,7 +162,8 @@ def member_cells(rows: list[dict], column: str, num_seeds: int, draws_RxS, reduc
             mean = np.where(keep, sub, 0.0).sum(axis=1) / np.maximum(count, 1)
             var = np.where(keep, (sub - mean[:, None]) ** 2, 0.0).sum(axis=1) / np.maximum(count, 1)
             points[key] = float(finite.std()) if finite.size > 1 else np.nan
-            reps[key] = np.where(count > 1, np.sqrt(var), np.nan)
+            reps[key] = np.where(count > 1, np.sqrt(var), np.nan) if finite.size >= MIN_MEMBERS else \
+                np.full(len(draws_RxS), np.nan)
     return points, reps
 
 

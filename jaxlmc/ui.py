@@ -152,18 +152,19 @@ def print_barriers(result: dict) -> None:
             table.add_row(*cells)
         console.print(table)
 
-    # To the start, the linear-baseline form: a new head makes the start much worse than the member, and the
-    # endpoint-mean form would report half that gap as a "barrier" even for a curve that falls monotonically.
-    table = Table(title="to the starting point (test error barrier, linear-baseline form) and geometry: mean ± std",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    for header in key_headers + ["n", "to start", "dist to start", "dist between", "update cos"]:
+    # To the probed start (the starting body with a linear-probe head, a start that works), in the same form as the
+    # seeds' barrier, beside its noise floor.
+    table = Table(title="to the probed start (test error barrier, endpoint-mean form; its noise floor) and geometry: "
+                  "mean ± std", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in key_headers + ["n", "to start", "floor", "dist to start", "dist between", "update cos"]:
         table.add_column(header, justify="right")
     for row in summary:
         def ms(metric, digits=3):
             return f"{_num(row[f'{metric}_mean'], digits)}±{_num(row[f'{metric}_std'], digits)}"
 
-        table.add_row(*cell_values(row, axes), str(row["members_used"]), ms("start_error_barrier_test_lin"), ms("start_dist", 2),
-                      ms("dist", 2), ms("update_cos", 2))
+        table.add_row(*cell_values(row, axes), str(row["members_used"]), ms("start_error_barrier_test"),
+                      _num(row.get("start_error_barrier_test_floor_mean")), ms("start_dist", 2), ms("dist", 2),
+                      ms("update_cos", 2))
     console.print(table)
     if settings["diverged_members"] or settings.get("unfit_members"):
         console.print(f"[yellow]{settings['diverged_members']} diverged and {settings.get('unfit_members', 0)} unfit "

@@ -29,11 +29,12 @@ class Measured:
     values: dict  # {measure: ({cell: point}, {cell: replicates_R})}
 
     def at(self, measure: str, **where) -> list[tuple]:
-        """The cells whose keys match `where` (e.g. lr=1e-2, head="shared") and have a finite point value."""
-        points = self.values[measure][0]
+        """The cells whose keys match `where` (e.g. lr=1e-2, head="shared") and that have an interval: a finite point
+        value and at least stats.MIN_MEMBERS usable members."""
+        points, reps = self.values[measure]
         index = {k: i for i, k in enumerate(grid.CELL_KEYS)}
         return [c for c in self.cells if all(c[index[k]] == v for k, v in where.items())
-                and np.isfinite(points.get(c, np.nan))]
+                and np.isfinite(points.get(c, np.nan)) and np.isfinite(reps.get(c, [np.nan])).any()]
 
     def where(self, cell: tuple, skip: tuple[str, ...] = ()) -> str:
         return describe(cell, self.varied, skip)
@@ -132,12 +133,12 @@ def learning_rate(m: Measured) -> list[str]:
 def basins(m: Measured, measure: str, label: str) -> list[str]:
     """Per cell, against the noise floor: one basin, separate basins, or not resolved; counted, then listed."""
     verdicts: dict[str, list[tuple]] = {"one basin": [], "separate basins": [], "not resolved": []}
-    points, reps = m.values[measure]
-    for c in m.cells:
-        if c in reps:
-            verdicts[stats.basin_verdict(*stats.ci(reps[c]))].append(c)
-    measured = sum(len(v) for v in verdicts.values())
-    lines = [f"{label}: of {measured} cells with usable members, " + ", ".join(
+    judged = m.at(measure)
+    for c in judged:
+        verdicts[stats.basin_verdict(*stats.ci(m.values[measure][1][c]))].append(c)
+    too_few = len(m.cells) - len(judged)
+    lines = [f"{label}: of {len(judged)} cells with at least {stats.MIN_MEMBERS} usable members ({too_few} have "
+             "fewer), " + ", ".join(
         f"{len(v)} {k}" for k, v in verdicts.items()) + " (mean excess of the barrier over its noise floor; 95 % "
         "member-bootstrap CI at or below 0, above 0, or across 0)."]
     for verdict in ("one basin", "separate basins"):
