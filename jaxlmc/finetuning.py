@@ -63,8 +63,10 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
     for i, r in enumerate(rows):
         r.update({k: float(v[i]) for k, v in results.items()})
         r["diverged"] = bool(diverged[i])
+    new_head = f.new_head or task.train.num_classes != pre_task.train.num_classes
     for r, unfit in zip(rows, unfit_flags(rows, cfg.study.unfit_fraction)):
         r["unfit"] = unfit
+        r["seed_varies"] = grid.seed_varies(r, new_head)
     run.write_csv(rundir.MEMBERS, rows)
     return rows
 

@@ -62,6 +62,20 @@ def cell(row: dict) -> tuple:
     return tuple(row[k] for k in CELL_KEYS)
 
 
+def seed_varies(member: dict, new_head: bool) -> str:
+    """Which sources of randomness a member's seed changes, e.g. "data order+head init": the data order always; the
+    body's initialisation in the scratch row; the head's initialisation with a new per_seed head; dropout masks when
+    it drops units. Recorded in members.csv, so a reader of any table knows what "another seed" meant."""
+    sources = ["data order"]
+    if member["pretrain_step"] < 0:
+        sources.append("body init")
+    if new_head and member["head"] == "per_seed":
+        sources.append("head init")
+    if member.get("dropout", 0.0) > 0:
+        sources.append("dropout masks")
+    return "+".join(sources)
+
+
 def usable(member: dict) -> bool:
     """Whether a member enters barriers, soups and basins: it neither diverged nor failed to fit (members.csv's
     `diverged` and `unfit`; a run directory written before `unfit` existed has none)."""

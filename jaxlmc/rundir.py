@@ -72,7 +72,8 @@ _METRICS = tuple((f"{split}_{m}", float) for split in ("train", "test", "ood", "
 PRETRAIN = Table("pretrain/checkpoints.csv", (("step", int), ("train_loss", float), ("train_acc", float),
                                               ("test_loss", float), ("test_acc", float)))
 MEMBERS = Table("members.csv", (("member", int), *((a.column, a.type) for a in grid.AXES), *_METRICS,
-                                ("dist_from_init", float), ("diverged", bool), ("unfit", bool)))
+                                ("dist_from_init", float), ("diverged", bool), ("unfit", bool),
+                                ("seed_varies", str)))
 PAIRS = Table("barriers/pairs.csv", (("i", int), ("j", int), *_cells(), ("same_cell", bool), ("pretrain_step_j", int),
                                      ("lr_j", float), ("dist", float), ("update_cos", float)), rest=float)
 TO_START = Table("barriers/to_start.csv", (("member", int), *_cells(), ("seed", int), ("dist", float)), rest=float)

@@ -57,6 +57,10 @@ def test_head_policy_is_recorded_and_the_report_separates_the_sources(heads_run)
     cfg, out = heads_run
     members = rundir.RunDir(out).members()
     assert {m["head"] for m in members} == {"per_seed", "shared", "zero", "probe"}
+    varies = {(m["pretrain_step"] < 0, m["head"]): m["seed_varies"] for m in members}
+    assert varies[(False, "per_seed")] == "data order+head init" and varies[(True, "per_seed")] == \
+        "data order+body init+head init"
+    assert varies[(False, "shared")] == varies[(False, "probe")] == varies[(False, "zero")] == "data order"
     html = open(f"{out}/report.html").read()
     assert "Sources of randomness" in html and "with one shared head" in html.lower()
     assert os.path.exists(os.path.join(out, "figures", "sources.png"))
