@@ -100,26 +100,34 @@ def sources(summary: list[dict]):
     heads = list(dict.fromkeys(r["head"] for r in summary))
     if len(heads) < 2:
         return None
-    cells = {h: Cells([r for r in summary if r["head"] == h]) for h in heads}
+    # The measure the verdicts use (after weight matching when measured); cells with fewer than 3 used members have
+    # no interval and are left out.
+    aligned = any(np.isfinite(r.get("error_barrier_test_aligned_mean", np.nan)) for r in summary)
+    measure = "error_barrier_test_aligned" if aligned else "error_barrier_test"
+    cells = {h: Cells([r for r in summary if r["head"] == h and (r.get("members_used") or 0) >= 3]) for h in heads}
     lrs = sorted({r["lr"] for r in summary})
     steps = sorted({r["pretrain_step"] for r in summary})
     fig, axes = plt.subplots(1, len(lrs), figsize=(4.2 * len(lrs), 3.6), squeeze=False, sharey=True)
     colors = plt.get_cmap("tab10")(np.arange(len(heads)))
     for ax, lr in zip(axes[0], lrs):
         for head, color in zip(heads, colors):
-            mean, lo, hi = ([cells[head].mean(s, lr, f"error_barrier_test_{stat}") for s in steps]
+            mean, lo, hi = ([cells[head].mean(s, lr, f"{measure}_{stat}") for s in steps]
                             for stat in ("mean", "ci_lo", "ci_hi"))
             ax.plot(range(len(steps)), mean, "o-", color=color, label=f"{head} head")
             ax.fill_between(range(len(steps)), lo, hi, color=color, alpha=0.2)
-            ax.plot(range(len(steps)), [cells[head].mean(s, lr, "error_barrier_test_floor_mean") for s in steps], ":",
+            ax.plot(range(len(steps)), [cells[head].mean(s, lr, f"{measure}_floor_mean") for s in steps], ":",
                     color=color)
+        if not any(np.isfinite(cells[h].mean(s, lr, f"{measure}_mean")) for h in heads for s in steps):
+            ax.text(0.5, 0.5, "no cell with ≥ 3 used members\n(the others unfit or diverged)", ha="center",
+                    va="center", transform=ax.transAxes, color="gray")
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xticks(range(len(steps)), [step_label(s) for s in steps])
         ax.set_xlabel("pretraining steps")
         ax.set_title(f"LR {lr:g}")
-    axes[0][0].set_ylabel("test error barrier between seeds")
+    axes[0][0].set_ylabel("test error barrier between seeds" + (" (aligned)" if aligned else ""))
     axes[0][0].legend(fontsize=8)
-    return fig, ("Sources of randomness: the seeds' barrier when each seed draws its own head (per_seed: head "
+    return fig, ("Sources of randomness: the seeds' barrier" + (" after weight matching" if aligned else "") +
+                 " when each seed draws its own head (per_seed: head "
                  "initialisation and data order vary) and when every seed starts from the same head (shared, zero, "
                  "probe: only the data order varies); bands: 95% CIs over seeds; dotted: noise floors. The gap between "
                  "per_seed and shared is the head initialisation's part of the path dependence.")

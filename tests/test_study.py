@@ -49,12 +49,15 @@ def test_a_tiny_study_end_to_end(reference):
                                                                for lr in ("0.001", "0.01")]
     for row in summary:
         for key in ("error_barrier_test_mean", "error_barrier_test_ci_lo", "uniform_test_acc", "greedy_test_acc",
-                    "ensemble_test_acc", "best_test_acc", "ood_acc_std", "disagreement_test", "cka_mean", "basins"):
+                    "ensemble_test_acc", "best_test_acc", "ood_acc_std", "disagreement_test", "cka_mean", "basins",
+                    "error_barrier_test_floor_mean", "start_error_barrier_test_floor_mean", "unfit"):
             assert row[key] not in ("", "nan"), key
         assert 0.0 <= float(row["cka_mean"]) <= 1.0 + 1e-6
         assert 1 <= int(row["basins"]) <= 3
     page = open(os.path.join(out, "report.html")).read()
     assert page.count("<img src='data:image/png;base64,") == len(FIGURES) and "<script" not in page
+    for section in ("Failed fits", "H1 — does the seeds", "Same basin?", "95 % CI"):
+        assert section in page, section
     assert sorted(os.listdir(os.path.join(out, "figures"))) == sorted(FIGURES)
     # Seeds from different random initialisations (scratch) are closer after weight matching.
     scratch = [r for r in summary if r["pretrain_step"] == "-1"]
