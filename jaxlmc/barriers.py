@@ -153,18 +153,6 @@ def midpoint(curve_PxA, alphas):
     return np.array([np.interp(0.5, alphas, row) for row in np.asarray(curve_PxA)])
 
 
-def bootstrap_ci(values, num_resamples: int, seed: int = 0, level: float = 0.95):
-    """Percentile bootstrap CI of the mean, resampling pairs (pairs that share a member are not independent, so
-    this interval is a lower bound on the true uncertainty; report it with the number of seeds)."""
-    values = np.asarray(values, np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0 or num_resamples == 0:
-        return np.nan, np.nan
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, (num_resamples, values.size))].mean(axis=1)
-    return tuple(np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
-
-
 # --------------------------------------------------------------------------------------------- pair sets
 
 

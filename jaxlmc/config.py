@@ -136,7 +136,7 @@ class BarrierConfig:
     pairs: str = "within"  # "within" (pairs inside each grid cell), "all", or a file of pairs (columns i, j)
     chunk_pairs: int = 0  # pairs evaluated together; 0 picks the largest that fits memory_fraction of free memory
     memory_fraction: float = 0.5
-    bootstrap: int = 1000  # resamples for the confidence intervals of the per-group means; 0 for none
+    bootstrap: int = 1000  # seed resamples for the member-bootstrap CIs of the per-cell means (jaxlmc.stats); 0: none
     align: bool = False  # also the barriers after weight matching (Git Re-Basin), columns with the suffix _aligned
     # Bootstrap resamples of the evaluation examples, evaluated inside the same pass: each pair's noise floor (the
     # barrier evaluation noise alone would show, see jaxlmc.stats) comes from them. 0: no noise floors.

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import api, barriers, config, grid, measure, models, rundir, train
+from jaxlmc import api, barriers, config, grid, measure, models, rundir, stats, train
 from jaxlmc.config import ConfigError
 
 from conftest import TINY
@@ -132,7 +132,7 @@ def test_cli_prints_the_summary_and_refuses_training_overrides(run, tmp_path):
     cli = [sys.executable, "-m", "jaxlmc.cli", "barriers", out]
     done = subprocess.run(cli + ["--alphas", "3"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "error barrier between seeds" in done.stdout and "to the starting point" in done.stdout
+    assert "error barrier between seeds" in done.stdout and "to the probed start" in done.stdout
     refused = subprocess.run(cli + ["--set", "finetune.lrs=[0.1]"], capture_output=True, text=True)
     assert refused.returncode == 2 and "finetune.lrs decides how the members" in refused.stderr
     missing = subprocess.run(cli + ["--pairs", str(tmp_path / "nope.csv")], capture_output=True, text=True)
@@ -172,6 +172,6 @@ def test_midpoint_and_bootstrap():
     curve = np.array([[0.0, 1.0, 3.0, 1.0]])
     assert barriers.midpoint(curve, np.linspace(0, 1, 4))[0] == pytest.approx(2.0)  # between α = 1/3 and 2/3
     values = np.random.default_rng(0).normal(1.0, 0.1, 50)
-    lo, hi = barriers.bootstrap_ci(values, 2000)
+    lo, hi = stats.ci(stats.member_replicates(values, stats.seed_draws(50, 2000)))
     assert lo < values.mean() < hi and hi - lo < 0.1
-    assert np.isnan(barriers.bootstrap_ci([], 100)[0])
+    assert np.isnan(stats.ci(stats.member_replicates([1.0, 2.0], stats.seed_draws(2, 100)))[0])  # < 3 members
