@@ -186,3 +186,40 @@ def spearman(x_C, y_C) -> float:
     x_C, y_C = np.asarray(x_C, float), np.asarray(y_C, float)
     keep = np.isfinite(x_C) & np.isfinite(y_C)
     return float(scipy.stats.spearmanr(x_C[keep], y_C[keep]).statistic) if keep.sum() >= 3 else float("nan")
+
+
+# --------------------------------------------------------------------------------------------- the critical rate
+
+
+def crossing(log_lrs_L, excess_L) -> float:
+    """The log-rate at which an excess (barrier − floor) first rises above 0, walking the rates upward, linearly
+    interpolated between the last rate at or below 0 and the first above. Rates with no value (NaN: every member
+    unfit or diverged) are skipped. −inf when the lowest measured rate is already above 0 (the boundary lies below
+    the grid), +inf when no rate is (it lies above the grid, or there is none)."""
+    points = [(x, e) for x, e in zip(np.asarray(log_lrs_L, float), np.asarray(excess_L, float)) if np.isfinite(e)]
+    if not points:
+        return float("nan")
+    if points[0][1] > 0:
+        return float("-inf")
+    for (x0, e0), (x1, e1) in zip(points, points[1:]):
+        if e1 > 0 >= e0:
+            return float(x0 + (x1 - x0) * (0 - e0) / (e1 - e0))
+    return float("inf")
+
+
+def critical_rate(lrs_L, excess_L, excess_reps_LxR, level: float = LEVEL) -> tuple[float, float, float]:
+    """(rate, CI lo, CI hi): the smallest fine-tuning learning rate at which seeds leave the basin — where the mean
+    excess of their barrier over its noise floor crosses 0 — interpolated on the log-rate axis, with a member-bootstrap
+    CI from the same crossing in every replicate (`excess_reps_LxR`: the rates' replicates from one set of seed draws).
+    ±inf marks a boundary outside the grid (below its lowest rate, or above its highest); the CI's quantiles keep
+    them, so an interval reaching +inf says the grid does not bound the rate from above."""
+    log_lrs = np.log10(np.asarray(lrs_L, float))
+    order = np.argsort(log_lrs)
+    log_lrs, excess, reps = log_lrs[order], np.asarray(excess_L, float)[order], np.asarray(excess_reps_LxR)[order]
+    point = crossing(log_lrs, excess)
+    replicates = np.array([crossing(log_lrs, reps[:, r]) for r in range(reps.shape[1])])
+    replicates = replicates[~np.isnan(replicates)]
+    if replicates.size < 2:
+        return 10 ** point, float("nan"), float("nan")
+    lo, hi = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2], method="nearest")
+    return float(10 ** point), float(10 ** lo), float(10 ** hi)
