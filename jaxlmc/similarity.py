@@ -32,7 +32,7 @@ def _off_mean(matrix: np.ndarray, reduce=np.mean) -> float:
     return float(reduce(matrix[~np.eye(len(matrix), dtype=bool)]))
 
 
-def cell_similarity(cfg: Config, members: list[dict], ids: list[int], preds_test, preds_ood, features,
+def cell_similarity(members: list[dict], ids: list[int], preds_test, preds_ood, features,
                     barrier_of: dict, floor: float) -> tuple[dict, dict]:
     """(the similarity columns of one cell with members `ids`, its matrices)."""
     row = {}
@@ -85,7 +85,7 @@ def similarity_of_run(cfg: Config, out: str) -> list[dict]:
         row = {**dict(zip(grid.CELL_KEYS, key)), "members_used": len(ids)}
         if ids:
             floors = [v for (i, j), v in floor_of.items() if i in ids and j in ids and np.isfinite(v)]
-            columns, matrices = cell_similarity(cfg, run.members, ids, logits_test.argmax(-1), preds_ood, features,
+            columns, matrices = cell_similarity(run.members, ids, logits_test.argmax(-1), preds_ood, features,
                                                 barrier_of, float(np.mean(floors)) if floors else 0.0)
             row.update(columns)
             basin_rows += [{"member": i, **dict(zip(grid.CELL_KEYS, key)), "basin": int(label)}

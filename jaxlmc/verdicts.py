@@ -59,7 +59,6 @@ def measure_run(run: rundir.RunDir) -> Measured:
         "barrier": stats.pair_cells(members, pairs, barrier, num_seeds, draws),
         "excess": stats.pair_cells(members, [{**p, "excess": p[barrier] - p.get(f"{barrier}_floor", np.nan)}
                                              for p in pairs], "excess", num_seeds, draws),
-        "floor": stats.pair_cells(members, pairs, f"{barrier}_floor", num_seeds, draws),
         "start": stats.member_cells(starts, "error_barrier_test", num_seeds, draws),
         "start_excess": stats.member_cells(
             [{**s, "x": s["error_barrier_test"] - s.get("error_barrier_test_floor", np.nan)} for s in starts], "x",
