@@ -52,6 +52,13 @@ class Checkpoints:
         """Restore into the structure, shapes, dtypes (and shardings) of `abstract_state` (e.g. from eval_shape)."""
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+    def restore_like(self, step: int, host_tree):
+        """Restore into the structure, shapes and dtypes of a tree of host arrays, as host arrays."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=device),
+                              host_tree)
+        return jax.tree.map(np.asarray, self.restore(step, target))
+
     def restore_raw(self, step: int):
         """Restore without a target from the caller: nested dicts/lists of arrays on this process's first device,
         whatever devices saved them (a checkpoint saved sharded over 8 devices restores on 1)."""
@@ -75,3 +82,14 @@ def restore_params(directory: str, step: int | None = None) -> dict:
     raw = manager.restore_raw(step)
     manager.close()
     return jax.tree.map(np.asarray, raw["params"])
+
+
+def restore_fields(directory: str, step: int, fields: Sequence[str]) -> dict:
+    """Some top-level entries (e.g. "params", "diverged") of the state saved at `step`, as host numpy arrays."""
+    manager = Checkpoints(directory, read_only=True)
+    if step not in manager.steps():
+        manager.close()
+        raise FileNotFoundError(f"no checkpoint at step {step} in {directory} (have {manager.steps()})")
+    raw = manager.restore_raw(step)
+    manager.close()
+    return {name: jax.tree.map(np.asarray, raw[name]) for name in fields}

@@ -111,6 +111,10 @@ class FinetuneConfig:
     seeds: int = dataclasses.field(default=8, metadata={"grid": GridAxis("seed", "seed", cell=False,
                                                                           always_shown=True)})  # 0 .. seeds-1
     steps: int = 1000
+    # The amount of fine-tuning as an axis: the members are also kept at these steps (each in (0, steps)), and the
+    # barrier stage measures them there too. With a constant schedule the state at step t is exactly a t-step
+    # fine-tuning; with a decaying one it is a point along the longer run.
+    save_steps: list[int] = dataclasses.field(default_factory=list)
     batch_size: int = 100
     optimizer: Optimizer = "adamw"
     momentum: float = 0.9
@@ -344,5 +348,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"barriers.memory_fraction must lie in (0, 1], got {b.memory_fraction}")
     if not b.pairs:
         raise ConfigError('barriers.pairs must be "within", "all" or the path of a pair file')
+    if f.save_steps != sorted(set(f.save_steps)) or any(not 0 < s < f.steps for s in f.save_steps):
+        raise ConfigError(f"finetune.save_steps must increase strictly and lie strictly between 0 and finetune.steps "
+                          f"({f.steps}; the last step is always kept), got {f.save_steps}")
     if f.warmup_steps > f.steps:
         raise ConfigError(f"finetune.warmup_steps ({f.warmup_steps}) exceeds finetune.steps ({f.steps})")

@@ -262,6 +262,84 @@ def scaling(rows: list[dict]):
                  "per second of the whole stage (compilation and evaluation included).")
 
 
+def barrier_vs_finetune_steps(step_summary: list[dict]):
+    """Seeds' and to-start barrier excess against the fine-tuning steps, a panel per pretraining checkpoint and a line
+    per LR (rows of rundir.STEP_SUMMARY, one head policy)."""
+    steps = sorted({r["pretrain_step"] for r in step_summary})
+    lengths = sorted({r["finetune_step"] for r in step_summary})
+    if len(lengths) < 2:
+        return None
+    lrs = sorted({r["lr"] for r in step_summary})
+    colors = plt.get_cmap("viridis")(np.linspace(0.05, 0.9, len(lrs)))
+    cols = min(4, len(steps))
+    rows = -(-len(steps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), sharey=True, squeeze=False)
+
+    def mean(step, lr, length, key):
+        values = [r.get(key, np.nan) for r in step_summary
+                  if (r["pretrain_step"], r["lr"], r["finetune_step"]) == (step, lr, length)]
+        values = [v for v in values if np.isfinite(v)]
+        return float(np.mean(values)) if values else np.nan
+
+    for ax, step in zip(axes.flat, steps):
+        for lr, color in zip(lrs, colors):
+            for key, style in (("error_barrier_test_excess_mean", "o-"),
+                               ("start_error_barrier_test_excess_mean", "s--")):
+                ax.plot(lengths, [mean(step, lr, n, key) for n in lengths], style, color=color, ms=3, lw=1,
+                        label=f"LR {lr:g}" if style == "o-" else None)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(f"pretrained {step_label(step)}", fontsize=9)
+        ax.set_xlabel("fine-tuning steps", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test error barrier − floor", fontsize=8)
+    for ax in list(axes.flat)[len(steps):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, ncol=2)
+    return fig, ("Barrier above its noise floor (test error, endpoint-mean; mean over a cell's usable members) against "
+                 "the number of fine-tuning steps, one panel per pretraining checkpoint and one colour per LR. Solid: "
+                 "between seeds; dashed: each member to its probed start. Above 0: beyond what evaluation noise "
+                 "explains.")
+
+
+def critical_rate(rows: list[dict]):
+    """The critical learning rate against the pretraining checkpoint, one line per fine-tuning length, with the rate
+    at which training fails as a dashed reference (rows of rundir.CRITICAL, one combination of the other axes)."""
+    steps = sorted({r["pretrain_step"] for r in rows})
+    lengths = sorted({r["finetune_step"] for r in rows})
+    low, high = min(r["lowest_lr"] for r in rows), max(r["highest_lr"] for r in rows)
+    floor_y, top_y = low / 2, high * 2  # where "below the grid" and "no rate leaves" are drawn
+    colors = plt.get_cmap("plasma")(np.linspace(0.05, 0.8, len(lengths)))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    x = np.arange(len(steps))
+    for length, color in zip(lengths, colors):
+        mine = {r["pretrain_step"]: r for r in rows if r["finetune_step"] == length}
+        at = [mine.get(s, {}) for s in steps]
+        value = np.array([r.get("critical_lr", np.nan) for r in at])
+        shown = np.clip(np.where(value == 0, floor_y, value), floor_y, top_y)
+        lo = np.clip(np.array([r.get("critical_lr_ci_lo", np.nan) for r in at]), floor_y, top_y)
+        hi = np.clip(np.array([r.get("critical_lr_ci_hi", np.nan) for r in at]), floor_y, top_y)
+        offset = (list(lengths).index(length) - (len(lengths) - 1) / 2) * 0.06
+        ax.plot(x + offset, shown, "o-", color=color, label=f"{length} fine-tuning steps")
+        ax.vlines(x + offset, lo, hi, color=color, alpha=0.6)
+        ax.plot((x + offset)[value == np.inf], shown[value == np.inf], "^", color=color, ms=9)
+        failing = np.array([r.get("failing_lr", np.nan) for r in at])
+        ax.plot(x + offset, np.clip(failing, floor_y, top_y), ":", color=color, lw=1.5)
+    ax.axhspan(low, high, color="gray", alpha=0.08, lw=0)
+    ax.set_yscale("log")
+    ax.set_ylim(floor_y / 1.5, top_y * 1.5)
+    ax.set_xticks(x, [step_label(s) for s in steps])
+    ax.set_xlabel("pretraining steps of the starting checkpoint")
+    ax.set_ylabel("fine-tuning learning rate")
+    ax.plot([], [], ":", color="k", label="training fails (≥ half diverged or unfit)")
+    ax.legend(fontsize=7)
+    return fig, ("Critical learning rate — the smallest rate at which seeds leave the basin (seeds' and to-start test "
+                 "error barriers above their noise floors), interpolated on the log-rate axis — against the "
+                 "pretraining checkpoint, one line per fine-tuning length; bars: 95 % bootstrap CIs over seeds. "
+                 "Triangles at the top: no rate that trains leaves the basin; points at the bottom: even the lowest "
+                 "rate leaves. Dotted: the rate from which training fails. Shaded: the grid's rates.")
+
+
 def png(fig) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
     buffer = io.BytesIO()

@@ -43,7 +43,7 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
     n_train = len(task.train.y)
     chunk_fn = train.make_train_chunk(model, f.optimizer, f.momentum, f.batch_size, n_train, cfg.run.chunk_steps)
     device_data = {"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}
-    manager = ckpt.Checkpoints(run.path(rundir.CHECKPOINTS), keep_latest=2)
+    manager = ckpt.Checkpoints(run.path(rundir.CHECKPOINTS), keep_steps=f.save_steps, keep_latest=2)
     latest = manager.latest_step()
     num_members = len(rows)
     fit = members_per_program(cfg, chunk_fn, params_M, consts, device_data, n_train)
@@ -115,7 +115,7 @@ def members_per_program(cfg: Config, chunk_fn, params_M, consts, device_data, n_
 def _train_part(cfg: Config, chunk_fn, state, consts, device_data, manager, label: str,
                 progress: loop.Progress | None):
     f = cfg.finetune
-    save_at = set(range(cfg.run.checkpoint_every, f.steps, cfg.run.checkpoint_every))
+    save_at = set(range(cfg.run.checkpoint_every, f.steps, cfg.run.checkpoint_every)) | set(f.save_steps)
     return loop.train_to(label, chunk_fn, state, consts, device_data, f.steps, cfg.run.chunk_steps, save_at,
                          manager.save, progress)
 
@@ -124,7 +124,7 @@ def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts,
                     progress: loop.Progress | None):
     """Members that do not fit one program are trained in as few parts as possible, one after another, each
     checkpointed in parts/partK (and resumed from there); the finished parts are stacked into one state saved in
-    checkpoints/ like a single program's, and parts/ is removed. Members are independent, so the result is the
+    checkpoints/ like a single program's (so is each of finetune.save_steps), and parts/ is removed. Members are independent, so the result is the
     same as training them all at once (tested)."""
     f = cfg.finetune
     num_members = jax.tree.leaves(params_M)[0].shape[0]
@@ -137,7 +137,7 @@ def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts,
         mesh = shard.member_mesh(len(members))
         state = shard.shard_members(
             train.init_state(part_params, f.optimizer, f.momentum, device_data["y"].shape[0]), mesh)
-        part_manager = ckpt.Checkpoints(run.part(k), keep_latest=2)
+        part_manager = ckpt.Checkpoints(run.part(k), keep_steps=f.save_steps, keep_latest=2)
         latest = part_manager.latest_step()
         if latest is not None:
             state = part_manager.restore(latest, shard.abstract(state))
@@ -147,9 +147,20 @@ def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts,
                                 progress)
         part_manager.close()
         finished.append(jax.tree.map(shard.to_host, state))
-    state = {key: (finished[0][key] if key == "step" else
-                   jax.tree.map(lambda *parts: np.concatenate(parts), *[p[key] for p in finished]))
-             for key in finished[0]}
+
+    def stacked(states):
+        return {key: (states[0][key] if key == "step" else
+                      jax.tree.map(lambda *parts: np.concatenate(parts), *[p[key] for p in states]))
+                for key in states[0]}
+
+    for step in f.save_steps:  # the kept steps first: the final one marks the run finished
+        saved = []
+        for k, one in enumerate(finished):
+            part_manager = ckpt.Checkpoints(run.part(k), read_only=True)
+            saved.append(part_manager.restore_like(step, one))
+            part_manager.close()
+        manager.save(step, stacked(saved))
+    state = stacked(finished)
     manager.save(f.steps, state)  # atomic: until it lands, a rerun resumes from the finished parts
     shutil.rmtree(run.path(rundir.PARTS), ignore_errors=True)
     return state

@@ -250,7 +250,8 @@ def write_barriers(run: rundir.RunDir, pairs, used, curves: Curves, pair_rows, s
 
 def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     """Evaluate the requested member pairs and every member-to-start pair of a finished fine-tuning run in one
-    compiled pass; write barriers/. Returns {"pairs", "to_start", "summary", "settings"}."""
+    compiled pass; write barriers/. With finetune.save_steps, the same at each saved fine-tuning step (one pass per
+    step), in barriers/by_step/ beside the final step's rows. Returns {"pairs", "to_start", "summary", "settings"}."""
     b = cfg.barriers
     directory = rundir.RunDir(out)
     members = directory.members()
@@ -279,5 +280,42 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
                          "<metric>_barrier_<split>_lin": "linear-baseline: max [L(α) − ((1−α)L(0) + αL(1))]",
                          "<barrier>_floor": "noise floor: 95 % quantile of the barrier of the centred curve over "
                                             "bootstrap resamplings of the evaluation examples"}}
+    by_step = {cfg.finetune.steps: (members, pair_rows, start_rows, summary)}
+    step_seconds = {}
+    for step in cfg.finetune.save_steps:
+        start_time = time.perf_counter()
+        by_step[step] = _barriers_at_step(cfg, out, run, step, start_M, probe_M, status)
+        step_seconds[step] = time.perf_counter() - start_time
+    settings["finetune_steps"] = sorted(by_step)
+    settings["seconds_per_saved_step"] = step_seconds
     write_barriers(directory, pairs, run.used, curves, pair_rows, start_rows, summary, settings)
+    directory.write_by_step({step: by_step[step] for step in sorted(by_step)})
     return {"pairs": pair_rows, "to_start": start_rows, "summary": summary, "settings": settings}
+
+
+def members_at_step(cfg: Config, out: str, run: FinishedRun, step: int, start_M: dict) -> tuple[list[dict], dict]:
+    """(member rows, params_M) at a saved fine-tuning step: members.csv's rows with the metrics, divergence and
+    unfit flags (study.unfit_fraction, against the best member from the same start at that step) re-measured there."""
+    saved = ckpt.restore_fields(rundir.RunDir(out).path(rundir.CHECKPOINTS), step, ("params", "diverged"))
+    params_M = jax.tree.map(jnp.asarray, saved["params"])
+    results = finetuning.evaluate_members(cfg, run.model, run.task, params_M, start_M)
+    rows = [{**m, **{k: float(v[i]) for k, v in results.items()}, "diverged": bool(saved["diverged"][i])}
+            for i, m in enumerate(run.members)]
+    for r, unfit in zip(rows, finetuning.unfit_flags(rows, cfg.study.unfit_fraction)):
+        r["unfit"] = unfit
+    return rows, params_M
+
+
+def _barriers_at_step(cfg: Config, out: str, final: FinishedRun, step: int, start_M: dict, probe_M: dict, status):
+    """(members, pair_rows, start_rows, summary) of the members as saved at fine-tuning step `step`."""
+    members, params_M = members_at_step(cfg, out, final, step, start_M)
+    run = FinishedRun(members, final.task, final.model, params_M)
+    pairs, _ = select_pairs(cfg.barriers.pairs, members)
+    if not run.used:
+        return members, [], [], _summary(members, [], [], cfg.barriers.bootstrap, cfg.finetune.seeds)
+    if status:
+        status(f"fine-tuning step {step}:")
+    curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M)
+    pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
+    return members, pair_rows, start_rows, _summary(members, pair_rows, start_rows, cfg.barriers.bootstrap,
+                                                    cfg.finetune.seeds)

@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from jaxlmc import figures, grid, rundir, verdicts
+from jaxlmc import figures, grid, noreturn, rundir, verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.figures import step_label
 
@@ -55,6 +55,13 @@ def draw_figures(run: rundir.RunDir, summary: list[dict], members: list[dict]) -
         "soup_gain.png": figures.soup_gain(cells),
         "ood_spread.png": figures.ood_spread(cells),
     }
+    critical = run.read_csv(rundir.CRITICAL)
+    if len({r["lr"] for r in members}) > 1 and critical:
+        steps = [r for r in run.read_csv(rundir.STEP_SUMMARY) if head is None or r["head"] == head]
+        first = {k: critical[0][k] for k in noreturn.START_KEYS if k not in ("pretrain_step", "head")}
+        shown = [r for r in critical if (head is None or r["head"] == head) and all(r[k] == v for k, v in first.items())]
+        drawn = {"critical_rate.png": figures.critical_rate(shown),
+                 "barrier_vs_finetune_steps.png": figures.barrier_vs_finetune_steps(steps), **drawn}
     out = []
     for name, result in drawn.items():
         if result is not None:  # a figure with nothing to show (no alignment, no basin structure) is left out
@@ -93,15 +100,26 @@ SUMMARY_TABLE = [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"), 
                  ("disagreement_test", "disagree"), ("cka_mean", "CKA")]
 
 
+CRITICAL_TABLE = [("pretrain_step", "pretrain"), ("head", "head"), ("finetune_step", "FT steps"),
+                  ("critical_lr", "critical LR"), ("critical_lr_ci_lo", "CI lo"), ("critical_lr_ci_hi", "CI hi"),
+                  ("seeds_critical_lr", "seeds only"), ("start_critical_lr", "to start only"),
+                  ("failing_lr", "fails from"), ("highest_trained_lr", "highest trained"),
+                  ("members_used", "n"), ("unfit", "unfit"), ("diverged", "div")]
+
+
 def _fmt(key, value) -> str:
     if value is None:
         return "–"
     if key == "pretrain_step":
         return step_label(int(value))
     if isinstance(value, float):
+        if key.endswith("_lr") and np.isinf(value):
+            return "none" if value > 0 else "below grid"
+        if key.endswith("_lr") and value == 0:
+            return "below grid"
         if not np.isfinite(value):
             return "–"
-        return f"{value:g}" if key == "lr" else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.3g}" if key.endswith("_lr") else f"{value:g}" if key == "lr" else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
     return html.escape(str(value))
 
 
@@ -140,6 +158,7 @@ def render(out: str, stages) -> str:
     members = run.read_csv(rundir.MEMBERS)
     summary = build_summary(run)
     run.write_csv(rundir.SUMMARY, summary)
+    run.write_csv(rundir.CRITICAL, noreturn.analyse(run)[0])
     drawn = draw_figures(run, summary, members)
     timings, stage_settings = _stage_records(run, stages[:-1])
     pretrain_rows = run.read_csv(rundir.PRETRAIN) if run.exists(rundir.PRETRAIN) else []
@@ -173,6 +192,15 @@ def render(out: str, stages) -> str:
               "members left out as unfit or diverged are counted; accuracies on the test set; every column in "
               "<code>summary.csv</code>.</p>",
               _table(summary, SUMMARY_TABLE)]
+    critical = run.read_csv(rundir.CRITICAL)
+    if critical and len({m["lr"] for m in members}) > 1:
+        parts += ["<h2>Critical learning rate</h2><p>Per start and fine-tuning length: the smallest rate at which "
+                  "seeds leave the basin (both the seeds' and the to-start test error barrier above their noise "
+                  "floors; \"none\": no rate that trains leaves), its 95 % CI over seeds, the same from each "
+                  "barrier alone, and the lowest rate at which at least half the members fail (diverge or do not "
+                  "fit); members left out as diverged or unfit are counted. Every column in "
+                  "<code>critical.csv</code>.</p>",
+                  _table(critical, CRITICAL_TABLE)]
     if pretrain_rows:
         parts += ["<h2>Pretraining checkpoints</h2>",
                   _table(pretrain_rows, [("step", "step"), ("train_loss", "train loss"), ("train_acc", "train acc"),

@@ -13,6 +13,9 @@ No other module builds a path inside a run directory or parses one of its files.
     barriers/summary.csv         BARRIER_SUMMARY: per grid cell, mean, std and bootstrap CI of every measure
     barriers/curves.npz          CURVES: the interpolation curves
     barriers/settings.json       the barrier settings, chunk size, timings, pairs left out
+    barriers/by_step/*.csv       STEP_*: members, pairs, to_start and summary at every kept fine-tuning step
+                                 (finetune.save_steps and the last), with a finetune_step column
+    critical.csv                 CRITICAL: the critical learning rate per start and fine-tuning length
     soups.csv                    SOUPS: soups, ensemble, best and mean member per cell
     similarity.csv, basins.csv   SIMILARITY, BASINS: spread, disagreement, CKA, basins per cell; each member's basin
     similarity.npz               SIMILARITY_ARRAYS: the per-cell matrices
@@ -94,6 +97,21 @@ BASINS = Table("basins.csv", (("member", int), *_cells(), ("basin", int)))
 SUMMARY = Table("summary.csv", _cells(*_COUNTS, ("basins", int), ("basin_sizes", str), ("best_member", int),
                                       ("greedy_size", int), ("greedy_members", str)), rest=float)
 SCALING = Table("scaling.csv", (("width", int), *_cells()), rest=float)
+
+
+def _by_step(table: Table, name: str) -> Table:
+    return Table(f"barriers/by_step/{name}", (("finetune_step", int), *table.columns), table.rest)
+
+
+# The same tables at every kept fine-tuning step (finetune.save_steps and the last), a finetune_step column first.
+STEP_MEMBERS = _by_step(MEMBERS, "members.csv")
+STEP_PAIRS = _by_step(PAIRS, "pairs.csv")
+STEP_TO_START = _by_step(TO_START, "to_start.csv")
+STEP_SUMMARY = _by_step(BARRIER_SUMMARY, "summary.csv")
+BY_STEP = (STEP_MEMBERS, STEP_PAIRS, STEP_TO_START, STEP_SUMMARY)
+# The critical learning rate per start (the cell keys but the rate) and fine-tuning length (jaxlmc.noreturn).
+CRITICAL = Table("critical.csv", (*((a.column, a.type) for a in grid.AXES if a.cell and a.column != "lr"),
+                                  ("finetune_step", int)), rest=float)
 
 # Other files, relative to the run directory.
 CONFIG = "config.json"
@@ -203,6 +221,12 @@ class RunDir:
 
     def write_csv(self, table: Table, rows: list[dict]) -> None:
         write_atomic(self.path(table), rows_to_csv(table, rows))
+
+    def write_by_step(self, by_step: dict) -> None:
+        """The BY_STEP tables from {finetune step: (members, pair rows, to-start rows, summary rows)}."""
+        for k, table in enumerate(BY_STEP):
+            self.write_csv(table, [{"finetune_step": step, **row} for step, tables in by_step.items()
+                                   for row in tables[k]])
 
     def read_csv(self, table: Table) -> list[dict]:
         with open(self.path(table), newline="") as f:

@@ -22,6 +22,7 @@ import scipy.stats
 from jaxlmc import barriers, grid
 
 LEVEL = 0.95
+RESAMPLES = 1000  # seed draws behind the report's intervals
 MIN_MEMBERS = 3  # fewer usable members than this give no interval: two seeds' one pair cannot be resampled
 FORMS = ("", "_lin")  # column suffixes: endpoint-mean and linear-baseline barriers
 
@@ -207,6 +208,15 @@ def crossing(log_lrs_L, excess_L) -> float:
     return float("inf")
 
 
+def crossing_replicates(lrs_L, excess_reps_LxR) -> np.ndarray:
+    """The crossing (`crossing`, as a log10 rate) of every replicate: crossings_R, NaN where a replicate has no
+    value at any rate."""
+    log_lrs = np.log10(np.asarray(lrs_L, float))
+    order = np.argsort(log_lrs)
+    reps = np.asarray(excess_reps_LxR, float)[order]
+    return np.array([crossing(log_lrs[order], reps[:, r]) for r in range(reps.shape[1])])
+
+
 def critical_rate(lrs_L, excess_L, excess_reps_LxR, level: float = LEVEL) -> tuple[float, float, float]:
     """(rate, CI lo, CI hi): the smallest fine-tuning learning rate at which seeds leave the basin — where the mean
     excess of their barrier over its noise floor crosses 0 — interpolated on the log-rate axis, with a member-bootstrap
@@ -215,9 +225,8 @@ def critical_rate(lrs_L, excess_L, excess_reps_LxR, level: float = LEVEL) -> tup
     them, so an interval reaching +inf says the grid does not bound the rate from above."""
     log_lrs = np.log10(np.asarray(lrs_L, float))
     order = np.argsort(log_lrs)
-    log_lrs, excess, reps = log_lrs[order], np.asarray(excess_L, float)[order], np.asarray(excess_reps_LxR)[order]
-    point = crossing(log_lrs, excess)
-    replicates = np.array([crossing(log_lrs, reps[:, r]) for r in range(reps.shape[1])])
+    point = crossing(log_lrs[order], np.asarray(excess_L, float)[order])
+    replicates = crossing_replicates(lrs_L, excess_reps_LxR)
     replicates = replicates[~np.isnan(replicates)]
     if replicates.size < 2:
         return 10 ** point, float("nan"), float("nan")

@@ -52,13 +52,14 @@ STAGES: list[Stage] = [
     Stage("pretrain", pretraining.pretrain, writes=(rundir.PRETRAIN,), trains=True),
     Stage("finetune", finetuning.finetune, settings=("run.eval_batch_size", "data.train_eval_size", "study.unfit_fraction"),
           needs=("pretrain",), writes=(rundir.MEMBERS,), trains=True),
-    Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size"), needs=("finetune",),
-          writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES, rundir.BARRIER_SETTINGS)),
+    Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size", "study.unfit_fraction"),
+          needs=("finetune",), writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES,
+                                       rundir.BARRIER_SETTINGS, *rundir.BY_STEP)),
     Stage("soups", soups.soups_of_run, needs=("finetune",), writes=(rundir.SOUPS,)),
     Stage("similarity", similarity.similarity_of_run, settings=("study",), needs=("finetune", "barriers"),
           writes=(rundir.SIMILARITY, rundir.BASINS, rundir.SIMILARITY_ARRAYS)),
     Stage("report", report_stage, needs=("finetune", "barriers", "soups", "similarity"),
-          writes=(rundir.SUMMARY, rundir.REPORT)),
+          writes=(rundir.SUMMARY, rundir.CRITICAL, rundir.REPORT)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 

@@ -12,10 +12,9 @@ import dataclasses
 
 import numpy as np
 
-from jaxlmc import grid, rundir, similarity, stats
+from jaxlmc import grid, noreturn, rundir, similarity, stats
 from jaxlmc.figures import step_label
 
-NUM_RESAMPLES = 1000
 
 
 @dataclasses.dataclass
@@ -52,7 +51,7 @@ def measure_run(run: rundir.RunDir) -> Measured:
     pairs = run.read_csv(rundir.PAIRS)
     starts = run.read_csv(rundir.TO_START)
     num_seeds = max(m["seed"] for m in members) + 1
-    draws = stats.seed_draws(num_seeds, NUM_RESAMPLES)
+    draws = stats.seed_draws(num_seeds, stats.RESAMPLES)
     barrier = similarity.basin_measure(pairs)
     used = [m for m in members if grid.usable(m)]
     values = {
@@ -222,7 +221,12 @@ def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
     soups = run.read_csv(rundir.SOUPS) if run.exists(rundir.SOUPS) else []
     sim_rows = run.read_csv(rundir.SIMILARITY) if run.exists(rundir.SIMILARITY) else []
     name = "aligned test error barrier" if m.barrier.endswith("_aligned") else "test error barrier"
+    critical = []
+    if noreturn.has_steps(run) and len({mem["lr"] for mem in members}) > 1:
+        critical = noreturn.verdicts(*noreturn.analyse(run))
     sections = [
+        ("H3 — is there a point of no return? The critical learning rate (seeds leave the basin: seeds' and to-start "
+         "test error barriers above their noise floors) by pretraining checkpoint", critical),
         ("Failed fits", failures(members)),
         (f"H1 — does the seeds' barrier ({name}) fall with pretraining? (first vs last checkpoint)", pretraining(m)),
         ("H2 — does it rise with the fine-tuning learning rate? (lowest vs highest rate with usable members)",

@@ -87,7 +87,8 @@ def test_same_label_set_can_keep_the_pretrained_head(data_dir, tmp_path):
 
 @pytest.mark.parametrize("kill_when", ["pretrain/checkpoints/20", "checkpoints/100"])
 def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path, kill_when):
-    overrides = TINY + ["finetune.steps=600", "run.checkpoint_every=100", f'data.data_dir="{data_dir}"']
+    overrides = TINY + ["finetune.steps=600", "run.checkpoint_every=100", "finetune.save_steps=[30, 150, 300]",
+                        f'data.data_dir="{data_dir}"']
     cfg = config.load("configs/mnist1d.toml", overrides)
     reference = str(tmp_path / "reference")
     api.finetune(cfg, reference, progress=False)
@@ -110,9 +111,13 @@ def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path, kill_whe
 
     finished = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
-    for step_dir in ("checkpoints",):
-        a = ckpt.restore_params(os.path.join(reference, step_dir))
-        b = ckpt.restore_params(os.path.join(killed, step_dir))
+    # The members kept at finetune.save_steps (before and after the kill) and the final ones are bit-equal; of the
+    # periodic checkpoints only the newest two remain.
+    directory = os.path.join(killed, "checkpoints")
+    assert ckpt.Checkpoints(directory, read_only=True).steps() == [30, 150, 300, 500, 600]
+    for step in (30, 150, 300, 600):
+        a = ckpt.restore_fields(os.path.join(reference, "checkpoints"), step, ("params", "diverged"))
+        b = ckpt.restore_fields(directory, step, ("params", "diverged"))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_array_equal(x, y)
     assert read_csv(os.path.join(reference, "members.csv")) == read_csv(os.path.join(killed, "members.csv"))
@@ -165,7 +170,7 @@ def test_members_that_do_not_fit_train_in_parts_with_the_same_result(finished_ru
     parts' checkpoints; the stacked result equals the single program's."""
     cfg, reference, rows = finished_run
     parted = config.load("configs/mnist1d.toml", TINY + [f'data.data_dir="{cfg.data.data_dir}"',
-                                                         "run.max_members=3"])
+                                                         "run.max_members=3", "finetune.save_steps=[10, 20]"])
     out = str(tmp_path / "parts")
     calls = []
     original = finetuning._train_part
@@ -187,10 +192,14 @@ def test_members_that_do_not_fit_train_in_parts_with_the_same_result(finished_ru
     parted_rows = api.finetune(parted, out, progress=False)
     assert calls == ["finetune 2/3", "finetune 3/3"]  # part 1 is not trained again
     assert not os.path.exists(os.path.join(out, "parts"))
-    a, b = ckpt.restore_params(os.path.join(reference, "checkpoints")), ckpt.restore_params(os.path.join(out,
-                                                                                                          "checkpoints"))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    # The stacked parts at the kept step 20 and at the end equal the single program's (which keeps 20 as one of its
+    # newest two); step 10 is kept too.
+    assert ckpt.Checkpoints(os.path.join(out, "checkpoints"), read_only=True).steps() == [10, 20, 40]
+    for step in (20, 40):
+        a = ckpt.restore_params(os.path.join(reference, "checkpoints"), step)
+        b = ckpt.restore_params(os.path.join(out, "checkpoints"), step)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert [r["test_acc"] for r in parted_rows] == pytest.approx([r["test_acc"] for r in rows], abs=2e-3)
 
 

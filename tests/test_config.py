@@ -27,6 +27,10 @@ def test_defaults_and_file_agree_on_types():
     ("finetune.schedules=[\"cosine\", \"step\"]", "finetune.schedules[1]"),
     ("finetune.pretrain_steps=[5]", "finetune.pretrain_steps [5] are not saved"),
     ("pretrain.save_steps=[0, 99999]", "lie outside"),
+    ("finetune.save_steps=[0, 100]", "finetune.save_steps must increase strictly and lie strictly between 0"),
+    ("finetune.save_steps=[300, 100]", "finetune.save_steps must increase strictly"),
+    ("finetune.save_steps=[100, 1000]", "finetune.save_steps must increase strictly"),  # the last step: always kept
+    ("finetune.save_steps=[\"30\"]", "finetune.save_steps[0]: expected an integer"),
     ("finetune.lrs=[]", "finetune.lrs must not be empty"),
     ("finetune.lrs=[-1.0]", "finetune.lrs must be positive"),
     ("finetune.seeds=0", "finetune.seeds must be positive"),

@@ -1,7 +1,7 @@
 """The critical learning rate (jaxlmc.stats.critical_rate) on synthetic barrier tables with a known boundary."""
 import numpy as np
 
-from jaxlmc import stats
+from jaxlmc import noreturn, stats
 
 
 def table(lrs, boundary, slope=0.05, noise=0.004, resamples=400, seed=0):
@@ -42,3 +42,84 @@ def test_rates_without_usable_members_are_skipped_not_counted_as_leaving():
     assert with_gap == without
     assert np.isnan(stats.crossing(np.log10(lrs), np.full(7, np.nan)))  # nothing measured: no estimate
     assert stats.crossing(np.log10(lrs), np.full(7, 1.0)) == -np.inf  # everything measured leaves
+
+
+# --------------------------------------------------------------------------------------------- the point of no return
+
+LRS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+CHECKPOINTS = [0, 100, 1000]
+SEEDS = 6
+
+
+def by_step_tables(boundary: dict, fails_from: float = np.inf, length: int = 50, seed: int = 0):
+    """Synthetic barrier-stage tables at one fine-tuning length: at checkpoint c a member at rate ≥ boundary[c] has
+    its barriers (to the other seeds and to its start) 0.05 above their floors, below it 0.02 under them, with a
+    little per-member noise; members at rates ≥ `fails_from` are unfit, yet carry huge barriers in the tables."""
+    rng = np.random.default_rng(seed)
+    members, pairs, starts = [], [], []
+    for c in CHECKPOINTS:
+        for lr in LRS:
+            cell = {"pretrain_step": c, "lr": lr, "weight_decay": 0.0, "schedule": "constant", "dropout": 0.0,
+                    "head": "shared"}
+            ids = []
+            for s in range(SEEDS):
+                unfit = lr >= fails_from
+                excess = 10.0 if unfit else (0.05 if lr >= boundary[c] else -0.02) + 0.004 * rng.normal()
+                members.append({"finetune_step": length, "member": len(members), "seed": s, **cell,
+                                "diverged": False, "unfit": unfit})
+                starts.append({"finetune_step": length, "member": len(members) - 1, "seed": s, **cell,
+                               "error_barrier_test": 0.1 + excess, "error_barrier_test_floor": 0.1})
+                ids.append((len(members) - 1, excess))
+            for a in range(SEEDS):
+                for b in range(a + 1, SEEDS):
+                    (i, ei), (j, ej) = ids[a], ids[b]
+                    pairs.append({"finetune_step": length, "i": i, "j": j, **cell, "same_cell": True,
+                                  "error_barrier_test": 0.1 + (ei + ej) / 2, "error_barrier_test_floor": 0.1})
+    return members, pairs, starts
+
+
+def analysed(*tables_per_length):
+    members, pairs, starts = ([row for tables in tables_per_length for row in tables[k]] for k in range(3))
+    return noreturn.analyse_tables(members, pairs, starts)
+
+
+def test_the_critical_rate_of_each_checkpoint_lies_at_its_boundary():
+    boundary = {0: 0.003, 100: 0.03, 1000: 0.3}
+    rows, _ = analysed(by_step_tables(boundary))
+    for r in rows:
+        below = LRS[LRS.index(boundary[r["pretrain_step"]]) - 1]
+        # The statistic steps from −0.02 to +0.05 between the rate below the boundary and the boundary itself.
+        assert below < r["critical_lr"] < boundary[r["pretrain_step"]]
+        assert below <= r["critical_lr_ci_lo"] <= r["critical_lr"] <= r["critical_lr_ci_hi"] <= boundary[
+            r["pretrain_step"]]
+        assert r["failing_lr"] == np.inf and r["highest_trained_lr"] == 1.0 and r["members_used"] == 42
+
+
+def test_a_point_of_no_return_is_found_and_unfit_members_never_count_as_leaving():
+    # From step 1000 on no rate that trains leaves; the unfit members at rates ≥ 0.3 have huge barriers.
+    rows, reps = analysed(by_step_tables({0: 0.003, 100: 0.03, 1000: np.inf}, fails_from=0.3))
+    last = [r for r in rows if r["pretrain_step"] == 1000][0]
+    assert last["critical_lr"] == np.inf and last["failing_lr"] == 0.3 and last["highest_trained_lr"] == 0.1
+    assert last["unfit"] == 2 * SEEDS and last["members_used"] == 5 * SEEDS
+    [sentence] = noreturn.verdicts(rows, reps)
+    assert "Point of no return: from step 1000 (95 % CI: step 1000 – step 1000) on" in sentence, sentence
+
+
+def test_a_rising_critical_rate_without_a_point_of_no_return():
+    rows, reps = analysed(by_step_tables({0: 0.003, 100: 0.03, 1000: 0.3}))
+    [sentence] = noreturn.verdicts(rows, reps)
+    assert "the critical LR rises" in sentence and "keeps rising" in sentence, sentence
+    assert "no point of no return within the grid" in sentence, sentence
+    # Saturation: the last two checkpoints share their boundary.
+    rows, reps = analysed(by_step_tables({0: 0.003, 100: 0.1, 1000: 0.1}))
+    [sentence] = noreturn.verdicts(rows, reps)
+    assert "rises" in sentence and "saturates" in sentence, sentence
+
+
+def test_each_fine_tuning_length_gets_its_own_curve_longest_first():
+    rows, reps = analysed(by_step_tables({0: 0.003, 100: 0.03, 1000: 0.3}, length=30),
+                          by_step_tables({0: 0.001, 100: 0.01, 1000: np.inf}, length=300, seed=1))
+    assert sorted({r["finetune_step"] for r in rows}) == [30, 300]
+    first, second = noreturn.verdicts(rows, reps)
+    assert first.startswith("300 fine-tuning steps") and "Point of no return" in first
+    assert second.startswith("30 fine-tuning steps") and "no point of no return" in second

@@ -23,8 +23,8 @@ def read_csv(path):
 
 
 STUDY = ["finetune.seeds=3", "finetune.scratch=true", "barriers.alphas=5", "barriers.chunk_pairs=4",
-         "data.validation_size=300", "barriers.align=true"]
-FIGURES = ["phase_diagram.png", "barrier_vs_pretraining.png", "aligned_barrier.png", "interpolation_curves.png",
+         "data.validation_size=300", "barriers.align=true", "finetune.save_steps=[20]"]
+FIGURES = ["critical_rate.png", "barrier_vs_finetune_steps.png", "phase_diagram.png", "barrier_vs_pretraining.png", "aligned_barrier.png", "interpolation_curves.png",
            "basins.png", "soup_gain.png", "ood_spread.png"]
 
 
@@ -56,9 +56,25 @@ def test_a_tiny_study_end_to_end(reference):
         assert 1 <= int(row["basins"]) <= 3
     page = open(os.path.join(out, "report.html")).read()
     assert page.count("<img src='data:image/png;base64,") == len(FIGURES) and "<script" not in page
-    for section in ("Failed fits", "H1 — does the seeds", "Same basin?", "95 % CI"):
+    for section in ("H3 — is there a point of no return?", "Failed fits", "H1 — does the seeds", "Same basin?",
+                    "95 % CI", "Critical learning rate"):
         assert section in page, section
+    assert page.index("H3 — is there a point of no return?") < page.index("Failed fits")  # the report's first answer
     assert sorted(os.listdir(os.path.join(out, "figures"))) == sorted(FIGURES)
+    # The barrier stage measured the members kept at step 20 as well as the final ones (step 40).
+    run = rundir.RunDir(out)
+    by_step = run.read_csv(rundir.STEP_MEMBERS)
+    final = run.read_csv(rundir.MEMBERS)
+    assert [m["finetune_step"] for m in by_step] == [20] * len(final) + [40] * len(final)
+    assert [{k: v for k, v in m.items() if k != "finetune_step"} for m in by_step[len(final):]] == final
+    assert all(a["test_loss"] != b["test_loss"] for a, b in zip(by_step, final))  # re-evaluated at step 20
+    assert {p["finetune_step"] for p in run.read_csv(rundir.STEP_PAIRS)} == {20, 40}
+    critical = run.read_csv(rundir.CRITICAL)
+    assert [(r["pretrain_step"], r["finetune_step"]) for r in critical] == [(s, n) for n in (20, 40)
+                                                                           for s in (-1, 0, 60)]
+    for r in critical:
+        assert r["lowest_lr"] == 0.001 and r["highest_lr"] == 0.01 and r["members"] == 6
+        assert r["critical_lr"] == np.inf or 0 <= r["critical_lr"] <= 0.01
     # Seeds from different random initialisations (scratch) are closer after weight matching.
     scratch = [r for r in summary if r["pretrain_step"] == "-1"]
     assert np.mean([float(r["loss_barrier_test_aligned_mean"]) for r in scratch]) < np.mean(
@@ -137,6 +153,7 @@ def test_resume_after_interruption_in_each_stage(reference, data_dir, tmp_path, 
     assert study.study(cfg, out, progress=False) == study.STAGE_NAMES[index:]
     assert all(open(os.path.join(out, "stages", m)).read() == text for m, text in before.items())
     assert read_csv(os.path.join(out, "summary.csv")) == read_csv(os.path.join(ref_out, "summary.csv"))
+    assert read_csv(os.path.join(out, "critical.csv")) == read_csv(os.path.join(ref_out, "critical.csv"))
 
 
 def test_kill_9_during_the_study_loses_nothing(reference, data_dir, tmp_path):
