@@ -12,8 +12,9 @@ checkpoint with every other cell axis but the rate (head policy, weight decay, �
 * **Critical rate**: where that statistic first crosses 0, walking the rates upward, interpolated on the log-rate
   axis (stats.crossing); its 95 % CI is the same crossing in each member-bootstrap replicate (one set of seed draws
   for every rate, start and length). +inf: no rate that trains leaves; −inf (0 in the table): even the lowest leaves.
-* **Failing rate**: the lowest rate at which at least half the members diverge or do not fit (unfit): where training
-  stops working, the reference the critical rate is read against.
+* **Failing rate**: the lowest rate from which on every rate has at least half its members diverged or unfit: where
+  training stops working as the rate grows, the reference the critical rate is read against. (A rate too small to fit
+  in few steps is unfit too, but that is not where training stops working.)
 * **Point of no return**: the first checkpoint from which on every checkpoint's critical rate is +inf — every rate
   that trains at all stays in the basin. Its CI is over the same replicates (the first such checkpoint in each).
 """
@@ -67,27 +68,24 @@ def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict])
             usable = np.array([sum(m in used for m in groups[c]) for c in cells])
             total = np.array([len(groups[c]) for c in cells])
 
-            def combined(c):
-                point = min(seeds[0].get(c, np.nan), start[0].get(c, np.nan))
-                reps = np.minimum(seeds[1].get(c, np.full(len(draws), np.nan)),
-                                  start[1].get(c, np.full(len(draws), np.nan)))
-                return (point, reps) if np.isfinite(reps).any() else (np.nan, reps)
-
-            values = [combined(c) for c in cells]
+            values = [_combined(seeds, start, c, len(draws)) for c in cells]
             excess_L = np.array([v[0] for v in values])
             reps_LxR = np.stack([v[1] for v in values])
             rate, lo, hi = stats.critical_rate(lrs, excess_L, reps_LxR)
             replicates[(key, step)] = stats.crossing_replicates(lrs, reps_LxR)
-            failing = lrs[usable < total / 2]
+            # Training fails from the lowest rate above which every rate fails (at least half its members diverged
+            # or unfit): the upper edge of trainability. Too small a rate can be unfit too (too few steps to fit);
+            # that is not where training stops working.
+            fails = usable < total / 2
+            failing = lrs[[bool(fails[k:].all()) for k in range(len(lrs))]]
             trained = lrs[usable >= stats.MIN_MEMBERS]
-            one = lambda point: 10 ** stats.crossing(np.log10(lrs), point)  # noqa: E731
             rows.append({
                 **dict(zip(START_KEYS, key)), "finetune_step": step,
                 "critical_lr": rate, "critical_lr_ci_lo": lo, "critical_lr_ci_hi": hi,
-                "seeds_critical_lr": one([seeds[0].get(c, np.nan) if u >= stats.MIN_MEMBERS else np.nan
-                                          for c, u in zip(cells, usable)]),
-                "start_critical_lr": one([start[0].get(c, np.nan) if u >= stats.MIN_MEMBERS else np.nan
-                                          for c, u in zip(cells, usable)]),
+                "seeds_critical_lr": _crossing_rate(lrs, [seeds[0].get(c, np.nan) if u >= stats.MIN_MEMBERS
+                                                          else np.nan for c, u in zip(cells, usable)]),
+                "start_critical_lr": _crossing_rate(lrs, [start[0].get(c, np.nan) if u >= stats.MIN_MEMBERS
+                                                          else np.nan for c, u in zip(cells, usable)]),
                 "failing_lr": float(failing.min()) if failing.size else np.inf,
                 "highest_trained_lr": float(trained.max()) if trained.size else np.nan,
                 "lowest_lr": float(lrs.min()), "highest_lr": float(lrs.max()), "rates": float(len(lrs)),
@@ -96,6 +94,17 @@ def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict])
                 "unfit": float(sum(bool(at[m].get("unfit")) for c in cells for m in groups[c])),
             })
     return rows, replicates
+
+
+def _combined(seeds: tuple, start: tuple, cell: tuple, num_draws: int) -> tuple[float, np.ndarray]:
+    """(point, replicates_R) of min(seeds' excess, to-start excess) in a cell; NaN point without any replicate."""
+    point = min(seeds[0].get(cell, np.nan), start[0].get(cell, np.nan))
+    reps = np.minimum(seeds[1].get(cell, np.full(num_draws, np.nan)), start[1].get(cell, np.full(num_draws, np.nan)))
+    return (point, reps) if np.isfinite(reps).any() else (np.nan, reps)
+
+
+def _crossing_rate(lrs, points) -> float:
+    return float(10 ** stats.crossing(np.log10(lrs), points))
 
 
 def _first_staying(stays: np.ndarray) -> int:
@@ -131,7 +140,17 @@ def verdicts(rows: list[dict], replicates: dict) -> list[str]:
             if not chosen:
                 continue
             label = f"{step} fine-tuning steps" + "".join(f", {k} {where[k]}" for k in varied)
-            lines.append(_one_length(label, chosen, [replicates[(_key(r), step)] for r in chosen]))
+            line = _one_length(label, chosen, [replicates[(_key(r), step)] for r in chosen])
+            scratch = [r for r in rows if r["finetune_step"] == step and r["pretrain_step"] < 0
+                       and all(r[k] == v for k, v in where.items())]
+            if scratch:  # the positive control: seeds from their own initialisations must register as leaving
+                r = scratch[0]
+                line += (f" Control (scratch: every seed its own initialisation): critical LR {_rate(r['critical_lr'])} "
+                         f"({_interval(r['critical_lr_ci_lo'], r['critical_lr_ci_hi'])})" +
+                         (" — the detector sees separate basins where they must be." if r["critical_lr"] == 0 else
+                          " — separate initialisations do not register as leaving at every rate: read the verdict "
+                          "with care."))
+            lines.append(line)
     return lines
 
 
@@ -153,6 +172,12 @@ def _one_length(label: str, chosen: list[dict], reps: list[np.ndarray]) -> str:
         lo, hi = np.quantile(per_replicate, [(1 - stats.LEVEL) / 2, (1 + stats.LEVEL) / 2], method="nearest")
         where = f"step {steps[point]} (95 % CI: step {steps[lo]} – " + (
             f"step {steps[hi]})" if hi < len(chosen) else "beyond the last checkpoint)")
+        if hi < len(chosen) and point == 0:
+            return text + (f"Every checkpoint, the first (step {steps[0]}) included, stays in the basin at every rate "
+                           "that trains: fine-tuning never leaves, so the grid places no point of no return — it lies "
+                           f"at or before step {steps[0]}" + (" (the random initialisation: stable from the start, as "
+                                                              "Frankle et al. 2020 found for small MNIST networks)"
+                                                              if steps[0] == 0 else "") + ".")
         if hi < len(chosen):
             return text + (f"Point of no return: from {where} on, every rate that trains at all (up to "
                            f"{_rate(chosen[-1]['highest_trained_lr'])}) stays in the basin.")

@@ -51,10 +51,11 @@ CHECKPOINTS = [0, 100, 1000]
 SEEDS = 6
 
 
-def by_step_tables(boundary: dict, fails_from: float = np.inf, length: int = 50, seed: int = 0):
+def by_step_tables(boundary: dict, fails_from: float = np.inf, length: int = 50, seed: int = 0, too_slow=()):
     """Synthetic barrier-stage tables at one fine-tuning length: at checkpoint c a member at rate ≥ boundary[c] has
     its barriers (to the other seeds and to its start) 0.05 above their floors, below it 0.02 under them, with a
-    little per-member noise; members at rates ≥ `fails_from` are unfit, yet carry huge barriers in the tables."""
+    little per-member noise; members at rates ≥ `fails_from` (and at the rates `too_slow`) are unfit, yet carry huge
+    barriers in the tables."""
     rng = np.random.default_rng(seed)
     members, pairs, starts = [], [], []
     for c in CHECKPOINTS:
@@ -63,7 +64,7 @@ def by_step_tables(boundary: dict, fails_from: float = np.inf, length: int = 50,
                     "head": "shared"}
             ids = []
             for s in range(SEEDS):
-                unfit = lr >= fails_from
+                unfit = lr >= fails_from or lr in too_slow
                 excess = 10.0 if unfit else (0.05 if lr >= boundary[c] else -0.02) + 0.004 * rng.normal()
                 members.append({"finetune_step": length, "member": len(members), "seed": s, **cell,
                                 "diverged": False, "unfit": unfit})
@@ -96,11 +97,12 @@ def test_the_critical_rate_of_each_checkpoint_lies_at_its_boundary():
 
 
 def test_a_point_of_no_return_is_found_and_unfit_members_never_count_as_leaving():
-    # From step 1000 on no rate that trains leaves; the unfit members at rates ≥ 0.3 have huge barriers.
-    rows, reps = analysed(by_step_tables({0: 0.003, 100: 0.03, 1000: np.inf}, fails_from=0.3))
-    last = [r for r in rows if r["pretrain_step"] == 1000][0]
+    # From step 1000 on no rate that trains leaves; the unfit members at rates ≥ 0.3 have huge barriers. The lowest
+    # rate is unfit too (too slow to fit), which is not where training fails.
+    rows, reps = analysed(by_step_tables({0: 0.003, 100: 0.03, 1000: np.inf}, fails_from=0.3, too_slow=(0.001,)))
+    last = next(r for r in rows if r["pretrain_step"] == 1000)
     assert last["critical_lr"] == np.inf and last["failing_lr"] == 0.3 and last["highest_trained_lr"] == 0.1
-    assert last["unfit"] == 2 * SEEDS and last["members_used"] == 5 * SEEDS
+    assert last["unfit"] == 3 * SEEDS and last["members_used"] == 4 * SEEDS
     [sentence] = noreturn.verdicts(rows, reps)
     assert "Point of no return: from step 1000 (95 % CI: step 1000 – step 1000) on" in sentence, sentence
 
@@ -123,3 +125,9 @@ def test_each_fine_tuning_length_gets_its_own_curve_longest_first():
     first, second = noreturn.verdicts(rows, reps)
     assert first.startswith("300 fine-tuning steps") and "Point of no return" in first
     assert second.startswith("30 fine-tuning steps") and "no point of no return" in second
+
+
+def test_no_leaving_at_any_checkpoint_places_no_point_of_no_return():
+    rows, reps = analysed(by_step_tables({0: np.inf, 100: np.inf, 1000: np.inf}, fails_from=0.3))
+    [sentence] = noreturn.verdicts(rows, reps)
+    assert "the grid places no point of no return — it lies at or before step 0" in sentence, sentence
