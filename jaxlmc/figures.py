@@ -316,15 +316,16 @@ def critical_rate(rows: list[dict]):
         mine = {r["pretrain_step"]: r for r in rows if r["finetune_step"] == length}
         at = [mine.get(s, {}) for s in steps]
         value = np.array([r.get("critical_lr", np.nan) for r in at])
-        shown = np.clip(np.where(value == 0, floor_y, value), floor_y, top_y)
+        inside = np.where((value > 0) & np.isfinite(value), value, np.nan)  # the line joins crossings in the grid
         lo = np.clip(np.array([r.get("critical_lr_ci_lo", np.nan) for r in at]), floor_y, top_y)
         hi = np.clip(np.array([r.get("critical_lr_ci_hi", np.nan) for r in at]), floor_y, top_y)
-        offset = (list(lengths).index(length) - (len(lengths) - 1) / 2) * 0.06
-        ax.plot(x + offset, shown, "o-", color=color, label=f"{length} fine-tuning steps")
-        ax.vlines(x + offset, lo, hi, color=color, alpha=0.6)
-        ax.plot((x + offset)[value == np.inf], shown[value == np.inf], "^", color=color, ms=9)
+        xs = x + (list(lengths).index(length) - (len(lengths) - 1) / 2) * 0.06
+        ax.plot(xs, inside, "o-", color=color, label=f"{length} fine-tuning steps")
+        ax.vlines(xs, lo, hi, color=color, alpha=0.5)
+        ax.plot(xs[value == np.inf], np.full((value == np.inf).sum(), top_y), "^", color=color, ms=8)
+        ax.plot(xs[value == 0], np.full((value == 0).sum(), floor_y), "v", color=color, ms=8)
         failing = np.array([r.get("failing_lr", np.nan) for r in at])
-        ax.plot(x + offset, np.clip(failing, floor_y, top_y), ":", color=color, lw=1.5)
+        ax.plot(xs, np.where(np.isfinite(failing), failing, np.nan), ":", color=color, lw=1.5)
     ax.axhspan(low, high, color="gray", alpha=0.08, lw=0)
     ax.set_yscale("log")
     ax.set_ylim(floor_y / 1.5, top_y * 1.5)

@@ -180,7 +180,9 @@ def _one_length(label: str, chosen: list[dict], reps: list[np.ndarray]) -> str:
                                                               if steps[0] == 0 else "") + ".")
         if hi < len(chosen):
             return text + (f"Point of no return: from {where} on, every rate that trains at all (up to "
-                           f"{_rate(chosen[-1]['highest_trained_lr'])}) stays in the basin.")
+                           f"{_rate(chosen[-1]['highest_trained_lr'])}) stays in the basin" +
+                           (f"; but the CI reaches the first checkpoint (step {steps[0]}), so the grid cannot tell it "
+                            "from no pretraining at all." if lo == 0 else "."))
         return text + (f"From {where} on, no rate that trains leaves the basin in this run, but in the bootstrap the "
                        "boundary may lie past the last checkpoint: the point of no return is not resolved.")
     finite = [i for i, r in enumerate(chosen) if 0 < r["critical_lr"] < np.inf]
