@@ -76,11 +76,14 @@ def greedy_soup(model: Model, params_M, idx_GxK: np.ndarray, val_set, val_acc_M:
 
 
 def make_outputs(model: Model, batch_members: int = 8):
-    """jit(params_M, x_NxF) -> (logits_MxNxC, features_MxNxD): every member's logits and penultimate features."""
+    """jit(params_M, x_NxF) -> (logits_MxNxC, features_MxNxD): every member's logits and penultimate features. For a
+    per-token model (a language model: logits M×N×T×C) the features are the final hidden states averaged over the
+    sequence's positions, one representation per sequence."""
 
     def outputs(params_M, x):
         def one(params):
-            return model.apply(params, x), model.features(params, x)
+            features = model.features(params, x)
+            return model.apply(params, x), features.mean(axis=1) if model.per_token else features
 
         num = jax.tree.leaves(params_M)[0].shape[0]
         return lax.map(one, params_M, batch_size=min(batch_members, num))
@@ -137,3 +140,21 @@ def basins(barrier_KxK: np.ndarray, threshold: float) -> np.ndarray:
     ranked = uniq[np.lexsort((first, -counts))]
     lookup = {r: n for n, r in enumerate(ranked)}
     return np.array([lookup[r] for r in raw], np.int64)
+
+
+def ngram_baselines(train_x_NxT, train_y_NxT, x_NxT, y_NxT, vocab: int) -> list[dict]:
+    """Unigram and bigram language models counted on a language-modelling task's training split (add-one smoothed),
+    scored on (x, y): per-token loss (nats) and accuracy of their most likely next token — the bar a pretrained
+    language model must clear to have learnt more than token frequencies."""
+    train_x, train_y = np.asarray(train_x_NxT, np.int64).ravel(), np.asarray(train_y_NxT, np.int64).ravel()
+    x, y = np.asarray(x_NxT, np.int64).ravel(), np.asarray(y_NxT, np.int64).ravel()
+    unigram = np.bincount(train_y, minlength=vocab) + 1.0
+    unigram /= unigram.sum()
+    bigram = np.ones((vocab, vocab))
+    np.add.at(bigram, (train_x, train_y), 1.0)
+    bigram /= bigram.sum(axis=1, keepdims=True)
+    rows = []
+    for name, probs_NxV in (("unigram", np.broadcast_to(unigram, (len(y), vocab))), ("bigram", bigram[x])):
+        rows.append({"model": name, "test_loss": float(-np.log(probs_NxV[np.arange(len(y)), y]).mean()),
+                     "test_acc": float((probs_NxV.argmax(axis=1) == y).mean())})
+    return rows

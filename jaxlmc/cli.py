@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pretrain":
             rows = api.pretrain(cfg, out, progress=progress)
             if not args.quiet:
-                ui.print_pretrain(rows)
+                run = rundir.RunDir(out)
+                ui.print_pretrain(rows, run.read_csv(rundir.BASELINES) if run.exists(rundir.BASELINES) else [])
         else:
             rows = api.finetune(cfg, out, progress=progress)
             if not args.quiet:

@@ -17,7 +17,7 @@ from jaxlmc.models import KINDS
 
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["adamw", "sgd"]
-LabelMap = Literal["identity", "mod5", "parity", "reverse"]  # see jaxlmc.data.LABEL_MAPS
+LabelMap = Literal["identity", "mod5", "parity", "reverse", "next_token"]  # see jaxlmc.data.LABEL_MAPS
 # How a member's new head starts (jaxlmc.finetuning.start_params): its seed's own random draw, one random draw shared
 # by every seed (only the data order then differs between seeds: Frankle's instability analysis), zeros, or a linear
 # probe fitted on the frozen starting body's features (LP-FT, Kumar et al. 2022; deterministic, so also shared).
@@ -76,6 +76,8 @@ class ModelConfig:
     depth: int = 2  # hidden layers (MLP; 0 is logistic regression) or conv layers (CNN)
     norm: Literal["none", "layernorm"] = "none"
     kernel_size: int = 3  # CNN only
+    heads: int = 4  # transformer only: attention heads (width must be a multiple)
+    vocab_size: int = 0  # transformer only: token ids lie in [0, vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +289,9 @@ def validate(cfg: Config) -> None:
     kind = KINDS[m.kind]
     if m.depth < kind.min_depth:
         raise ConfigError(f"model.depth must be at least {kind.min_depth} for model.kind {m.kind!r}, got {m.depth}")
+    if kind.sequence and (m.heads < 1 or m.width % m.heads or m.vocab_size < 2):
+        raise ConfigError(f"model.kind {m.kind!r} needs model.heads ≥ 1 dividing model.width and model.vocab_size ≥ 2, "
+                          f"got heads {m.heads}, width {m.width}, vocab_size {m.vocab_size}")
     if b.align and kind.permutation_spec is None:
         raise ConfigError(f"barriers.align: model.kind {m.kind!r} declares no permutation spec, so weight matching "
                           "cannot align its members; set barriers.align = false")

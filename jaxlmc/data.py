@@ -60,6 +60,7 @@ LABEL_MAPS = {
     "mod5": lambda y, c: (y % 5, 5),
     "parity": lambda y, c: (y % 2, 2),
     "reverse": lambda y, c: (c - 1 - y, c),
+    "next_token": None,  # language modelling on a token dataset: every position predicts the next (load_task)
 }
 
 
@@ -146,6 +147,79 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
             yield index, {"signal": signal.astype(np.float32), "label": int(label)}
 
 
+# --------------------------------------------------------------------------------------------- a synthetic language
+
+# TinyLang: sequences of noisy affine recurrences modulo the vocabulary. A sequence draws a rule (a, b) and a first
+# token, then each next token is (a·previous + b) mod V, replaced by a uniform token with probability `noise`. Reading
+# a sequence means inferring its rule in context: a language model that does so predicts the next token almost
+# surely (loss near the noise's entropy), while unigram and bigram models, which see no rule, stay near log V. The
+# label of a sequence is the index of its multiplier `a` in its config's list (4 classes): sequence classification
+# over the same language. Pretraining sees multipliers 1, 3, 5, 7; the far config's 9, 11, 13, 15 never occur there.
+TINYLANG_VOCAB = 16
+TINYLANG_LENGTH = 33  # tokens per sequence: a context of 32 and, for language modelling, 32 next-token targets
+TINYLANG_VARIANTS: dict[str, dict] = {
+    "pretrain": {"multipliers": (1, 3, 5, 7), "noise": 0.1, "train": 20000, "test": 2000, "seed": 11},
+    "near": {"multipliers": (1, 3, 5, 7), "noise": 0.2, "train": 4000, "test": 1000, "seed": 12},
+    "far": {"multipliers": (9, 11, 13, 15), "noise": 0.1, "train": 4000, "test": 1000, "seed": 13},
+    "classify": {"multipliers": (1, 3, 5, 7), "noise": 0.1, "train": 4000, "test": 500, "seed": 14},
+    "ood": {"multipliers": (1, 3, 5, 7), "noise": 0.3, "train": 500, "test": 500, "seed": 15},
+}
+TINYLANG_DESCRIPTIONS = {
+    "pretrain": "The pretraining corpus: multipliers 1, 3, 5, 7, 10 % noise tokens.",
+    "near": "Nearby: the pretraining rules with twice the noise.",
+    "far": "Far: multipliers 9, 11, 13, 15, never seen in pretraining.",
+    "classify": "Sequence classification over the pretraining language: which multiplier made the sequence.",
+    "ood": "The classification task's language with 30 % noise tokens (OOD).",
+}
+
+
+def tinylang(variant: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (tokens_NxL int32, labels_N int32)} of a TinyLang config, from its own seed."""
+    spec = TINYLANG_VARIANTS[variant]
+    rng = np.random.default_rng(spec["seed"])
+    out = {}
+    for split in ("train", "test"):
+        n = spec[split]
+        label = rng.integers(0, len(spec["multipliers"]), n)
+        a = np.asarray(spec["multipliers"])[label]
+        b = rng.integers(0, TINYLANG_VOCAB, n)
+        tokens = np.empty((n, TINYLANG_LENGTH), np.int64)
+        tokens[:, 0] = rng.integers(0, TINYLANG_VOCAB, n)
+        noisy = rng.random((n, TINYLANG_LENGTH)) < spec["noise"]
+        random_tokens = rng.integers(0, TINYLANG_VOCAB, (n, TINYLANG_LENGTH))
+        for t in range(1, TINYLANG_LENGTH):
+            tokens[:, t] = np.where(noisy[:, t], random_tokens[:, t], (a * tokens[:, t - 1] + b) % TINYLANG_VOCAB)
+        out[split] = (tokens.astype(np.int32), label.astype(np.int32))
+    return out
+
+
+class TinyLang(tfds.core.GeneratorBasedBuilder):
+    """TinyLang, a synthetic language generated locally (no download): see TINYLANG_VARIANTS."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Noisy affine recurrences mod 16; configs pretrain, near, far, classify, ood."}
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=TINYLANG_DESCRIPTIONS[name])
+                       for name in TINYLANG_VARIANTS]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "tokens": tfds.features.Sequence(tfds.features.ClassLabel(num_classes=TINYLANG_VOCAB),
+                                                 length=TINYLANG_LENGTH),
+                "label": tfds.features.ClassLabel(num_classes=len(TINYLANG_VARIANTS[self.builder_config.name][
+                    "multipliers"])),
+            }),
+            supervised_keys=("tokens", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(*arrays) for split, arrays in tinylang(self.builder_config.name).items()}
+
+    def _generate_examples(self, tokens, labels):
+        for index, (sequence, label) in enumerate(zip(tokens, labels)):
+            yield index, {"tokens": sequence, "label": int(label)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """One split of a task as host arrays: inputs x_NxF… (float32) and labels y_N (int32)."""
@@ -180,10 +254,16 @@ def _read_all(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, 
         examples = list(source.__getitems__(range(len(source))))
     except (AttributeError, TypeError):  # a source without batched reads (tfds.testing.mock_data's)
         examples = [source[i] for i in range(len(source))]
-    x_key = "signal" if "signal" in builder.info.features else "image"
+    x_key = next(k for k in ("signal", "image", "tokens") if k in builder.info.features)
     x = np.stack([np.asarray(ex[x_key]) for ex in examples])
     y = np.asarray([ex["label"] for ex in examples], dtype=np.int32)
     return x, y, builder.info.features["label"].num_classes
+
+
+def vocab_size(name: str, data_dir: str | None = None) -> int:
+    """The vocabulary of a token dataset (its "tokens" feature's classes); 0 for a dataset of signals or images."""
+    features = _builder(name, data_dir).info.features
+    return int(features["tokens"].feature.num_classes) if "tokens" in features else 0
 
 
 def num_classes(name: str, data_dir: str | None = None) -> int:
@@ -243,6 +323,14 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
         return x, y, c
 
     raw = {split: read(name, split) for split in splits}
+    if label_map == "next_token":  # language modelling: the context is every token but the last, the label its next
+        vocab = vocab_size(name, data_dir)
+        if not vocab:
+            raise ValueError(f"label map 'next_token' needs a token dataset; {name!r} has no tokens")
+        raw = {split: (x[:, :-1], x[:, 1:].astype(np.int32), vocab) for split, (x, y, n) in raw.items()}
+    elif raw[splits[0]][0].dtype.kind in "iu" and vocab_size(name, data_dir):
+        # Sequence classification: the same context as the language model (the last token dropped).
+        raw = {split: (x[:, :-1], y, n) for split, (x, y, n) in raw.items()}
     out = {}
     for split, (x, y, n) in raw.items():
         x = x.astype(np.float32)

@@ -36,7 +36,7 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
         pretrain(cfg, out, progress=progress, task=pre_task)
 
     rows = grid.member_grid(cfg)
-    model = models.build(cfg.model, task.input_shape, task.train.num_classes)
+    model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
     start_M = start_params(cfg, out, model, rows, task.train)
     params_M = jax.tree.map(jnp.copy, start_M)  # the state's copy is donated; start_M is kept for distances
     consts = grid.member_consts(f, rows)
@@ -234,7 +234,7 @@ def fit_probe_heads(model: models.Model, params_U: dict, split: data.Split, step
 
     def fit(params):
         features_NxD = model.features(params, x)
-        head = {"kernel": jnp.zeros((features_NxD.shape[1], num_classes)), "bias": jnp.zeros((num_classes,))}
+        head = {"kernel": jnp.zeros((features_NxD.shape[-1], num_classes)), "bias": jnp.zeros((num_classes,))}
 
         def objective(h):
             logits = features_NxD @ h["kernel"] + h["bias"][None]

@@ -52,7 +52,7 @@ def load_run(cfg: Config, out: str) -> FinishedRun:
     if latest != cfg.finetune.steps:
         raise ConfigError(f"{out}: the latest fine-tuning checkpoint is at step {latest}, not finetune.steps = "
                           f"{cfg.finetune.steps}; finish the run with `jaxlmc finetune` first")
-    model = models.build(cfg.model, task.input_shape, task.train.num_classes)
+    model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
     params_M = jax.tree.map(jnp.asarray, ckpt.restore_params(run.path(rundir.CHECKPOINTS), latest))
     return FinishedRun(members, task, model, params_M)
 

@@ -7,7 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxlmc import ckpt, loop, models, rundir, shard, tasks, train
+from jaxlmc import analysis, ckpt, loop, models, rundir, shard, tasks, train
 from jaxlmc.config import Config, ConfigError
 
 
@@ -24,7 +24,7 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
     if p.batch_size > len(task.train.y):
         raise ConfigError(f"pretrain.batch_size {p.batch_size} exceeds the {len(task.train.y)} training examples")
     run.open(cfg)
-    model = models.build(cfg.model, task.input_shape, task.train.num_classes)
+    model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
     keys = train.stream_keys("pretrain", [p.seed])
     params_1 = jax.tree.map(lambda a: a[None], model.init(keys["init"][0]))
     consts = {
@@ -64,6 +64,9 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
         rows.append(row)
     manager.close()
     run.write_csv(rundir.PRETRAIN, rows)
+    if task.per_token:
+        run.write_csv(rundir.BASELINES, analysis.ngram_baselines(task.train.x, task.train.y, task.test.x, task.test.y,
+                                                                 task.train.num_classes))
     return rows
 
 

@@ -205,6 +205,11 @@ def render(out: str, stages) -> str:
         parts += ["<h2>Pretraining checkpoints</h2>",
                   _table(pretrain_rows, [("step", "step"), ("train_loss", "train loss"), ("train_acc", "train acc"),
                                          ("test_loss", "test loss"), ("test_acc", "test acc")])]
+        if run.exists(rundir.BASELINES):
+            parts += ["<p>A language model must beat these: unigram and bigram models counted on the pretraining "
+                      "task's training split (add-one smoothed), per-token test loss (nats) and accuracy.</p>",
+                      _table(run.read_csv(rundir.BASELINES), [("model", "baseline"), ("test_loss", "test loss"),
+                                                              ("test_acc", "test acc")])]
     parts += ["<h2>Provenance</h2><p>The run directory's config (training sections; <code>config.json</code>), "
               "library versions and devices, then the settings each measuring stage ran with "
               "(<code>stages/*.json</code>).</p><pre>" + html.escape(json.dumps(provenance, indent=2)) + "</pre><pre>"

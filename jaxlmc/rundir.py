@@ -5,6 +5,7 @@ No other module builds a path inside a run directory or parses one of its files.
     config.json                  the resolved config, library versions and devices (provenance)
     pretrain/checkpoints/STEP    Orbax: the pretraining state at each of pretrain.save_steps (and the latest)
     pretrain/checkpoints.csv     PRETRAIN: loss and accuracy of each pretraining checkpoint
+    pretrain/baselines.csv       BASELINES: unigram and bigram test loss of a language-modelling pretraining task
     checkpoints/STEP             Orbax: the stacked fine-tuning state (params_M, opt_M, data order, diverged_M, step)
     parts/partK/STEP             Orbax: members trained in parts, until they are stacked into checkpoints/
     members.csv                  MEMBERS: one row per fine-tuned member
@@ -82,6 +83,8 @@ PAIRS = Table("barriers/pairs.csv", (("i", int), ("j", int), *_cells(), ("same_c
 TO_START = Table("barriers/to_start.csv", (("member", int), *_cells(), ("seed", int), ("dist", float)), rest=float)
 _COUNTS = (("members", int), ("members_used", int), ("pairs", int))
 BARRIER_SUMMARY = Table("barriers/summary.csv", _cells(*_COUNTS), rest=float)
+# A language-modelling pretraining task's unigram and bigram baselines (analysis.ngram_baselines).
+BASELINES = Table("pretrain/baselines.csv", (("model", str), ("test_loss", float), ("test_acc", float)))
 SOUPS = Table("soups.csv", _cells(
     ("members", int), ("members_used", int), ("best_member", int), ("best_val_acc", float), ("best_test_acc", float),
     ("best_ood_acc", float), ("mean_test_acc", float), ("mean_ood_acc", float), ("uniform_val_acc", float),

@@ -19,6 +19,11 @@ class Task:
     def input_shape(self):
         return self.train.x.shape[1:]
 
+    @property
+    def per_token(self) -> bool:
+        """A label per position (language modelling): labels N×T instead of N."""
+        return self.train.y.ndim > 1
+
 
 def _load(key: str, name: str, label_map: str, data_dir: str, splits=("train", "test"), stats_from=None,
           classes: tuple[str, list[int]] = ("", [])) -> dict:

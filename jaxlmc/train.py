@@ -172,9 +172,10 @@ def batch_eval_set(x_NxF, y_N, batch_size: int, resample_weights_RxN=None) -> tu
     num_batches = math.ceil(n / batch)
     pad = num_batches * batch - n
     x = np.concatenate([np.asarray(x_NxF, np.float32), np.zeros((pad, *np.shape(x_NxF)[1:]), np.float32)])
-    y = np.concatenate([np.asarray(y_N, np.int32), np.zeros((pad,), np.int32)])
+    y = np.concatenate([np.asarray(y_N, np.int32), np.zeros((pad, *np.shape(y_N)[1:]), np.int32)])
     mask = np.arange(num_batches * batch) < n
-    out = (jnp.asarray(x.reshape(num_batches, batch, *x.shape[1:])), jnp.asarray(y.reshape(num_batches, batch)),
+    out = (jnp.asarray(x.reshape(num_batches, batch, *x.shape[1:])),
+           jnp.asarray(y.reshape(num_batches, batch, *y.shape[1:])),
            jnp.asarray(mask.reshape(num_batches, batch)))
     if resample_weights_RxN is None:
         return out
@@ -203,8 +204,11 @@ def loss_and_error(model: Model, params: dict, eval_set: tuple):
     def batch_sums(args):
         x_BxF, y_B, mask_B, *weights = args
         logits_BxC = model.apply(params, x_BxF)
-        loss_B = jnp.where(mask_B, cross_entropy(logits_BxC, y_B), 0.0)
-        wrong_B = jnp.where(mask_B, jnp.argmax(logits_BxC, -1) != y_B, False).astype(jnp.float32)
+        # A per-token task (labels B×T, logits B×T×C) scores each sequence by its mean over positions: every
+        # sequence has T of them, so the mean over sequences is the mean per token, and resampling draws sequences.
+        per_example = lambda v: v.reshape(v.shape[0], -1).mean(axis=1)  # noqa: E731
+        loss_B = jnp.where(mask_B, per_example(cross_entropy(logits_BxC, y_B)), 0.0)
+        wrong_B = jnp.where(mask_B, per_example((jnp.argmax(logits_BxC, -1) != y_B).astype(jnp.float32)), 0.0)
         if not weights:
             return loss_B.sum(), wrong_B.sum()
         return (jnp.concatenate([loss_B.sum()[None], loss_B @ weights[0]]),

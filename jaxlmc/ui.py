@@ -111,13 +111,17 @@ def cell_values(row: dict, axes) -> list[str]:
     return [f"{row[a.column]:g}" if isinstance(row[a.column], float) else str(row[a.column]) for a in axes]
 
 
-def print_pretrain(rows: list[dict]) -> None:
+def print_pretrain(rows: list[dict], baselines: list[dict] = ()) -> None:
+    """The pretraining checkpoints' table, then (a language model's) the unigram and bigram baselines."""
     table = Table(title="pretraining checkpoints")
     for column in ["step", "train_loss", "train_acc", "test_loss", "test_acc"]:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*[_fmt(row[c]) for c in ["step", "train_loss", "train_acc", "test_loss", "test_acc"]])
     console.print(table)
+    for b in baselines:
+        console.print(f"{b['model']} baseline (counted on the training split): test loss {b['test_loss']:.3f} nats "
+                      f"per token, accuracy {b['test_acc']:.3f}")
 
 
 def _count(value) -> str:
@@ -192,6 +196,9 @@ def print_study(out: str) -> None:
                         _count(row[k]) if k in ("basins", "unfit") else _num(row.get(k))
                         for k, _ in columns])
     console.print(table)
+    if run.exists(rundir.BASELINES):
+        final = run.read_csv(rundir.PRETRAIN)[-1]
+        print_pretrain([final], run.read_csv(rundir.BASELINES))
     for question, lines in report.headline(run):
         console.print(f"[bold]{question}[/bold]")
         for line in lines:

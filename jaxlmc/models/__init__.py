@@ -1,21 +1,22 @@
-"""Model kinds: a registry of `ModelKind`s, one file each (mlp.py, cnn.py), and `build`, which turns a `[model]`
+"""Model kinds: a registry of `ModelKind`s, one file each (mlp.py, cnn.py, transformer.py), and `build`, which turns a `[model]`
 config into a `Model`. A new kind is one new file defining its module, layer order and permutation spec, plus its
 line in KINDS below."""
 from __future__ import annotations
 
-from jaxlmc.models import base, cnn, mlp
+from jaxlmc.models import base, cnn, mlp, transformer
 from jaxlmc.models.base import (Dropout, Model, ModelKind, PermutationSpec, UnitAxis, dropout, param_count,
                                 tree_l2)
 from jaxlmc.models.cnn import PatchConv
 
-KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (mlp.KIND, cnn.KIND)}
+KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (mlp.KIND, cnn.KIND, transformer.KIND)}
 
 __all__ = ["KINDS", "Dropout", "Model", "ModelKind", "PatchConv", "PermutationSpec", "UnitAxis", "build", "dropout",
            "param_count", "tree_l2"]
 
 
-def build(cfg, input_shape, num_classes: int) -> Model:
-    """The model a `[model]` config section (jaxlmc.config.ModelConfig) describes, built abstractly."""
+def build(cfg, input_shape, num_classes: int, per_token: bool = False) -> Model:
+    """The model a `[model]` config section (jaxlmc.config.ModelConfig) describes, built abstractly; `per_token`: a
+    label per position (a language-modelling task), for kinds that read sequences."""
     if cfg.kind not in KINDS:
         raise ValueError(f"model.kind: {cfg.kind!r} is not one of {sorted(KINDS)}")
-    return base.build(KINDS[cfg.kind], cfg, input_shape, num_classes)
+    return base.build(KINDS[cfg.kind], cfg, input_shape, num_classes, per_token)

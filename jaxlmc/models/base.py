@@ -76,6 +76,7 @@ class ModelKind:
     layers: Callable[..., list[str]]
     permutation_spec: Callable[..., PermutationSpec] | None
     min_depth: int = 1  # the least model.depth the kind accepts
+    sequence: bool = False  # it reads token sequences, and can predict a label per position (per_token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +88,16 @@ class Model:
     kind: ModelKind
     input_shape: tuple[int, ...]
     num_classes: int
+    per_token: bool = False  # logits per position (B×T×C, a language model's) instead of per example (B×C)
 
     def init(self, key) -> dict:
         """Fresh parameters (a pure dict) from one PRNG key; vmap over keys for a member axis."""
-        module = self.kind.module(self.cfg, self.input_shape, self.num_classes, rngs=nnx.Rngs(params=key))
+        module = _module(self.kind, self.cfg, self.input_shape, self.num_classes, nnx.Rngs(params=key), self.per_token)
         return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
     def apply(self, params: dict, x_BxF, drop: Dropout = None):
-        """Logits B×C of one member's `params` on a batch (with dropout when `drop` is given: training only)."""
+        """Logits B×C (B×T×C per token) of one member's `params` on a batch (with dropout when `drop` is given:
+        training only)."""
         return nnx.merge(self.graphdef, params)(x_BxF, drop)
 
     def features(self, params: dict, x_BxF):
@@ -110,12 +113,21 @@ class Model:
         return self.kind.permutation_spec(self.cfg, self.input_shape)
 
 
-def build(kind: ModelKind, cfg, input_shape, num_classes: int) -> Model:
-    """The graphdef of a model, built abstractly (no parameters are allocated)."""
+def _module(kind: ModelKind, cfg, shape, num_classes: int, rngs: nnx.Rngs, per_token: bool) -> Classifier:
+    if per_token and not kind.sequence:
+        raise ValueError(f"model kind {kind.name!r} predicts one label per example, not one per position")
+    extra = {"per_token": per_token} if kind.sequence else {}
+    return kind.module(cfg, shape, num_classes, rngs=rngs, **extra)
+
+
+def build(kind: ModelKind, cfg, input_shape, num_classes: int, per_token: bool = False) -> Model:
+    """The graphdef of a model, built abstractly (no parameters are allocated). `per_token`: a label per position
+    (language modelling), for kinds that read sequences."""
     shape = tuple(input_shape)
-    abstract = nnx.eval_shape(lambda: kind.module(cfg, shape, num_classes, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: _module(kind, cfg, shape, num_classes, nnx.Rngs(0), per_token))
     graphdef, _ = nnx.split(abstract)
-    return Model(graphdef=graphdef, cfg=cfg, kind=kind, input_shape=shape, num_classes=num_classes)
+    return Model(graphdef=graphdef, cfg=cfg, kind=kind, input_shape=shape, num_classes=num_classes,
+                 per_token=per_token)
 
 
 def param_count(params: dict) -> int:

@@ -1,0 +1,102 @@
+"""The transformer kind: a decoder-only, pre-LayerNorm transformer over token sequences.
+
+    tokens → token embedding + learned position embedding → depth × [x + Attn(LN(x)); x + MLP(LN(x))] → LN → head
+
+Multi-head causal self-attention with `model.heads` heads of width/heads dimensions each, and an MLP of 4·width
+GELU units per block; no dropout, no BatchNorm. Inputs are token ids (any numeric dtype: evaluation sets arrive as
+float32, which holds every id of a vocabulary below 2²⁴ exactly). The head reads
+
+* every position (`per_token`: language modelling, logits B×T×V against the next token), or
+* the last position (sequence classification: its final hidden state is the penultimate representation, the one
+  CKA and the linear probe see).
+
+Parameters are one level deep (`params[layer][name]`, e.g. params["b0_q"]["kernel"]) with the attention heads as
+an axis of their own (q/k/v kernels D×H×d, output kernel H×d×D), so the permutation spec can name them:
+
+* the residual stream — one permutation of the width shared by both embeddings, every LayerNorm, every projection
+  that reads the stream (q, k, v, MLP in, head: input axis) and every one that writes it (attention out, MLP out:
+  output axis and bias); LayerNorm commutes with it (mean and variance over features do not depend on their order);
+* each block's MLP hidden units (MLP in: output axis and bias; MLP out: input axis);
+* each block's attention heads, whole (q, k, v kernels and biases, and the output kernel, on their head axis):
+  relabelling heads leaves every head's Q/K and V/O pairing intact.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis
+
+MLP_RATIO = 4
+
+
+def layers(cfg) -> list[str]:
+    """The permutation groups in the spec's order, each named by its first layer: the residual stream ("embed"),
+    then per block its MLP hidden units ("b<k>_fc1") and its heads ("b<k>_q")."""
+    return ["embed"] + [name for b in range(cfg.depth) for name in (f"b{b}_fc1", f"b{b}_q")]
+
+
+def head_dim(cfg) -> int:
+    return cfg.width // cfg.heads
+
+
+class Transformer(Classifier):
+    def __init__(self, cfg, input_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs, per_token: bool = False):
+        (context,) = input_shape
+        width, heads, dim = cfg.width, cfg.heads, head_dim(cfg)
+        self.depth, self.heads, self.per_token = cfg.depth, heads, per_token
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Embed(cfg.vocab_size, width, embedding_init=init, rngs=rngs)
+        self.pos = nnx.Embed(context, width, embedding_init=init, rngs=rngs)
+        for b in range(cfg.depth):
+            setattr(self, f"b{b}_ln1", nnx.LayerNorm(width, rngs=rngs))
+            for name in "qkv":
+                setattr(self, f"b{b}_{name}", nnx.LinearGeneral(width, (heads, dim), rngs=rngs))
+            setattr(self, f"b{b}_o", nnx.LinearGeneral((heads, dim), width, axis=(-2, -1), rngs=rngs))
+            setattr(self, f"b{b}_ln2", nnx.LayerNorm(width, rngs=rngs))
+            setattr(self, f"b{b}_fc1", nnx.Linear(width, MLP_RATIO * width, rngs=rngs))
+            setattr(self, f"b{b}_fc2", nnx.Linear(MLP_RATIO * width, width, rngs=rngs))
+        self.ln_f = nnx.LayerNorm(width, rngs=rngs)
+        self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+    def hidden(self, x):
+        """The final hidden states B×T×D."""
+        tokens = x.astype(jnp.int32)
+        length = tokens.shape[1]
+        h = self.embed(tokens) + self.pos(jnp.arange(length))[None]
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        for b in range(self.depth):
+            a = getattr(self, f"b{b}_ln1")(h)
+            q, k, v = (getattr(self, f"b{b}_{name}")(a) for name in "qkv")  # B×T×H×d each
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+            weights = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(scores.dtype).min), axis=-1)
+            h = h + getattr(self, f"b{b}_o")(jnp.einsum("bhqk,bkhd->bqhd", weights, v))
+            m = getattr(self, f"b{b}_ln2")(h)
+            h = h + getattr(self, f"b{b}_fc2")(jax.nn.gelu(getattr(self, f"b{b}_fc1")(m)))
+        return self.ln_f(h)
+
+    def features(self, x, drop: Dropout = None):
+        if drop is not None:
+            raise ValueError("model.kind 'transformer' has no dropout")
+        h = self.hidden(x)
+        return h if self.per_token else h[:, -1]
+
+
+def permutation_spec(cfg, input_shape) -> PermutationSpec:
+    residual = [UnitAxis("embed", "embedding", 1), UnitAxis("pos", "embedding", 1),
+                UnitAxis("ln_f", "scale", 0), UnitAxis("ln_f", "bias", 0), UnitAxis("head", "kernel", 0)]
+    spec = []
+    for b in range(cfg.depth):
+        residual += [UnitAxis(f"b{b}_{ln}", p, 0) for ln in ("ln1", "ln2") for p in ("scale", "bias")]
+        residual += [UnitAxis(f"b{b}_{name}", "kernel", 0) for name in ("q", "k", "v", "fc1")]
+        residual += [UnitAxis(f"b{b}_o", "kernel", 2), UnitAxis(f"b{b}_o", "bias", 0),
+                     UnitAxis(f"b{b}_fc2", "kernel", 1), UnitAxis(f"b{b}_fc2", "bias", 0)]
+        spec.append([UnitAxis(f"b{b}_fc1", "kernel", 1), UnitAxis(f"b{b}_fc1", "bias", 0),
+                     UnitAxis(f"b{b}_fc2", "kernel", 0)])
+        spec.append([UnitAxis(f"b{b}_{name}", p, 1 if p == "kernel" else 0) for name in "qkv"
+                     for p in ("kernel", "bias")] + [UnitAxis(f"b{b}_o", "kernel", 0)])
+    return [residual] + spec
+
+
+KIND = ModelKind("transformer", Transformer, layers, permutation_spec, min_depth=1, sequence=True)
