@@ -5,7 +5,8 @@ MNIST-1D (Greydanus 2020), is a TFDS builder that generates its data locally wit
 generator, so it is prepared and read like any other TFDS dataset and needs no network. Its builder configs are
 distribution shifts of the default (more noise, shear, scaling) used as fine-tuning tasks and OOD sets, and a large
 draw of the default distribution for pretraining; all are standardised with the default's statistics, so a shift in
-amplitude or noise is not normalised away.
+amplitude or noise is not normalised away. TinyLang, a synthetic language, is a second embedded builder (token
+sequences: language modelling with the `next_token` label map, or sequence classification).
 
 A *task* is a dataset name (``name`` or ``name/config``) plus a label map or a class list; a label map that changes
 the label set (``mod5``, ``parity``) defines a fine-tuning task with a new head, and a class list keeps only some
