@@ -23,7 +23,7 @@ def test_defaults_and_file_agree_on_types():
     ("finetune.lrs=0.1", "finetune.lrs: expected a list"),
     ("finetune.lrs=[0.1, \"x\"]", "finetune.lrs[1]: expected a number"),
     ("finetune.new_head=1", "finetune.new_head: expected true/false"),
-    ("model.kind=transformer", "model.kind: 'transformer' is not one of"),
+    ("model.kind=rnn", "model.kind: 'rnn' is not one of"),
     ("finetune.schedules=[\"cosine\", \"step\"]", "finetune.schedules[1]"),
     ("finetune.pretrain_steps=[5]", "finetune.pretrain_steps [5] are not saved"),
     ("pretrain.save_steps=[0, 99999]", "lie outside"),
