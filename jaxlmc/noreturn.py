@@ -98,7 +98,7 @@ def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict])
 
 def _combined(seeds: tuple, start: tuple, cell: tuple, num_draws: int) -> tuple[float, np.ndarray]:
     """(point, replicates_R) of min(seeds' excess, to-start excess) in a cell; NaN point without any replicate."""
-    point = min(seeds[0].get(cell, np.nan), start[0].get(cell, np.nan))
+    point = float(np.minimum(seeds[0].get(cell, np.nan), start[0].get(cell, np.nan)))  # NaN when either is missing
     reps = np.minimum(seeds[1].get(cell, np.full(num_draws, np.nan)), start[1].get(cell, np.full(num_draws, np.nan)))
     return (point, reps) if np.isfinite(reps).any() else (np.nan, reps)
 
