@@ -67,6 +67,9 @@ class DataConfig:
     # Exclusive with a label map other than "identity"; the OOD set uses finetune_classes.
     pretrain_classes: list[int] = dataclasses.field(default_factory=list)
     finetune_classes: list[int] = dataclasses.field(default_factory=list)
+    # Text datasets (tiny_shakespeare, imdb_reviews, …) only: bytes of context per sequence (the window read is one
+    # longer, for the next-byte targets of language modelling); 0 for datasets of fixed-size inputs.
+    context_length: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +286,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     non_negative = {"pretrain.steps": p.steps, "pretrain.weight_decay": p.weight_decay,
                     "pretrain.warmup_steps": p.warmup_steps, "finetune.warmup_steps": f.warmup_steps,
-                    "pretrain.momentum": p.momentum, "finetune.momentum": f.momentum}
+                    "pretrain.momentum": p.momentum, "finetune.momentum": f.momentum,
+                    "data.context_length": cfg.data.context_length}
     if m.kind not in KINDS:
         raise ConfigError(f"model.kind: {m.kind!r} is not one of {sorted(KINDS)}")
     kind = KINDS[m.kind]

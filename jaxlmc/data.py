@@ -6,7 +6,8 @@ generator, so it is prepared and read like any other TFDS dataset and needs no n
 distribution shifts of the default (more noise, shear, scaling) used as fine-tuning tasks and OOD sets, and a large
 draw of the default distribution for pretraining; all are standardised with the default's statistics, so a shift in
 amplitude or noise is not normalised away. TinyLang, a synthetic language, is a second embedded builder (token
-sequences: language modelling with the `next_token` label map, or sequence classification).
+sequences: language modelling with the `next_token` label map, or sequence classification). Real TFDS text datasets
+(tiny_shakespeare, imdb_reviews, …) are read through the same loader, tokenized as UTF-8 bytes (see TEXT_VOCAB).
 
 A *task* is a dataset name (``name`` or ``name/config``) plus a label map or a class list; a label map that changes
 the label set (``mod5``, ``parity``) defines a fine-tuning task with a new head, and a class list keeps only some
@@ -221,6 +222,45 @@ class TinyLang(tfds.core.GeneratorBasedBuilder):
             yield index, {"tokens": sequence, "label": int(label)}
 
 
+# ---------------------------------------------------------------------------------------------- real text datasets
+
+# Text is tokenized as UTF-8 bytes: one fixed vocabulary for every text dataset, needing no fitting, so a model
+# pretrained on one corpus reads any other (character level for English text, where a byte is a character). Byte 0
+# (NUL, absent from text) pads sequences shorter than the window.
+TEXT_VOCAB = 256
+TEXT_PAD = 0
+TEXT_FEATURES = ("text", "sentence")  # the names TFDS text datasets give their text feature
+
+
+def text_feature(features) -> str | None:
+    """The name of a dataset's text feature (a tfds.features.Text), or None for a dataset of arrays."""
+    return next((k for k in TEXT_FEATURES if k in features and isinstance(features[k], tfds.features.Text)), None)
+
+
+def _as_bytes(text) -> bytes:
+    return text if isinstance(text, bytes) else str(text).encode("utf-8")
+
+
+def text_windows(texts, window: int) -> np.ndarray:
+    """A corpus (texts without labels, e.g. tiny_shakespeare's one long text per split) as sequences_NxW: the texts
+    joined by newlines, as bytes, cut into consecutive non-overlapping windows (a last partial window is dropped)."""
+    corpus = np.frombuffer(b"\n".join(_as_bytes(t) for t in texts), dtype=np.uint8)
+    n = len(corpus) // window
+    return corpus[:n * window].reshape(n, window).astype(np.int32)
+
+
+def text_sequences(texts, window: int) -> np.ndarray:
+    """Labelled texts (one sequence per example, e.g. a review) as sequences_NxW: each text's first `window` bytes,
+    left-padded with TEXT_PAD when shorter, so the last position — the one a classification head reads — holds the
+    text's own last byte rather than padding."""
+    out = np.full((len(texts), window), TEXT_PAD, dtype=np.int32)
+    for i, text in enumerate(texts):
+        encoded = np.frombuffer(_as_bytes(text)[:window], dtype=np.uint8)
+        if len(encoded):
+            out[i, window - len(encoded):] = encoded
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """One split of a task as host arrays: inputs x_NxF… (float32) and labels y_N (int32)."""
@@ -248,28 +288,55 @@ def prepare(name: str, data_dir: str | None = None):
     return builder
 
 
-def _read_all(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, int]:
+def _read_all(name: str, split: str, data_dir: str | None,
+              context_length: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """(x, y, number of classes) of one split. A text dataset becomes byte sequences of context_length + 1 (the
+    context and, for language modelling, its next byte): a corpus without labels is cut into windows (y all 0 and
+    no classes), a labelled set gives one sequence per example."""
     builder = prepare(name, data_dir)
     source = builder.as_data_source(split=split)
     try:  # one batched read: 5× faster than example by example (50,000 MNIST-1D signals: 1.3 s instead of 6 s)
         examples = list(source.__getitems__(range(len(source))))
     except (AttributeError, TypeError):  # a source without batched reads (tfds.testing.mock_data's)
         examples = [source[i] for i in range(len(source))]
-    x_key = next(k for k in ("signal", "image", "tokens") if k in builder.info.features)
-    x = np.stack([np.asarray(ex[x_key]) for ex in examples])
+    features = builder.info.features
+    labelled = "label" in features
+    text_key = text_feature(features)
+    if text_key is not None:
+        texts = [ex[text_key] for ex in examples]
+        window = context_length + 1
+        x = text_sequences(texts, window) if labelled else text_windows(texts, window)
+        if not len(x):
+            raise ValueError(f"{name}:{split} holds fewer than {window} bytes of text: no sequence of "
+                             f"context_length {context_length} + 1")
+    else:
+        x_key = next(k for k in ("signal", "image", "tokens") if k in features)
+        x = np.stack([np.asarray(ex[x_key]) for ex in examples])
+    if not labelled:
+        return x, np.zeros(len(x), np.int32), 0
     y = np.asarray([ex["label"] for ex in examples], dtype=np.int32)
-    return x, y, builder.info.features["label"].num_classes
+    return x, y, features["label"].num_classes
 
 
 def vocab_size(name: str, data_dir: str | None = None) -> int:
-    """The vocabulary of a token dataset (its "tokens" feature's classes); 0 for a dataset of signals or images."""
+    """The vocabulary of a token dataset (its "tokens" feature's classes, or TEXT_VOCAB bytes for a text dataset); 0
+    for a dataset of signals or images."""
     features = _builder(name, data_dir).info.features
+    if text_feature(features) is not None:
+        return TEXT_VOCAB
     return int(features["tokens"].feature.num_classes) if "tokens" in features else 0
 
 
+def is_text(name: str, data_dir: str | None = None) -> bool:
+    """Whether a dataset holds text (tokenized here as bytes, in windows of a chosen context length)."""
+    return text_feature(_builder(name, data_dir).info.features) is not None
+
+
 def num_classes(name: str, data_dir: str | None = None) -> int:
-    """The number of classes of a dataset, from its builder's info (nothing is downloaded or written)."""
-    return int(_builder(name, data_dir).info.features["label"].num_classes)
+    """The number of classes of a dataset, from its builder's info (nothing is downloaded or written); 0 for a
+    dataset without labels (a text corpus, usable only for language modelling)."""
+    features = _builder(name, data_dir).info.features
+    return int(features["label"].num_classes) if "label" in features else 0
 
 
 def check_classes(classes, n_classes: int) -> None:
@@ -296,8 +363,11 @@ def _keep_classes(x: np.ndarray, y: np.ndarray, classes: list[int], what: str) -
 
 def load_task(name: str, label_map: str = "identity", data_dir: str | None = None,
               splits: tuple[str, ...] = ("train", "test"), stats_from: str | None = None,
-              classes: tuple[int, ...] | list[int] = ()) -> dict[str, Split]:
+              classes: tuple[int, ...] | list[int] = (), context_length: int = 0) -> dict[str, Split]:
     """Load the splits of a task as float32 inputs and int32 labels.
+
+    A text dataset is read as UTF-8 byte sequences of `context_length` + 1 (required, and only allowed, for text):
+    the context and its next byte, the language-modelling target; sequence classification reads the context.
 
     With `classes` (a class split), only the examples whose original label is in the list are kept and they are
     relabelled 0 .. k-1 in the list's order; a class list replaces a label map (the two cannot be combined).
@@ -309,6 +379,14 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
     """
     if label_map not in LABEL_MAPS:
         raise ValueError(f"unknown label map {label_map!r}; choose one of {sorted(LABEL_MAPS)}")
+    text = is_text(name, data_dir)
+    if text and context_length < 1:
+        raise ValueError(f"{name} is a text dataset: set data.context_length (bytes of context per sequence)")
+    if not text and context_length:
+        raise ValueError(f"data.context_length ({context_length}) applies to text datasets only; {name} has "
+                         "sequences or arrays of a fixed size")
+    if label_map != "next_token" and not num_classes(name, data_dir):
+        raise ValueError(f"{name} has no labels: it can only be a language-modelling task (label map 'next_token')")
     classes = list(classes)
     if classes:
         if label_map != "identity":
@@ -317,7 +395,7 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
         classes = [int(c) for c in classes]
 
     def read(task: str, split: str):
-        x, y, c = _read_all(task, split, data_dir)
+        x, y, c = _read_all(task, split, data_dir, context_length)
         if classes:
             x, y = _keep_classes(x, y, classes, f"{task}:{split}")
             c = len(classes)

@@ -6,6 +6,7 @@ import dataclasses
 
 from jaxlmc import data, train
 from jaxlmc.config import Config, ConfigError
+from jaxlmc.models import KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +26,12 @@ class Task:
         return self.train.y.ndim > 1
 
 
-def _load(key: str, name: str, label_map: str, data_dir: str, splits=("train", "test"), stats_from=None,
+def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "test"), stats_from=None,
           classes: tuple[str, list[int]] = ("", [])) -> dict:
     """Load a task; a bad dataset, label map or class list is a config error naming the key (the classes' key for a
     class list the dataset does not have), raised before anything is written."""
     classes_key, class_list = classes
+    data_dir = cfg.data.data_dir
     try:
         if class_list:
             n_classes = data.num_classes(name, data_dir or None)
@@ -37,17 +39,23 @@ def _load(key: str, name: str, label_map: str, data_dir: str, splits=("train", "
                 data.check_classes(class_list, n_classes)
             except ValueError as err:
                 raise ConfigError(f"{classes_key}: {err} ({key} = {name!r})") from None
-        return data.load_task(name, label_map, data_dir or None, splits=splits, stats_from=stats_from,
-                              classes=class_list)
+        loaded = data.load_task(name, label_map, data_dir or None, splits=splits, stats_from=stats_from,
+                                classes=class_list, context_length=cfg.data.context_length)
     except ConfigError:
         raise
     except ValueError as err:  # an unknown dataset or label map is a config error: name the key
         raise ConfigError(f"{key}: {err}") from None
+    vocab = data.vocab_size(name, data_dir or None)
+    if KINDS[cfg.model.kind].sequence and vocab > cfg.model.vocab_size:
+        # Token ids past the embedding table would be silently clamped by the gather: refuse instead.
+        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than {key} {name!r}'s vocabulary "
+                          f"({vocab} tokens)")
+    return loaded
 
 
 def load_pretrain_task(cfg: Config) -> Task:
     d = cfg.data
-    splits = _load("data.pretrain_task", d.pretrain_task, d.pretrain_labels, d.data_dir,
+    splits = _load(cfg, "data.pretrain_task", d.pretrain_task, d.pretrain_labels,
                    classes=("data.pretrain_classes", d.pretrain_classes))
     return Task(splits["train"], splits["test"])
 
@@ -55,10 +63,10 @@ def load_pretrain_task(cfg: Config) -> Task:
 def load_finetune_task(cfg: Config) -> Task:
     d = cfg.data
     classes = ("data.finetune_classes", d.finetune_classes)
-    splits = _load("data.finetune_task", d.finetune_task, d.finetune_labels, d.data_dir, classes=classes)
+    splits = _load(cfg, "data.finetune_task", d.finetune_task, d.finetune_labels, classes=classes)
     ood = None
     if d.ood_task:
-        ood = _load("data.ood_task", d.ood_task, d.finetune_labels, d.data_dir, splits=("test",),
+        ood = _load(cfg, "data.ood_task", d.ood_task, d.finetune_labels, splits=("test",),
                     stats_from=d.finetune_task, classes=classes)["test"]
         if ood.x.shape[1:] != splits["train"].x.shape[1:]:
             raise ConfigError(f"data.ood_task {d.ood_task} has inputs {ood.x.shape[1:]}, the fine-tuning task "

@@ -132,3 +132,51 @@ def test_a_tiny_language_model_study_end_to_end(data_dir, tmp_path):
     assert len(summary) == 2 * 2 + 2 and all(np.isfinite(r["error_barrier_test_aligned_mean"]) for r in summary)
     page = open(run.path(rundir.REPORT)).read()
     assert "bigram" in page and "H1 — does the seeds" in page
+
+
+def test_text_is_read_as_bytes_in_windows_or_one_left_padded_sequence_per_example():
+    windows = data.text_windows(["abcdef", "gh"], window=3)  # joined: "abcdef\ngh", 9 bytes
+    np.testing.assert_array_equal(windows, [list(b"abc"), list(b"def"), list(b"\ngh")])
+    assert data.text_windows(["ab", "cdef"], window=4).tolist() == [list(b"ab\nc")]  # the partial "def" is dropped
+    sequences = data.text_sequences([b"hello world", "hi", "é"], window=5)
+    np.testing.assert_array_equal(sequences, [list(b"hello"), [0, 0, 0] + list(b"hi"), [0, 0, 0, 0xC3, 0xA9]])
+
+
+def test_real_text_datasets_pretrain_a_language_model_and_finetune_a_classifier(tmp_path):
+    """configs/shakespeare_to_imdb.toml, shrunk, on TFDS mock data: tiny_shakespeare (one text per split, no labels)
+    is cut into byte windows for next-byte pretraining, imdb_reviews gives one sequence per review for sentiment
+    classification with a new head; both through the loader every dataset uses."""
+    import tensorflow_datasets as tfds
+
+    from jaxlmc import api, ckpt, tasks
+
+    cfg = config.load("configs/shakespeare_to_imdb.toml", [
+        f'data.data_dir="{tmp_path / "tfds"}"', "data.context_length=8", "model.width=8", "model.depth=1",
+        "model.heads=2", "pretrain.steps=4", "pretrain.save_steps=[0, 4]", "pretrain.batch_size=8",
+        "pretrain.warmup_steps=0", "finetune.pretrain_steps=[4]", "finetune.lrs=[1e-3]", "finetune.seeds=2",
+        "finetune.steps=4", "finetune.batch_size=8", "finetune.warmup_steps=0", "run.chunk_steps=2",
+        "run.checkpoint_every=2", "data.train_eval_size=16", "data.validation_size=8", "finetune.scratch=false"])
+    with tfds.testing.mock_data(num_examples=48):
+        pre = tasks.load_pretrain_task(cfg)
+        assert pre.per_token and pre.train.x.shape[1] == 8 and pre.train.num_classes == data.TEXT_VOCAB
+        np.testing.assert_array_equal(pre.train.x[:, 1:], pre.train.y[:, :-1])  # targets: the next byte
+        fine = tasks.load_finetune_task(cfg)
+        assert not fine.per_token and fine.train.x.shape[1] == 8 and fine.train.num_classes == 2
+        rows = api.finetune(cfg, str(tmp_path / "run"), progress=False)
+        with pytest.raises(config.ConfigError, match="model.vocab_size 16 is smaller than data.pretrain_task"):
+            tasks.load_pretrain_task(config.load("configs/shakespeare_to_imdb.toml", [
+                f'data.data_dir="{tmp_path / "tfds"}"', "model.vocab_size=16"]))
+        with pytest.raises(config.ConfigError, match="text dataset: set data.context_length"):
+            tasks.load_pretrain_task(config.load("configs/shakespeare_to_imdb.toml", [
+                f'data.data_dir="{tmp_path / "tfds"}"', "data.context_length=0"]))
+        with pytest.raises(config.ConfigError, match="no labels: it can only be a language-modelling task"):
+            tasks.load_pretrain_task(config.load("configs/shakespeare_to_imdb.toml", [
+                f'data.data_dir="{tmp_path / "tfds"}"', 'data.pretrain_labels="identity"']))
+    assert len(rows) == 2 and all(np.isfinite(r["test_loss"]) for r in rows)
+    assert api.load_member(str(tmp_path / "run"), 0)["head"]["kernel"].shape[-1] == 2
+    assert ckpt.restore_params(str(tmp_path / "run" / "pretrain" / "checkpoints"), 4)["head"]["kernel"].shape[-1] == 256
+
+
+def test_context_length_is_refused_for_datasets_of_fixed_size(data_dir):
+    with pytest.raises(ValueError, match="applies to text datasets only"):
+        data.load_task("tiny_lang/pretrain", "next_token", data_dir, context_length=8)
