@@ -96,6 +96,70 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None):
     return jax.jit(sharded)
 
 
+def make_layer_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, groups: dict[str, list[str]]):
+    """jit(params_M, pairs_Px2, eval_sets[, perms]) -> {name: (loss_PxGxA, err_PxGxA)}: layer-wise interpolation
+    (Adilova et al. 2024) of every pair, for every layer group and α in one compiled pass.
+
+    For group g the network is member i with only g's parameters interpolated, θ(α) = θᵢ except θᵍ(α) = (1 − α)·θᵢᵍ
+    + α·θⱼᵍ; at α = 1 it is member i with member j's layer g, not member j, so the whole grid except α = 0 (member i
+    itself, shared by every group) is evaluated, and barriers are read against that curve's own ends. `groups` is
+    Model.layer_groups (every top-level parameter key in exactly one group). With `perms`, member j is weight-matched
+    onto member i first, as in make_curves.
+    """
+    alphas = np.asarray(alphas, np.float32)
+    if alphas[0] != 0.0 or alphas[-1] != 1.0 or np.any(np.diff(alphas) <= 0):
+        raise ValueError("alphas must increase from 0 to 1")
+    if chunk_pairs < 1:
+        raise ValueError(f"chunk_pairs must be positive, got {chunk_pairs}")
+    names = list(groups)
+    rest = jnp.asarray(alphas[1:])
+
+    def curves(params_M, pairs_Px2, eval_sets, perms=None):
+        keys = list(params_M)
+        # coef_GxK[g, k] = 1 where parameter group k belongs to layer group g: the mixing weight of each key is α times
+        # its row, so one vmap over (group, α) builds every hybrid network.
+        coef_GxK = jnp.asarray([[1.0 if key in groups[name] else 0.0 for key in keys] for name in names])
+
+        def evaluate(params):
+            return {name: loss_and_error(model, params, s) for name, s in eval_sets.items()}
+
+        def on_pair(args):
+            pair_2, perm_list = args
+            p_i = jax.tree.map(lambda a: a[pair_2[0]], params_M)
+            p_j = jax.tree.map(lambda a: a[pair_2[1]], params_M)
+            if perm_list is not None:
+                p_j = permute(p_j, perm_list, model.permutation_spec())
+            start = evaluate(p_i)
+
+            def hybrid(coef_K, alpha):
+                return evaluate({key: lerp(p_i[key], p_j[key], alpha * coef_K[k]) for k, key in enumerate(keys)})
+
+            inner_GxA = jax.vmap(lambda c: jax.vmap(lambda a: hybrid(c, a))(rest))(coef_GxK)
+            return jax.tree.map(lambda s0, g: jnp.concatenate([jnp.broadcast_to(s0, (len(names), 1, *s0.shape)), g],
+                                                              axis=1), start, inner_GxA)
+
+        return lax.map(on_pair, (pairs_Px2, perms), batch_size=min(chunk_pairs, pairs_Px2.shape[0]))
+
+    return jax.jit(curves)
+
+
+def reference_layer_curves(model: Model, params_M, pairs, alphas, groups: dict[str, list[str]], x, y):
+    """Ground truth for make_layer_curves: (loss_PxGxA, err_PxGxA) by a plain loop, one hybrid model at a time."""
+    forward = jax.jit(model.apply)
+    loss = np.zeros((len(pairs), len(groups), len(alphas)))
+    err = np.zeros_like(loss)
+    for p, (i, j) in enumerate(pairs):
+        p_i = jax.tree.map(lambda a: a[i], params_M)
+        p_j = jax.tree.map(lambda a: a[j], params_M)
+        for g, keys in enumerate(groups.values()):
+            for k, alpha in enumerate(alphas):
+                params = {key: lerp(p_i[key], p_j[key], float(alpha)) if key in keys else p_i[key] for key in p_i}
+                logits = forward(params, x)
+                loss[p, g, k] = float(cross_entropy(logits, y).mean())
+                err[p, g, k] = float((jnp.argmax(logits, -1) != y).mean())
+    return loss, err
+
+
 @jax.jit
 def pair_geometry(params_M, start_M, pairs_Px2):
     """(dist_P, update_cos_P): ‖θᵢ − θⱼ‖ and the cosine similarity of the fine-tuning updates θᵢ − startᵢ, θⱼ − startⱼ.

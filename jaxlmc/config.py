@@ -147,6 +147,10 @@ class BarrierConfig:
     memory_fraction: float = 0.5
     bootstrap: int = 1000  # seed resamples for the member-bootstrap CIs of the per-cell means (jaxlmc.stats); 0: none
     align: bool = False  # also the barriers after weight matching (Git Re-Basin), columns with the suffix _aligned
+    # Also the layer-wise barriers (Adilova et al. 2024) of every member pair on the test set: one layer group (a layer,
+    # or a transformer block's attention or MLP) interpolated at a time, the rest kept at member i; aligned too with
+    # `align`. Costs (layer groups) × the member pairs' share of the pass.
+    layerwise: bool = False
     # Bootstrap resamples of the evaluation examples, evaluated inside the same pass: each pair's noise floor (the
     # barrier evaluation noise alone would show, see jaxlmc.stats) comes from them. 0: no noise floors.
     noise_resamples: int = 100
@@ -158,6 +162,11 @@ class StudyConfig:
     # accuracy is below this fraction of the best train accuracy reached from the same start (checkpoint and head).
     unfit_fraction: float = 0.8
     similarity_examples: int = 1000  # test examples for prediction disagreement and CKA
+    # Sharpness: the top Hessian eigenvalue of the training loss of every member and of every start, by this many
+    # power-iteration steps (Hessian-vector products, all members at once) on this many training examples (the first
+    # of the fixed train-evaluation subset). 0 iterations: not measured.
+    sharpness_iterations: int = 20
+    sharpness_examples: int = 500
     widths: list[int] = dataclasses.field(default_factory=list)  # a scaling trend: one study per model width
 
 
@@ -279,7 +288,7 @@ def validate(cfg: Config) -> None:
         "pretrain.batch_size": p.batch_size, "pretrain.lr": p.lr, "finetune.steps": f.steps,
         "finetune.batch_size": f.batch_size, "finetune.seeds": f.seeds, "run.chunk_steps": r.chunk_steps,
         "run.checkpoint_every": r.checkpoint_every, "run.eval_batch_size": r.eval_batch_size,
-        "data.train_eval_size": cfg.data.train_eval_size,
+        "data.train_eval_size": cfg.data.train_eval_size, "study.sharpness_examples": cfg.study.sharpness_examples,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -287,7 +296,8 @@ def validate(cfg: Config) -> None:
     non_negative = {"pretrain.steps": p.steps, "pretrain.weight_decay": p.weight_decay,
                     "pretrain.warmup_steps": p.warmup_steps, "finetune.warmup_steps": f.warmup_steps,
                     "pretrain.momentum": p.momentum, "finetune.momentum": f.momentum,
-                    "data.context_length": cfg.data.context_length}
+                    "data.context_length": cfg.data.context_length,
+                    "study.sharpness_iterations": cfg.study.sharpness_iterations}
     if m.kind not in KINDS:
         raise ConfigError(f"model.kind: {m.kind!r} is not one of {sorted(KINDS)}")
     kind = KINDS[m.kind]

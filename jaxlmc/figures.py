@@ -341,6 +341,81 @@ def critical_rate(rows: list[dict]):
                  "rate leaves. Dotted: the rate from which training fails. Shaded: the grid's rates.")
 
 
+def sharpness(members: list[dict], starts: list[dict]):
+    """Sharpness (rows of rundir.SHARPNESS and rundir.START_SHARPNESS): the top Hessian eigenvalue of each member's
+    training loss against its pretraining checkpoint, one line per learning rate (median over the used members,
+    band: their interquartile range), and each start's (black)."""
+    used = [r for r in members if not r["diverged"] and not r["unfit"] and np.isfinite(r["sharpness"])]
+    if not used:
+        return None
+    steps = sorted({r["pretrain_step"] for r in used} | {r["pretrain_step"] for r in starts})
+    lrs = sorted({r["lr"] for r in used})
+    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(lrs), 1)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(steps))
+    for lr, color in zip(lrs, colors):
+        values = [[r["sharpness"] for r in used if r["lr"] == lr and r["pretrain_step"] == s] for s in steps]
+        q = np.array([np.percentile(v, [25, 50, 75]) if v else [np.nan] * 3 for v in values])
+        ax.plot(x, q[:, 1], "o-", color=color, label=f"LR {lr:g}: members")
+        ax.fill_between(x, q[:, 0], q[:, 2], color=color, alpha=0.15, lw=0)
+    start_x = [steps.index(r["pretrain_step"]) for r in starts if np.isfinite(r["sharpness"])]
+    ax.plot(start_x, [r["sharpness"] for r in starts if np.isfinite(r["sharpness"])], "ks", label="start (probe head)")
+    if any(r["sharpness"] <= 0 for r in used) or any(r["sharpness"] <= 0 for r in starts):
+        ax.set_yscale("symlog")
+    else:
+        ax.set_yscale("log")
+    ax.set_xticks(x, [step_label(s) for s in steps])
+    ax.set_xlabel("pretraining steps of the starting checkpoint")
+    ax.set_ylabel("top Hessian eigenvalue of the training loss")
+    ax.legend(fontsize=7)
+    return fig, ("Sharpness: the top eigenvalue of the training loss's Hessian (power iteration on Hessian-vector "
+                 "products, all members at once) of each fine-tuned member against its pretraining checkpoint, "
+                 "median and interquartile range per learning rate, and of each start (black squares; the starting "
+                 "body with the probe head). Diverged and unfit members are left out.")
+
+
+def layerwise(rows: list[dict]):
+    """Layer-wise barriers (rows of rundir.LAYERWISE_SUMMARY): the test error barrier when only one layer group is
+    interpolated, against the layer, one panel per pretraining checkpoint, one line per learning rate (aligned when
+    the run aligned, other axes averaged in the caption's note)."""
+    if not rows:
+        return None
+    key = ("error_barrier_test_aligned" if any(np.isfinite(r.get("error_barrier_test_aligned_mean", np.nan))
+                                               for r in rows) else "error_barrier_test")
+    layers = [name for _, name in sorted({(r["layer_index"], r["layer"]) for r in rows})]
+    steps = sorted({r["pretrain_step"] for r in rows})
+    lrs = sorted({r["lr"] for r in rows})
+    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(lrs), 1)))
+    fig, axes = plt.subplots(1, len(steps), figsize=(min(3.2 * len(steps), 14), 3.6), sharey=True, squeeze=False)
+    x = np.arange(len(layers))
+    for ax, step in zip(axes[0], steps):
+        for lr, color in zip(lrs, colors):
+            mine = [r for r in rows if r["pretrain_step"] == step and r["lr"] == lr]
+            if not mine:
+                continue
+            mean = np.array([np.nanmean([r[f"{key}_mean"] for r in mine if r["layer"] == name] or [np.nan])
+                             for name in layers])
+            lo = np.array([np.nanmean([r[f"{key}_ci_lo"] for r in mine if r["layer"] == name] or [np.nan])
+                           for name in layers])
+            hi = np.array([np.nanmean([r[f"{key}_ci_hi"] for r in mine if r["layer"] == name] or [np.nan])
+                           for name in layers])
+            ax.plot(x, mean, "o-", color=color, label=f"LR {lr:g}")
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"pretrain {step_label(step)}", fontsize=9)
+    axes[0][0].set_ylabel("test error barrier, one layer interpolated")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    averaged = grid.varied_names(rows, besides=MAIN_AXES + ("layer", "layer_index"))
+    note = f" (averaged over {' and '.join(averaged)})" if averaged else ""
+    return fig, ("Layer-wise barriers (Adilova et al. 2024): the test error barrier between seeds when only one "
+                 "layer group is interpolated and the rest stay at member i" + (" (after weight matching)" if
+                                                                                 key.endswith("aligned") else "")
+                 + f", per layer, one panel per pretraining checkpoint{note}; bands: 95 % bootstrap CIs over seeds. "
+                 "A layer whose barrier approaches the whole network's is where the basins differ.")
+
+
 def png(fig) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
     buffer = io.BytesIO()

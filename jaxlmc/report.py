@@ -24,6 +24,11 @@ def build_summary(run: rundir.RunDir) -> list[dict]:
     """One row per grid cell: barriers (between seeds and to the start), geometry, soups and similarity."""
     soups = {grid.cell(r): r for r in run.read_csv(rundir.SOUPS)}
     similarity = {grid.cell(r): r for r in run.read_csv(rundir.SIMILARITY)}
+    merged = {grid.cell(r): r for r in run.read_csv(rundir.MERGES)} if run.exists(rundir.MERGES) else {}
+    sharp = {}
+    for r in run.read_csv(rundir.SHARPNESS) if run.exists(rundir.SHARPNESS) else []:
+        if grid.usable(r) and np.isfinite(r["sharpness"]):
+            sharp.setdefault(grid.cell(r), []).append(r["sharpness"])
     rows = []
     for b in run.read_csv(rundir.BARRIER_SUMMARY):
         key = grid.cell(b)
@@ -33,8 +38,9 @@ def build_summary(run: rundir.RunDir) -> list[dict]:
             if k.endswith(("_mean", "_std", "_ci_lo", "_ci_hi")) and ("barrier" in k or k.startswith(("dist", "upd",
                                                                                                           "start_dist"))):
                 row[k] = v
-        for source in (soups.get(key, {}), similarity.get(key, {})):
+        for source in (soups.get(key, {}), similarity.get(key, {}), merged.get(key, {})):
             row.update({k: v for k, v in source.items() if k not in grid.CELL_KEYS and k not in row})
+        row["sharpness_median"] = float(np.median(sharp[key])) if key in sharp else np.nan
         rows.append(row)
     return rows
 
@@ -55,6 +61,13 @@ def draw_figures(run: rundir.RunDir, summary: list[dict], members: list[dict]) -
         "soup_gain.png": figures.soup_gain(cells),
         "ood_spread.png": figures.ood_spread(cells),
     }
+    if run.exists(rundir.SHARPNESS) and run.read_csv(rundir.SHARPNESS):
+        drawn["sharpness.png"] = figures.sharpness(
+            [r for r in run.read_csv(rundir.SHARPNESS) if head is None or r["head"] == head],
+            run.read_csv(rundir.START_SHARPNESS))
+    if run.exists(rundir.LAYERWISE_SUMMARY):
+        layer_rows = [r for r in run.read_csv(rundir.LAYERWISE_SUMMARY) if head is None or r["head"] == head]
+        drawn["layerwise.png"] = figures.layerwise(layer_rows)
     critical = run.read_csv(rundir.CRITICAL)
     if len({r["lr"] for r in members}) > 1 and critical:
         steps = [r for r in run.read_csv(rundir.STEP_SUMMARY) if head is None or r["head"] == head]
@@ -97,7 +110,15 @@ SUMMARY_TABLE = [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"), 
                  ("start_error_barrier_test_mean", "to start"), ("start_error_barrier_test_floor_mean", "floor"),
                  ("basins", "basins"), ("best_test_acc", "best"), ("uniform_test_acc", "uniform soup"),
                  ("greedy_test_acc", "greedy soup"), ("ensemble_test_acc", "ensemble"), ("ood_acc_std", "OOD std"),
-                 ("disagreement_test", "disagree"), ("cka_mean", "CKA")]
+                 ("disagreement_test", "disagree"), ("cka_mean", "CKA"), ("sharpness_median", "sharpness")]
+
+MERGE_TABLE = [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"), ("members_used", "n"),
+               ("update_cos", "update cos"), ("best_test_acc", "best member"), ("uniform_test_acc", "uniform soup"),
+               ("task_arithmetic_scale", "TA λ"), ("task_arithmetic_test_acc", "task arithmetic"),
+               ("ties_density", "TIES density"), ("ties_scale", "TIES λ"), ("ties_test_acc", "TIES"),
+               ("model_stock_t", "Model Stock t"), ("model_stock_test_acc", "Model Stock"),
+               ("task_arithmetic_ood_acc", "TA OOD"), ("ties_ood_acc", "TIES OOD"),
+               ("model_stock_ood_acc", "Model Stock OOD")]
 
 
 CRITICAL_TABLE = [("pretrain_step", "pretrain"), ("head", "head"), ("finetune_step", "FT steps"),
@@ -192,6 +213,13 @@ def render(out: str, stages) -> str:
               "members left out as unfit or diverged are counted; accuracies on the test set; every column in "
               "<code>summary.csv</code>.</p>",
               _table(summary, SUMMARY_TABLE)]
+    if any("task_arithmetic_test_acc" in r for r in summary):
+        parts += ["<h2>Merges</h2><p>Per cell, beside the best member and the uniform soup: task arithmetic (Ilharco "
+                  "et al. 2023), TIES-Merging (Yadav et al. 2023) and Model Stock (Jang et al. 2024) of the cell's "
+                  "used members, each relative to the members' start, with its hyperparameters chosen on the "
+                  "validation split alone; test and OOD accuracy. <em>update cos</em>: the mean cosine between the "
+                  "members' fine-tuning updates, Model Stock's same-basin diagnostic. Every column in "
+                  "<code>merges.csv</code>.</p>", _table(summary, MERGE_TABLE)]
     critical = run.read_csv(rundir.CRITICAL)
     if critical and len({m["lr"] for m in members}) > 1:
         parts += ["<h2>Critical learning rate</h2><p>Per start and fine-tuning length: the smallest rate at which "

@@ -83,6 +83,11 @@ PAIRS = Table("barriers/pairs.csv", (("i", int), ("j", int), *_cells(), ("same_c
 TO_START = Table("barriers/to_start.csv", (("member", int), *_cells(), ("seed", int), ("dist", float)), rest=float)
 _COUNTS = (("members", int), ("members_used", int), ("pairs", int))
 BARRIER_SUMMARY = Table("barriers/summary.csv", _cells(*_COUNTS), rest=float)
+# Layer-wise barriers (barriers.layerwise): one row per member pair and layer group, and their per-cell summary.
+LAYERWISE = Table("barriers/layerwise.csv", (("i", int), ("j", int), *_cells(), ("layer", str), ("layer_index", int)),
+                  rest=float)
+LAYERWISE_SUMMARY = Table("barriers/layerwise_summary.csv", _cells(("layer", str), ("layer_index", int),
+                                                                    ("pairs", int)), rest=float)
 # A language-modelling pretraining task's unigram and bigram baselines (analysis.ngram_baselines).
 BASELINES = Table("pretrain/baselines.csv", (("model", str), ("test_loss", float), ("test_acc", float)))
 SOUPS = Table("soups.csv", _cells(
@@ -96,6 +101,16 @@ SIMILARITY = Table("similarity.csv", _cells(
     ("ood_acc_range", float), ("disagreement_test", float), ("disagreement_ood", float), ("cka_mean", float),
     ("cka_min", float), ("basin_threshold", float), ("basins", int), ("basin_sizes", str),
     ("largest_basin_fraction", float)))
+# Merges per cell (jaxlmc.merges): task arithmetic, TIES and Model Stock with their hyperparameters chosen on the
+# validation split, the mean cosine between the members' updates and Model Stock's t.
+MERGES = Table("merges.csv", _cells(("members", int), ("members_used", int)), rest=float)
+# Sharpness (jaxlmc.sharpness): the top Hessian eigenvalue of the training loss of every member, and of every start
+# (a pretraining checkpoint's body, or a scratch seed's initialisation — seed -1 for a checkpoint —, with the probe
+# head the barrier stage measures to-start barriers against).
+SHARPNESS = Table("sharpness/members.csv", (("member", int), *_cells(), ("seed", int), ("diverged", bool),
+                                            ("unfit", bool), ("sharpness", float), ("sharpness_residual", float)))
+START_SHARPNESS = Table("sharpness/starts.csv", (("pretrain_step", int), ("seed", int), ("sharpness", float),
+                                                 ("sharpness_residual", float)))
 BASINS = Table("basins.csv", (("member", int), *_cells(), ("basin", int)))
 SUMMARY = Table("summary.csv", _cells(*_COUNTS, ("basins", int), ("basin_sizes", str), ("best_member", int),
                                       ("greedy_size", int), ("greedy_members", str)), rest=float)

@@ -1,11 +1,14 @@
-"""Soups and ensembles of a finished run, per grid cell: uniform soup, greedy soup (chosen on the validation split),
-logit ensemble, best member (by validation accuracy) and mean member, each on test and OOD (soups.csv)."""
+"""Soups, merges and ensembles of a finished run, per grid cell: uniform soup, greedy soup (chosen on the validation
+split), logit ensemble, best member (by validation accuracy) and mean member, each on test and OOD (soups.csv); and
+the model merges of jaxlmc.merges — task arithmetic, TIES, Model Stock — with their hyperparameters chosen on the
+validation split alone, beside the mean cosine between the members' updates (merges.csv)."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import analysis, grid, rundir, tasks
+from jaxlmc import analysis, finetuning, grid, merges, rundir, tasks
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.measure import FinishedRun, load_run
 
@@ -57,12 +60,58 @@ def soup_rows(cfg: Config, run: FinishedRun) -> list[dict]:
     return rows
 
 
+def merge_rows(cfg: Config, out: str, run: FinishedRun) -> list[dict]:
+    """One row per grid cell (rundir.MERGES): each merge method's hyperparameters chosen on the validation split,
+    its validation, test and OOD accuracy, the gain over the best member's test accuracy, Model Stock's interpolation
+    weight t and the mean cosine between the members' updates (each member's from its own start: the body of its
+    checkpoint and its head policy's head)."""
+    cells, idx_GxK = run.used_groups()
+    start_M = jax.tree.map(jnp.asarray, finetuning.start_params(cfg, out, run.model, run.members, run.task.train))
+    sets = tasks.eval_sets(cfg, run.task, validation=True)
+    others = {name: sets[name] for name in ("test", "ood") if name in sets}
+    merged_eval = merges.make_merged_eval(run.model)
+    cos_G = np.asarray(merges.mean_update_cosine(run.params_M, start_M, jnp.asarray(idx_GxK)))
+    weights_GxM = analysis.group_weights(idx_GxK, len(run.members))
+    usable = weights_GxM.sum(axis=1) > 0
+    t_G = np.full(len(cells), np.nan)
+    if usable.any():
+        _, aux = merges.merge_groups(run.params_M, start_M, weights_GxM[usable], "model_stock")
+        t_G[usable] = np.asarray(aux["t"])
+    all_members = grid.cell_groups(run.members)
+    rows = [{**dict(zip(grid.CELL_KEYS, key)), "members": len(all_members[key]),
+             "members_used": int((idx_GxK[g] >= 0).sum()), "update_cos": float(cos_G[g]),
+             "model_stock_t": float(t_G[g])} for g, key in enumerate(cells)]
+    best_test = {}
+    for g, ids in enumerate(idx_GxK):
+        ids = [int(i) for i in ids if i >= 0]
+        if ids:
+            best = max(ids, key=lambda i: run.members[i]["val_acc"])
+            best_test[g] = run.members[best]["test_acc"]
+    for method in merges.METHODS:
+        choice = merges.choose_on_validation(run.model, run.params_M, start_M, idx_GxK, sets["val"], method,
+                                             merged_eval=merged_eval)
+        chosen = merges.evaluate_chosen(run.model, run.params_M, start_M, idx_GxK, method, choice, others,
+                                        merged_eval=merged_eval)
+        val_acc_G = np.array([row[i] if i >= 0 else np.nan for row, i in zip(choice["val_acc_GxH"],
+                                                                                 choice["index_G"])])
+        for g, row in enumerate(rows):
+            row.update({f"{method}_{name}": float(values[g]) for name, values in choice["hyper"].items()})
+            row[f"{method}_val_acc"] = float(val_acc_G[g])
+            row.update({f"{method}_{name}_acc": float(acc[g]) for name, (_, acc) in chosen.items()})
+            row[f"{method}_gain"] = row[f"{method}_test_acc"] - best_test.get(g, np.nan)
+    return rows
+
+
 def soups_of_run(cfg: Config, out: str) -> list[dict]:
-    """Soups, ensembles, best and mean member of every cell of a finished run; writes soups.csv."""
+    """Soups, ensembles, best and mean member of every cell of a finished run (soups.csv), and the merges
+    (merges.csv)."""
     run = load_run(cfg, out)
     if run.task.val is None:
         raise ConfigError("data.validation_size is 0: greedy soups and the best member are chosen on a held-out "
                           "validation split, so it must be positive")
     rows = soup_rows(cfg, run)
-    rundir.RunDir(out).write_csv(rundir.SOUPS, rows)
+    merged = merge_rows(cfg, out, run)
+    directory = rundir.RunDir(out)
+    directory.write_csv(rundir.SOUPS, rows)
+    directory.write_csv(rundir.MERGES, merged)
     return rows

@@ -1,6 +1,6 @@
 """`jaxlmc study`: the whole experiment of BRIEF §1 from one config, as stages that resume.
 
-    pretrain → finetune → barriers → soups → similarity → report
+    pretrain → finetune → barriers → soups → similarity → sharpness → report
 
 The stages are data (`STAGES`): each names the function that runs it, the config keys its results depend on beyond
 the training sections, the stages whose results it reads, and the run-directory files it writes. The report and the
@@ -19,7 +19,7 @@ import json
 import time
 from typing import Callable
 
-from jaxlmc import finetuning, loop, measure, pretraining, report, rundir, similarity, soups, tasks
+from jaxlmc import finetuning, loop, measure, pretraining, report, rundir, sharpness, similarity, soups, tasks
 from jaxlmc.config import Config
 
 
@@ -55,19 +55,27 @@ STAGES: list[Stage] = [
     Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size", "study.unfit_fraction"),
           needs=("finetune",), writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES,
                                        rundir.BARRIER_SETTINGS, *rundir.BY_STEP)),
-    Stage("soups", soups.soups_of_run, needs=("finetune",), writes=(rundir.SOUPS,)),
+    Stage("soups", soups.soups_of_run, needs=("finetune",),
+          writes=(rundir.SOUPS, rundir.MERGES)),
     Stage("similarity", similarity.similarity_of_run, settings=("study",), needs=("finetune", "barriers"),
           writes=(rundir.SIMILARITY, rundir.BASINS, rundir.SIMILARITY_ARRAYS)),
-    Stage("report", report_stage, needs=("finetune", "barriers", "soups", "similarity"),
+    Stage("sharpness", sharpness.sharpness_of_run, needs=("finetune",),
+          settings=("study.sharpness_iterations", "study.sharpness_examples", "data.train_eval_size"),
+          writes=(rundir.SHARPNESS, rundir.START_SHARPNESS)),
+    Stage("report", report_stage, needs=("finetune", "barriers", "soups", "similarity", "sharpness"),
           writes=(rundir.SUMMARY, rundir.CRITICAL, rundir.REPORT)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
 
 def stage_done(cfg: Config, out: str, name: str) -> bool:
+    """A stage is done when its marker holds the current settings and every file it writes is there (a run directory
+    from an older jaxlmc, whose stage wrote less, runs that stage again)."""
     stage = STAGES[STAGE_NAMES.index(name)]
-    marker = rundir.RunDir(out).read_marker(name)
-    return marker is not None and marker.get("settings") == stage.settings_of(cfg)
+    run = rundir.RunDir(out)
+    marker = run.read_marker(name)
+    return (marker is not None and marker.get("settings") == stage.settings_of(cfg)
+            and all(run.exists(name) for name in stage.writes))
 
 
 def study(cfg: Config, out: str, progress: loop.Progress | None = None,

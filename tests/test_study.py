@@ -25,7 +25,7 @@ def read_csv(path):
 STUDY = ["finetune.seeds=3", "finetune.scratch=true", "barriers.alphas=5", "barriers.chunk_pairs=4",
          "data.validation_size=300", "barriers.align=true", "finetune.save_steps=[20]"]
 FIGURES = ["critical_rate.png", "barrier_vs_finetune_steps.png", "phase_diagram.png", "barrier_vs_pretraining.png", "aligned_barrier.png", "interpolation_curves.png",
-           "basins.png", "soup_gain.png", "ood_spread.png"]
+           "basins.png", "soup_gain.png", "ood_spread.png", "sharpness.png"]
 
 
 def tiny(data_dir, *extra):
@@ -85,6 +85,22 @@ def test_a_tiny_study_end_to_end(reference):
         cell = [m["member"] for m in members if (m["pretrain_step"], m["lr"]) == (row["pretrain_step"], row["lr"])]
         assert set(row["greedy_members"].split()) <= set(cell) and row["best_member"] in row["greedy_members"].split()
         assert float(row["greedy_val_acc"]) >= float(row["best_val_acc"]) - 1e-9
+    # Merges: every cell has each method's validation-chosen merge, Model Stock's t and the update cosine; task
+    # arithmetic's grid holds its uniform-soup point only by accident, so its accuracy is its own.
+    merged = run.read_csv(rundir.MERGES)
+    assert [(r["pretrain_step"], r["lr"]) for r in merged] == [(s, lr) for s in (-1, 0, 60) for lr in (0.001, 0.01)]
+    for row in merged:
+        for key in ("task_arithmetic_test_acc", "ties_test_acc", "model_stock_test_acc", "ties_ood_acc",
+                    "task_arithmetic_scale", "ties_density", "model_stock_t", "update_cos"):
+            assert np.isfinite(row[key]), key
+        assert -1.0 <= row["update_cos"] <= 1.0
+    assert "<h2>Merges</h2>" in page
+    # Sharpness: every member and every start (scratch: one per seed; checkpoints 0 and 60).
+    sharp = run.read_csv(rundir.SHARPNESS)
+    assert [r["member"] for r in sharp] == [m["member"] for m in run.members()]
+    assert all(np.isfinite(r["sharpness"]) and r["sharpness_residual"] >= 0 for r in sharp)
+    starts = run.read_csv(rundir.START_SHARPNESS)
+    assert sorted((r["pretrain_step"], r["seed"]) for r in starts) == [(-1, 0), (-1, 1), (-1, 2), (0, -1), (60, -1)]
 
 
 def test_scratch_members_start_apart_and_checkpoint_members_together(reference):

@@ -77,6 +77,9 @@ class ModelKind:
     permutation_spec: Callable[..., PermutationSpec] | None
     min_depth: int = 1  # the least model.depth the kind accepts
     sequence: bool = False  # it reads token sequences, and can predict a label per position (per_token)
+    # The units a layer-wise barrier interpolates one at a time: {name: top-level parameter keys}, in the network's
+    # order. None: every top-level parameter group alone (one layer each).
+    layer_groups: Callable[..., dict[str, list[str]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +108,19 @@ class Model:
 
     def layers(self) -> list[str]:
         return self.kind.layers(self.cfg)
+
+    def layer_groups(self, params: dict) -> dict[str, list[str]]:
+        """{name: top-level parameter keys} of the layers (or blocks) a layer-wise barrier interpolates one at a
+        time, in the network's order; `params` is one member's (only its keys are read). Every key is in exactly one
+        group."""
+        if self.kind.layer_groups is None:
+            return {key: [key] for key in params}
+        groups = self.kind.layer_groups(self.cfg)
+        grouped = sorted(k for keys in groups.values() for k in keys)
+        if grouped != sorted(params):
+            raise ValueError(f"model kind {self.kind.name!r}: layer groups cover {grouped}, the parameters are "
+                             f"{sorted(params)}")
+        return groups
 
     def permutation_spec(self) -> PermutationSpec:
         if self.kind.permutation_spec is None:

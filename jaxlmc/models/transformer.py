@@ -37,6 +37,17 @@ def layers(cfg) -> list[str]:
     return ["embed"] + [name for b in range(cfg.depth) for name in (f"b{b}_fc1", f"b{b}_q")]
 
 
+def layer_groups(cfg) -> dict[str, list[str]]:
+    """The layer-wise barrier's units: the embeddings, each block's attention and its MLP (each with the LayerNorm
+    that feeds it), and the output (final LayerNorm and head)."""
+    groups = {"embed": ["embed", "pos"]}
+    for b in range(cfg.depth):
+        groups[f"b{b}_attn"] = [f"b{b}_{name}" for name in ("ln1", "q", "k", "v", "o")]
+        groups[f"b{b}_mlp"] = [f"b{b}_{name}" for name in ("ln2", "fc1", "fc2")]
+    groups["out"] = ["ln_f", "head"]
+    return groups
+
+
 def head_dim(cfg) -> int:
     return cfg.width // cfg.heads
 
@@ -99,4 +110,5 @@ def permutation_spec(cfg, input_shape) -> PermutationSpec:
     return [residual] + spec
 
 
-KIND = ModelKind("transformer", Transformer, layers, permutation_spec, min_depth=1, sequence=True)
+KIND = ModelKind("transformer", Transformer, layers, permutation_spec, min_depth=1, sequence=True,
+                 layer_groups=layer_groups)
