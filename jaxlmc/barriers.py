@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec
 from jaxlmc import memory
 from jaxlmc.models import Model
 from jaxlmc.permute import permute
+from jaxlmc.repair import repair, unit_stats
 from jaxlmc.shard import MEMBERS
 from jaxlmc.train import cross_entropy, loss_and_error
 
@@ -41,7 +42,7 @@ def alpha_grid(num_alphas: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, num_alphas, dtype=np.float32)
 
 
-def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None):
+def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None, repair_x=None):
     """jit(params_M, pairs_Px2, eval_sets) -> {name: (loss_PxA, err_PxA)} on the full α grid.
 
     `eval_sets` maps a name to a set from `train.batch_eval_set`. `alphas` must increase from 0 to 1; the endpoints
@@ -49,7 +50,8 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None):
     pairs are padded to a multiple of its size and split over its devices with `jax.shard_map`; every device holds
     all members and evaluates their endpoints itself (no communication at all). Given an optional fourth argument,
     perms (jaxlmc.permute.match_pairs: one [P, width] array per hidden layer), member j of each pair is permuted onto
-    member i inside the pass before interpolating.
+    member i inside the pass before interpolating. With `repair_x` (training examples), every interior point is
+    renormalised by REPAIR (jaxlmc.repair) on those examples before it is evaluated.
     """
     alphas = np.asarray(alphas, np.float32)
     if alphas[0] != 0.0 or alphas[-1] != 1.0 or np.any(np.diff(alphas) <= 0):
@@ -71,7 +73,11 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None):
             p_j = jax.tree.map(lambda a: a[pair_2[1]], params_M)
             if perm_list is not None:
                 p_j = permute(p_j, perm_list, model.permutation_spec())
-            return jax.vmap(lambda a: evaluate(lerp(p_i, p_j, a)))(interior)
+            if repair_x is None:
+                return jax.vmap(lambda a: evaluate(lerp(p_i, p_j, a)))(interior)
+            stats_i, stats_j = (unit_stats(model, p, repair_x) for p in (p_i, p_j))
+            return jax.vmap(lambda a: evaluate(repair(model, lerp(p_i, p_j, a), stats_i, stats_j, a, repair_x)))(
+                interior)
 
         inner_P = lax.map(on_pair, (pairs_Px2, perms), batch_size=min(chunk_pairs, pairs_Px2.shape[0]))
         i, j = pairs_Px2[:, 0], pairs_Px2[:, 1]

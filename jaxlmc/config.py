@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import types
 import typing
 from typing import Callable, Literal
 
@@ -146,11 +147,19 @@ class BarrierConfig:
     chunk_pairs: int = 0  # pairs evaluated together; 0 picks the largest that fits memory_fraction of free memory
     memory_fraction: float = 0.5
     bootstrap: int = 1000  # seed resamples for the member-bootstrap CIs of the per-cell means (jaxlmc.stats); 0: none
-    align: bool = False  # also the barriers after weight matching (Git Re-Basin), columns with the suffix _aligned
+    # Also the barriers after aligning member j of each pair onto member i (Git Re-Basin), columns with the suffix
+    # _aligned: "weights" (weight matching; true means the same) or "activations" (activation matching on training
+    # examples); false: no alignment.
+    align: bool | Literal["weights", "activations"] = False
     # Also the layer-wise barriers (Adilova et al. 2024) of every member pair on the test set: one layer group (a layer,
     # or a transformer block's attention or MLP) interpolated at a time, the rest kept at member i; aligned too with
     # `align`. Costs (layer groups) × the member pairs' share of the pass.
     layerwise: bool = False
+    # Also the barriers of REPAIR-renormalised interpolations (Jordan et al. 2023; jaxlmc.repair), on the aligned pairs
+    # with `align`, else on the naive ones: columns with the suffix _repair. Statistics from the first
+    # `repair_examples` of the fixed train-evaluation subset.
+    repair: bool = False
+    repair_examples: int = 500
     # Bootstrap resamples of the evaluation examples, evaluated inside the same pass: each pair's noise floor (the
     # barrier evaluation noise alone would show, see jaxlmc.stats) comes from them. 0: no noise floors.
     noise_resamples: int = 100
@@ -195,6 +204,14 @@ class Config:
 def _check_value(value, hint, key: str):
     """Return `value` converted to `hint`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # the first alternative the value is
+        errors = []
+        for alternative in typing.get_args(hint):
+            try:
+                return _check_value(value, alternative, key)
+            except ConfigError as err:
+                errors.append(str(err).removeprefix(f"{key}: "))
+        raise ConfigError(f"{key}: {value!r} is none of: " + "; ".join(errors))
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -289,6 +306,7 @@ def validate(cfg: Config) -> None:
         "finetune.batch_size": f.batch_size, "finetune.seeds": f.seeds, "run.chunk_steps": r.chunk_steps,
         "run.checkpoint_every": r.checkpoint_every, "run.eval_batch_size": r.eval_batch_size,
         "data.train_eval_size": cfg.data.train_eval_size, "study.sharpness_examples": cfg.study.sharpness_examples,
+        "barriers.repair_examples": cfg.barriers.repair_examples,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -306,9 +324,11 @@ def validate(cfg: Config) -> None:
     if kind.sequence and (m.heads < 1 or m.width % m.heads or m.vocab_size < 2):
         raise ConfigError(f"model.kind {m.kind!r} needs model.heads ≥ 1 dividing model.width and model.vocab_size ≥ 2, "
                           f"got heads {m.heads}, width {m.width}, vocab_size {m.vocab_size}")
+    if b.repair and kind.repair_points is None:
+        raise ConfigError(f"barriers.repair: model.kind {m.kind!r} declares no REPAIR points; set barriers.repair = false")
     if b.align and kind.permutation_spec is None:
-        raise ConfigError(f"barriers.align: model.kind {m.kind!r} declares no permutation spec, so weight matching "
-                          "cannot align its members; set barriers.align = false")
+        raise ConfigError(f"barriers.align: model.kind {m.kind!r} declares no permutation spec, so matching cannot "
+                          "align its members; set barriers.align = false")
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be non-negative, got {value}")

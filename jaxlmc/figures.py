@@ -134,19 +134,25 @@ def sources(summary: list[dict]):
 
 
 def aligned_barrier(c: Cells):
-    """Naive vs aligned (weight matching) barrier; None when the barrier stage did not align the pairs."""
-    if not any(np.isfinite(r.get("error_barrier_test_aligned_mean", np.nan)) for r in c.summary):
+    """Naive vs aligned (weight or activation matching) barrier, and after REPAIR when measured; None when the barrier
+    stage neither aligned nor repaired the pairs."""
+    has = {k: any(np.isfinite(r.get(f"error_barrier_test_{k}_mean", np.nan)) for r in c.summary)
+           for k in ("aligned", "repair")}
+    if not any(has.values()):
         return None
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    c.lines_per_lr(ax, [("error_barrier_test_mean", "o-", "naive"),
-                        ("error_barrier_test_aligned_mean", "s--", "aligned")])
+    c.lines_per_lr(ax, [("error_barrier_test_mean", "o-", "naive")]
+                   + ([("error_barrier_test_aligned_mean", "s--", "aligned")] if has["aligned"] else [])
+                   + ([("error_barrier_test_repair_mean", "^:", "REPAIR")] if has["repair"] else []))
     ax.axhline(0, color="gray", lw=0.8)
     c.step_axis(ax)
     ax.set_ylabel("mean test error barrier")
     ax.legend(fontsize=7, ncol=2)
-    return fig, ("Barrier between seeds before (solid) and after (dashed) weight matching (Git Re-Basin): where "
-                 "alignment removes the barrier, the seeds share a basin up to a relabelling of hidden units, as "
-                 "from-scratch controls can.")
+    return fig, ("Barrier between seeds before (solid) and after (dashed) alignment (Git Re-Basin's weight or "
+                 "activation matching, barriers.align): where alignment removes the barrier, the seeds share a basin "
+                 "up to a relabelling of hidden units, as from-scratch controls can."
+                 + (" Dotted: after REPAIR renormalises the interpolated networks (on the aligned pairs when aligned): "
+                    "what remains once variance collapse is removed." if has["repair"] else ""))
 
 
 def interpolation_curves(c: Cells, pairs: list[dict], curves: dict):

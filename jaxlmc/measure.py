@@ -154,12 +154,13 @@ class Curves:
     seconds: float
     align_seconds: float
     perms: list | None = None  # weight matching's permutations of each member pair (with barriers.align)
+    repaired: dict = dataclasses.field(default_factory=dict)  # the member pairs' curves after REPAIR (barriers.repair)
 
 
 def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tuple[int, int]], status=None,
                    reference_M: dict | None = None) -> Curves:
     """Every requested member pair and every member-to-start pair of the used members in one compiled pass; with
-    barriers.align, weight matching of each member pair and the same pass on the aligned pairs.
+    barriers.align, weight (or activation) matching of each member pair and the same pass on the aligned pairs.
 
     `start_M` is where each member started (the fine-tuning updates θ − start, for update_cos); `reference_M` (default
     `start_M`) is the start its to-start curve and distance are measured to."""
@@ -202,16 +203,29 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
     if b.align and member_pairs:
         # Weight matching of j onto i for every member pair, then the same pass on the aligned pairs.
         start_time = time.perf_counter()
-        perms = permute.match_pairs(run.model, params_K, member_pairs)
+        if b.align == "activations":  # activation matching on the fixed train-evaluation subset
+            x = run.task.train.x[:cfg.data.train_eval_size]
+            perms = permute.match_activations(run.model, params_K, member_pairs, x)
+        else:
+            perms = permute.match_pairs(run.model, params_K, member_pairs)
         align_seconds = time.perf_counter() - start_time
         aligned = jax.tree.map(lambda a: with_resamples(shard.to_host(a)), curves_fn(*shard.replicate(
             (params_K, pairs_Px2[:num_member_pairs], eval_sets, [jnp.asarray(p) for p in perms]), mesh)))
+    repaired = {}
+    if b.repair and member_pairs:
+        # REPAIR on the pairs as the study compares them: aligned when it aligns, else as they are.
+        repair_x = jnp.asarray(run.task.train.x[:min(b.repair_examples, cfg.data.train_eval_size)])
+        repair_fn = barriers.make_curves(run.model, alphas, chunk, mesh=mesh, repair_x=repair_x)
+        args = (params_K, pairs_Px2[:num_member_pairs], eval_sets) + (
+            ([jnp.asarray(p) for p in perms],) if perms is not None else ())
+        repaired = jax.tree.map(lambda a: with_resamples(shard.to_host(a)), repair_fn(*shard.replicate(args, mesh)))
     return Curves(
         alphas=alphas,
         pairs={s: (c[0][:num_member_pairs], c[1][:num_member_pairs]) for s, c in curves.items()},
         to_start={s: (c[0][num_member_pairs:], c[1][num_member_pairs:]) for s, c in curves.items()},
         aligned=aligned, dist_P=dist_P, cos_P=cos_P, dist_K=np.asarray(jax.vmap(models.tree_l2)(params_K, reference_K)),
-        chunk=chunk, splits=list(eval_sets), seconds=seconds, align_seconds=align_seconds, perms=perms)
+        chunk=chunk, splits=list(eval_sets), seconds=seconds, align_seconds=align_seconds, perms=perms,
+        repaired=repaired)
 
 
 def layerwise(cfg: Config, run: FinishedRun, pairs: list[tuple[int, int]], perms: list | None,
@@ -271,6 +285,7 @@ def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[i
     """(pair_rows, start_rows): one row per member pair and one per used member, with their cell keys."""
     pair_columns = _curve_columns(curves.pairs, curves.alphas)
     pair_columns.update(_curve_columns(curves.aligned, curves.alphas, "_aligned"))
+    pair_columns.update(_curve_columns(curves.repaired, curves.alphas, "_repair"))
     pair_rows = []
     for p, (i, j) in enumerate(pairs):
         mi, mj = members[i], members[j]
@@ -295,7 +310,8 @@ def write_barriers(run: rundir.RunDir, pairs, used, curves: Curves, pair_rows, s
     run.write_csv(rundir.BARRIER_SUMMARY, summary)
     arrays = {"alphas": curves.alphas, "pairs": np.asarray(pairs, np.int32).reshape(-1, 2),
               "start_members": np.asarray(used, np.int32)}
-    for prefix, by_split in (("", curves.pairs), ("start_", curves.to_start), ("aligned_", curves.aligned)):
+    for prefix, by_split in (("", curves.pairs), ("start_", curves.to_start), ("aligned_", curves.aligned),
+                             ("repair_", curves.repaired)):
         for split, (loss, err) in by_split.items():
             arrays[f"{prefix}loss_{split}"], arrays[f"{prefix}error_{split}"] = loss[..., 0], err[..., 0]
     run.write_npz(rundir.CURVES, arrays)

@@ -307,3 +307,26 @@ def test_a_cell_whose_members_all_diverged_has_no_soup(reference, tmp_path):
     assert len(dead) == 1 and dead[0]["members_used"] == 0 and np.isnan(dead[0]["uniform_test_acc"])
     assert all(np.isfinite(s["uniform_test_acc"]) and np.isfinite(s["greedy_test_acc"]) for s in soups
                if s is not dead[0])
+
+
+def test_activation_matching_repair_and_layerwise_barriers(reference, data_dir, tmp_path):
+    """The barrier stage rerun with activation matching, REPAIR and layer-wise barriers: the aligned, _repair and
+    layer-wise columns are there and finite, activation matching lowers the scratch seeds' barrier as weight matching
+    does, and the report shows them."""
+    cfg, out, _ = reference
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    changed = tiny(data_dir, 'barriers.align="activations"', "barriers.repair=true", "barriers.layerwise=true")
+    assert study.study(changed, copy, progress=False) == ["barriers", "similarity", "report"]
+    run = rundir.RunDir(copy)
+    pairs = run.read_csv(rundir.PAIRS)
+    for key in ("error_barrier_test_aligned", "loss_barrier_test_repair", "error_barrier_test_repair_floor"):
+        assert all(np.isfinite(p[key]) for p in pairs), key
+    scratch = [p for p in pairs if p["pretrain_step"] == -1]
+    assert np.mean([p["loss_barrier_test_aligned"] for p in scratch]) < np.mean([p["loss_barrier_test"]
+                                                                                 for p in scratch])
+    layers = run.read_csv(rundir.LAYERWISE_SUMMARY)
+    assert {r["layer"] for r in layers} == {"dense0", "dense1", "head"}
+    assert len(run.read_csv(rundir.LAYERWISE)) == 3 * len(pairs)
+    page = open(run.path(rundir.REPORT)).read()
+    assert "Layer-wise barriers" in page and "REPAIR" in page

@@ -39,12 +39,29 @@ def dropout(h, drop: Dropout, layer: int):
 
 class Classifier(nnx.Module):
     """A model kind's module. Each kind defines `features(x, drop=None)`, the batch's penultimate representation,
-    and builds its layers and a linear `head` on those features in `__init__(cfg, input_shape, num_classes, rngs)`."""
+    and builds its layers and a linear `head` on those features in `__init__(cfg, input_shape, num_classes, rngs)`.
+
+    A kind with a permutation spec also defines `unit_activations(x)` (see there), which activation matching reads.
+    """
 
     head: nnx.Linear
 
     def __call__(self, x, drop: Dropout = None):
         return self.head(self.features(x, drop))
+
+    def unit_activations(self, x) -> list[jax.Array]:
+        """The activations of each permutation group's units on the batch `x` (no dropout), one array per group in
+        the permutation spec's order, each N × units × (features…):
+
+        * N examples: positions folded in where a kind has them, example-major (an example's positions are
+          consecutive rows);
+        * the units, on the axis the group's permutation reorders: unit u is the unit that the spec's parameter axes
+          index at u, so permuting the parameters permutes this axis alike;
+        * optional trailing features that belong to one unit as a whole (a transformer head's dimensions).
+
+        Activation matching correlates unit u of one member with unit v of another feature by feature, and sums over
+        the features."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its units' activations")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +97,10 @@ class ModelKind:
     # The units a layer-wise barrier interpolates one at a time: {name: top-level parameter keys}, in the network's
     # order. None: every top-level parameter group alone (one layer each).
     layer_groups: Callable[..., dict[str, list[str]]] | None = None
+    # REPAIR (jaxlmc.repair): per renormalised layer, (parameter key, the leaf scaled per unit on its last axis); the
+    # key's "bias" is shifted. The module's `preactivations(x)` gives those layers' outputs in the same order. None:
+    # REPAIR does not apply.
+    repair_points: Callable[..., list[tuple[str, str]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +127,23 @@ class Model:
     def features(self, params: dict, x_BxF):
         return nnx.merge(self.graphdef, params).features(x_BxF)
 
+    def unit_activations(self, params: dict, x_BxF) -> list[jax.Array]:
+        """One member's activations of each permutation group's units on a batch, in the spec's group order: arrays
+        N × units × (features…) (`Classifier.unit_activations`). Vmap over a member axis for many members."""
+        return nnx.merge(self.graphdef, params).unit_activations(x_BxF)
+
     def layers(self) -> list[str]:
         return self.kind.layers(self.cfg)
+
+    def repair_points(self) -> list[tuple[str, str]]:
+        if self.kind.repair_points is None:
+            raise ValueError(f"model kind {self.kind.name!r} declares no REPAIR points (set barriers.repair = false)")
+        return self.kind.repair_points(self.cfg)
+
+    def preactivations(self, params: dict, x_BxF) -> list[jax.Array]:
+        """One member's outputs of its repair points' layers on a batch (inputs to the nonlinearities), in the order of
+        `repair_points`, each … × units."""
+        return nnx.merge(self.graphdef, params).preactivations(x_BxF)
 
     def layer_groups(self, params: dict) -> dict[str, list[str]]:
         """{name: top-level parameter keys} of the layers (or blocks) a layer-wise barrier interpolates one at a

@@ -64,14 +64,39 @@ class CNN(Classifier):
             channels = cfg.width
         self.head = nnx.Linear(math.prod(_halved(spatial, cfg.depth)) * cfg.width, num_classes, rngs=rngs)
 
-    def features(self, x, drop: Dropout = None):
+    def _body(self, x, drop: Dropout):
+        """(the last conv layer's output B × positions… × channels, every conv layer's output after its
+        nonlinearity and dropout)."""
         h = x[..., None] if x.ndim == 2 else x  # B×L → B×L×1
+        hidden, pre = [], []
         for i in range(self.depth):
             h = getattr(self, f"conv{i}")(h)
             if self.use_norm:
                 h = getattr(self, f"norm{i}")(h)
+            pre.append(h)
             h = dropout(jax.nn.relu(h), drop, i)
+            hidden.append(h)
+        return h, hidden, pre
+
+    def features(self, x, drop: Dropout = None):
+        h = self._body(x, drop)[0]
         return h.reshape(h.shape[0], -1)
+
+    def unit_activations(self, x) -> list[jax.Array]:
+        """Conv layer k's channels: its post-ReLU outputs (after its LayerNorm, if any) with every position an
+        example of its own, (B · positions) × width."""
+        return [h.reshape(-1, h.shape[-1]) for h in self._body(x, None)[1]]
+
+    def preactivations(self, x) -> list[jax.Array]:
+        """Conv layer k's input to its ReLU (after its LayerNorm, if any), B × positions… × channels: what REPAIR
+        renormalises, per channel over examples and positions."""
+        return self._body(x, None)[2]
+
+
+def repair_points(cfg) -> list[tuple[str, str]]:
+    """Per conv layer, the per-channel affine parameters that produce its ReLU's input: its LayerNorm's scale (and
+    bias) when it has one, else its kernel (output axis) and bias."""
+    return [(f"norm{i}", "scale") if cfg.norm == "layernorm" else (name, "kernel") for i, name in enumerate(layers(cfg))]
 
 
 def permutation_spec(cfg, input_shape) -> PermutationSpec:
@@ -93,4 +118,4 @@ def permutation_spec(cfg, input_shape) -> PermutationSpec:
     return spec
 
 
-KIND = ModelKind("cnn", CNN, layers, permutation_spec, min_depth=1)
+KIND = ModelKind("cnn", CNN, layers, permutation_spec, min_depth=1, repair_points=repair_points)

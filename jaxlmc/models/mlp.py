@@ -27,14 +27,36 @@ class MLP(Classifier):
             fan_in = cfg.width
         self.head = nnx.Linear(fan_in, num_classes, rngs=rngs)
 
-    def features(self, x, drop: Dropout = None):
+    def _body(self, x, drop: Dropout):
+        """(features, every hidden layer's output after its nonlinearity and dropout, and its input to the
+        nonlinearity)."""
         h = x.reshape(x.shape[0], -1)
+        hidden, pre = [], []
         for i in range(self.depth):
             h = getattr(self, f"dense{i}")(h)
             if self.use_norm:
                 h = getattr(self, f"norm{i}")(h)
+            pre.append(h)
             h = dropout(jax.nn.relu(h), drop, i)
-        return h
+            hidden.append(h)
+        return h, hidden, pre
+
+    def features(self, x, drop: Dropout = None):
+        return self._body(x, drop)[0]
+
+    def unit_activations(self, x) -> list[jax.Array]:
+        """Hidden layer k's units: its post-ReLU outputs (after its LayerNorm, if any), B × width."""
+        return self._body(x, None)[1]
+
+    def preactivations(self, x) -> list[jax.Array]:
+        """Hidden layer k's input to its ReLU (after its LayerNorm, if any), B × width: what REPAIR renormalises."""
+        return self._body(x, None)[2]
+
+
+def repair_points(cfg) -> list[tuple[str, str]]:
+    """Per hidden layer, the per-unit affine parameters that produce its ReLU's input: its LayerNorm's scale (and
+    bias) when it has one, else its kernel (output axis) and bias."""
+    return [(f"norm{i}", "scale") if cfg.norm == "layernorm" else (name, "kernel") for i, name in enumerate(layers(cfg))]
 
 
 def permutation_spec(cfg, input_shape) -> PermutationSpec:
@@ -50,4 +72,4 @@ def permutation_spec(cfg, input_shape) -> PermutationSpec:
     return spec
 
 
-KIND = ModelKind("mlp", MLP, layers, permutation_spec, min_depth=0)
+KIND = ModelKind("mlp", MLP, layers, permutation_spec, min_depth=0, repair_points=repair_points)

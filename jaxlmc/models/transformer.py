@@ -37,6 +37,11 @@ def layers(cfg) -> list[str]:
     return ["embed"] + [name for b in range(cfg.depth) for name in (f"b{b}_fc1", f"b{b}_q")]
 
 
+def repair_points(cfg) -> list[tuple[str, str]]:
+    """Per block, the MLP's first projection (kernel output axis and bias): it produces the GELU's input."""
+    return [(f"b{b}_fc1", "kernel") for b in range(cfg.depth)]
+
+
 def layer_groups(cfg) -> dict[str, list[str]]:
     """The layer-wise barrier's units: the embeddings, each block's attention and its MLP (each with the LayerNorm
     that feeds it), and the output (final LayerNorm and head)."""
@@ -71,21 +76,57 @@ class Transformer(Classifier):
         self.ln_f = nnx.LayerNorm(width, rngs=rngs)
         self.head = nnx.Linear(width, num_classes, rngs=rngs)
 
-    def hidden(self, x):
-        """The final hidden states B×T×D."""
+    def _run(self, x):
+        """(the final hidden states B×T×D, the residual stream entering each LayerNorm [2·depth + 1 of B×T×D], and
+        per block its MLP's post-GELU units B×T×(4·D), its heads' attention outputs B×T×H×d and its MLP's pre-GELU
+        units B×T×(4·D))."""
         tokens = x.astype(jnp.int32)
         length = tokens.shape[1]
         h = self.embed(tokens) + self.pos(jnp.arange(length))[None]
         causal = jnp.tril(jnp.ones((length, length), bool))
+        stream, blocks = [], []
         for b in range(self.depth):
+            stream.append(h)
             a = getattr(self, f"b{b}_ln1")(h)
             q, k, v = (getattr(self, f"b{b}_{name}")(a) for name in "qkv")  # B×T×H×d each
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
             weights = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(scores.dtype).min), axis=-1)
-            h = h + getattr(self, f"b{b}_o")(jnp.einsum("bhqk,bkhd->bqhd", weights, v))
+            heads = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            h = h + getattr(self, f"b{b}_o")(heads)
+            stream.append(h)
             m = getattr(self, f"b{b}_ln2")(h)
-            h = h + getattr(self, f"b{b}_fc2")(jax.nn.gelu(getattr(self, f"b{b}_fc1")(m)))
-        return self.ln_f(h)
+            pre = getattr(self, f"b{b}_fc1")(m)
+            units = jax.nn.gelu(pre)
+            h = h + getattr(self, f"b{b}_fc2")(units)
+            blocks.append((units, heads, pre))
+        stream.append(h)
+        return self.ln_f(h), stream, blocks
+
+    def hidden(self, x):
+        """The final hidden states B×T×D."""
+        return self._run(x)[0]
+
+    def unit_activations(self, x) -> list[jax.Array]:
+        """In the spec's group order, every position an example of its own (N = B·T):
+
+        * the residual stream: its state entering each LayerNorm (the embeddings, and each block after its attention
+          and after its MLP: 2·depth + 1 sites), N × D × sites — one feature per site, so activation matching sums
+          the per-site correlations rather than pooling sites of different scales into one correlation;
+        * per block, its MLP's hidden units after the GELU, N × 4·D;
+        * per block, its heads: each head's attention output (before the output projection), N × H × d — a head is
+          permuted whole, so its d dimensions are its features.
+        """
+        _, stream, blocks = self._run(x)
+        n = x.shape[0] * x.shape[1]
+        acts = [jnp.stack(stream, axis=-1).reshape(n, stream[0].shape[-1], len(stream))]
+        for units, heads, _ in blocks:
+            acts += [units.reshape(n, units.shape[-1]), heads.reshape(n, *heads.shape[2:])]
+        return acts
+
+    def preactivations(self, x) -> list[jax.Array]:
+        """Per block, its MLP's input to the GELU, B × T × 4·D: what REPAIR renormalises (per unit over examples and
+        positions; the residual stream is renormalised by the LayerNorms already)."""
+        return [pre for _, _, pre in self._run(x)[2]]
 
     def features(self, x, drop: Dropout = None):
         if drop is not None:
@@ -111,4 +152,4 @@ def permutation_spec(cfg, input_shape) -> PermutationSpec:
 
 
 KIND = ModelKind("transformer", Transformer, layers, permutation_spec, min_depth=1, sequence=True,
-                 layer_groups=layer_groups)
+                 layer_groups=layer_groups, repair_points=repair_points)
