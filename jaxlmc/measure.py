@@ -247,6 +247,7 @@ def layerwise(cfg: Config, run: FinishedRun, pairs: list[tuple[int, int]], perms
     variants = {"": fn(run.params_M, pairs_Px2, test)}
     if perms is not None:
         variants["_aligned"] = fn(run.params_M, pairs_Px2, test, [jnp.asarray(p) for p in perms])
+    variants = jax.tree.map(np.asarray, variants)  # waits for the pass: the time below is the computation's
     seconds = time.perf_counter() - start_time
     rows = []
     for p, (i, j) in enumerate(pairs):

@@ -61,7 +61,9 @@ def hyper_grid(**values) -> list[dict]:
 # Default search grids. λ is absolute: task arithmetic's multiplies the weighted *sum* of updates (with 0/1 weights
 # λ = 1/K is the uniform soup); TIES's multiplies a disjoint *mean*, so λ = 1 is the paper's merge.
 DEFAULT_GRIDS: dict[str, list[dict]] = {
-    "task_arithmetic": hyper_grid(scale=[0.25, 0.5, 1.0, 1.5, 2.0]),
+    # Ilharco et al.'s grid, λ in 0.05 … 1.0: with K members of one task λ = 1/K is the uniform soup, so the grid
+    # must reach well below 1/K (K = 8 seeds: 0.125) as well as above it.
+    "task_arithmetic": hyper_grid(scale=[round(0.05 * k, 2) for k in range(1, 21)]),
     "ties": hyper_grid(density=[0.1, 0.2, 0.5], scale=[0.5, 1.0, 1.5, 2.0]),
     "model_stock": [{}],
 }
