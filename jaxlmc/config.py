@@ -160,6 +160,11 @@ class BarrierConfig:
     # `repair_examples` of the fixed train-evaluation subset.
     repair: bool = False
     repair_examples: int = 500
+    # Also each member pair's quadratic Bezier curve (Garipov et al. 2018; jaxlmc.curves): its bend trained for this
+    # many Adam steps at `curve_lr` on the fine-tuning training data (batches of finetune.batch_size, t ~ U(0, 1)),
+    # all pairs at once, on the aligned pairs with `align`; columns with the suffix _curve. 0: no curves.
+    curve_steps: int = 0
+    curve_lr: float = 1e-3
     # Bootstrap resamples of the evaluation examples, evaluated inside the same pass: each pair's noise floor (the
     # barrier evaluation noise alone would show, see jaxlmc.stats) comes from them. 0: no noise floors.
     noise_resamples: int = 100
@@ -306,7 +311,7 @@ def validate(cfg: Config) -> None:
         "finetune.batch_size": f.batch_size, "finetune.seeds": f.seeds, "run.chunk_steps": r.chunk_steps,
         "run.checkpoint_every": r.checkpoint_every, "run.eval_batch_size": r.eval_batch_size,
         "data.train_eval_size": cfg.data.train_eval_size, "study.sharpness_examples": cfg.study.sharpness_examples,
-        "barriers.repair_examples": cfg.barriers.repair_examples,
+        "barriers.repair_examples": cfg.barriers.repair_examples, "barriers.curve_lr": cfg.barriers.curve_lr,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -315,7 +320,8 @@ def validate(cfg: Config) -> None:
                     "pretrain.warmup_steps": p.warmup_steps, "finetune.warmup_steps": f.warmup_steps,
                     "pretrain.momentum": p.momentum, "finetune.momentum": f.momentum,
                     "data.context_length": cfg.data.context_length,
-                    "study.sharpness_iterations": cfg.study.sharpness_iterations}
+                    "study.sharpness_iterations": cfg.study.sharpness_iterations,
+                    "barriers.curve_steps": cfg.barriers.curve_steps}
     if m.kind not in KINDS:
         raise ConfigError(f"model.kind: {m.kind!r} is not one of {sorted(KINDS)}")
     kind = KINDS[m.kind]

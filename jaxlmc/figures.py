@@ -137,13 +137,14 @@ def aligned_barrier(c: Cells):
     """Naive vs aligned (weight or activation matching) barrier, and after REPAIR when measured; None when the barrier
     stage neither aligned nor repaired the pairs."""
     has = {k: any(np.isfinite(r.get(f"error_barrier_test_{k}_mean", np.nan)) for r in c.summary)
-           for k in ("aligned", "repair")}
+           for k in ("aligned", "repair", "curve")}
     if not any(has.values()):
         return None
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     c.lines_per_lr(ax, [("error_barrier_test_mean", "o-", "naive")]
                    + ([("error_barrier_test_aligned_mean", "s--", "aligned")] if has["aligned"] else [])
-                   + ([("error_barrier_test_repair_mean", "^:", "REPAIR")] if has["repair"] else []))
+                   + ([("error_barrier_test_repair_mean", "^:", "REPAIR")] if has["repair"] else [])
+                   + ([("error_barrier_test_curve_mean", "d-.", "Bezier curve")] if has["curve"] else []))
     ax.axhline(0, color="gray", lw=0.8)
     c.step_axis(ax)
     ax.set_ylabel("mean test error barrier")
@@ -152,7 +153,10 @@ def aligned_barrier(c: Cells):
                  "activation matching, barriers.align): where alignment removes the barrier, the seeds share a basin "
                  "up to a relabelling of hidden units, as from-scratch controls can."
                  + (" Dotted: after REPAIR renormalises the interpolated networks (on the aligned pairs when aligned): "
-                    "what remains once variance collapse is removed." if has["repair"] else ""))
+                    "what remains once variance collapse is removed." if has["repair"] else "")
+                 + (" Dash-dotted: along each pair's trained quadratic Bezier curve (Garipov et al. 2018): a barrier "
+                    "the straight line shows and a curve avoids is a bent valley, not a separate basin."
+                    if has["curve"] else ""))
 
 
 def interpolation_curves(c: Cells, pairs: list[dict], curves: dict):

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxlmc import barriers, ckpt, finetuning, grid, memory, models, permute, rundir, shard, stats, tasks
 from jaxlmc.config import Config, ConfigError
+from jaxlmc.curves import make_curve_eval, make_train_bends
 
 
 @dataclasses.dataclass
@@ -155,6 +156,8 @@ class Curves:
     align_seconds: float
     perms: list | None = None  # weight matching's permutations of each member pair (with barriers.align)
     repaired: dict = dataclasses.field(default_factory=dict)  # the member pairs' curves after REPAIR (barriers.repair)
+    curved: dict = dataclasses.field(default_factory=dict)  # along trained Bezier curves (barriers.curve_steps)
+    curve_seconds: float = 0.0
 
 
 def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tuple[int, int]], status=None,
@@ -190,8 +193,8 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
     mesh = shard.device_mesh()
     curves_fn = barriers.make_curves(run.model, alphas, chunk, mesh=mesh)
     start_time = time.perf_counter()
-    curves = jax.tree.map(lambda a: with_resamples(shard.to_host(a)),
-                          curves_fn(*shard.replicate((both_2K, pairs_Px2, eval_sets), mesh)))
+    lines = jax.tree.map(lambda a: with_resamples(shard.to_host(a)),
+                         curves_fn(*shard.replicate((both_2K, pairs_Px2, eval_sets), mesh)))
     seconds = time.perf_counter() - start_time  # includes compilation: what the researcher waits for
     num_member_pairs = len(member_pairs)
 
@@ -219,13 +222,28 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
         args = (params_K, pairs_Px2[:num_member_pairs], eval_sets) + (
             ([jnp.asarray(p) for p in perms],) if perms is not None else ())
         repaired = jax.tree.map(lambda a: with_resamples(shard.to_host(a)), repair_fn(*shard.replicate(args, mesh)))
+    curved, curve_seconds = {}, 0.0
+    if b.curve_steps and member_pairs:
+        # Bezier curves between the pairs as the study compares them (aligned when it aligns), on the same α grid.
+        start_time = time.perf_counter()
+        train_x, train_y = run.task.train.x, run.task.train.y
+        train_bends = make_train_bends(run.model, b.curve_steps, cfg.finetune.batch_size, b.curve_lr, len(train_y),
+                                       chunk_pairs=chunk)
+        perm_args = ([jnp.asarray(p) for p in perms],) if perms is not None else ()
+        member_pairs_Px2 = pairs_Px2[:num_member_pairs]
+        bends_P = train_bends(params_K, member_pairs_Px2, {"x": jnp.asarray(train_x), "y": jnp.asarray(train_y)},
+                              jax.random.key(0), *perm_args)
+        curve_fn = make_curve_eval(run.model, alphas, chunk)
+        curved = jax.tree.map(lambda a: with_resamples(np.asarray(a)),
+                              curve_fn(params_K, bends_P, member_pairs_Px2, eval_sets, *perm_args))
+        curve_seconds = time.perf_counter() - start_time
     return Curves(
         alphas=alphas,
-        pairs={s: (c[0][:num_member_pairs], c[1][:num_member_pairs]) for s, c in curves.items()},
-        to_start={s: (c[0][num_member_pairs:], c[1][num_member_pairs:]) for s, c in curves.items()},
+        pairs={s: (c[0][:num_member_pairs], c[1][:num_member_pairs]) for s, c in lines.items()},
+        to_start={s: (c[0][num_member_pairs:], c[1][num_member_pairs:]) for s, c in lines.items()},
         aligned=aligned, dist_P=dist_P, cos_P=cos_P, dist_K=np.asarray(jax.vmap(models.tree_l2)(params_K, reference_K)),
         chunk=chunk, splits=list(eval_sets), seconds=seconds, align_seconds=align_seconds, perms=perms,
-        repaired=repaired)
+        repaired=repaired, curved=curved, curve_seconds=curve_seconds)
 
 
 def layerwise(cfg: Config, run: FinishedRun, pairs: list[tuple[int, int]], perms: list | None,
@@ -287,6 +305,7 @@ def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[i
     pair_columns = _curve_columns(curves.pairs, curves.alphas)
     pair_columns.update(_curve_columns(curves.aligned, curves.alphas, "_aligned"))
     pair_columns.update(_curve_columns(curves.repaired, curves.alphas, "_repair"))
+    pair_columns.update(_curve_columns(curves.curved, curves.alphas, "_curve"))
     pair_rows = []
     for p, (i, j) in enumerate(pairs):
         mi, mj = members[i], members[j]
@@ -312,7 +331,7 @@ def write_barriers(run: rundir.RunDir, pairs, used, curves: Curves, pair_rows, s
     arrays = {"alphas": curves.alphas, "pairs": np.asarray(pairs, np.int32).reshape(-1, 2),
               "start_members": np.asarray(used, np.int32)}
     for prefix, by_split in (("", curves.pairs), ("start_", curves.to_start), ("aligned_", curves.aligned),
-                             ("repair_", curves.repaired)):
+                             ("repair_", curves.repaired), ("curve_", curves.curved)):
         for split, (loss, err) in by_split.items():
             arrays[f"{prefix}loss_{split}"], arrays[f"{prefix}error_{split}"] = loss[..., 0], err[..., 0]
     run.write_npz(rundir.CURVES, arrays)
@@ -346,6 +365,7 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
                 "unfit_members": sum(bool(m.get("unfit")) for m in members), "splits": curves.splits,
                 "alphas": curves.alphas.tolist(), "seconds": curves.seconds,
                 "model_evals_per_s": num_evals / curves.seconds, "align_seconds": curves.align_seconds,
+                "curve_seconds": curves.curve_seconds,
                 "start": "each member's starting body with the linear-probe head (finetune.probe_steps, probe_l2)",
                 "form": {"<metric>_barrier_<split>": "endpoint-mean: max L(α) − (L(0) + L(1))/2",
                          "<metric>_barrier_<split>_lin": "linear-baseline: max [L(α) − ((1−α)L(0) + αL(1))]",

@@ -309,18 +309,20 @@ def test_a_cell_whose_members_all_diverged_has_no_soup(reference, tmp_path):
                if s is not dead[0])
 
 
-def test_activation_matching_repair_and_layerwise_barriers(reference, data_dir, tmp_path):
-    """The barrier stage rerun with activation matching, REPAIR and layer-wise barriers: the aligned, _repair and
-    layer-wise columns are there and finite, activation matching lowers the scratch seeds' barrier as weight matching
-    does, and the report shows them."""
+def test_activation_matching_repair_curves_and_layerwise_barriers(reference, data_dir, tmp_path):
+    """The barrier stage rerun with activation matching, REPAIR, Bezier curves and layer-wise barriers: the aligned,
+    _repair, _curve and layer-wise columns are there and finite, activation matching lowers the scratch seeds'
+    barrier as weight matching does, the trained curves lower it further, and the report shows them."""
     cfg, out, _ = reference
     copy = str(tmp_path / "copy")
     shutil.copytree(out, copy)
-    changed = tiny(data_dir, 'barriers.align="activations"', "barriers.repair=true", "barriers.layerwise=true")
+    changed = tiny(data_dir, 'barriers.align="activations"', "barriers.repair=true", "barriers.layerwise=true",
+                   "barriers.curve_steps=30", "barriers.curve_lr=0.01")
     assert study.study(changed, copy, progress=False) == ["barriers", "similarity", "report"]
     run = rundir.RunDir(copy)
     pairs = run.read_csv(rundir.PAIRS)
-    for key in ("error_barrier_test_aligned", "loss_barrier_test_repair", "error_barrier_test_repair_floor"):
+    for key in ("error_barrier_test_aligned", "loss_barrier_test_repair", "error_barrier_test_repair_floor",
+                "loss_barrier_test_curve", "error_barrier_test_curve_floor"):
         assert all(np.isfinite(p[key]) for p in pairs), key
     scratch = [p for p in pairs if p["pretrain_step"] == -1]
     assert np.mean([p["loss_barrier_test_aligned"] for p in scratch]) < np.mean([p["loss_barrier_test"]
@@ -329,4 +331,7 @@ def test_activation_matching_repair_and_layerwise_barriers(reference, data_dir, 
     assert {r["layer"] for r in layers} == {"dense0", "dense1", "head"}
     assert len(run.read_csv(rundir.LAYERWISE)) == 3 * len(pairs)
     page = open(run.path(rundir.REPORT)).read()
-    assert "Layer-wise barriers" in page and "REPAIR" in page
+    assert "Layer-wise barriers" in page and "REPAIR" in page and "Bezier curve" in page
+    # The curve bends away from the straight line where the scratch seeds have a barrier, and lowers it.
+    assert np.mean([p["loss_barrier_test_curve"] for p in scratch]) < np.mean([p["loss_barrier_test_aligned"]
+                                                                               for p in scratch])
