@@ -1,4 +1,4 @@
-"""Analysis throughput: jaxlmc's compiled forms of three analyses versus a plain Python loop computing the same numbers.
+"""Analysis throughput: jaxlmc's compiled forms of four analyses versus a plain Python loop computing the same numbers.
 
 Side by side in this one run, each with its rate, their ratio and a check that both give the same numbers:
   layer-wise barriers  hybrid-model evaluations per second (one evaluation = one point of a layer-wise curve: member i
@@ -28,6 +28,15 @@ Side by side in this one run, each with its rate, their ratio and a check that b
                (so each call flattens and ranks them again, as a plain loop over a merge function does) and then a
                jitted train.loss_and_error on the merged model; accuracies must be equal (to half an example).
 
+  curves     pair-steps per second: training the bend of a quadratic Bezier curve between each pair (Garipov et al.
+             2018) for --curve-steps Adam steps, batches of 100 training examples, t ~ U(0, 1) per pair and step.
+    compiled   curves.make_train_bends: every pair's bend in one jit call (lax.scan over steps, vmapped over pairs),
+    loop       make_train_bends compiled for one pair (a pair axis of 1) and called once per pair, on the first
+               --loop-pairs pairs: the same program a loop of single-pair runs would reuse. Each call is pair 0 of
+               its own, so only the first pair draws what it draws in the vmapped call: that pair's bends must
+               agree (rtol 1e-4); the others cost the same with other draws (equality for every pair against
+               curves.reference_train_bend is tested in tests/test_curves.py).
+
 Members are fine-tune-like: a shared random start of the model plus small random updates, each the sum of a direction
 shared by the members of a cell and the member's own (so updates within a cell are correlated, as for fine-tunes with
 the same hyperparameters, and TIES's sign election and Model Stock's angle see realistic structure). Data are random
@@ -36,7 +45,8 @@ cost does not depend on the values, and the benchmark needs no TFDS (the GPU ima
 
     python -m bench.bench_analyses [--width 256] [--depth 2] [--members 16] [--cell-size 8] [--alphas 11]
                                    [--loop-pairs 4] [--sharpness-members 32] [--iterations 20] [--merge-groups 8]
-                                   [--analyses barriers sharpness merges] [--out bench/results/analyses.json]
+                                   [--curve-steps 100] [--analyses barriers sharpness merges curves]
+                                   [--out bench/results/analyses.json]
 
 (--help lists the rest.) Defaults: 56 pairs (16 members in cells of 8) × 3 groups × 11 α; 32 members, 20
 iterations, 500 examples; 8 groups of 8 members × 12 TIES settings on 1000 examples.
@@ -54,12 +64,12 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from bench._record import write_record
-from jaxlmc import barriers, merges, models, sharpness, train
+from jaxlmc import barriers, curves, merges, models, sharpness, train
 from jaxlmc.analysis import group_weights
 from jaxlmc.config import ModelConfig
 
 FEATURES, CLASSES = 40, 10
-ANALYSES = ("barriers", "sharpness", "merges")
+ANALYSES = ("barriers", "sharpness", "merges", "curves")
 
 
 def fine_tunes(model, num_members: int, cell_size: int, seed: int = 0, scale: float = 0.05):
@@ -241,6 +251,35 @@ def bench_merges(model, args, rng) -> dict:
     return row
 
 
+def bench_curves(model, args, rng) -> dict:
+    params_M, _ = fine_tunes(model, args.members, args.cell_size)
+    cells = {c: list(range(c, min(c + args.cell_size, args.members))) for c in range(0, args.members, args.cell_size)}
+    pairs = barriers.pairs_within(cells)
+    x, y = random_data(rng, 4000)
+    data = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    key = jax.random.key(0)
+    fn = curves.make_train_bends(model, args.curve_steps, 100, 1e-3, len(y), chunk_pairs=min(args.chunk_pairs,
+                                                                                             len(pairs)))
+    bends, compiled_s, first_s = timed_twice(fn, params_M, jnp.asarray(pairs, jnp.int32), data, key)
+    loop_pairs = pairs[: args.loop_pairs]
+    single = curves.make_train_bends(model, args.curve_steps, 100, 1e-3, len(y), chunk_pairs=1)
+    one = lambda pair: single(params_M, jnp.asarray([pair], jnp.int32), data, key)  # noqa: E731
+    jax.block_until_ready(one(loop_pairs[0]))  # compile
+    start = time.perf_counter()
+    looped = [jax.block_until_ready(one(pair)) for pair in loop_pairs]
+    loop_s = time.perf_counter() - start
+    agree = all(np.allclose(a[0], b, rtol=1e-4, atol=1e-5) for a, b in zip(
+        jax.tree.leaves(looped[0]), jax.tree.leaves(jax.tree.map(lambda v: v[0], bends))))
+    row = {"analysis": "Bezier curves", "unit": "pair-steps/s", "pairs": len(pairs), "steps": args.curve_steps,
+           "loop_pairs": len(loop_pairs), "compiled_seconds": compiled_s, "compile_seconds": first_s - compiled_s,
+           "loop_seconds": loop_s, "compiled_rate": len(pairs) * args.curve_steps / compiled_s,
+           "loop_rate": len(loop_pairs) * args.curve_steps / loop_s, "agree": agree,
+           "note": f"loop timed on {len(loop_pairs)} of {len(pairs)} pairs"}
+    print(f"  curves: {len(pairs)} pairs × {args.curve_steps} steps (batch 100); {row['note']}; "
+          f"compile {row['compile_seconds']:.1f} s", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=256)
@@ -260,6 +299,7 @@ def main() -> None:
     parser.add_argument("--sharpness-examples", type=int, default=500)
     parser.add_argument("--merge-groups", type=int, default=8, help="merges: groups (cells) of --cell-size")
     parser.add_argument("--loop-groups", type=int, default=0, help="merges: groups timed in the loop (0: all)")
+    parser.add_argument("--curve-steps", type=int, default=100, help="curves: Adam steps of each bend")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "analyses.json"))
     args = parser.parse_args()
 
@@ -267,7 +307,7 @@ def main() -> None:
     params = models.param_count(model.init(jax.random.key(0)))
     print(f"MLP {args.depth}×{args.width} ({params:,} params), device {jax.devices()[0].device_kind}")
     rng = np.random.default_rng(0)
-    bench = {"barriers": bench_barriers, "sharpness": bench_sharpness, "merges": bench_merges}
+    bench = {"barriers": bench_barriers, "sharpness": bench_sharpness, "merges": bench_merges, "curves": bench_curves}
     results = [bench[name](model, args, rng) for name in args.analyses]
     for row in results:
         row["ratio"] = row["compiled_rate"] / row["loop_rate"]
