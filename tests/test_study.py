@@ -23,7 +23,8 @@ def read_csv(path):
 
 
 STUDY = ["finetune.seeds=3", "finetune.scratch=true", "barriers.alphas=5", "barriers.chunk_pairs=4",
-         "data.validation_size=300", "barriers.align=true", "finetune.save_steps=[20]"]
+         "data.validation_size=300", "barriers.align=true", "finetune.save_steps=[20]",
+         "study.sharpness_iterations=5", "study.sharpness_examples=100"]
 FIGURES = ["critical_rate.png", "barrier_vs_finetune_steps.png", "phase_diagram.png", "barrier_vs_pretraining.png", "aligned_barrier.png", "interpolation_curves.png",
            "basins.png", "soup_gain.png", "ood_spread.png", "sharpness.png"]
 
