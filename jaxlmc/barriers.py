@@ -42,6 +42,16 @@ def alpha_grid(num_alphas: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, num_alphas, dtype=np.float32)
 
 
+def _checked_grid(alphas, chunk_pairs: int) -> np.ndarray:
+    """The α grid as float32, refused unless it increases from 0 to 1; and a positive chunk size."""
+    alphas = np.asarray(alphas, np.float32)
+    if alphas[0] != 0.0 or alphas[-1] != 1.0 or np.any(np.diff(alphas) <= 0):
+        raise ValueError("alphas must increase from 0 to 1")
+    if chunk_pairs < 1:
+        raise ValueError(f"chunk_pairs must be positive, got {chunk_pairs}")
+    return alphas
+
+
 def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None, repair_x=None):
     """jit(params_M, pairs_Px2, eval_sets) -> {name: (loss_PxA, err_PxA)} on the full α grid.
 
@@ -53,11 +63,7 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None, r
     member i inside the pass before interpolating. With `repair_x` (training examples), every interior point is
     renormalised by REPAIR (jaxlmc.repair) on those examples before it is evaluated.
     """
-    alphas = np.asarray(alphas, np.float32)
-    if alphas[0] != 0.0 or alphas[-1] != 1.0 or np.any(np.diff(alphas) <= 0):
-        raise ValueError("alphas must increase from 0 to 1")
-    if chunk_pairs < 1:
-        raise ValueError(f"chunk_pairs must be positive, got {chunk_pairs}")
+    alphas = _checked_grid(alphas, chunk_pairs)
     interior = jnp.asarray(alphas[1:-1])
 
     def curves(params_M, pairs_Px2, eval_sets, perms=None):
@@ -112,11 +118,7 @@ def make_layer_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, groups
     Model.layer_groups (every top-level parameter key in exactly one group). With `perms`, member j is weight-matched
     onto member i first, as in make_curves.
     """
-    alphas = np.asarray(alphas, np.float32)
-    if alphas[0] != 0.0 or alphas[-1] != 1.0 or np.any(np.diff(alphas) <= 0):
-        raise ValueError("alphas must increase from 0 to 1")
-    if chunk_pairs < 1:
-        raise ValueError(f"chunk_pairs must be positive, got {chunk_pairs}")
+    alphas = _checked_grid(alphas, chunk_pairs)
     names = list(groups)
     rest = jnp.asarray(alphas[1:])
 

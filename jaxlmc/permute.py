@@ -69,6 +69,16 @@ def _cost(params_a: dict, params_b: dict, k: int, spec: PermutationSpec) -> jax.
     return total
 
 
+def _identity_perms(model: Model, params_M: dict, pairs):
+    """(spec, pairs_Px2, widths, perms): the permutation spec, the pairs as an array, each group's width, and the
+    identity permutation of every group for every pair (where matching starts, and what it returns without pairs)."""
+    spec = model.permutation_spec()
+    pairs = np.asarray(pairs, np.int32).reshape(-1, 2)
+    one = jax.tree.map(lambda a: a[0], params_M)
+    widths = [_width(one, entries) for entries in spec]
+    return spec, pairs, widths, [np.tile(np.arange(w, dtype=np.int32), (len(pairs), 1)) for w in widths]
+
+
 def match_pairs(model: Model, params_M: dict, pairs, max_iterations: int = 20, seed: int = 0) -> list[np.ndarray]:
     """Weight matching of member j to member i for every pair (i, j): perms[k] of shape [pairs, width_k].
 
@@ -76,11 +86,7 @@ def match_pairs(model: Model, params_M: dict, pairs, max_iterations: int = 20, s
     lock-step: per layer, one vmapped device call builds every pair's cost matrix with the other layers' current
     permutations applied; the assignments run on the host.
     """
-    spec = model.permutation_spec()
-    pairs = np.asarray(pairs, np.int32).reshape(-1, 2)
-    one = jax.tree.map(lambda a: a[0], params_M)
-    widths = [_width(one, entries) for entries in spec]
-    perms = [np.tile(np.arange(w, dtype=np.int32), (len(pairs), 1)) for w in widths]
+    spec, pairs, widths, perms = _identity_perms(model, params_M, pairs)
     if not spec or len(pairs) == 0:
         return perms
     i_idx, j_idx = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
@@ -209,11 +215,7 @@ def match_activations(model: Model, params_M: dict, pairs, x, batch_size: int = 
     dimensions, the residual stream's sites) and the permutation the assignment that maximises it (scipy, on the
     host): unit u of the aligned member is member j's unit best correlated with member i's unit u.
     """
-    spec = model.permutation_spec()
-    pairs = np.asarray(pairs, np.int32).reshape(-1, 2)
-    one = jax.tree.map(lambda a: a[0], params_M)
-    widths = [_width(one, entries) for entries in spec]
-    perms = [np.tile(np.arange(w, dtype=np.int32), (len(pairs), 1)) for w in widths]
+    spec, pairs, widths, perms = _identity_perms(model, params_M, pairs)
     if not spec or len(pairs) == 0:
         return perms
     costs = activation_correlations(model, params_M, pairs, x, batch_size, eps)
