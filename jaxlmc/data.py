@@ -16,6 +16,7 @@ classes (a class split: pretrain on some digits, fine-tune on the others), relab
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 
@@ -272,10 +273,23 @@ class Split:
 
 
 def _builder(name: str, data_dir: str | None):
+    base, _, config = name.partition("/")
     try:
         return tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
-    except tfds.core.registered.DatasetNotFoundError as err:
-        raise ValueError(f"unknown TFDS dataset {name!r}: {err}") from None
+    except tfds.core.registered.DatasetNotFoundError:
+        # TFDS's own message lists its whole catalogue (hundreds of lines): name the closest few instead.
+        close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=3, cutoff=0.6)
+        hint = f"; closest: {', '.join(close)}" if close else "; tfds.list_builders() lists them all"
+        raise ValueError(f"unknown TFDS dataset {name!r}{hint}") from None
+    except ValueError:
+        if not config:
+            raise
+        configs = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS]
+        if config in configs:
+            raise
+        close = difflib.get_close_matches(config, configs, n=3, cutoff=0.5) or configs
+        raise ValueError(f"unknown TFDS dataset {name!r}: {base} has no config {config!r}; closest: "
+                         f"{', '.join(f'{base}/{c}' for c in close)}") from None
 
 
 def prepare(name: str, data_dir: str | None = None):

@@ -76,8 +76,13 @@ def test_real_tfds_datasets_through_the_same_loader(name, shape, tmp_path):
 
 
 def test_unknown_dataset_is_a_clear_error(data_dir):
-    with pytest.raises(ValueError, match="unknown TFDS dataset 'mnist2d'"):
+    with pytest.raises(ValueError, match="unknown TFDS dataset 'mnist2d'") as err:
         data.load_task("mnist2d", data_dir=data_dir)
+    # A short line naming the closest datasets, not TFDS's catalogue of hundreds.
+    assert "closest: " in str(err.value) and "mnist" in str(err.value) and len(str(err.value).splitlines()) == 1
+    with pytest.raises(ValueError, match="mnist1d has no config 'permutd'; closest: mnist1d/permuted") as err:
+        data.load_task("mnist1d/permutd", data_dir=data_dir)
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_variants_keep_their_shift_in_scale(data_dir):
