@@ -42,6 +42,16 @@ def alpha_grid(num_alphas: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, num_alphas, dtype=np.float32)
 
 
+def pair_endpoints(model: Model, params_M, pair_2, perm_list=None):
+    """(θᵢ, θⱼ) of one pair: member i and member j, the latter permuted onto member i when `perm_list` (one array
+    [units] per permutation group) is given."""
+    p_i = jax.tree.map(lambda a: a[pair_2[0]], params_M)
+    p_j = jax.tree.map(lambda a: a[pair_2[1]], params_M)
+    if perm_list is not None:
+        p_j = permute(p_j, perm_list, model.permutation_spec())
+    return p_i, p_j
+
+
 def _checked_grid(alphas, chunk_pairs: int) -> np.ndarray:
     """The α grid as float32, refused unless it increases from 0 to 1; and a positive chunk size."""
     alphas = np.asarray(alphas, np.float32)
@@ -75,10 +85,7 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None, r
 
         def on_pair(args):
             pair_2, perm_list = args
-            p_i = jax.tree.map(lambda a: a[pair_2[0]], params_M)
-            p_j = jax.tree.map(lambda a: a[pair_2[1]], params_M)
-            if perm_list is not None:
-                p_j = permute(p_j, perm_list, model.permutation_spec())
+            p_i, p_j = pair_endpoints(model, params_M, pair_2, perm_list)
             if repair_x is None:
                 return jax.vmap(lambda a: evaluate(lerp(p_i, p_j, a)))(interior)
             stats_i, stats_j = (unit_stats(model, p, repair_x) for p in (p_i, p_j))
@@ -133,10 +140,7 @@ def make_layer_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, groups
 
         def on_pair(args):
             pair_2, perm_list = args
-            p_i = jax.tree.map(lambda a: a[pair_2[0]], params_M)
-            p_j = jax.tree.map(lambda a: a[pair_2[1]], params_M)
-            if perm_list is not None:
-                p_j = permute(p_j, perm_list, model.permutation_spec())
+            p_i, p_j = pair_endpoints(model, params_M, pair_2, perm_list)
             start = evaluate(p_i)
 
             def hybrid(coef_K, alpha):

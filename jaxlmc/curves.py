@@ -40,8 +40,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxlmc.barriers import pair_endpoints
 from jaxlmc.models import Model
-from jaxlmc.permute import permute
 from jaxlmc.train import cross_entropy, loss_and_error
 
 
@@ -53,16 +53,6 @@ def bezier(p_i, p_b, p_j, t):
 def midpoint(p_i, p_j):
     """The bend that makes the Bezier curve the straight line: (p_i + p_j) / 2."""
     return jax.tree.map(lambda a, b: 0.5 * (a + b), p_i, p_j)
-
-
-def pair_endpoints(model: Model, params_M, pair_2, perm_list=None):
-    """(θᵢ, θⱼ) of one pair: member i and member j, the latter permuted onto member i when `perm_list` (one array
-    [units] per permutation group) is given."""
-    p_i = jax.tree.map(lambda a: a[pair_2[0]], params_M)
-    p_j = jax.tree.map(lambda a: a[pair_2[1]], params_M)
-    if perm_list is not None:
-        p_j = permute(p_j, perm_list, model.permutation_spec())
-    return p_i, p_j
 
 
 def draws(pair_key, step, batch_size: int, n_train: int):
