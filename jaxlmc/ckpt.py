@@ -4,26 +4,79 @@ A `Checkpoints` wraps one `orbax.checkpoint.CheckpointManager` over a directory 
 state pytree. Orbax writes each checkpoint to a temporary directory and renames it when complete, so a process
 killed at any moment (kill -9) leaves either the previous checkpoints or the new one, never a torn one; leftover
 temporary directories are ignored and cleaned up on the next start.
+
+What happens to a checkpoint after it was written is checked too. Each step directory gets a file list
+(`MANIFEST`: every file's size and CRC32) once Orbax has committed it, and every restore first compares the files
+with it: a truncated, deleted or changed file is found before Orbax reads it (Orbax itself does not notice a flipped
+bit). A step that fails is reported in one line, moved aside (never deleted) to the `aside` directory, and resuming
+falls back to the newest intact step (`Checkpoints.resume`). A step without a file list (a kill between Orbax's
+commit and the list) is trusted as Orbax committed it, and a read error from Orbax marks it corrupt as well.
+
+A save that fails (disk full, permission denied, read-only filesystem) removes its temporary directory and raises
+`faults.WriteFailed` naming the file and the operating system's error; the steps saved before stay intact.
 """
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
-from typing import Sequence
+import re
+import shutil
+import sys
+import time
+import zlib
+from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-# Orbax logs every save at INFO/WARNING through absl; the progress bar already says what is happening.
-logging.getLogger("absl").setLevel(logging.ERROR)
+from jaxlmc import faults
+
+# Orbax logs every save at INFO/WARNING through absl, and a failed write again at ERROR from each of its threads;
+# jaxlmc reports both itself (a progress bar; one line naming the file and the OS error).
+logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+MANIFEST = "jaxlmc_files.json"
+_CRC_BLOCK = 1 << 22
+# What a tensorstore/Orbax read error says when the bytes on disk are not what was written (as opposed to, say, a
+# restore target of the wrong shape, which is a bug and must not move an intact checkpoint aside).
+_READ_FAULT = re.compile(r"OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|Error reading|Error opening|[Cc]orrupt|decod|"
+                         r"Expecting value|No such file|Unterminated", re.S)
+
+
+def notify(text: str) -> None:
+    """A fault jaxlmc recovered from: always said (also under --quiet), on stderr, in one line."""
+    print(f"jaxlmc: {text}", file=sys.stderr, flush=True)
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(_CRC_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _files(directory: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(root, name), directory)
+                  for root, _, names in os.walk(directory) for name in names if name != MANIFEST)
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
 
 
 class Checkpoints:
     def __init__(self, directory: str, keep_steps: Sequence[int] = (), keep_latest: int = 1,
-                 read_only: bool = False):
-        """`keep_steps` are kept for ever (e.g. the pretraining checkpoints); of the rest the newest `keep_latest`."""
+                 read_only: bool = False, aside: str | None = None):
+        """`keep_steps` are kept for ever (e.g. the pretraining checkpoints); of the rest the newest `keep_latest`.
+        Corrupt steps are moved into `aside` (default: corrupt/<name> beside the directory)."""
+        self.directory = os.path.abspath(directory)
+        self.aside = os.path.abspath(aside or os.path.join(os.path.dirname(self.directory), "corrupt",
+                                                           os.path.basename(self.directory)))
         policies = [checkpoint_managers.LatestN(keep_latest)]
         if keep_steps:
             policies.append(checkpoint_managers.CustomSteps(list(keep_steps)))
@@ -34,9 +87,21 @@ class Checkpoints:
             read_only=read_only,
             preservation_policy=None if read_only else checkpoint_managers.AnyPreservationPolicy(policies),
         )
-        # Orbax's tensorstore layer refuses relative paths; run directories are usually given relative to the cwd.
-        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                              item_handlers=ocp.StandardCheckpointHandler())
+        try:  # (creating the directory is the first write of a run's checkpoints)
+            # Orbax's tensorstore layer refuses relative paths; run directories are usually given relative to the cwd.
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_handlers=ocp.StandardCheckpointHandler())
+        except Exception as err:
+            found = faults.os_error_of(err)
+            if found is None:
+                raise
+            raise faults.WriteFailed(found[0] or self.directory, found[1]) from None
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -44,13 +109,103 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    # Writing.
     def save(self, step: int, state) -> None:
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            self._manager.wait_until_finished()
+        except BaseException as err:  # (an interrupt too: no half-written step may stay behind)
+            for tmp in glob.glob(os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")):
+                shutil.rmtree(tmp, ignore_errors=True)
+            found = faults.os_error_of(err) if isinstance(err, Exception) else None
+            if found is None:
+                raise
+            raise faults.WriteFailed(found[0] or self.step_dir(step), found[1]) from None
+        if _is_primary():
+            self._write_manifest(step)
+
+    def _write_manifest(self, step: int) -> None:
+        directory = self.step_dir(step)
+        listing = {name: [os.path.getsize(os.path.join(directory, name)), _crc32(os.path.join(directory, name))]
+                   for name in _files(directory)}
+        path = os.path.join(directory, MANIFEST)
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(listing, f)
+            os.replace(path + ".tmp", path)
+        except OSError as err:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            raise faults.WriteFailed(path, err.strerror or str(err)) from None
+
+    # Checking.
+    def problem(self, step: int) -> str | None:
+        """What is wrong with the files of a saved step (compared with its file list), or None."""
+        directory = self.step_dir(step)
+        path = os.path.join(directory, MANIFEST)
+        if not os.path.exists(path):
+            return None  # killed between Orbax's commit and the list: trusted as Orbax committed it
+        try:
+            with open(path) as f:
+                listing = json.load(f)
+        except (OSError, ValueError) as err:
+            return f"its file list {MANIFEST} is unreadable ({err})"
+        for name, (size, crc) in listing.items():
+            file = os.path.join(directory, name)
+            if not os.path.exists(file):
+                return f"file {name} is missing"
+            actual = os.path.getsize(file)
+            if actual != size:
+                return f"file {name} has {actual} bytes, {size} were saved ({'truncated' if actual < size else 'grown'})"
+            if _crc32(file) != crc:
+                return f"file {name} changed since it was saved (CRC32 mismatch)"
+        return None
+
+    def set_aside(self, step: int, problem: str) -> CorruptCheckpointInfo:
+        """Move a corrupt step into `aside` (a second corrupt copy of the same step gets a time suffix)."""
+        os.makedirs(self.aside, exist_ok=True)
+        target = os.path.join(self.aside, str(step))
+        if os.path.exists(target):
+            target += time.strftime(".%Y%m%d-%H%M%S")
+        if _is_primary():
+            shutil.move(self.step_dir(step), target)
+        self._manager.reload()
+        return CorruptCheckpointInfo(self.directory, step, problem, target)
+
+    def verified_steps(self) -> list[int]:
+        """The saved steps whose files pass the check; the others are moved aside, each reported in one line."""
+        intact = []
+        for step in self.steps():
+            problem = self.problem(step)
+            if problem is None:
+                intact.append(step)
+            else:
+                notify(self.set_aside(step, problem).line())
+        return intact
+
+    # Reading.
+    def _restore_checked(self, step: int, restore: Callable[[], object]):
+        problem = self.problem(step)
+        if problem is None:
+            try:
+                return restore()
+            except Exception as err:
+                if not _READ_FAULT.search(str(err)):
+                    raise
+                problem = f"Orbax cannot read it ({str(err).splitlines()[0][:300]})"
+        info = self.set_aside(step, problem)
+        intact = [s for s in self.steps() if s < step]
+        raise faults.CorruptCheckpoint(info.line() + "; rerunning the training command (study, finetune, pretrain) "
+                                       f"continues from {f'step {intact[-1]}' if intact else 'the start'}")
 
     def restore(self, step: int, abstract_state):
-        """Restore into the structure, shapes, dtypes (and shardings) of `abstract_state` (e.g. from eval_shape)."""
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        """Restore into the structure, shapes, dtypes (and shardings) of `abstract_state` (e.g. from eval_shape).
+        A step that fails its check is moved aside and raises faults.CorruptCheckpoint."""
+        return self._restore_checked(
+            step, lambda: self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state)))
 
     def restore_like(self, step: int, host_tree):
         """Restore into the structure, shapes and dtypes of a tree of host arrays, as host arrays."""
@@ -63,33 +218,67 @@ class Checkpoints:
         """Restore without a target from the caller: nested dicts/lists of arrays on this process's first device,
         whatever devices saved them (a checkpoint saved sharded over 8 devices restores on 1)."""
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              self._manager.item_metadata(step))
-        return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+        def read():
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                  self._manager.item_metadata(step))
+            return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+        return self._restore_checked(step, read)
+
+    def resume(self, abstract_state, required: Iterable[int] = ()) -> tuple[int | None, object]:
+        """(step, state) to continue training from: the newest intact step before which no `required` step (one that
+        must be kept, e.g. finetune.save_steps) is missing; (None, None) when there is none. Corrupt steps are moved
+        aside; intact steps after the chosen one are deleted, as training recomputes them bit for bit."""
+        required = sorted(set(required))
+        while True:
+            intact = self.verified_steps()
+            usable = [s for s in intact if all(r in intact for r in required if r <= s)]
+            if not usable:
+                self._delete_after(-1, intact)
+                return None, None
+            step = usable[-1]
+            self._delete_after(step, intact)
+            try:
+                return step, self.restore(step, abstract_state)
+            except faults.CorruptCheckpoint as err:
+                notify(str(err).split("; rerunning")[0])
+
+    def _delete_after(self, step: int, intact: list[int]) -> None:
+        later = [s for s in intact if s > step]
+        if later:
+            notify(f"deleting the checkpoints at step(s) {', '.join(map(str, later))} in {self.directory}: training "
+                   f"continues from {'step ' + str(step) if step >= 0 else 'the start'} and saves them again")
+            for s in later:
+                self._manager.delete(s)
+            self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()
 
 
-def restore_params(directory: str, step: int | None = None) -> dict:
+class CorruptCheckpointInfo:
+    def __init__(self, directory: str, step: int, problem: str, moved_to: str):
+        self.directory, self.step, self.problem, self.moved_to = directory, step, problem, moved_to
+
+    def line(self) -> str:
+        return (f"checkpoint step {self.step} in {self.directory} is corrupt: {self.problem}; moved aside to "
+                f"{self.moved_to}")
+
+
+def restore_params(directory: str, step: int | None = None, aside: str | None = None) -> dict:
     """The `params` subtree of a saved state (latest step by default), as host numpy arrays."""
-    manager = Checkpoints(directory, read_only=True)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    if step not in manager.steps():
-        raise FileNotFoundError(f"no checkpoint at step {step} in {directory} (have {manager.steps()})")
-    raw = manager.restore_raw(step)
-    manager.close()
-    return jax.tree.map(np.asarray, raw["params"])
+    return restore_fields(directory, step, ("params",), aside)["params"]
 
 
-def restore_fields(directory: str, step: int, fields: Sequence[str]) -> dict:
-    """Some top-level entries (e.g. "params", "diverged") of the state saved at `step`, as host numpy arrays."""
-    manager = Checkpoints(directory, read_only=True)
-    if step not in manager.steps():
-        manager.close()
-        raise FileNotFoundError(f"no checkpoint at step {step} in {directory} (have {manager.steps()})")
-    raw = manager.restore_raw(step)
-    manager.close()
+def restore_fields(directory: str, step: int | None, fields: Sequence[str], aside: str | None = None) -> dict:
+    """Some top-level entries (e.g. "params", "diverged") of the state saved at `step` (default: the latest), as
+    host numpy arrays."""
+    with Checkpoints(directory, read_only=True, aside=aside) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        if step not in manager.steps():
+            raise FileNotFoundError(f"no checkpoint at step {step} in {directory} (have {manager.steps()})")
+        raw = manager.restore_raw(step)
     return {name: jax.tree.map(np.asarray, raw[name]) for name in fields}

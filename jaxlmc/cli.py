@@ -5,10 +5,11 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 import jax
 
-from jaxlmc import api, config, rundir, ui
+from jaxlmc import api, config, faults, rundir, ui
 from jaxlmc.config import ConfigError
 
 
@@ -36,32 +37,68 @@ def _join_cluster() -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlmc", description="Vectorised fine-tuning ensembles and "
                                      "linear mode connectivity in JAX.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the whole traceback instead of one line")
     commands = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)  # --debug also after the command (not resetting one before it)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     stages = " → ".join(stage.name for stage in api.STAGES)
     for name, text in [("study", f"the whole study, in resumable stages: {stages} (resumes at the first unfinished "
                                  "stage)"),
                        ("pretrain", "pretrain one model, saving Orbax checkpoints at pretrain.save_steps"),
                        ("finetune", "fine-tune the member grid in one compiled program (pretrains first if "
                                     "needed) and write members.csv")]:
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = commands.add_parser(name, help=text, description=text, parents=[debug])
         sub.add_argument("config", help="TOML config file (see configs/)")
         sub.add_argument("--out", help="run directory (default: runs/<config name>)")
         _add_common(sub, "override a config value; repeatable", "no progress bar or tables")
     text = "loss and error barriers between fine-tuned members and to their starting points; writes RUN_DIR/barriers/"
-    sub = commands.add_parser("barriers", help=text, description=text)
+    sub = commands.add_parser("barriers", help=text, description=text, parents=[debug])
     sub.add_argument("run_dir", help="a fine-tuning run directory")
     sub.add_argument("--pairs", help='"within" (pairs inside each grid cell; the default), "all", or a CSV file '
                                      "with columns i, j")
     sub.add_argument("--alphas", type=int, help="points on the interpolation grid, ends included (default 25)")
     _add_common(sub, "override a [barriers] or [run] value; repeatable", "no tables")
     text = "re-render RUN_DIR/report.html, figures/ and summary.csv from a finished study"
-    sub = commands.add_parser("report", help=text, description=text)
+    sub = commands.add_parser("report", help=text, description=text, parents=[debug])
     sub.add_argument("run_dir", help="a study's run directory")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every error a user can cause is one line on stderr (the traceback with --debug):
+    exit 2 for a bad config or arguments, 1 for a fault (corrupt checkpoint, a write that failed), 75 when another
+    process writes the run directory, 130/143 after SIGINT/SIGTERM (resumable), 1 for anything unexpected."""
     args = _parser().parse_args(argv)
+    try:
+        with faults.handle_signals():
+            return _run(args)
+    except faults.Interrupted as err:
+        return _fail(args, err, str(err), err.exit_code)
+    except ConfigError as err:
+        return _fail(args, err, f"error: {err}", 2)
+    except faults.RunFault as err:
+        return _fail(args, err, f"error: {err}", err.exit_code)
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        return _fail(args, err, f"error: {where}{err.strerror or err}", 1)
+    except Exception as err:  # a bug, not the user's doing: still one line, and how to see more
+        found = faults.os_error_of(err)
+        if found is not None:
+            return _fail(args, err, f"error: {found[0] + ': ' if found[0] else ''}{found[1]}", 1)
+        first = (str(err).splitlines() or [""])[0][:300]
+        return _fail(args, err, f"unexpected error: {type(err).__name__}: {first} (rerun with --debug for the "
+                                "traceback, and please report it)", 1)
+
+
+def _fail(args, err: BaseException, line: str, code: int) -> int:
+    if args.debug:
+        traceback.print_exception(err)
+    print(f"jaxlmc: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def _run(args) -> int:
     if getattr(args, "distributed", False):
         _join_cluster()
         args.quiet = args.quiet or jax.process_index() != 0  # one process prints
@@ -72,47 +109,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config, args.overrides)
     except ConfigError as err:
-        print(f"jaxlmc: config error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args, err, f"config error: {err}", 2)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
 
     progress = None if args.quiet else ui.TrainingProgress
-    try:
-        if args.command == "study":
-            say = (lambda text: None) if args.quiet else (lambda text: ui.console.print(f"[bold]{text}[/bold]"))
-            api.study(cfg, out, progress=progress, say=say)
-            if not args.quiet:
-                run = rundir.RunDir(out)
-                for width in cfg.study.widths:
-                    ui.console.print(f"[bold]width {width}[/bold]")
-                    ui.print_study(run.width(width).root)
-                if cfg.study.widths:
-                    ui.console.print(f"scaling trend: {run.path(rundir.SCALING_PAGE)}")
-                else:
-                    ui.print_study(out)
-        elif args.command == "pretrain":
-            rows = api.pretrain(cfg, out, progress=progress)
-            if not args.quiet:
-                run = rundir.RunDir(out)
-                ui.print_pretrain(rows, run.read_csv(rundir.BASELINES) if run.exists(rundir.BASELINES) else [])
-        else:
-            rows = api.finetune(cfg, out, progress=progress)
-            if not args.quiet:
-                ui.print_members(rows)
-    except ConfigError as err:
-        print(f"jaxlmc: error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "study":
+        say = (lambda text: None) if args.quiet else (lambda text: ui.console.print(f"[bold]{text}[/bold]"))
+        api.study(cfg, out, progress=progress, say=say)
+        if not args.quiet:
+            run = rundir.RunDir(out)
+            for width in cfg.study.widths:
+                ui.console.print(f"[bold]width {width}[/bold]")
+                ui.print_study(run.width(width).root)
+            if cfg.study.widths:
+                ui.console.print(f"scaling trend: {run.path(rundir.SCALING_PAGE)}")
+            else:
+                ui.print_study(out)
+    elif args.command == "pretrain":
+        rows = api.pretrain(cfg, out, progress=progress)
+        if not args.quiet:
+            run = rundir.RunDir(out)
+            ui.print_pretrain(rows, run.read_csv(rundir.BASELINES) if run.exists(rundir.BASELINES) else [])
+    else:
+        rows = api.finetune(cfg, out, progress=progress)
+        if not args.quiet:
+            ui.print_members(rows)
     if not args.quiet:
         ui.console.print(f"results in {out}")
     return 0
 
 
 def _report(args) -> int:
-    try:
-        path = api.render_report(args.run_dir)
-    except ConfigError as err:
-        print(f"jaxlmc: error: {err}", file=sys.stderr)
-        return 2
+    path = api.render_report(args.run_dir)
     print(f"report in {path}")
     return 0
 
@@ -123,14 +151,10 @@ def _barriers(args) -> int:
         overrides.append(f"barriers.pairs={json.dumps(args.pairs)}")
     if args.alphas is not None:
         overrides.append(f"barriers.alphas={args.alphas}")
-    try:
-        cfg = rundir.RunDir(args.run_dir).config(overrides)
-        with ui.console.status("barriers") as status:
-            result = api.barriers_of_run(cfg, args.run_dir,
-                                             status=None if args.quiet else lambda text: status.update(text))
-    except ConfigError as err:
-        print(f"jaxlmc: error: {err}", file=sys.stderr)
-        return 2
+    cfg = rundir.RunDir(args.run_dir).config(overrides)
+    with ui.console.status("barriers") as status:
+        result = api.barriers_of_run(cfg, args.run_dir,
+                                     status=None if args.quiet else lambda text: status.update(text))
     if not args.quiet:
         ui.print_barriers(result)
         ui.console.print(f"results in {os.path.dirname(rundir.RunDir(args.run_dir).path(rundir.PAIRS))}")

@@ -426,6 +426,51 @@ def layerwise(rows: list[dict]):
                  "A layer whose barrier approaches the whole network's is where the basins differ.")
 
 
+def training_curves(members: list[dict], curves: dict):
+    """Training curves (rundir.FINETUNE_CURVES, rows of members.csv): every member's mean training-batch loss per
+    chunk against the fine-tuning step, one panel per pretraining checkpoint, one colour per learning rate: the
+    median over the cell's used members and their range (band); diverged members (red, × where their loss stopped
+    being finite) and unfit ones (dotted) drawn one by one."""
+    step_K, loss_KxM = np.asarray(curves["step_K"]), np.asarray(curves["loss_KxM"])
+    if len(step_K) == 0 or not members or max(m["member"] for m in members) >= loss_KxM.shape[1]:
+        return None
+    steps = sorted({m["pretrain_step"] for m in members})
+    lrs = sorted({m["lr"] for m in members})
+    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(lrs), 1)))
+    fig, axes = plt.subplots(1, len(steps), figsize=(min(3.4 * len(steps), 14), 3.6), sharey=True, squeeze=False)
+    for ax, start in zip(axes[0], steps):
+        for lr, color in zip(lrs, colors):
+            mine = [m for m in members if m["pretrain_step"] == start and m["lr"] == lr]
+            used = [m["member"] for m in mine if grid.usable(m)]
+            if used:
+                with np.errstate(all="ignore"):
+                    ax.plot(step_K, np.nanmedian(loss_KxM[:, used], axis=1), color=color, label=f"LR {lr:g}")
+                    ax.fill_between(step_K, np.nanmin(loss_KxM[:, used], axis=1),
+                                    np.nanmax(loss_KxM[:, used], axis=1), color=color, alpha=0.2, lw=0)
+            for m in mine:
+                curve = loss_KxM[:, m["member"]]
+                if m["diverged"]:
+                    ax.plot(step_K, curve, "--", color="tab:red", lw=0.8)
+                    finite = np.flatnonzero(np.isfinite(curve))
+                    last = finite[-1] if len(finite) else 0
+                    ax.plot(step_K[last], curve[last] if len(finite) else np.nan, "x", color="tab:red")
+                elif m["unfit"]:
+                    ax.plot(step_K, curve, ":", color=color, lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_title(f"pretrain {step_label(start)}", fontsize=9)
+    axes[0][0].set_ylabel("training-batch loss (chunk mean)")
+    axes[0][0].legend(fontsize=7)
+    averaged = grid.varied_names(members, besides=MAIN_AXES + ("member", "seed"))
+    note = f"; members of every {' and '.join(averaged)} pooled" if averaged else ""
+    diverged = sum(m["diverged"] for m in members)
+    unfit = sum(m["unfit"] for m in members)
+    return fig, ("Training curves: each member's mean training-batch loss over each chunk of steps, per pretraining "
+                 "checkpoint and learning rate: median (line) and range (band) of the members that neither diverged "
+                 f"nor failed to fit{note}. Diverged members ({diverged}) are red dashes ending in ×, unfit ones "
+                 f"({unfit}) dotted.")
+
+
 def png(fig) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
     buffer = io.BytesIO()

@@ -10,11 +10,12 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxlmc import ckpt, data, grid, loop, memory, models, rundir, shard, tasks, train
+from jaxlmc import data, grid, loop, memory, models, rundir, shard, tasks, train
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.pretraining import pretrain, pretraining_complete
 
 
+@rundir.exclusive
 def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> list[dict]:
     """Fine-tune every member of the grid simultaneously in one compiled program; write members.csv.
 
@@ -43,20 +44,20 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
     n_train = len(task.train.y)
     chunk_fn = train.make_train_chunk(model, f.optimizer, f.momentum, f.batch_size, n_train, cfg.run.chunk_steps)
     device_data = {"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}
-    manager = ckpt.Checkpoints(run.path(rundir.CHECKPOINTS), keep_steps=f.save_steps, keep_latest=2)
-    latest = manager.latest_step()
     num_members = len(rows)
     fit = members_per_program(cfg, chunk_fn, params_M, consts, device_data, n_train)
-    if fit >= num_members or latest == f.steps:
-        mesh = shard.member_mesh(num_members)
-        state = shard.shard_members(train.init_state(params_M, f.optimizer, f.momentum, n_train), mesh)
-        if latest is not None:
-            state = manager.restore(latest, shard.abstract(state))
-        state = _train_part(cfg, chunk_fn, state, shard.shard_members(consts, mesh),
-                            shard.replicate(device_data, mesh), manager, "finetune", progress)
-    else:
-        state = _train_in_parts(cfg, run, chunk_fn, params_M, consts, device_data, fit, manager, progress)
-    manager.close()
+    with run.checkpoints(rundir.CHECKPOINTS, keep_steps=f.save_steps, keep_latest=2) as manager:
+        if fit >= num_members or f.steps in manager.verified_steps():
+            mesh = shard.member_mesh(num_members)
+            state = shard.shard_members(train.init_state(params_M, f.optimizer, f.momentum, n_train), mesh)
+            latest, restored = manager.resume(shard.abstract(state), required=f.save_steps)
+            state = state if restored is None else restored
+            if latest != f.steps:
+                state = _train_part(cfg, chunk_fn, state, shard.shard_members(consts, mesh),
+                                    shard.replicate(device_data, mesh), run, manager, rundir.FINETUNE_CURVES,
+                                    latest, "finetune", progress)
+        else:
+            state = _train_in_parts(cfg, run, chunk_fn, params_M, consts, device_data, fit, manager, progress)
 
     results = evaluate_members(cfg, model, task, state["params"], start_M)
     diverged = shard.to_host(state["diverged"])
@@ -69,6 +70,16 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
         r["seed_varies"] = grid.seed_varies(r, new_head)
     run.write_csv(rundir.MEMBERS, rows)
     return rows
+
+
+def finetuning_complete(cfg: Config, out: str) -> bool:
+    """The final fine-tuning checkpoint is saved (it may still fail its check when read: then it is moved aside and
+    this turns False)."""
+    run = rundir.RunDir(out)
+    if not run.exists(rundir.CHECKPOINTS):
+        return False
+    with run.checkpoints(rundir.CHECKPOINTS, read_only=True) as manager:
+        return cfg.finetune.steps in manager.steps()
 
 
 def unfit_flags(rows: list[dict], fraction: float) -> list[bool]:
@@ -112,20 +123,29 @@ def members_per_program(cfg: Config, chunk_fn, params_M, consts, device_data, n_
     return memory.largest_fit(footprint, budget, limit=num_members)
 
 
-def _train_part(cfg: Config, chunk_fn, state, consts, device_data, manager, label: str,
-                progress: loop.Progress | None):
+def _train_part(cfg: Config, chunk_fn, state, consts, device_data, run: rundir.RunDir, manager, curves_name: str,
+                latest: int | None, label: str, progress: loop.Progress | None):
+    """Train a state restored from step `latest` (None: a new one) to finetune.steps, saving checkpoints with
+    `manager` and the training curves in `curves_name`."""
     f = cfg.finetune
     save_at = set(range(cfg.run.checkpoint_every, f.steps, cfg.run.checkpoint_every)) | set(f.save_steps)
-    return loop.train_to(label, chunk_fn, state, consts, device_data, f.steps, cfg.run.chunk_steps, save_at,
-                         manager.save, progress)
+    num_members = state["diverged"].shape[0]
+    saved_curves = run.read_npz(curves_name) if run.exists(curves_name) and latest is not None else None
+
+    def save(step, state, curves):
+        run.write_npz(curves_name, curves.arrays(num_members))  # first: the curves may be ahead, never behind
+        manager.save(step, state)
+
+    return loop.train_to(label, chunk_fn, state, consts, device_data, f.steps, cfg.run.chunk_steps, save_at, save,
+                         progress, loop.Curves.from_arrays(saved_curves, upto=latest or 0))
 
 
 def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts, device_data, fit: int, manager,
                     progress: loop.Progress | None):
     """Members that do not fit one program are trained in as few parts as possible, one after another, each
     checkpointed in parts/partK (and resumed from there); the finished parts are stacked into one state saved in
-    checkpoints/ like a single program's (so is each of finetune.save_steps), and parts/ is removed. Members are independent, so the result is the
-    same as training them all at once (tested)."""
+    checkpoints/ like a single program's (so is each of finetune.save_steps, and so are the training curves), and
+    parts/ is removed. Members are independent, so the result is the same as training them all at once (tested)."""
     f = cfg.finetune
     num_members = jax.tree.leaves(params_M)[0].shape[0]
     num_parts = -(-num_members // fit)
@@ -137,15 +157,13 @@ def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts,
         mesh = shard.member_mesh(len(members))
         state = shard.shard_members(
             train.init_state(part_params, f.optimizer, f.momentum, device_data["y"].shape[0]), mesh)
-        part_manager = ckpt.Checkpoints(run.part(k), keep_steps=f.save_steps, keep_latest=2)
-        latest = part_manager.latest_step()
-        if latest is not None:
-            state = part_manager.restore(latest, shard.abstract(state))
-        if latest != f.steps:
-            state = _train_part(cfg, chunk_fn, state, shard.shard_members(part_consts, mesh),
-                                shard.replicate(device_data, mesh), part_manager, f"finetune {k + 1}/{num_parts}",
-                                progress)
-        part_manager.close()
+        with run.checkpoints(run.part(k), keep_steps=f.save_steps, keep_latest=2) as part_manager:
+            latest, restored = part_manager.resume(shard.abstract(state), required=f.save_steps)
+            state = state if restored is None else restored
+            if latest != f.steps:
+                state = _train_part(cfg, chunk_fn, state, shard.shard_members(part_consts, mesh),
+                                    shard.replicate(device_data, mesh), run, part_manager, run.part_curves(k),
+                                    latest, f"finetune {k + 1}/{num_parts}", progress)
         finished.append(jax.tree.map(shard.to_host, state))
 
     def stacked(states):
@@ -156,10 +174,13 @@ def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts,
     for step in f.save_steps:  # the kept steps first: the final one marks the run finished
         saved = []
         for k, one in enumerate(finished):
-            part_manager = ckpt.Checkpoints(run.part(k), read_only=True)
-            saved.append(part_manager.restore_like(step, one))
-            part_manager.close()
+            with run.checkpoints(run.part(k), read_only=True) as part_manager:
+                saved.append(part_manager.restore_like(step, one))
         manager.save(step, stacked(saved))
+    curves = [run.read_npz(run.part_curves(k)) for k in range(num_parts)]
+    run.write_npz(rundir.FINETUNE_CURVES, {"step_K": curves[0]["step_K"],
+                                           **{name: np.concatenate([c[name] for c in curves], axis=1)
+                                              for name in ("loss_KxM", "acc_KxM")}})
     state = stacked(finished)
     manager.save(f.steps, state)  # atomic: until it lands, a rerun resumes from the finished parts
     shutil.rmtree(run.path(rundir.PARTS), ignore_errors=True)
@@ -183,11 +204,11 @@ def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict], t
     """
     seeds = [r["seed"] for r in rows]
     keys = train.member_keys(seeds)
-    pre_dir = rundir.RunDir(out).path(rundir.PRETRAIN_CHECKPOINTS)
+    run = rundir.RunDir(out)
     # A body's identity: its checkpoint, or the seed of a scratch initialisation.
     body_of = [r["pretrain_step"] if r["pretrain_step"] >= 0 else ("scratch", r["seed"]) for r in rows]
     # Pretraining states have a member axis of length 1.
-    bodies = {s: jax.tree.map(lambda a: a[0], ckpt.restore_params(pre_dir, s))
+    bodies = {s: jax.tree.map(lambda a: a[0], run.restore_params(rundir.PRETRAIN_CHECKPOINTS, s))
               for s in sorted({b for b in body_of if not isinstance(b, tuple)})}
     scratch = sorted({b for b in body_of if isinstance(b, tuple)})
     if scratch:
@@ -274,7 +295,7 @@ def evaluate_members(cfg: Config, model: models.Model, task: tasks.Task, params_
 
 def load_member(out: str, index: int, step: int | None = None) -> dict:
     """One fine-tuned member's parameters (host arrays) from a run directory's latest (or given) checkpoint."""
-    params_M = ckpt.restore_params(rundir.RunDir(out).path(rundir.CHECKPOINTS), step)
+    params_M = rundir.RunDir(out).restore_params(rundir.CHECKPOINTS, step)
     num_members = jax.tree.leaves(params_M)[0].shape[0]
     if not 0 <= index < num_members:
         raise IndexError(f"member {index} out of range: the run has {num_members} members")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, ckpt, finetuning, grid, memory, models, permute, rundir, shard, stats, tasks
+from jaxlmc import barriers, finetuning, grid, memory, models, permute, rundir, shard, stats, tasks
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.curves import make_curve_eval, make_train_bends
 
@@ -47,14 +47,13 @@ def load_run(cfg: Config, out: str) -> FinishedRun:
     run = rundir.RunDir(out)
     members = run.members()
     task = tasks.load_finetune_task(cfg)
-    manager = ckpt.Checkpoints(run.path(rundir.CHECKPOINTS), read_only=True)
-    latest = manager.latest_step()
-    manager.close()
+    with run.checkpoints(rundir.CHECKPOINTS, read_only=True) as manager:
+        latest = manager.latest_step()
     if latest != cfg.finetune.steps:
         raise ConfigError(f"{out}: the latest fine-tuning checkpoint is at step {latest}, not finetune.steps = "
                           f"{cfg.finetune.steps}; finish the run with `jaxlmc finetune` first")
     model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
-    params_M = jax.tree.map(jnp.asarray, ckpt.restore_params(run.path(rundir.CHECKPOINTS), latest))
+    params_M = jax.tree.map(jnp.asarray, run.restore_params(rundir.CHECKPOINTS, latest))
     return FinishedRun(members, task, model, params_M)
 
 
@@ -338,6 +337,7 @@ def write_barriers(run: rundir.RunDir, pairs, used, curves: Curves, pair_rows, s
     run.write_json(rundir.BARRIER_SETTINGS, settings)
 
 
+@rundir.exclusive
 def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     """Evaluate the requested member pairs and every member-to-start pair of a finished fine-tuning run in one
     compiled pass; write barriers/. With finetune.save_steps, the same at each saved fine-tuning step (one pass per
@@ -394,7 +394,7 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
 def members_at_step(cfg: Config, out: str, run: FinishedRun, step: int, start_M: dict) -> tuple[list[dict], dict]:
     """(member rows, params_M) at a saved fine-tuning step: members.csv's rows with the metrics, divergence and
     unfit flags (study.unfit_fraction, against the best member from the same start at that step) re-measured there."""
-    saved = ckpt.restore_fields(rundir.RunDir(out).path(rundir.CHECKPOINTS), step, ("params", "diverged"))
+    saved = rundir.RunDir(out).restore_fields(rundir.CHECKPOINTS, step, ("params", "diverged"))
     params_M = jax.tree.map(jnp.asarray, saved["params"])
     results = finetuning.evaluate_members(cfg, run.model, run.task, params_M, start_M)
     rows = [{**m, **{k: float(v[i]) for k, v in results.items()}, "diverged": bool(saved["diverged"][i])}

@@ -2,15 +2,14 @@
 points of the fine-tuning grid) and a table of their loss and accuracy."""
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
-from jaxlmc import analysis, ckpt, loop, models, rundir, shard, tasks, train
+from jaxlmc import analysis, loop, models, rundir, shard, tasks, train
 from jaxlmc.config import Config, ConfigError
 
 
+@rundir.exclusive
 def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
              task: tasks.Task | None = None) -> list[dict]:
     """Pretrain one model on the pretraining task; save Orbax checkpoints at `pretrain.save_steps`.
@@ -38,31 +37,37 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
     mesh = shard.global_mesh()
     state = shard.replicate(train.init_state(params_1, p.optimizer, p.momentum, n_train), mesh)
     consts = shard.replicate(consts, mesh)
-    manager = ckpt.Checkpoints(run.path(rundir.PRETRAIN_CHECKPOINTS), keep_steps=p.save_steps)
-    latest = manager.latest_step()
-    if latest is not None:
-        state = manager.restore(latest, shard.abstract(state))
-    elif 0 in p.save_steps:
-        manager.save(0, state)
+    with run.checkpoints(rundir.PRETRAIN_CHECKPOINTS, keep_steps=p.save_steps) as manager:
+        latest, restored = manager.resume(shard.abstract(state), required=p.save_steps)
+        if latest is not None:
+            state = restored
+        curves = loop.Curves.from_arrays(run.read_npz(rundir.PRETRAIN_CURVES) if run.exists(rundir.PRETRAIN_CURVES)
+                                         else None, upto=latest or 0)
 
-    save_at = set(p.save_steps) | set(range(cfg.run.checkpoint_every, p.steps, cfg.run.checkpoint_every))
-    chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps)
-    device_data = shard.replicate({"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}, mesh)
-    state = loop.train_to("pretrain", chunk_fn, state, consts, device_data, p.steps, cfg.run.chunk_steps, save_at,
-                          manager.save, progress)
+        def save(step, state, curves):
+            run.write_npz(rundir.PRETRAIN_CURVES, curves.arrays(1))
+            manager.save(step, state)
 
-    # Evaluate every kept checkpoint (also those saved before a resume) so the table is complete.
-    evaluate = train.make_evaluate(model)
-    sets = tasks.eval_sets(cfg, task)
-    rows = []
-    for step in sorted(set(p.save_steps) | {p.steps}):
-        params = manager.restore(step, shard.abstract(state))["params"]
-        row = {"step": step}
-        for name in ("train", "test"):
-            loss, acc = map(shard.to_host, evaluate(params, shard.replicate(sets[name], mesh)))
-            row.update({f"{name}_loss": float(loss[0]), f"{name}_acc": float(acc[0])})
-        rows.append(row)
-    manager.close()
+        if latest is None and 0 in p.save_steps:
+            save(0, state, curves)
+
+        save_at = set(p.save_steps) | set(range(cfg.run.checkpoint_every, p.steps, cfg.run.checkpoint_every))
+        chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps)
+        device_data = shard.replicate({"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}, mesh)
+        state = loop.train_to("pretrain", chunk_fn, state, consts, device_data, p.steps, cfg.run.chunk_steps,
+                              save_at, save, progress, curves)
+
+        # Evaluate every kept checkpoint (also those saved before a resume) so the table is complete.
+        evaluate = train.make_evaluate(model)
+        sets = tasks.eval_sets(cfg, task)
+        rows = []
+        for step in sorted(set(p.save_steps) | {p.steps}):
+            params = manager.restore(step, shard.abstract(state))["params"]
+            row = {"step": step}
+            for name in ("train", "test"):
+                loss, acc = map(shard.to_host, evaluate(params, shard.replicate(sets[name], mesh)))
+                row.update({f"{name}_loss": float(loss[0]), f"{name}_acc": float(acc[0])})
+            rows.append(row)
     run.write_csv(rundir.PRETRAIN, rows)
     if task.per_token:
         run.write_csv(rundir.BASELINES, analysis.ngram_baselines(task.train.x, task.train.y, task.test.x, task.test.y,
@@ -71,8 +76,10 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
 
 
 def pretraining_complete(cfg: Config, out: str) -> bool:
-    directory = rundir.RunDir(out).path(rundir.PRETRAIN_CHECKPOINTS)
-    if not os.path.isdir(directory):
+    """Every checkpoint fine-tuning starts from, and the last, is saved and intact (corrupt ones are moved aside)."""
+    run = rundir.RunDir(out)
+    if not run.exists(rundir.PRETRAIN_CHECKPOINTS):
         return False
-    steps = ckpt.Checkpoints(directory, read_only=True).steps()
+    with run.checkpoints(rundir.PRETRAIN_CHECKPOINTS, read_only=True) as manager:
+        steps = manager.verified_steps()
     return all(s in steps for s in cfg.finetune.pretrain_steps) and cfg.pretrain.steps in steps

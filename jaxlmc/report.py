@@ -68,6 +68,9 @@ def draw_figures(run: rundir.RunDir, summary: list[dict], members: list[dict]) -
     if run.exists(rundir.LAYERWISE_SUMMARY):
         layer_rows = [r for r in run.read_csv(rundir.LAYERWISE_SUMMARY) if head is None or r["head"] == head]
         drawn["layerwise.png"] = figures.layerwise(layer_rows)
+    if run.exists(rundir.FINETUNE_CURVES):
+        drawn["training_curves.png"] = figures.training_curves(
+            [m for m in members if head is None or m["head"] == head], run.read_npz(rundir.FINETUNE_CURVES))
     critical = run.read_csv(rundir.CRITICAL)
     if len({r["lr"] for r in members}) > 1 and critical:
         steps = [r for r in run.read_csv(rundir.STEP_SUMMARY) if head is None or r["head"] == head]

@@ -8,6 +8,10 @@ No other module builds a path inside a run directory or parses one of its files.
     pretrain/baselines.csv       BASELINES: unigram and bigram test loss of a language-modelling pretraining task
     checkpoints/STEP             Orbax: the stacked fine-tuning state (params_M, opt_M, data order, diverged_M, step)
     parts/partK/STEP             Orbax: members trained in parts, until they are stacked into checkpoints/
+    corrupt/…/STEP               checkpoints that failed their check, moved aside (never deleted) under their path
+    training/pretrain.npz        PRETRAIN_CURVES: train loss and accuracy at every chunk boundary of pretraining
+    training/finetune.npz        FINETUNE_CURVES: the same per fine-tuned member (step_K, loss_KxM, acc_KxM)
+    .lock                        the writing process (pid, host, command) while a command writes the directory
     members.csv                  MEMBERS: one row per fine-tuned member
     barriers/pairs.csv           PAIRS: one row per member pair (barriers, midpoints, geometry)
     barriers/to_start.csv        TO_START: one row per member, the same measures to its starting point
@@ -32,18 +36,24 @@ where empty), a float column as float (NaN where empty), a bool column as bool.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
+import functools
 import io
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from importlib import metadata
 
 import jax
 import numpy as np
 
-from jaxlmc import grid, shard
+from jaxlmc import ckpt, faults, grid, shard
 from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError, from_dict, parse_override
 
 # --------------------------------------------------------------------------------------------- tables
@@ -141,6 +151,10 @@ SCALING_PAGE = "scaling.html"
 PRETRAIN_CHECKPOINTS = "pretrain/checkpoints"
 CHECKPOINTS = "checkpoints"
 PARTS = "parts"
+CORRUPT = "corrupt"
+PRETRAIN_CURVES = "training/pretrain.npz"
+FINETUNE_CURVES = "training/finetune.npz"
+LOCK = ".lock"
 STAGES = "stages"
 
 
@@ -184,11 +198,18 @@ def write_atomic(path: str, content: str | bytes) -> None:
     primary one writes and the others wait for it."""
     if shard.is_primary():
         directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
-            f.write(content)
-        os.replace(tmp, path)
+        tmp = None
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
+                f.write(content)
+            os.replace(tmp, path)
+        except OSError as err:  # disk full, not writable, read-only: the previous version stays, no temporary file
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+            raise faults.WriteFailed(err.filename if err.filename and err.filename != tmp else path,
+                                     err.strerror or str(err)) from None
     shard.sync(f"write {path}")
 
 
@@ -220,7 +241,22 @@ class RunDir:
 
     # Layout that takes an argument.
     def part(self, k: int) -> str:
-        return self.path(f"{PARTS}/part{k}")
+        return f"{PARTS}/part{k}"
+
+    def part_curves(self, k: int) -> str:
+        return f"{PARTS}/training{k}.npz"
+
+    def checkpoints(self, name: str, **options) -> ckpt.Checkpoints:
+        """The Orbax checkpoints in `name` (CHECKPOINTS, PRETRAIN_CHECKPOINTS or a part), whose corrupt steps go to
+        corrupt/<name>/ (outside parts/, which is removed when the parts are stacked)."""
+        return ckpt.Checkpoints(self.path(name), aside=self.path(f"{CORRUPT}/{name}"), **options)
+
+    def restore_params(self, name: str, step: int | None = None) -> dict:
+        """The params of the state saved in `name` at `step` (default: the latest), as host arrays."""
+        return ckpt.restore_params(self.path(name), step, aside=self.path(f"{CORRUPT}/{name}"))
+
+    def restore_fields(self, name: str, step: int | None, fields) -> dict:
+        return ckpt.restore_fields(self.path(name), step, fields, aside=self.path(f"{CORRUPT}/{name}"))
 
     def figure(self, name: str) -> str:
         return self.path(f"figures/{name}")
@@ -290,6 +326,26 @@ class RunDir:
         except (OSError, ValueError):
             return None
 
+    # One writer at a time.
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold the directory's lock (LOCK) while inside: a second process that tries to write it meanwhile gets
+        faults.RunLocked at once, naming this one. Re-entrant within a process. A directory that does not exist yet is
+        locked when `open` creates it, so bad input still leaves nothing behind. With several processes (a multi-host
+        run) the primary one holds it for all."""
+        entry = _writers.setdefault(self.root, {"depth": 0, "fd": None})
+        entry["depth"] += 1
+        try:
+            if os.path.isdir(self.root):
+                _lock_if_writing(self.root)
+            yield
+        finally:
+            entry["depth"] -= 1
+            if entry["depth"] == 0:
+                del _writers[self.root]
+                if entry["fd"] is not None:
+                    _release(self.root, entry["fd"])
+
     # The config.
     def open(self, cfg: Config) -> None:
         """Create the directory with its config.json, or check that an existing one was trained with the same config.
@@ -313,7 +369,11 @@ class RunDir:
                 raise ConfigError(f"run directory {self.root} was made with a different config ({'; '.join(diffs)}); "
                                   "use a new --out, or the same config to resume")
             return
-        os.makedirs(self.root, exist_ok=True)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as err:
+            raise faults.WriteFailed(self.root, err.strerror or str(err)) from None
+        _lock_if_writing(self.root)
         write_atomic(path, json.dumps({"config": cfg.to_dict(), "versions": _versions(),
                                        "devices": [str(d) for d in jax.devices()]}, indent=2))
 
@@ -335,3 +395,95 @@ class RunDir:
         if not self.exists(MEMBERS):
             raise ConfigError(f"{self.root} has no finished fine-tuning (no members.csv); run `jaxlmc finetune` first")
         return self.read_csv(MEMBERS)
+
+
+# root -> {"depth": nesting of RunDir.writing, "fd": the locked LOCK file, once taken}
+_writers: dict[str, dict] = {}
+
+
+def exclusive(fn):
+    """Decorate an API function `fn(cfg, out, …)` that writes the run directory `out`: it runs inside
+    RunDir(out).writing()."""
+    @functools.wraps(fn)
+    def locked(cfg, out, *args, **kwargs):
+        with RunDir(out).writing():
+            return fn(cfg, out, *args, **kwargs)
+    return locked
+
+
+def _holder_text(record: dict) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started", 0)))
+    return f"pid {record.get('pid')} on {record.get('host')} (since {started}: {record.get('command', '?')})"
+
+
+def _read_record(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 1 << 16).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_if_writing(root: str) -> None:
+    """Take LOCK for a directory this process is writing (inside RunDir.writing) and does not hold yet."""
+    entry = _writers.get(root)
+    if entry is None or entry["fd"] is not None or not shard.is_primary():
+        return
+    path = os.path.join(root, LOCK)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise faults.WriteFailed(path, err.strerror or str(err)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            record = _read_record(fd)
+            os.close(fd)
+            raise faults.RunLocked(f"{root} is being written by {_holder_text(record)}; wait for it to finish or "
+                                   "use another --out") from None
+        try:  # a releasing process may have removed the file between our open and flock: lock the new one
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    record, host = _read_record(fd), socket.gethostname()
+    if record.get("host") not in (None, host):
+        # flock does not reach across hosts on every shared filesystem, so another host's record is trusted
+        os.close(fd)
+        raise faults.RunLocked(f"{root} is being written by {_holder_text(record)}; if that process is gone, "
+                               f"delete {path}")
+    if record.get("pid") and record.get("pid") != os.getpid() and not _alive(record["pid"]):
+        ckpt.notify(f"{root}: the lock of {_holder_text(record)} is stale (no such process); taking it over")
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": host, "started": time.time(),
+                             "command": _command_line()}).encode())
+    entry["fd"] = fd
+
+
+def _command_line(limit: int = 100) -> str:
+    text = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _release(root: str, fd: int) -> None:
+    path = os.path.join(root, LOCK)
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.remove(path)  # before unlocking: a waiting process then locks a new file, never this one
+    except OSError:
+        pass
+    os.close(fd)

@@ -126,6 +126,7 @@ def _dense_hessian(model: Model, params: dict, x, y) -> jax.Array:
 # --------------------------------------------------------------------------------------------- the study's stage
 
 
+@rundir.exclusive
 def sharpness_of_run(cfg: Config, out: str) -> list[dict]:
     """The top Hessian eigenvalue of the training loss (study.sharpness_examples of the fixed train-evaluation
     subset, study.sharpness_iterations power-iteration steps) of every member of a finished run and of every start

@@ -60,6 +60,7 @@ def basin_measure(pair_rows: list[dict]) -> str:
     return aligned if pair_rows and aligned in pair_rows[0] else "error_barrier_test"
 
 
+@rundir.exclusive
 def similarity_of_run(cfg: Config, out: str) -> list[dict]:
     """Similarity and basins of every cell of a finished run whose barriers were measured; writes similarity.csv,
     basins.csv and similarity.npz (the matrices, as cell<G>_<name>)."""

@@ -102,6 +102,7 @@ def merge_rows(cfg: Config, out: str, run: FinishedRun) -> list[dict]:
     return rows
 
 
+@rundir.exclusive
 def soups_of_run(cfg: Config, out: str) -> list[dict]:
     """Soups, ensembles, best and mean member of every cell of a finished run (soups.csv), and the merges
     (merges.csv)."""

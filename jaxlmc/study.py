@@ -19,7 +19,7 @@ import json
 import time
 from typing import Callable
 
-from jaxlmc import finetuning, loop, measure, pretraining, report, rundir, sharpness, similarity, soups, tasks
+from jaxlmc import faults, finetuning, loop, measure, pretraining, report, rundir, sharpness, similarity, soups, tasks
 from jaxlmc.config import Config
 
 
@@ -31,6 +31,7 @@ class Stage:
     needs: tuple[str, ...] = ()  # the stages whose results it reads: when one of them runs again, so does this one
     writes: tuple = ()  # its results: rundir tables and files
     trains: bool = False  # it shows a training progress bar
+    complete: Callable[[Config, str], bool] | None = None  # beyond its files: e.g. its checkpoints are there
 
     def settings_of(self, cfg: Config) -> dict:
         """The values of `settings` in `cfg`: a whole section's keys, or one key, by its own name. JSON round trip:
@@ -49,9 +50,11 @@ def report_stage(cfg: Config, out: str) -> str:
 
 # The training sections are enforced for the whole directory by RunDir.open, so no stage lists them.
 STAGES: list[Stage] = [
-    Stage("pretrain", pretraining.pretrain, writes=(rundir.PRETRAIN,), trains=True),
+    Stage("pretrain", pretraining.pretrain, writes=(rundir.PRETRAIN,), trains=True,
+          complete=pretraining.pretraining_complete),
     Stage("finetune", finetuning.finetune, settings=("run.eval_batch_size", "data.train_eval_size", "study.unfit_fraction"),
-          needs=("pretrain",), writes=(rundir.MEMBERS,), trains=True),
+          needs=("pretrain",), writes=(rundir.MEMBERS,), trains=True,
+          complete=finetuning.finetuning_complete),
     Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size", "study.unfit_fraction"),
           needs=("finetune",), writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES,
                                        rundir.BARRIER_SETTINGS, *rundir.BY_STEP)),
@@ -69,15 +72,18 @@ STAGE_NAMES = [s.name for s in STAGES]
 
 
 def stage_done(cfg: Config, out: str, name: str) -> bool:
-    """A stage is done when its marker holds the current settings and every file it writes is there (a run directory
-    from an older jaxlmc, whose stage wrote less, runs that stage again)."""
+    """A stage is done when its marker holds the current settings, every file it writes is there (a run directory
+    from an older jaxlmc, whose stage wrote less, runs that stage again), and its own check passes (a training
+    stage's checkpoints are there: one moved aside as corrupt is trained again)."""
     stage = STAGES[STAGE_NAMES.index(name)]
     run = rundir.RunDir(out)
     marker = run.read_marker(name)
     return (marker is not None and marker.get("settings") == stage.settings_of(cfg)
-            and all(run.exists(name) for name in stage.writes))
+            and all(run.exists(name) for name in stage.writes)
+            and (stage.complete is None or stage.complete(cfg, out)))
 
 
+@rundir.exclusive
 def study(cfg: Config, out: str, progress: loop.Progress | None = None,
           say: Callable[[str], None] = lambda text: None) -> list[str]:
     """Run every unfinished stage in order. Returns the names of the stages that ran.
@@ -106,7 +112,11 @@ def study(cfg: Config, out: str, progress: loop.Progress | None = None,
         run.remove_marker(stage.name)  # stale: it must not survive a kill during the rerun
         say(f"{stage.name}: running")
         start = time.perf_counter()
-        stage.run(cfg, out, progress=progress) if stage.trains else stage.run(cfg, out)
+        try:
+            stage.run(cfg, out, progress=progress) if stage.trains else stage.run(cfg, out)
+        except faults.Interrupted as interrupted:
+            interrupted.where = interrupted.where or f"the {stage.name} stage"
+            raise
         seconds = time.perf_counter() - start
         run.write_marker(stage.name, {"settings": stage.settings_of(cfg), "seconds": seconds,
                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
