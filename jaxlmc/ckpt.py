@@ -17,7 +17,9 @@ A save that fails (disk full, permission denied, read-only filesystem) removes i
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import logging
 import os
@@ -38,6 +40,9 @@ from jaxlmc import faults
 # Orbax logs every save at INFO/WARNING through absl, and a failed write again at ERROR from each of its threads;
 # jaxlmc reports both itself (a progress bar; one line naming the file and the OS error).
 logging.getLogger("absl").setLevel(logging.CRITICAL)
+# After a failed write, Orbax's asyncio tasks that also failed are logged one by one when collected ("Task exception
+# was never retrieved"), long after the failure was reported; jaxlmc itself runs no asyncio code.
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 MANIFEST = "jaxlmc_files.json"
 _CRC_BLOCK = 1 << 22
@@ -63,6 +68,24 @@ def _crc32(path: str) -> int:
 def _files(directory: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(root, name), directory)
                   for root, _, names in os.walk(directory) for name in names if name != MANIFEST)
+
+
+@contextlib.contextmanager
+def _quiet_event_loop_noise():
+    """When a write fails, tensorstore's callbacks into Orbax's already-closed asyncio loop print one
+    "RuntimeError: Event loop is closed" traceback each (dozens, through sys.stderr); they say nothing about the
+    failure, which is reported in one line. Everything else printed meanwhile is passed on."""
+    real, buffer = sys.stderr, io.StringIO()
+    sys.stderr = buffer
+    try:
+        yield
+    finally:
+        sys.stderr = real
+        blocks = re.split(r"(?m)^(?=Traceback \(most recent call last\):)", buffer.getvalue())
+        kept = "".join(b for b in blocks if not b.rstrip().endswith("RuntimeError: Event loop is closed"))
+        if kept:
+            real.write(kept)
+            real.flush()
 
 
 def _is_primary() -> bool:
@@ -115,15 +138,17 @@ class Checkpoints:
     # Writing.
     def save(self, step: int, state) -> None:
         try:
-            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-            self._manager.wait_until_finished()
+            with _quiet_event_loop_noise():
+                self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                self._manager.wait_until_finished()
         except BaseException as err:  # (an interrupt too: no half-written step may stay behind)
             for tmp in glob.glob(os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")):
                 shutil.rmtree(tmp, ignore_errors=True)
             found = faults.os_error_of(err) if isinstance(err, Exception) else None
             if found is None:
                 raise
-            raise faults.WriteFailed(found[0] or self.step_dir(step), found[1]) from None
+            # (the file it names was in the temporary directory, removed above: name the step instead)
+            raise faults.WriteFailed(f"checkpoint step {step} in {self.directory}", found[1]) from None
         if _is_primary():
             self._write_manifest(step)
 

@@ -76,10 +76,11 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
 
 
 def pretraining_complete(cfg: Config, out: str) -> bool:
-    """Every checkpoint fine-tuning starts from, and the last, is saved and intact (corrupt ones are moved aside)."""
+    """Every checkpoint pretraining keeps (pretrain.save_steps, which fine-tuning starts from) and the last is saved
+    and intact (corrupt ones are moved aside, so pretraining runs again from the newest intact step before them)."""
     run = rundir.RunDir(out)
     if not run.exists(rundir.PRETRAIN_CHECKPOINTS):
         return False
     with run.checkpoints(rundir.PRETRAIN_CHECKPOINTS, read_only=True) as manager:
         steps = manager.verified_steps()
-    return all(s in steps for s in cfg.finetune.pretrain_steps) and cfg.pretrain.steps in steps
+    return all(s in steps for s in [*cfg.pretrain.save_steps, *cfg.finetune.pretrain_steps, cfg.pretrain.steps])
