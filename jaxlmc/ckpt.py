@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxlmc import faults
+from jaxlmc import faults, shard
 
 # Orbax logs every save at INFO/WARNING through absl, and a failed write again at ERROR from each of its threads;
 # jaxlmc reports both itself (a progress bar; one line naming the file and the OS error).
@@ -86,10 +86,6 @@ def _quiet_event_loop_noise():
         if kept:
             real.write(kept)
             real.flush()
-
-
-def _is_primary() -> bool:
-    return jax.process_index() == 0
 
 
 class Checkpoints:
@@ -149,8 +145,9 @@ class Checkpoints:
                 raise
             # (the file it names was in the temporary directory, removed above: name the step instead)
             raise faults.WriteFailed(f"checkpoint step {step} in {self.directory}", found[1]) from None
-        if _is_primary():
+        if shard.is_primary():
             self._write_manifest(step)
+        shard.sync(f"manifest {self.directory} {step}")  # no process checks the step before its list is there
 
     def _write_manifest(self, step: int) -> None:
         directory = self.step_dir(step)
@@ -195,8 +192,9 @@ class Checkpoints:
         target = os.path.join(self.aside, str(step))
         if os.path.exists(target):
             target += time.strftime(".%Y%m%d-%H%M%S")
-        if _is_primary():
+        if shard.is_primary():
             shutil.move(self.step_dir(step), target)
+        shard.sync(f"aside {self.directory} {step}")
         self._manager.reload()
         return CorruptCheckpointInfo(self.directory, step, problem, target)
 

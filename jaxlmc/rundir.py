@@ -208,8 +208,7 @@ def write_atomic(path: str, content: str | bytes) -> None:
         except OSError as err:  # disk full, not writable, read-only: the previous version stays, no temporary file
             if tmp is not None and os.path.exists(tmp):
                 os.remove(tmp)
-            raise faults.WriteFailed(err.filename if err.filename and err.filename != tmp else path,
-                                     err.strerror or str(err)) from None
+            raise faults.WriteFailed(path, err.strerror or str(err)) from None
     shard.sync(f"write {path}")
 
 

@@ -201,6 +201,10 @@ def test_members_that_do_not_fit_train_in_parts_with_the_same_result(finished_ru
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert [r["test_acc"] for r in parted_rows] == pytest.approx([r["test_acc"] for r in rows], abs=2e-3)
+    # The parts' training curves are stacked member by member, like the single program's.
+    a, b = (rundir.RunDir(d).read_npz(rundir.FINETUNE_CURVES) for d in (reference, out))
+    np.testing.assert_array_equal(a["step_K"], b["step_K"])
+    np.testing.assert_allclose(a["loss_KxM"], b["loss_KxM"], rtol=1e-5)
 
 
 def test_a_per_member_dropout_rate_end_to_end(finished_run, tmp_path):
