@@ -14,7 +14,6 @@ flight and a checkpoint being written finish; a second signal interrupts at once
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import signal
@@ -76,11 +75,6 @@ def os_error_of(err: BaseException) -> tuple[str | None, str] | None:
             return (paths[-1].removesuffix(".__lock") if paths else None), os.strerror(int(code.group(1)))
         err = err.__cause__ or err.__context__
     return None
-
-
-def is_out_of_space(err: BaseException) -> bool:
-    found = os_error_of(err)
-    return found is not None and found[1] == os.strerror(errno.ENOSPC)
 
 
 _state = {"depth": 0, "pending": None}

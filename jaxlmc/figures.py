@@ -447,20 +447,25 @@ def training_curves(members: list[dict], curves: dict):
                     ax.plot(step_K, np.nanmedian(loss_KxM[:, used], axis=1), color=color, label=f"LR {lr:g}")
                     ax.fill_between(step_K, np.nanmin(loss_KxM[:, used], axis=1),
                                     np.nanmax(loss_KxM[:, used], axis=1), color=color, alpha=0.2, lw=0)
+            labelled = set()
             for m in mine:
                 curve = loss_KxM[:, m["member"]]
-                if m["diverged"]:
-                    ax.plot(step_K, curve, "--", color="tab:red", lw=0.8)
+                kind = "diverged" if m["diverged"] else "unfit" if m["unfit"] else None
+                label = f"LR {lr:g}, {kind}" if kind and kind not in labelled else None
+                labelled.add(kind)
+                if kind == "diverged":
+                    ax.plot(step_K, curve, "--", color="tab:red", lw=0.8, label=label)
                     finite = np.flatnonzero(np.isfinite(curve))
-                    last = finite[-1] if len(finite) else 0
-                    ax.plot(step_K[last], curve[last] if len(finite) else np.nan, "x", color="tab:red")
-                elif m["unfit"]:
-                    ax.plot(step_K, curve, ":", color=color, lw=0.8)
+                    if len(finite):
+                        ax.plot(step_K[finite[-1]], curve[finite[-1]], "x", color="tab:red")
+                elif kind == "unfit":
+                    ax.plot(step_K, curve, ":", color=color, lw=0.8, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("fine-tuning step")
         ax.set_title(f"pretrain {step_label(start)}", fontsize=9)
     axes[0][0].set_ylabel("training-batch loss (chunk mean)")
-    axes[0][0].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines() if not h.get_label().startswith("_")}
+    axes[0][0].legend(list(handles.values()), list(handles), fontsize=7)
     averaged = grid.varied_names(members, besides=MAIN_AXES + ("member", "seed"))
     note = f"; members of every {' and '.join(averaged)} pooled" if averaged else ""
     diverged = sum(m["diverged"] for m in members)

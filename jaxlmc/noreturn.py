@@ -214,8 +214,8 @@ def _one_length(label: str, chosen: list[dict], reps: list[np.ndarray]) -> str:
 def _log_change(chosen, reps, a: int, b: int) -> tuple[float, float, float]:
     """log10 change of the critical rate from checkpoint a to b: point and member-bootstrap CI (replicates whose
     crossing lies outside the grid at either end are kept as ±inf; undefined differences are dropped)."""
-    point = np.log10(chosen[b]["critical_lr"]) - np.log10(chosen[a]["critical_lr"])
-    with np.errstate(invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # a crossing below the grid (0) is a change of ±inf
+        point = np.log10(chosen[b]["critical_lr"]) - np.log10(chosen[a]["critical_lr"])
         diff = reps[b] - reps[a]
     diff = diff[~np.isnan(diff)]
     if diff.size < 2:

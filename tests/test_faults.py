@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlmc import api, ckpt, config, faults, rundir
+from jaxlmc import api, ckpt, config, faults, figures, rundir
 
 from conftest import TINY
 
@@ -345,3 +345,23 @@ def test_errors_are_short_and_debug_shows_the_traceback(data_dir, tmp_path):
     proc = run([*bad, "--debug"], expect=2)
     assert "Traceback" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("jaxlmc: error: data.finetune_task")
     assert not os.path.exists(out)
+
+
+def test_training_curves_figure_marks_diverged_and_unfit_members():
+    """Synthetic curves: the used members make a median line and band per LR, the diverged one a red dashed line
+    ending in × at its last finite loss, the unfit one a dotted line; each has a legend entry."""
+    members = [{"member": m, "pretrain_step": 0, "lr": lr, "seed": m, "head": "per_seed", "weight_decay": 0.0,
+                "schedule": "cosine", "dropout": 0.0, "diverged": m == 3, "unfit": m == 2}
+               for m, lr in enumerate([0.01, 0.01, 0.1, 0.1])]
+    loss = np.array([[1.0, 1.1, 2.0, 3.0], [0.5, 0.6, 1.9, np.nan]], np.float32)
+    fig, caption = figures.training_curves(members, {"step_K": np.array([10, 20]), "loss_KxM": loss,
+                                                     "acc_KxM": np.zeros_like(loss)})
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["LR 0.01", "LR 0.1, unfit", "LR 0.1, diverged"], labels
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [10] and list(crosses[0].get_ydata()) == [3.0]
+    median = [line for line in ax.get_lines() if line.get_label() == "LR 0.01"][0]
+    np.testing.assert_allclose(median.get_ydata(), [1.05, 0.55])
+    assert "Diverged members (1)" in caption and "unfit ones (1)" in caption
+    figures.png(fig)
