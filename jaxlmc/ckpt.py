@@ -94,6 +94,7 @@ class Checkpoints:
         """`keep_steps` are kept for ever (e.g. the pretraining checkpoints); of the rest the newest `keep_latest`.
         Corrupt steps are moved into `aside` (default: corrupt/<name> beside the directory)."""
         self.directory = os.path.abspath(directory)
+        self._intact: set[int] = set()  # steps whose files passed the check in this process (read once)
         self.aside = os.path.abspath(aside or os.path.join(os.path.dirname(self.directory), "corrupt",
                                                            os.path.basename(self.directory)))
         policies = [checkpoint_managers.LatestN(keep_latest)]
@@ -147,6 +148,7 @@ class Checkpoints:
             raise faults.WriteFailed(f"checkpoint step {step} in {self.directory}", found[1]) from None
         if shard.is_primary():
             self._write_manifest(step)
+        self._intact.discard(step)  # (a step saved again: checked afresh when read)
         shard.sync(f"manifest {self.directory} {step}")  # no process checks the step before its list is there
 
     def _write_manifest(self, step: int) -> None:
@@ -166,6 +168,8 @@ class Checkpoints:
     # Checking.
     def problem(self, step: int) -> str | None:
         """What is wrong with the files of a saved step (compared with its file list), or None."""
+        if step in self._intact:
+            return None
         directory = self.step_dir(step)
         path = os.path.join(directory, MANIFEST)
         if not os.path.exists(path):
@@ -184,10 +188,12 @@ class Checkpoints:
                 return f"file {name} has {actual} bytes, {size} were saved ({'truncated' if actual < size else 'grown'})"
             if _crc32(file) != crc:
                 return f"file {name} changed since it was saved (CRC32 mismatch)"
+        self._intact.add(step)
         return None
 
     def set_aside(self, step: int, problem: str) -> CorruptCheckpointInfo:
         """Move a corrupt step into `aside` (a second corrupt copy of the same step gets a time suffix)."""
+        self._intact.discard(step)
         os.makedirs(self.aside, exist_ok=True)
         target = os.path.join(self.aside, str(step))
         if os.path.exists(target):
@@ -274,6 +280,7 @@ class Checkpoints:
                    f"continues from {'step ' + str(step) if step >= 0 else 'the start'} and saves them again")
             for s in later:
                 self._manager.delete(s)
+                self._intact.discard(s)
             self._manager.reload()
 
     def close(self) -> None:
