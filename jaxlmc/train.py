@@ -14,7 +14,9 @@ so "start a new epoch" is a real `lax.cond`, not a select evaluated for every me
 """
 from __future__ import annotations
 
+import glob
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -97,8 +99,39 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
+def _cache_bytes() -> int:
+    """The size of the CPU's last-level cache as Linux reports it (sysfs), or 32 MiB where it does not."""
+    sizes = {}
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(index, "level")) as f, open(os.path.join(index, "size")) as g:
+                level, size = int(f.read()), g.read().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if size[:-1].isdigit() and size[-1] in units:
+            sizes[level] = int(size[:-1]) * units[size[-1]]
+    return sizes[max(sizes)] if sizes else 32 << 20
+
+
+def member_group_size(num_members: int, state_bytes_per_member: int, requested: int = 0) -> int:
+    """How many members a chunk trains together before moving on to the next group (`make_train_chunk`).
+
+    `requested` > 0: the largest divisor of the member count not above it. 0 (auto): on a single CPU device, the
+    largest divisor whose members' training state (parameters, gradients, optimiser state) fills at most a quarter
+    of the last-level cache, so that a group's state stays in the cache for a whole chunk of steps instead of
+    streaming through memory at every step (measured: `python -m bench.profile_step`); elsewhere (accelerators, or
+    members sharded over several devices) all of them.
+    """
+    if requested <= 0:
+        if jax.default_backend() != "cpu" or jax.device_count() > 1:
+            return num_members
+        requested = max(1, _cache_bytes() // 4 // max(state_bytes_per_member, 1))
+    return max(g for g in range(1, min(requested, num_members) + 1) if num_members % g == 0)
+
+
 def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: int, n_train: int,
-                     chunk_steps: int):
+                     chunk_steps: int, member_group: int = 0):
     """jit(state, consts, data, n_active) -> (state, loss_LxM, acc_LxM): up to `chunk_steps` steps of every member.
 
     Steps past `n_active` are skipped (a real cond on the shared step index), so chunks of any length up to
@@ -107,6 +140,10 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
     hidden units at its own rate, with masks from its own key stream folded with the step; without it (no member
     uses dropout) the program draws no masks at all. The pytree's structure is static, so this is decided at trace
     time.
+
+    Members are independent, so a chunk may run group after group of them (`member_group_size`: G members, all
+    `chunk_steps` steps, then the next G) instead of all M members step after step: on a CPU a group's state then
+    stays in the cache for the whole chunk. Each member computes exactly what it computes in any other grouping.
     """
     steps_per_epoch = n_train // batch_size
     if steps_per_epoch == 0:
@@ -147,7 +184,7 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
         new_state = {"params": params, "opt": opt, "perm": perm_MxN, "diverged": diverged, "step": step + 1}
         return new_state, (loss_M, acc_M)
 
-    def chunk(state, consts, data, n_active):
+    def all_steps(state, consts, data, n_active):
         num_members = state["diverged"].shape[0]
         skipped = (jnp.full((num_members,), jnp.nan), jnp.full((num_members,), jnp.nan))
 
@@ -156,6 +193,27 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
 
         state, (loss_LxM, acc_LxM) = lax.scan(body, state, jnp.arange(chunk_steps))
         return state, loss_LxM, acc_LxM
+
+    def chunk(state, consts, data, n_active):
+        num_members = state["diverged"].shape[0]
+        per_member = sum(leaf.size // num_members * leaf.dtype.itemsize
+                         for leaf in jax.tree.leaves((state["params"], state["opt"])))
+        group = member_group_size(num_members, per_member + per_member // 2, member_group)  # (+ the gradients)
+        if group == num_members:
+            return all_steps(state, consts, data, n_active)
+        num_groups = num_members // group
+        members_GxK = jax.tree.map(lambda a: a.reshape(num_groups, group, *a.shape[1:]),
+                                   ({k: v for k, v in state.items() if k != "step"}, consts))
+
+        def one_group(members):
+            part, part_consts = members
+            part, loss_LxK, acc_LxK = all_steps({**part, "step": state["step"]}, part_consts, data, n_active)
+            return {k: v for k, v in part.items() if k != "step"}, part["step"], loss_LxK, acc_LxK
+
+        part_G, step_G, loss_GxLxK, acc_GxLxK = lax.map(one_group, members_GxK)
+        merged = jax.tree.map(lambda a: a.reshape(num_members, *a.shape[2:]), part_G)
+        as_LxM = lambda a: a.transpose(1, 0, 2).reshape(chunk_steps, num_members)  # noqa: E731
+        return {**merged, "step": step_G[0]}, as_LxM(loss_GxLxK), as_LxM(acc_GxLxK)
 
     return jax.jit(chunk, donate_argnums=0)
 

@@ -29,12 +29,14 @@ def make_members(model, seeds, lrs, wds, kinds=None, init_seeds=None, opt="adamw
     return train.init_state(params_M, opt, 0.9, N_TRAIN), consts
 
 
-def run(model, data, state, consts, steps=STEPS, chunk=10, opt="adamw"):
-    chunk_fn = train.make_train_chunk(model, opt, 0.9, BATCH, N_TRAIN, chunk)
+def run(model, data, state, consts, steps=STEPS, chunk=10, opt="adamw", group=0, metrics=None):
+    chunk_fn = train.make_train_chunk(model, opt, 0.9, BATCH, N_TRAIN, chunk, member_group=group)
     done = 0
     while done < steps:
         n = min(chunk, steps - done)
-        state, _, _ = chunk_fn(state, consts, data, n)
+        state, loss, acc = chunk_fn(state, consts, data, n)
+        if metrics is not None:
+            metrics.append((np.asarray(loss)[:n], np.asarray(acc)[:n]))
         done += n
     return state
 
@@ -55,6 +57,23 @@ def test_member_of_ensemble_equals_member_trained_alone(problem, opt):
         alone = run(model, data, alone_state, alone_consts, opt=opt)
         for a, b in zip(jax.tree.leaves(take(ensemble["params"], k)), jax.tree.leaves(alone["params"])):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_member_groups_do_not_change_results(problem):
+    """Training the 6 members group after group (2 or 3 at a time, every step of a chunk before the next group) gives
+    bit for bit the states and the per-step metrics (in member order) of training all 6 together."""
+    model, data = problem
+    members = ([0, 1, 2, 3, 4, 5], [1e-3, 3e-3, 1e-2, 3e-2, 1e-2, 1e-3], [0.0, 1e-2, 0.0, 1e-1, 0.0, 0.0])
+    results = {}
+    for group in (6, 2, 3):
+        metrics = []
+        state = run(model, data, *make_members(model, *members, init_seeds=[5, 6, 7, 8, 9, 10]), chunk=10,
+                    group=group, metrics=metrics)
+        results[group] = (state, metrics)
+    for group in (2, 3):
+        for x, y in zip(jax.tree.leaves(results[6]), jax.tree.leaves(results[group])):
+            np.testing.assert_array_equal(x, y)
+    assert train.member_group_size(6, 10, requested=4) == 3 and train.member_group_size(7, 10, requested=4) == 1
 
 
 def test_chunking_does_not_change_results(problem):
