@@ -118,16 +118,25 @@ def member_group_size(num_members: int, state_bytes_per_member: int, requested: 
     """How many members a chunk trains together before moving on to the next group (`make_train_chunk`).
 
     `requested` > 0: the largest divisor of the member count not above it. 0 (auto): on a single CPU device, the
-    largest divisor whose members' training state (parameters, gradients, optimiser state) fills at most a quarter
-    of the last-level cache, so that a group's state stays in the cache for a whole chunk of steps instead of
+    largest divisor whose members' training state (parameters, gradients, optimiser state) fills at most half of
+    the last-level cache, so that a group's state stays in the cache for a whole chunk of steps instead of
     streaming through memory at every step (measured: `python -m bench.profile_step`); elsewhere (accelerators, or
     members sharded over several devices) all of them.
     """
     if requested <= 0:
         if jax.default_backend() != "cpu" or jax.device_count() > 1:
             return num_members
-        requested = max(1, _cache_bytes() // 4 // max(state_bytes_per_member, 1))
+        requested = max(1, _cache_bytes() // 2 // max(state_bytes_per_member, 1))
     return max(g for g in range(1, min(requested, num_members) + 1) if num_members % g == 0)
+
+
+def group_of(state: dict, requested: int = 0) -> int:
+    """`member_group_size` for a training state: per member, its parameters and optimiser state, and gradients
+    (counted as half as much again)."""
+    num_members = state["diverged"].shape[0]
+    per_member = sum(leaf.size // num_members * leaf.dtype.itemsize
+                     for leaf in jax.tree.leaves((state["params"], state["opt"])))
+    return member_group_size(num_members, per_member + per_member // 2, requested)
 
 
 def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: int, n_train: int,
@@ -196,9 +205,7 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
 
     def chunk(state, consts, data, n_active):
         num_members = state["diverged"].shape[0]
-        per_member = sum(leaf.size // num_members * leaf.dtype.itemsize
-                         for leaf in jax.tree.leaves((state["params"], state["opt"])))
-        group = member_group_size(num_members, per_member + per_member // 2, member_group)  # (+ the gradients)
+        group = group_of(state, member_group)
         if group == num_members:
             return all_steps(state, consts, data, n_active)
         num_groups = num_members // group
