@@ -114,19 +114,25 @@ def _cache_bytes() -> int:
     return sizes[max(sizes)] if sizes else 32 << 20
 
 
+# Members per group on a CPU (`member_group_size`): the best of 2, 4, 8 and 16 for both of `python -m bench`'s MLP
+# (2×256: 8 → ~4,200 member-steps/s at N = 32 and 512, 4 → ~4,000, all 32 at once → ~3,000) and the transformer
+# of `python -m bench.bench_transformer` (N = 64: 8 → 405, 4 → 383, all → 286), measured on the 2-core CPU.
+CPU_MEMBER_GROUP = 8
+
+
 def member_group_size(num_members: int, state_bytes_per_member: int, requested: int = 0) -> int:
     """How many members a chunk trains together before moving on to the next group (`make_train_chunk`).
 
-    `requested` > 0: the largest divisor of the member count not above it. 0 (auto): on a single CPU device, the
-    largest divisor whose members' training state (parameters, gradients, optimiser state) fills at most half of
-    the last-level cache, so that a group's state stays in the cache for a whole chunk of steps instead of
-    streaming through memory at every step (measured: `python -m bench.profile_step`); elsewhere (accelerators, or
-    members sharded over several devices) all of them.
+    `requested` > 0: the largest divisor of the member count not above it. 0 (auto): on a single CPU device,
+    CPU_MEMBER_GROUP, or fewer when their training state (parameters, gradients, optimiser state) would fill more
+    than half of the last-level cache, so that a group stays in the cache for a whole chunk of steps instead of
+    streaming through memory at every step (`python -m bench.profile_step`); elsewhere (accelerators, or members
+    sharded over several devices) all of them.
     """
     if requested <= 0:
         if jax.default_backend() != "cpu" or jax.device_count() > 1:
             return num_members
-        requested = max(1, _cache_bytes() // 2 // max(state_bytes_per_member, 1))
+        requested = max(1, min(CPU_MEMBER_GROUP, _cache_bytes() // 2 // max(state_bytes_per_member, 1)))
     return max(g for g in range(1, min(requested, num_members) + 1) if num_members % g == 0)
 
 
