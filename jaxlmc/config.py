@@ -138,6 +138,9 @@ class RunConfig:
     checkpoint_every: int = 500  # steps between Orbax saves (and always at the end)
     eval_batch_size: int = 1000
     max_members: int = 0  # members per compiled program; 0: all that fit in memory (then as few parts as possible)
+    # Members trained together, all steps of a chunk, before the next group (jaxlmc.train.member_group_size); the
+    # results do not depend on it. 0: automatic (8 on a CPU, fewer for a large model; all on an accelerator).
+    member_group: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,6 +362,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"pretrain.warmup_steps ({p.warmup_steps}) exceeds pretrain.steps ({p.steps})")
     if r.max_members < 0:
         raise ConfigError(f"run.max_members must be non-negative (0: automatic), got {r.max_members}")
+    if r.member_group < 0:
+        raise ConfigError(f"run.member_group must be non-negative (0: automatic), got {r.member_group}")
     if cfg.data.validation_size < 0:
         raise ConfigError(f"data.validation_size must be non-negative, got {cfg.data.validation_size}")
     for which in ("pretrain", "finetune"):  # that the classes exist in the dataset is checked when it is loaded

@@ -52,7 +52,8 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
             save(0, state, curves)
 
         save_at = set(p.save_steps) | set(range(cfg.run.checkpoint_every, p.steps, cfg.run.checkpoint_every))
-        chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps)
+        chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps,
+                                          member_group=cfg.run.member_group)
         device_data = shard.replicate({"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}, mesh)
         state = loop.train_to("pretrain", chunk_fn, state, consts, device_data, p.steps, cfg.run.chunk_steps,
                               save_at, save, progress, curves)
