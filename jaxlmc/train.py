@@ -158,7 +158,9 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
 
     Members are independent, so a chunk may run group after group of them (`member_group_size`: G members, all
     `chunk_steps` steps, then the next G) instead of all M members step after step: on a CPU a group's state then
-    stays in the cache for the whole chunk. Each member computes exactly what it computes in any other grouping.
+    stays in the cache for the whole chunk. A member does the same arithmetic in any grouping, but XLA may pick
+    other kernels for another batch shape: bit for bit equal in the tests' small model, equal to float rounding (which
+    training then amplifies, as it does across machines) in the default study.
     """
     steps_per_epoch = n_train // batch_size
     if steps_per_epoch == 0:
