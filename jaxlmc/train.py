@@ -114,9 +114,10 @@ def _cache_bytes() -> int:
     return sizes[max(sizes)] if sizes else 32 << 20
 
 
-# Members per group on a CPU (`member_group_size`): the best of 2, 4, 8 and 16 for both of `python -m bench`'s MLP
-# (2×256: 8 → ~4,200 member-steps/s at N = 32 and 512, 4 → ~4,000, all 32 at once → ~3,000) and the transformer
-# of `python -m bench.bench_transformer` (N = 64: 8 → 405, 4 → 383, all → 286), measured on the 2-core CPU.
+# Members per group on a CPU (`member_group_size`), measured on the 2-core CPU: the best of 2, 4, 8 and 16 for
+# `python -m bench`'s MLP (2×256: 8 → ~4,200 member-steps/s at N = 32 and 512, 4 → ~4,000, all 32 at once →
+# ~3,000), and of 4, 8 and all for `python -m bench.bench_transformer`'s transformer (N = 64: 8 → 405, 4 → 383,
+# all → 286).
 CPU_MEMBER_GROUP = 8
 
 
