@@ -114,10 +114,10 @@ def _cache_bytes() -> int:
     return sizes[max(sizes)] if sizes else 32 << 20
 
 
-# Members per group on a CPU (`member_group_size`), measured on the 2-core CPU: the best of 2, 4, 8 and 16 for
-# `python -m bench`'s MLP (2×256: 8 → ~4,200 member-steps/s at N = 32 and 512, 4 → ~4,000, all 32 at once →
-# ~3,000), and of 4, 8 and all for `python -m bench.bench_transformer`'s transformer (N = 64: 8 → 405, 4 → 383,
-# all → 286).
+# Members per group on a CPU (`member_group_size`). `python -m bench.bench_groups` (one run, 2-core CPU,
+# bench/results/groups.json): for `python -m bench`'s MLP 2×256, 8 is the best of 2, 4, 8, 16 (1.29× one group at
+# N = 32, 2.21× at N = 512); for the small transformer every group beats one group at N = 64 (1.07–1.24×; 2 best in
+# that run, 8 best in an earlier one: the ordering between sizes is within its run-to-run noise).
 CPU_MEMBER_GROUP = 8
 
 
