@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxlmc import faults, shard
+from jaxlmc import faults, files, shard
 
 # Orbax logs every save at INFO/WARNING through absl, and a failed write again at ERROR from each of its threads;
 # jaxlmc reports both itself (a progress bar; one line naming the file and the OS error).
@@ -50,11 +50,6 @@ _CRC_BLOCK = 1 << 22
 # restore target of the wrong shape, which is a bug and must not move an intact checkpoint aside).
 _READ_FAULT = re.compile(r"OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|Error reading|Error opening|[Cc]orrupt|decod|"
                          r"Expecting value|No such file|Unterminated", re.S)
-
-
-def notify(text: str) -> None:
-    """A fault jaxlmc recovered from: always said (also under --quiet), on stderr, in one line."""
-    print(f"jaxlmc: {text}", file=sys.stderr, flush=True)
 
 
 def _crc32(path: str) -> int:
@@ -90,10 +85,14 @@ def _quiet_event_loop_noise():
 
 class Checkpoints:
     def __init__(self, directory: str, keep_steps: Sequence[int] = (), keep_latest: int = 1,
-                 read_only: bool = False, aside: str | None = None):
+                 read_only: bool = False, aside: str | None = None, root: str | None = None):
         """`keep_steps` are kept for ever (e.g. the pretraining checkpoints); of the rest the newest `keep_latest`.
-        Corrupt steps are moved into `aside` (default: corrupt/<name> beside the directory)."""
+        Corrupt steps are moved into `aside` (default: corrupt/<name> beside the directory). `root` (default: the
+        directory's parent), the run directory: below it no link is followed when writing (jaxlmc.files)."""
         self.directory = os.path.abspath(directory)
+        self.root = os.path.abspath(root or os.path.dirname(self.directory))
+        if not read_only:
+            files.check_path(self.directory, self.root)
         self._intact: set[int] = set()  # steps whose files passed the check in this process (read once)
         self.aside = os.path.abspath(aside or os.path.join(os.path.dirname(self.directory), "corrupt",
                                                            os.path.basename(self.directory)))
@@ -155,15 +154,7 @@ class Checkpoints:
         directory = self.step_dir(step)
         listing = {name: [os.path.getsize(os.path.join(directory, name)), _crc32(os.path.join(directory, name))]
                    for name in _files(directory)}
-        path = os.path.join(directory, MANIFEST)
-        try:
-            with open(path + ".tmp", "w") as f:
-                json.dump(listing, f)
-            os.replace(path + ".tmp", path)
-        except OSError as err:
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            raise faults.WriteFailed(path, err.strerror or str(err)) from None
+        files.write_atomic(os.path.join(directory, MANIFEST), json.dumps(listing), self.root)
 
     # Checking.
     def problem(self, step: int) -> str | None:
@@ -194,7 +185,7 @@ class Checkpoints:
     def set_aside(self, step: int, problem: str) -> CorruptCheckpointInfo:
         """Move a corrupt step into `aside` (a second corrupt copy of the same step gets a time suffix)."""
         self._intact.discard(step)
-        os.makedirs(self.aside, exist_ok=True)
+        files.make_dirs(self.aside, self.root)
         target = os.path.join(self.aside, str(step))
         if os.path.exists(target):
             target += time.strftime(".%Y%m%d-%H%M%S")
@@ -212,7 +203,7 @@ class Checkpoints:
             if problem is None:
                 intact.append(step)
             else:
-                notify(self.set_aside(step, problem).line())
+                faults.notify(self.set_aside(step, problem).line())
         return intact
 
     # Reading.
@@ -271,12 +262,12 @@ class Checkpoints:
             try:
                 return step, self.restore(step, abstract_state)
             except faults.CorruptCheckpoint as err:
-                notify(str(err).split("; rerunning")[0])
+                faults.notify(str(err).split("; rerunning")[0])
 
     def _delete_after(self, step: int, intact: list[int]) -> None:
         later = [s for s in intact if s > step]
         if later:
-            notify(f"deleting the checkpoints at step(s) {', '.join(map(str, later))} in {self.directory}: training "
+            faults.notify(f"deleting the checkpoints at step(s) {', '.join(map(str, later))} in {self.directory}: training "
                    f"continues from {'step ' + str(step) if step >= 0 else 'the start'} and saves them again")
             for s in later:
                 self._manager.delete(s)
@@ -296,15 +287,17 @@ class CorruptCheckpointInfo:
                 f"{self.moved_to}")
 
 
-def restore_params(directory: str, step: int | None = None, aside: str | None = None) -> dict:
+def restore_params(directory: str, step: int | None = None, aside: str | None = None,
+                   root: str | None = None) -> dict:
     """The `params` subtree of a saved state (latest step by default), as host numpy arrays."""
-    return restore_fields(directory, step, ("params",), aside)["params"]
+    return restore_fields(directory, step, ("params",), aside, root)["params"]
 
 
-def restore_fields(directory: str, step: int | None, fields: Sequence[str], aside: str | None = None) -> dict:
+def restore_fields(directory: str, step: int | None, fields: Sequence[str], aside: str | None = None,
+                   root: str | None = None) -> dict:
     """Some top-level entries (e.g. "params", "diverged") of the state saved at `step` (default: the latest), as
-    host numpy arrays."""
-    with Checkpoints(directory, read_only=True, aside=aside) as manager:
+    host numpy arrays. A corrupt step is moved to `aside` (below `root`, the run directory)."""
+    with Checkpoints(directory, read_only=True, aside=aside, root=root) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")

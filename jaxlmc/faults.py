@@ -5,6 +5,7 @@ handling that lets a training loop stop at a chunk boundary.
       CorruptCheckpoint   a saved step failed its check (moved aside by jaxlmc.ckpt; the rerun uses an older one)
       WriteFailed         the disk is full, a directory is not writable, the filesystem is read-only, …
       RunLocked           another live process writes the same run directory
+      Diverged            pretraining stopped being finite, or a start to fine-tune from is not finite
     Interrupted         SIGINT/SIGTERM (a BaseException, like KeyboardInterrupt: `except Exception` lets it pass)
 
 Signals: `handle_signals()` (the CLI) turns SIGINT and SIGTERM into `Interrupted`. Inside `deferred()` (a training
@@ -17,6 +18,13 @@ import contextlib
 import os
 import re
 import signal
+import sys
+
+
+def notify(text: str) -> None:
+    """Something the user should know that did not stop the command (a fault recovered from, a run directory's
+    state changed): always said (also under --quiet), on stderr, in one line."""
+    print(f"jaxlmc: {text}", file=sys.stderr, flush=True)
 
 
 class RunFault(Exception):
@@ -31,6 +39,16 @@ class WriteFailed(RunFault):
     def __init__(self, path: str, reason: str):
         super().__init__(f"cannot write {path}: {reason}")
         self.path, self.reason = path, reason
+
+
+class Diverged(RunFault):
+    """Training that must not diverge did (pretraining: the one model every start comes from), at update `step`
+    (its loss or parameters stopped being finite; `saved`: the last checkpoint before), or a checkpoint to start
+    from holds non-finite parameters."""
+
+    def __init__(self, message: str, step: int | None = None, saved: int | None = None):
+        super().__init__(message)
+        self.step, self.saved = step, saved
 
 
 class RunLocked(RunFault):

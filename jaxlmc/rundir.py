@@ -12,6 +12,7 @@ No other module builds a path inside a run directory or parses one of its files.
     training/pretrain.npz        PRETRAIN_CURVES: train loss and accuracy at every chunk boundary of pretraining
     training/finetune.npz        FINETUNE_CURVES: the same per fine-tuned member (step_K, loss_KxM, acc_KxM)
     .lock                        the writing process (pid, host, command) while a command writes the directory
+    superseded/TIME/             what a run that finished nothing left when a corrected config replaced it
     members.csv                  MEMBERS: one row per fine-tuned member
     barriers/pairs.csv           PAIRS: one row per member pair (barriers, midpoints, geometry)
     barriers/to_start.csv        TO_START: one row per member, the same measures to its starting point
@@ -31,29 +32,25 @@ No other module builds a path inside a run directory or parses one of its files.
     scaling.csv, scaling.html    SCALING: the scaling trend
 
 Every file is written atomically (a temporary file renamed into place), so a kill at any moment leaves the previous
-version or the new one. CSV columns have declared types, and reading converts them: an int column reads as int (None
+version or the new one, and never through a link or into a non-regular file below the root (jaxlmc.files). CSV columns have declared types, and reading converts them: an int column reads as int (None
 where empty), a float column as float (NaN where empty), a bool column as bool.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import fcntl
 import functools
+import glob
 import io
 import json
 import os
-import socket
-import sys
-import tempfile
 import time
 from importlib import metadata
 
 import jax
 import numpy as np
 
-from jaxlmc import ckpt, faults, grid, shard
+from jaxlmc import ckpt, faults, files, grid, lock, shard
 from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError, from_dict, parse_override
 
 # --------------------------------------------------------------------------------------------- tables
@@ -83,8 +80,9 @@ def _cells(*extra: tuple[str, type]) -> tuple[tuple[str, type], ...]:
 
 _METRICS = tuple((f"{split}_{m}", float) for split in ("train", "test", "ood", "val") for m in ("loss", "acc"))
 
+# A pretraining that diverged (jaxlmc.pretraining) adds a row at the step where it did, diverged True, metrics empty.
 PRETRAIN = Table("pretrain/checkpoints.csv", (("step", int), ("train_loss", float), ("train_acc", float),
-                                              ("test_loss", float), ("test_acc", float)))
+                                              ("test_loss", float), ("test_acc", float), ("diverged", bool)))
 MEMBERS = Table("members.csv", (("member", int), *((a.column, a.type) for a in grid.AXES), *_METRICS,
                                 ("dist_from_init", float), ("diverged", bool), ("unfit", bool),
                                 ("seed_varies", str)))
@@ -154,7 +152,8 @@ PARTS = "parts"
 CORRUPT = "corrupt"
 PRETRAIN_CURVES = "training/pretrain.npz"
 FINETUNE_CURVES = "training/finetune.npz"
-LOCK = ".lock"
+LOCK = lock.LOCK
+SUPERSEDED = "superseded"
 STAGES = "stages"
 
 
@@ -193,22 +192,11 @@ def csv_to_rows(table: Table, text: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------- the directory
 
 
-def write_atomic(path: str, content: str | bytes) -> None:
-    """Write a whole file or nothing: a kill mid-write leaves the previous version. With several processes the
-    primary one writes and the others wait for it."""
+def write_atomic(path: str, content: str | bytes, root: str) -> None:
+    """Write a whole file or nothing below the run directory `root` (jaxlmc.files: never through a link). With several
+    processes the primary one writes and the others wait for it."""
     if shard.is_primary():
-        directory = os.path.dirname(os.path.abspath(path))
-        tmp = None
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-            with os.fdopen(fd, "wb" if isinstance(content, bytes) else "w") as f:
-                f.write(content)
-            os.replace(tmp, path)
-        except OSError as err:  # disk full, not writable, read-only: the previous version stays, no temporary file
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
-            raise faults.WriteFailed(path, err.strerror or str(err)) from None
+        files.write_atomic(path, content, root)
     shard.sync(f"write {path}")
 
 
@@ -248,14 +236,15 @@ class RunDir:
     def checkpoints(self, name: str, **options) -> ckpt.Checkpoints:
         """The Orbax checkpoints in `name` (CHECKPOINTS, PRETRAIN_CHECKPOINTS or a part), whose corrupt steps go to
         corrupt/<name>/ (outside parts/, which is removed when the parts are stacked)."""
-        return ckpt.Checkpoints(self.path(name), aside=self.path(f"{CORRUPT}/{name}"), **options)
+        return ckpt.Checkpoints(self.path(name), aside=self.path(f"{CORRUPT}/{name}"), root=self.root, **options)
 
     def restore_params(self, name: str, step: int | None = None) -> dict:
         """The params of the state saved in `name` at `step` (default: the latest), as host arrays."""
-        return ckpt.restore_params(self.path(name), step, aside=self.path(f"{CORRUPT}/{name}"))
+        return ckpt.restore_params(self.path(name), step, aside=self.path(f"{CORRUPT}/{name}"), root=self.root)
 
     def restore_fields(self, name: str, step: int | None, fields) -> dict:
-        return ckpt.restore_fields(self.path(name), step, fields, aside=self.path(f"{CORRUPT}/{name}"))
+        return ckpt.restore_fields(self.path(name), step, fields, aside=self.path(f"{CORRUPT}/{name}"),
+                                   root=self.root)
 
     def figure(self, name: str) -> str:
         return self.path(f"figures/{name}")
@@ -264,16 +253,18 @@ class RunDir:
         return self.path(f"{STAGES}/{stage}.json")
 
     def width(self, width: int) -> RunDir:
-        return RunDir(self.path(f"width{width}"))
+        path = self.path(f"width{width}")
+        files.check_path(path, self.root)  # a width's run directory is never a link planted in this one
+        return RunDir(path)
 
     # Reading and writing.
     def write_text(self, name: str, content: str | bytes) -> str:
         path = self.path(name)
-        write_atomic(path, content)
+        write_atomic(path, content, self.root)
         return path
 
     def write_csv(self, table: Table, rows: list[dict]) -> None:
-        write_atomic(self.path(table), rows_to_csv(table, rows))
+        write_atomic(self.path(table), rows_to_csv(table, rows), self.root)
 
     def write_by_step(self, by_step: dict) -> None:
         """The BY_STEP tables from {finetune step: (members, pair rows, to-start rows, summary rows)}."""
@@ -286,7 +277,7 @@ class RunDir:
             return csv_to_rows(table, f.read())
 
     def write_json(self, name: str, value) -> None:
-        write_atomic(self.path(name), json.dumps(value, indent=2))
+        write_atomic(self.path(name), json.dumps(value, indent=2), self.root)
 
     def read_json(self, name: str):
         with open(self.path(name)) as f:
@@ -295,27 +286,28 @@ class RunDir:
     def write_npz(self, name: str, arrays: dict) -> None:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
-        write_atomic(self.path(name), buffer.getvalue())
+        write_atomic(self.path(name), buffer.getvalue(), self.root)
 
     def read_npz(self, name: str) -> dict[str, np.ndarray]:
         with np.load(self.path(name)) as archive:
             return dict(archive)
 
     def write_figure(self, name: str, image: bytes) -> None:
-        write_atomic(self.figure(name), image)
+        write_atomic(self.figure(name), image, self.root)
 
     def read_figure(self, name: str) -> bytes:
         with open(self.figure(name), "rb") as f:
             return f.read()
 
     def make_marker_dir(self) -> None:
-        os.makedirs(self.path(STAGES), exist_ok=True)
+        if shard.is_primary():
+            files.make_dirs(self.path(STAGES), self.root)
 
     def write_marker(self, stage: str, value: dict) -> None:
-        write_atomic(self.marker(stage), json.dumps(value, indent=2))
+        write_atomic(self.marker(stage), json.dumps(value, indent=2), self.root)
 
     def remove_marker(self, stage: str) -> None:
-        if os.path.exists(self.marker(stage)):
+        if os.path.lexists(self.marker(stage)):
             os.remove(self.marker(stage))
 
     def read_marker(self, stage: str) -> dict | None:
@@ -326,24 +318,12 @@ class RunDir:
             return None
 
     # One writer at a time.
-    @contextlib.contextmanager
     def writing(self):
-        """Hold the directory's lock (LOCK) while inside: a second process that tries to write it meanwhile gets
-        faults.RunLocked at once, naming this one. Re-entrant within a process. A directory that does not exist yet is
-        locked when `open` creates it, so bad input still leaves nothing behind. With several processes (a multi-host
-        run) the primary one holds it for all."""
-        entry = _writers.setdefault(self.root, {"depth": 0, "fd": None})
-        entry["depth"] += 1
-        try:
-            if os.path.isdir(self.root):
-                _lock_if_writing(self.root)
-            yield
-        finally:
-            entry["depth"] -= 1
-            if entry["depth"] == 0:
-                del _writers[self.root]
-                if entry["fd"] is not None:
-                    _release(self.root, entry["fd"])
+        """A context that holds the directory's lock (LOCK) while inside (jaxlmc.lock): a second process that tries
+        to write it meanwhile gets faults.RunLocked at once, naming this one. Re-entrant within a process. A directory
+        that does not exist yet is created and locked on entry, and removed again if the call fails before its
+        config.json is written, so bad input leaves nothing behind."""
+        return lock.holding(self.root, CONFIG)
 
     # The config.
     def open(self, cfg: Config) -> None:
@@ -352,6 +332,10 @@ class RunDir:
         Only the training sections must agree (and not data.data_dir, which says where the data is, not what it is);
         reporting and measuring settings may change from one invocation to the next. A key the saved config lacks
         (a directory from before the key existed) stands for its default.
+
+        A directory in which nothing has finished (no stage, no pretraining table without divergence, no members)
+        accepts a corrected config: what it holds (the unfinished training of the old config, say a pretraining that
+        diverged) is moved to superseded/<time>/, never deleted, and one line says so.
         """
         path = self.path(CONFIG)
         shard.sync(f"open {self.root}")
@@ -364,17 +348,47 @@ class RunDir:
                      for section in TRAINING_SECTIONS for key, value in mine[section].items()
                      if (before := saved.get(section, {}).get(key, defaults[section][key])) != value
                      and (section, key) != ("data", "data_dir")]
-            if diffs:
-                raise ConfigError(f"run directory {self.root} was made with a different config ({'; '.join(diffs)}); "
-                                  "use a new --out, or the same config to resume")
-            return
-        try:
-            os.makedirs(self.root, exist_ok=True)
-        except OSError as err:
-            raise faults.WriteFailed(self.root, err.strerror or str(err)) from None
-        _lock_if_writing(self.root)
+            if not diffs:
+                return
+            finished = self.finished()
+            if finished:
+                raise ConfigError(f"run directory {self.root} was made with a different config ({'; '.join(diffs)}) "
+                                  f"and holds finished results ({finished}); use a new --out, or the same config to "
+                                  "resume")
+            moved = self._supersede()
+            faults.notify(f"{self.root} had nothing finished; its config changes ({'; '.join(diffs)}), and what the "
+                          f"old one left is moved to {moved}")
+        if shard.is_primary():
+            files.make_dirs(self.root, self.root)
         write_atomic(path, json.dumps({"config": cfg.to_dict(), "versions": _versions(),
-                                       "devices": [str(d) for d in jax.devices()]}, indent=2))
+                                       "devices": [str(d) for d in jax.devices()]}, indent=2, allow_nan=False),
+                     self.root)
+
+    def finished(self) -> str | None:
+        """The first finished result in the directory (or a width's), named; None when nothing has finished."""
+        for run in [self, *(RunDir(p) for p in sorted(glob.glob(os.path.join(glob.escape(self.root), "width*"))))]:
+            for name in (MEMBERS, CRITICAL, SUMMARY):
+                if run.exists(name):
+                    return os.path.relpath(run.path(name), self.root)
+            if run.exists(PRETRAIN) and not any(r.get("diverged") for r in run.read_csv(PRETRAIN)):
+                return os.path.relpath(run.path(PRETRAIN), self.root)
+            markers = sorted(glob.glob(os.path.join(glob.escape(run.path(STAGES)), "*.json")))
+            if markers:
+                return os.path.relpath(markers[0], self.root)
+        return None
+
+    def _supersede(self) -> str:
+        """Move everything but the lock into superseded/<time>/ (earlier superseded runs stay where they are)."""
+        target = self.path(f"{SUPERSEDED}/{time.strftime('%Y%m%d-%H%M%S')}")
+        while os.path.lexists(target):
+            target += "+"
+        if shard.is_primary():
+            files.make_dirs(target, self.root)
+            for name in sorted(os.listdir(self.root)):
+                if name not in (LOCK, SUPERSEDED):
+                    os.rename(self.path(name), os.path.join(target, name))
+        shard.sync(f"superseded {self.root}")
+        return target
 
     def config(self, overrides=()) -> Config:
         """The config the directory was trained with, with overrides of the measuring sections only."""
@@ -396,10 +410,6 @@ class RunDir:
         return self.read_csv(MEMBERS)
 
 
-# root -> {"depth": nesting of RunDir.writing, "fd": the locked LOCK file, once taken}
-_writers: dict[str, dict] = {}
-
-
 def exclusive(fn):
     """Decorate an API function `fn(cfg, out, …)` that writes the run directory `out`: it runs inside
     RunDir(out).writing()."""
@@ -410,79 +420,3 @@ def exclusive(fn):
     return locked
 
 
-def _holder_text(record: dict) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started", 0)))
-    return f"pid {record.get('pid')} on {record.get('host')} (since {started}: {record.get('command', '?')})"
-
-
-def _read_record(fd: int) -> dict:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        return json.loads(os.read(fd, 1 << 16).decode() or "{}")
-    except (OSError, ValueError):
-        return {}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _lock_if_writing(root: str) -> None:
-    """Take LOCK for a directory this process is writing (inside RunDir.writing) and does not hold yet."""
-    entry = _writers.get(root)
-    if entry is None or entry["fd"] is not None or not shard.is_primary():
-        return
-    path = os.path.join(root, LOCK)
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise faults.WriteFailed(path, err.strerror or str(err)) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            record = _read_record(fd)
-            os.close(fd)
-            raise faults.RunLocked(f"{root} is being written by {_holder_text(record)}; wait for it to finish or "
-                                   "use another --out") from None
-        try:  # a releasing process may have removed the file between our open and flock: lock the new one
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    record, host = _read_record(fd), socket.gethostname()
-    if record.get("host") not in (None, host):
-        # flock does not reach across hosts on every shared filesystem, so another host's record is trusted
-        os.close(fd)
-        raise faults.RunLocked(f"{root} is being written by {_holder_text(record)}; if that process is gone, "
-                               f"delete {path}")
-    if record.get("pid") and record.get("pid") != os.getpid() and not _alive(record["pid"]):
-        ckpt.notify(f"{root}: the lock of {_holder_text(record)} is stale (no such process); taking it over")
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": host, "started": time.time(),
-                             "command": _command_line()}).encode())
-    entry["fd"] = fd
-
-
-def _command_line(limit: int = 100) -> str:
-    text = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def _release(root: str, fd: int) -> None:
-    path = os.path.join(root, LOCK)
-    try:
-        if os.stat(path).st_ino == os.fstat(fd).st_ino:
-            os.remove(path)  # before unlocking: a waiting process then locks a new file, never this one
-    except OSError:
-        pass
-    os.close(fd)
