@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxlmc import data, grid, loop, memory, models, rundir, shard, tasks, train
+from jaxlmc import data, faults, grid, loop, memory, models, rundir, shard, sizes, tasks, train
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.pretraining import pretrain, pretraining_complete
 
@@ -32,12 +32,12 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
                           f"{pre_task.input_shape}")
     if f.batch_size > len(task.train.y):
         raise ConfigError(f"finetune.batch_size {f.batch_size} exceeds the {len(task.train.y)} training examples")
+    model = check_sizes(cfg, pre_task, task)
     run.open(cfg)
     if not pretraining_complete(cfg, out):
         pretrain(cfg, out, progress=progress, task=pre_task)
 
     rows = grid.member_grid(cfg)
-    model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
     start_M = start_params(cfg, out, model, rows, task.train)
     params_M = jax.tree.map(jnp.copy, start_M)  # the state's copy is donated; start_M is kept for distances
     consts = grid.member_consts(f, rows)
@@ -71,6 +71,16 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
         r["seed_varies"] = grid.seed_varies(r, new_head)
     run.write_csv(rundir.MEMBERS, rows)
     return rows
+
+
+def check_sizes(cfg: Config, pre_task: tasks.Task, task: tasks.Task) -> models.Model:
+    """Refuse (ConfigError) a pretraining or a member grid that cannot fit in memory (jaxlmc.sizes), before anything
+    is built or written; returns the fine-tuning model."""
+    pre_model = models.build(cfg.model, pre_task.input_shape, pre_task.train.num_classes, pre_task.per_token)
+    sizes.check_pretraining(cfg, pre_model, pre_task)
+    model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
+    sizes.check_finetuning(cfg, model, task)
+    return model
 
 
 def finetuning_complete(cfg: Config, out: str) -> bool:
@@ -211,6 +221,11 @@ def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict], t
     # Pretraining states have a member axis of length 1.
     bodies = {s: jax.tree.map(lambda a: a[0], run.restore_params(rundir.PRETRAIN_CHECKPOINTS, s))
               for s in sorted({b for b in body_of if not isinstance(b, tuple)})}
+    for step, body in bodies.items():
+        if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(body)):
+            raise faults.Diverged(f"the pretraining checkpoint at step {step} in "
+                                  f"{run.path(rundir.PRETRAIN_CHECKPOINTS)} holds non-finite parameters (its "
+                                  "pretraining diverged); fine-tuning from it is refused: pretrain again in a new --out")
     scratch = sorted({b for b in body_of if isinstance(b, tuple)})
     if scratch:
         scratch_keys = train.member_keys([seed for _, seed in scratch])["init"]

@@ -30,6 +30,14 @@ def values(axis: Axis, f: FinetuneConfig) -> list:
     return list(value)
 
 
+def axis_size(axis: Axis, f: FinetuneConfig) -> int:
+    """How many values an axis takes, without listing them (finetune.seeds may be any size)."""
+    value = getattr(f, axis.field)
+    if isinstance(value, int):
+        return value
+    return len(value) + (axis.field == "pretrain_steps" and f.scratch)
+
+
 def _value_type(hint) -> type:
     """int, float or str: the type of one value of a field typed list[T], Literal[...] or int."""
     if typing.get_origin(hint) is list:

@@ -83,12 +83,16 @@ class Curves:
 
 
 def run_loop(chunk_fn, state, consts, device_data, total_steps: int, chunk_steps: int, save_at: set[int],
-             save_fn, bar: ProgressBar, curves: Curves | None = None):
+             save_fn, bar: ProgressBar, curves: Curves | None = None, halt_on_divergence: bool = False):
     """Advance every member to `total_steps` in compiled chunks; save at the steps in `save_at` and at the end with
     `save_fn(step, state, curves)`.
 
     The metrics of a chunk are read on the host only after the next chunk was dispatched, so the device never waits
     for the host (except at a save, whose curves must be complete). Returns the final state.
+
+    A member that diverges is frozen and flagged by the step itself (jaxlmc.train); with `halt_on_divergence` (one
+    model that everything else starts from: pretraining) a non-finite training loss instead raises faults.Diverged
+    naming the update where it happened, before anything after it is saved.
     """
     curves = Curves() if curves is None else curves
     step = int(state["step"])
@@ -97,6 +101,10 @@ def run_loop(chunk_fn, state, consts, device_data, total_steps: int, chunk_steps
 
     def report(loss_LxM, acc_LxM, n):
         loss_nxM, acc_nxM = shard.to_host(loss_LxM)[:n], shard.to_host(acc_LxM)[:n]  # the one host read per chunk
+        if halt_on_divergence and not np.isfinite(loss_nxM).all():
+            first = int(np.argmax(~np.isfinite(loss_nxM).all(axis=1)))
+            where = pending_end[0] - n + first + 1
+            raise faults.Diverged(f"diverged at step {where}", step=where, saved=saved)
         bar.advance(n, loss_nxM)
         curves.add(pending_end[0], loss_nxM, acc_nxM)
 
@@ -127,13 +135,13 @@ def run_loop(chunk_fn, state, consts, device_data, total_steps: int, chunk_steps
 
 
 def train_to(name: str, chunk_fn, state, consts, device_data, total_steps: int, chunk_steps: int, save_at: set[int],
-             save_fn, progress: Progress | None, curves: Curves | None = None):
+             save_fn, progress: Progress | None, curves: Curves | None = None, halt_on_divergence: bool = False):
     """run_loop under a progress bar named `name` (none when `progress` is None)."""
     num_members = state["diverged"].shape[0]
     with (progress or silent)(name, total_steps, num_members, int(state["step"])) as bar:
         try:
             return run_loop(chunk_fn, state, consts, device_data, total_steps, chunk_steps, save_at, save_fn, bar,
-                            curves)
+                            curves, halt_on_divergence)
         except faults.Interrupted as interrupted:
             interrupted.where = interrupted.where or name
             raise

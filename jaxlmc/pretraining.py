@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlmc import analysis, loop, models, rundir, shard, tasks, train
+from jaxlmc import analysis, faults, loop, models, rundir, shard, sizes, tasks, train
 from jaxlmc.config import Config, ConfigError
 
 
@@ -22,8 +22,9 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
     task = task or tasks.load_pretrain_task(cfg)  # before the run directory: bad data leaves nothing behind
     if p.batch_size > len(task.train.y):
         raise ConfigError(f"pretrain.batch_size {p.batch_size} exceeds the {len(task.train.y)} training examples")
-    run.open(cfg)
     model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
+    sizes.check_pretraining(cfg, model, task)
+    run.open(cfg)
     keys = train.stream_keys("pretrain", [p.seed])
     params_1 = jax.tree.map(lambda a: a[None], model.init(keys["init"][0]))
     consts = {
@@ -38,9 +39,11 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
     state = shard.replicate(train.init_state(params_1, p.optimizer, p.momentum, n_train), mesh)
     consts = shard.replicate(consts, mesh)
     with run.checkpoints(rundir.PRETRAIN_CHECKPOINTS, keep_steps=p.save_steps) as manager:
+        on_disk = manager.steps()
         latest, restored = manager.resume(shard.abstract(state), required=p.save_steps)
         if latest is not None:
             state = restored
+        _say_what_is_retrained(cfg, run, manager.directory, on_disk, latest)
         curves = loop.Curves.from_arrays(run.read_npz(rundir.PRETRAIN_CURVES) if run.exists(rundir.PRETRAIN_CURVES)
                                          else None, upto=latest or 0)
 
@@ -55,25 +58,56 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
         chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps,
                                           member_group=cfg.run.member_group)
         device_data = shard.replicate({"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}, mesh)
-        state = loop.train_to("pretrain", chunk_fn, state, consts, device_data, p.steps, cfg.run.chunk_steps,
-                              save_at, save, progress, curves)
-
+        abstract = shard.abstract(state)
+        try:
+            loop.train_to("pretrain", chunk_fn, state, consts, device_data, p.steps, cfg.run.chunk_steps, save_at,
+                          save, progress, curves, halt_on_divergence=True)
+        except faults.Diverged as diverged:
+            kept = [s for s in sorted(set(p.save_steps)) if s < diverged.step and s in manager.steps()]
+            rows = _checkpoint_rows(cfg, model, task, manager, kept, abstract, mesh)
+            run.write_csv(rundir.PRETRAIN, rows + [{"step": diverged.step, "diverged": True}])
+            last = max([s for s in manager.steps() if s < diverged.step], default=None)
+            raise faults.Diverged(
+                f"pretraining diverged at step {diverged.step} of {p.steps} (its loss or parameters stopped being "
+                f"finite; pretrain.optimizer {p.optimizer!r}, pretrain.lr {p.lr:g}): lower pretrain.lr or add "
+                f"pretrain.warmup_steps; {'no checkpoint' if last is None else f'checkpoints up to step {last}'} "
+                f"kept, flagged in {rundir.PRETRAIN.path}", step=diverged.step, saved=last) from None
         # Evaluate every kept checkpoint (also those saved before a resume) so the table is complete.
-        evaluate = train.make_evaluate(model)
-        sets = tasks.eval_sets(cfg, task)
-        rows = []
-        for step in sorted(set(p.save_steps) | {p.steps}):
-            params = manager.restore(step, shard.abstract(state))["params"]
-            row = {"step": step}
-            for name in ("train", "test"):
-                loss, acc = map(shard.to_host, evaluate(params, shard.replicate(sets[name], mesh)))
-                row.update({f"{name}_loss": float(loss[0]), f"{name}_acc": float(acc[0])})
-            rows.append(row)
+        rows = _checkpoint_rows(cfg, model, task, manager, sorted(set(p.save_steps) | {p.steps}), abstract, mesh)
     run.write_csv(rundir.PRETRAIN, rows)
     if task.per_token:
         run.write_csv(rundir.BASELINES, analysis.ngram_baselines(task.train.x, task.train.y, task.test.x, task.test.y,
                                                                  task.train.num_classes))
     return rows
+
+
+def _checkpoint_rows(cfg: Config, model, task: tasks.Task, manager, steps: list[int], abstract, mesh) -> list[dict]:
+    """Train and test loss and accuracy of the pretraining checkpoints at `steps`."""
+    evaluate = train.make_evaluate(model)
+    sets = tasks.eval_sets(cfg, task)
+    rows = []
+    for step in steps:
+        params = manager.restore(step, abstract)["params"]
+        row = {"step": step, "diverged": False}
+        for name in ("train", "test"):
+            loss, acc = map(shard.to_host, evaluate(params, shard.replicate(sets[name], mesh)))
+            row.update({f"{name}_loss": float(loss[0]), f"{name}_acc": float(acc[0])})
+        rows.append(row)
+    return rows
+
+
+def _say_what_is_retrained(cfg: Config, run: rundir.RunDir, directory: str, on_disk: list[int],
+                           latest: int | None) -> None:
+    """One line when pretraining runs again to recreate checkpoints that were there before (deleted by hand, say):
+    which, and from where. Steps beyond the newest one on disk of an unfinished pretraining are just its rest."""
+    p = cfg.pretrain
+    finished = run.exists(rundir.PRETRAIN) and not any(r.get("diverged") for r in run.read_csv(rundir.PRETRAIN))
+    horizon = p.steps if finished else max(on_disk, default=-1)
+    gone = [s for s in sorted(set(p.save_steps) | {p.steps}) if s <= horizon and s not in on_disk]
+    if gone:
+        faults.notify(f"pretraining checkpoint(s) at step(s) {', '.join(map(str, gone))} missing from {directory}; "
+                      f"pretraining again from {'the start' if latest is None else f'step {latest}'} to recreate "
+                      "them")
 
 
 def pretraining_complete(cfg: Config, out: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 
 import numpy as np
 
@@ -175,6 +176,9 @@ def render(out: str, stages) -> str:
     """Write summary.csv, figures/*.png and report.html for a study whose `stages` (jaxlmc.study.STAGES, the report
     stage last) have run; returns the report's path."""
     run = rundir.RunDir(out)
+    if not os.path.isdir(run.root):
+        raise ConfigError(f"{out} {'is not a directory' if os.path.lexists(run.root) else 'does not exist'}: "
+                          "give the run directory of a finished `jaxlmc study`")
     needed = [rundir.CONFIG, rundir.MEMBERS] + [name for stage in stages[:-1] for name in stage.writes]
     missing = [getattr(name, "path", name) for name in needed if not run.exists(name)]
     if missing:

@@ -92,7 +92,11 @@ def study(cfg: Config, out: str, progress: loop.Progress | None = None,
     out/scaling.csv, out/figures/scaling.png and out/scaling.html report barriers and throughput against width.
     """
     run = rundir.RunDir(out)
-    tasks.load_finetune_task(cfg)  # bad data is refused before the run directory is created
+    # Bad data, and a model or grid too large for the memory, are refused before anything is written.
+    task, pre_task = tasks.load_finetune_task(cfg), tasks.load_pretrain_task(cfg)
+    for width in cfg.study.widths or [cfg.model.width]:
+        finetuning.check_sizes(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width)),
+                               pre_task, task)
     run.open(cfg)
     if cfg.study.widths:
         ran = []

@@ -45,8 +45,14 @@ def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "te
         raise
     except ValueError as err:  # an unknown dataset or label map is a config error: name the key
         raise ConfigError(f"{key}: {err}") from None
+    kind = KINDS[cfg.model.kind]
     vocab = data.vocab_size(name, data_dir or None)
-    if KINDS[cfg.model.kind].sequence and vocab > cfg.model.vocab_size:
+    if kind.sequence and not vocab:
+        # Real values used as token ids would be cast and gathered silently: refuse instead.
+        raise ConfigError(f"model.kind {kind.name!r} reads integer token ids, but {key} {name!r} has no tokens "
+                          f"(real-valued inputs of shape {next(iter(loaded.values())).x.shape[1:]}); use a text or "
+                          "token dataset, or a model kind for real-valued inputs")
+    if kind.sequence and vocab > cfg.model.vocab_size:
         # Token ids past the embedding table would be silently clamped by the gather: refuse instead.
         raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than {key} {name!r}'s vocabulary "
                           f"({vocab} tokens)")

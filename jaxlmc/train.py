@@ -183,6 +183,9 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
         # the where() is per member, so nothing leaks into the others.
         frozen = diverged | ~(jnp.isfinite(loss) & _all_finite(new_params))
         keep = lambda old, new: jnp.where(frozen, old, new)  # noqa: E731
+        # The step where a member froze reports a NaN loss even when only its update was not finite: the curves and
+        # the host (which halts a pretraining) see where it diverged.
+        loss = jnp.where(frozen & ~diverged, jnp.nan, loss)
         return jax.tree.map(keep, params, new_params), jax.tree.map(keep, opt, new_opt), frozen, loss, acc
 
     def one_step(state, consts, data):
