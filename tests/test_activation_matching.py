@@ -63,7 +63,8 @@ def test_unit_activations_follow_the_permutation_spec(name):
         assert [a.shape[1:] for a in acts_a] == [(16, 5), (64,), (4, 4), (64,), (4, 4)]
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] if name == "transformer" else [])
+                                  for name in MODELS])
 def test_activation_matching_recovers_a_known_permutation_as_weight_matching_does(name):
     model, params, spec, perms, shuffled = _shuffled(name)
     cfg, shape = MODELS[name]

@@ -30,6 +30,7 @@ def finished_run(tmp_path_factory, data_dir):
     return cfg, out, rows
 
 
+@pytest.mark.slow
 def test_finetune_writes_the_run_directory(finished_run):
     cfg, out, rows = finished_run
     assert len(rows) == 8
@@ -51,6 +52,7 @@ def test_finetune_writes_the_run_directory(finished_run):
     assert set(ckpt.Checkpoints(os.path.join(out, "pretrain", "checkpoints"), read_only=True).steps()) >= {0, 20, 60}
 
 
+@pytest.mark.slow
 def test_members_start_from_their_checkpoint_with_a_new_head(finished_run):
     cfg, out, rows = finished_run
     pre = {s: ckpt.restore_params(os.path.join(out, "pretrain", "checkpoints"), s) for s in (0, 60)}
@@ -65,6 +67,7 @@ def test_members_start_from_their_checkpoint_with_a_new_head(finished_run):
         api.load_member(out, 8)
 
 
+@pytest.mark.slow
 def test_rerun_is_a_no_op_resume_and_other_configs_are_refused(finished_run):
     cfg, out, rows = finished_run
     again = api.finetune(cfg, out, progress=False)
@@ -74,6 +77,7 @@ def test_rerun_is_a_no_op_resume_and_other_configs_are_refused(finished_run):
         api.finetune(other, out, progress=False)
 
 
+@pytest.mark.slow
 def test_same_label_set_can_keep_the_pretrained_head(data_dir, tmp_path):
     cfg = config.load("configs/mnist1d.toml", TINY + [
         f'data.data_dir="{data_dir}"', "data.finetune_labels=identity", "finetune.new_head=false",
@@ -85,6 +89,7 @@ def test_same_label_set_can_keep_the_pretrained_head(data_dir, tmp_path):
     assert np.isnan(rows[0]["ood_acc"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_when", ["pretrain/checkpoints/20", "checkpoints/100"])
 def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path, kill_when):
     overrides = TINY + ["finetune.steps=600", "run.checkpoint_every=100", "finetune.save_steps=[30, 150, 300]",
@@ -130,12 +135,14 @@ def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path, kill_whe
 def test_bad_data_is_refused_before_the_run_directory_exists(data_dir, tmp_path, override, message):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "jaxlmc.cli", "finetune", "configs/mnist1d.toml", "--out", str(out),
-                           "--set", f'data.data_dir="{data_dir}"', "--set", override], capture_output=True, text=True)
+                           "--set", f'data.data_dir="{data_dir}"', "--set", "data.pretrain_task=mnist1d",  # (not 50,000)
+                           "--set", override], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_image_tasks_end_to_end_with_a_new_head(tmp_path):
     """CIFAR-100 pretraining → CIFAR-10 fine-tuning through the real loader (TFDS mock data) and the 2-D CNN."""
     import tensorflow_datasets as tfds
@@ -155,6 +162,7 @@ def test_image_tasks_end_to_end_with_a_new_head(tmp_path):
     assert pre["head"]["kernel"].shape[-1] == 100
 
 
+@pytest.mark.slow
 def test_cnn_learns_mnist1d(data_dir, tmp_path):
     """Greydanus's CNN recipe (Adam 1e-2, batch 100) is well on its way to the published 92–94 % after 1000 steps
     (configs/mnist1d_cnn.toml runs the full 6000 and reaches that range)."""
@@ -165,6 +173,7 @@ def test_cnn_learns_mnist1d(data_dir, tmp_path):
     assert rows[-1]["step"] == 1000 and rows[-1]["test_acc"] > 0.85
 
 
+@pytest.mark.slow
 def test_members_that_do_not_fit_train_in_parts_with_the_same_result(finished_run, tmp_path, monkeypatch):
     """run.max_members = 3 trains the 8 members as parts of 3, 3 and 2; a kill in the second part resumes from the
     parts' checkpoints; the stacked result equals the single program's."""
@@ -207,6 +216,7 @@ def test_members_that_do_not_fit_train_in_parts_with_the_same_result(finished_ru
     np.testing.assert_allclose(a["loss_KxM"], b["loss_KxM"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_per_member_dropout_rate_end_to_end(finished_run, tmp_path):
     """finetune.dropouts is a grid axis: it is a column of members.csv and a cell key; members that differ only in
     it differ; members at rate 0 train exactly as in a run without the axis."""

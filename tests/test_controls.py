@@ -21,6 +21,7 @@ def heads_run(tmp_path_factory, data_dir):
     return cfg, out
 
 
+@pytest.mark.slow
 def test_head_policies_start_where_they_say(heads_run):
     cfg, out = heads_run
     members = rundir.RunDir(out).members()
@@ -53,6 +54,7 @@ def test_head_policies_start_where_they_say(heads_run):
     assert acc_M[probe_60].mean() > 1.5 / task.train.num_classes
 
 
+@pytest.mark.slow
 def test_head_policy_is_recorded_and_the_report_separates_the_sources(heads_run):
     cfg, out = heads_run
     members = rundir.RunDir(out).members()
@@ -68,6 +70,7 @@ def test_head_policy_is_recorded_and_the_report_separates_the_sources(heads_run)
     assert all(np.isfinite(r["error_barrier_test_floor_mean"]) for r in summary if r["pairs"])
 
 
+@pytest.mark.slow
 def test_the_start_barrier_is_measured_to_the_probe_start(heads_run):
     cfg, out = heads_run
     members = rundir.RunDir(out).members()
@@ -97,6 +100,7 @@ def test_unfit_members_are_flagged_and_left_out():
     assert all(2 not in p and 3 not in p for p in pairs) and left_out == 15 - len(pairs) == 9
 
 
+@pytest.mark.slow
 def test_unfit_members_in_a_real_run(data_dir, tmp_path):
     cfg = config.load("configs/mnist1d.toml", TINY + [
         f'data.data_dir="{data_dir}"', "study.unfit_fraction=0.9", "finetune.lrs=[0.001, 3.0]",

@@ -31,6 +31,7 @@ def _random_perms(model, num_pairs, seed):
     return [jnp.asarray(np.stack([rng.permutation(w) for _ in range(num_pairs)]), jnp.int32) for w in widths]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aligned", [False, True])
 def test_vmapped_bends_equal_the_per_pair_loop(tiny, aligned):
     model, params_M, x, y = tiny
@@ -109,6 +110,7 @@ def test_trained_curve_removes_the_straight_line_barrier():
     assert curve_barrier < 0.25 * line_barrier
 
 
+@pytest.mark.slow
 def test_curve_ends_are_the_members(tiny):
     model, params_M, x, y = tiny
     p_i, p_j = (jax.tree.map(lambda a, m=m: a[m], params_M) for m in (0, 1))

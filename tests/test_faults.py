@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlmc import api, ckpt, config, faults, figures, rundir
+from jaxlmc import api, ckpt, config, faults, figures, models, rundir, sizes
 
 from conftest import TINY
 
@@ -121,6 +121,7 @@ def flip_bit(step_dir):
     return "CRC32 mismatch"
 
 
+@pytest.mark.slow
 def test_corrupt_final_checkpoint_is_moved_aside_and_training_resumes(reference, data_dir, tmp_path):
     """A reader (`jaxlmc barriers`) stops with one line and sets the step aside; the training command then continues
     from the newest intact step. (Deleted files and flipped bits: the next test, on the same check.)"""
@@ -136,6 +137,7 @@ def test_corrupt_final_checkpoint_is_moved_aside_and_training_resumes(reference,
     assert_same_final(out, reference)
 
 
+@pytest.mark.slow
 def test_corrupt_pretraining_checkpoint_is_retrained(reference, data_dir, tmp_path, capsys):
     """A corrupt pretraining checkpoint that fine-tuning starts from: moved aside, pretraining continues from the
     newest intact step before it (later ones are recomputed), and fine-tuning ends where the reference did."""
@@ -178,6 +180,7 @@ def test_resume_takes_the_newest_intact_step_that_keeps_every_required_one(tmp_p
     assert sorted(os.listdir(tmp_path / "corrupt" / "checkpoints")) == ["10", "20", "40"]
 
 
+@pytest.mark.slow
 def test_unchecked_read_errors_never_move_an_intact_checkpoint(reference, tmp_path):
     """A restore that fails for a reason other than the bytes on disk (here a target of the wrong shape: a bug)
     raises as it is and leaves the step where it was."""
@@ -192,6 +195,7 @@ def test_unchecked_read_errors_never_move_an_intact_checkpoint(reference, tmp_pa
     assert sorted(os.listdir(out)) == ["200", "300"]
 
 
+@pytest.mark.slow
 def test_manifest_lists_every_file(reference):
     step_dir = os.path.join(reference[0], "checkpoints", "300")
     with open(os.path.join(step_dir, ckpt.MANIFEST)) as f:
@@ -216,6 +220,7 @@ def shell(args) -> str:
     return " ".join("'" + a.replace("'", "'\\''") + "'" for a in args)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_can_unshare() is not None, reason=str(_can_unshare()))
 def test_disk_full_is_one_line_and_resumable(reference, data_dir, tmp_path):
     """A tmpfs with room for the pretraining and about one fine-tuning checkpoint: the command stops with one line
@@ -244,6 +249,7 @@ def test_disk_full_is_one_line_and_resumable(reference, data_dir, tmp_path):
     assert_same_final(str(kept), reference)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_can_unshare() is not None, reason=str(_can_unshare()))
 def test_read_only_filesystem_is_one_line_and_resumable(reference, data_dir, tmp_path):
     out = fresh_run(reference, tmp_path / "run")
@@ -265,6 +271,7 @@ def _without_root_powers() -> tuple[list[str] | None, str]:
     return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"], ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_without_root_powers()[0] is None, reason=_without_root_powers()[1])
 def test_permission_denied_is_one_line_and_resumable(reference, data_dir, tmp_path):
     """The training curves' directory is not writable: the first save stops the command with one line naming the
@@ -283,6 +290,7 @@ def test_permission_denied_is_one_line_and_resumable(reference, data_dir, tmp_pa
     assert_same_final(out, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_at_a_checkpoint_and_resume_is_bit_exact(reference, data_dir, tmp_path, signum):
     """The signal is acted on at the next chunk boundary: that step is saved and named."""
@@ -308,6 +316,7 @@ def test_signal_stops_at_a_checkpoint_and_resume_is_bit_exact(reference, data_di
     assert_same_final(out, reference)
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_at_once(reference, data_dir, tmp_path):
     """While a process writes a run directory (here this one), the command on it exits at once naming that process,
     and leaves the directory as it was."""
@@ -365,3 +374,238 @@ def test_training_curves_figure_marks_diverged_and_unfit_members():
     np.testing.assert_allclose(median.get_ydata(), [1.05, 0.55])
     assert "Diverged members (1)" in caption and "unfit ones (1)" in caption
     figures.png(fig)
+
+
+# ------------------------------------------------------------------------------------------------ input and faults
+# that once got through: a planted link, a malformed lock, non-finite settings, diverged pretraining, sizes that do
+# not fit, a failed start, a token model on signals.
+
+
+def cli(data_dir, verb, out, *sets, config_path="configs/mnist1d.toml"):
+    """The command `jaxlmc VERB CONFIG --out OUT` on the fault runs' settings plus `sets`."""
+    args = [sys.executable, "-m", "jaxlmc.cli", verb, config_path, "--out", out, "--quiet"]
+    for o in [*overrides(data_dir), *sets]:
+        args += ["--set", o]
+    return args
+
+
+def one_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return last_line(proc)
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(data_dir, tmp_path):
+    """RUN/.lock as a link to another file: the command refuses in one line, writes nothing, and the file the link
+    points to keeps its content. A FIFO in its place is refused too (opening it never blocks)."""
+    target = tmp_path / "important.txt"
+    target.write_text("keep me")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(target)
+    line = one_line(run(cli(data_dir, "pretrain", str(out)), expect=1))
+    assert line == f"jaxlmc: error: cannot write {out}/.lock: is a symbolic link; jaxlmc never writes through links " \
+                   "inside a run directory (remove it)", line
+    assert target.read_text() == "keep me" and os.listdir(out) == [".lock"]
+    (out / ".lock").unlink()
+    os.mkfifo(out / ".lock")
+    line = one_line(run(cli(data_dir, "pretrain", str(out)), expect=1))
+    assert "/.lock: is not a regular file" in line and os.listdir(out) == [".lock"]
+
+
+def test_no_write_follows_a_link_below_the_run_directory(tmp_path):
+    """Every file jaxlmc writes (atomic writes, markers, checkpoint file lists, directories) refuses a link at the
+    file or on the way to it below the root; the root itself may be a link."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "members.csv").write_text("theirs")
+    root = tmp_path / "run"
+    root.mkdir()
+    run_dir = rundir.RunDir(str(root))
+    (root / "members.csv").symlink_to(elsewhere / "members.csv")
+    with pytest.raises(faults.WriteFailed, match=r"members\.csv: is a symbolic link"):
+        run_dir.write_csv(rundir.MEMBERS, [])
+    (root / "barriers").symlink_to(elsewhere)
+    with pytest.raises(faults.WriteFailed, match=r"/barriers: is a symbolic link"):
+        run_dir.write_csv(rundir.PAIRS, [])
+    (root / "stages").symlink_to(elsewhere)
+    with pytest.raises(faults.WriteFailed, match=r"/stages: is a symbolic link"):
+        run_dir.make_marker_dir()
+    (root / "checkpoints").symlink_to(elsewhere)
+    with pytest.raises(faults.WriteFailed, match=r"/checkpoints: is a symbolic link"):
+        run_dir.checkpoints(rundir.CHECKPOINTS)
+    assert sorted(os.listdir(elsewhere)) == ["members.csv"] and (elsewhere / "members.csv").read_text() == "theirs"
+    linked = tmp_path / "linked"
+    linked.symlink_to(root, target_is_directory=True)
+    rundir.RunDir(str(linked)).write_json("settings.json", {"ok": True})  # the root may be a link
+    assert json.loads((root / "settings.json").read_text()) == {"ok": True}
+
+
+@pytest.mark.parametrize("content", ["[1]", '{"pid": "abc"}', "not json", '{"pid": 5, "host": 3}'])
+def test_a_malformed_lock_is_one_line_that_says_how_to_clear_it(tmp_path, content):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / ".lock").write_text(content)
+    with pytest.raises(faults.RunLocked, match=r"is not a lock record jaxlmc wrote .*if no jaxlmc process is writing "
+                                               r".*, delete .*\.lock$"):
+        with rundir.RunDir(str(root)).writing():
+            pass
+    assert (root / ".lock").read_text() == content  # left for the user to inspect and delete
+
+
+@pytest.mark.parametrize("key", ["pretrain.lr", "pretrain.weight_decay", "pretrain.momentum", "finetune.momentum",
+                                 "finetune.probe_l2", "barriers.curve_lr", "barriers.memory_fraction",
+                                 "study.unfit_fraction"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_setting_must_be_finite(key, value):
+    with pytest.raises(config.ConfigError, match=rf"^{re.escape(key)}: expected a finite number, got "):
+        config.load("configs/mnist1d.toml", [f"{key}={value}"])
+    with pytest.raises(config.ConfigError, match=r"^finetune\.lrs\[1\]: expected a finite number"):
+        config.load("configs/mnist1d.toml", [f"finetune.lrs=[0.01, {value}]"])
+
+
+def test_a_nan_setting_is_refused_before_anything_is_written(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    line = one_line(run(cli(data_dir, "pretrain", out, "pretrain.lr=nan"), expect=2))
+    assert line == "jaxlmc: config error: pretrain.lr: expected a finite number, got nan", line
+    assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_diverged_pretraining_stops_flags_it_and_a_corrected_config_replaces_it(data_dir, tmp_path):
+    """SGD at rate 1000 diverges within a few steps: the command stops with one line naming the step, no checkpoint
+    after it is saved (none holds a non-finite number), checkpoints.csv flags it, config.json is standard JSON. The
+    same directory then accepts the corrected config (nothing had finished), moving the old run aside."""
+    out = str(tmp_path / "run")
+    bad = ["pretrain.optimizer=sgd", "pretrain.lr=1000.0"]
+    line = one_line(run(cli(data_dir, "finetune", out, *bad), expect=1))
+    match = re.fullmatch(r"jaxlmc: error: pretraining diverged at step (\d+) of 60 \(its loss or parameters stopped "
+                         r"being finite; pretrain.optimizer 'sgd', pretrain.lr 1000\): lower pretrain.lr or add "
+                         r"pretrain.warmup_steps; checkpoints up to step (\d+) kept, flagged in "
+                         r"pretrain/checkpoints.csv", line)
+    assert match, line
+    step, kept = map(int, match.groups())
+    run_dir = rundir.RunDir(out)
+    rows = run_dir.read_csv(rundir.PRETRAIN)
+    assert rows[-1]["step"] == step and rows[-1]["diverged"] and not any(r["diverged"] for r in rows[:-1])
+    with ckpt.Checkpoints(run_dir.path(rundir.PRETRAIN_CHECKPOINTS), read_only=True) as manager:
+        assert max(manager.steps()) == kept < step
+        for saved in manager.steps():
+            params = manager.restore_raw(saved)["params"]
+            assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)), saved
+    with open(run_dir.path(rundir.CONFIG)) as f:
+        json.loads(f.read(), parse_constant=lambda name: pytest.fail(f"config.json holds {name}"))
+    assert not os.path.exists(run_dir.path(rundir.MEMBERS))
+    # Rerun with the same config: the same line (it diverges again, deterministically).
+    assert one_line(run(cli(data_dir, "finetune", out, *bad), expect=1)) == line
+    # A corrected config: accepted, the old run moved aside, said in one line; fine-tuning completes.
+    proc = run(cli(data_dir, "finetune", out, "pretrain.optimizer=sgd", "pretrain.lr=0.05"), expect=0)
+    note = one_line(proc)
+    assert f"jaxlmc: {out} had nothing finished; its config changes (pretrain.lr: 1000.0 -> 0.05)" in note, note
+    (moved,) = os.listdir(os.path.join(out, "superseded"))
+    assert note.endswith(f"moved to {out}/superseded/{moved}")
+    assert sorted(os.listdir(os.path.join(out, "superseded", moved))) == ["config.json", "pretrain", "training"]
+    assert len(run_dir.read_csv(rundir.MEMBERS)) == 2 and not any(r["diverged"] for r in
+                                                                   run_dir.read_csv(rundir.PRETRAIN))
+    # Once something finished, the directory is bound to its config again.
+    line = one_line(run(cli(data_dir, "finetune", out, "pretrain.optimizer=sgd", "pretrain.lr=0.01"), expect=2))
+    assert "was made with a different config (pretrain.lr: 0.05 -> 0.01) and holds finished results" in line, line
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_non_finite_checkpoint_is_refused(reference, data_dir, tmp_path):
+    """A pretraining checkpoint holding NaN (a directory from before pretraining stopped on divergence): fine-tuning
+    refuses it in one line and writes no member."""
+    out = fresh_run(reference, tmp_path / "run")
+    directory = os.path.join(out, "pretrain", "checkpoints")
+    with ckpt.Checkpoints(directory, read_only=True) as manager:
+        state = jax.tree.map(np.asarray, manager.restore_raw(60))
+    state["params"] = jax.tree.map(lambda a: np.full_like(a, np.nan), state["params"])
+    shutil.rmtree(os.path.join(directory, "60"))
+    with ckpt.Checkpoints(directory, keep_steps=[0, 20, 60]) as manager:
+        manager.save(60, state)
+    line = one_line(run(command(data_dir, out), expect=1))
+    assert line == (f"jaxlmc: error: the pretraining checkpoint at step 60 in {directory} holds non-finite parameters "
+                    "(its pretraining diverged); fine-tuning from it is refused: pretrain again in a new --out"), line
+    assert not os.path.exists(os.path.join(out, "members.csv")) and not os.path.exists(os.path.join(out, "checkpoints"))
+
+
+@pytest.mark.parametrize("verb, setting, message", [
+    ("finetune", "finetune.seeds=1000000000", r"fine-tuning of [\d,]+ members × [\d,]+ parameters needs at least [\d.]+ [TP]B "
+                                  r"\(each member's starting and current parameters\) but [\d.]+ [KMGT]B of memory are "
+                                  r"available; use fewer members .*"),
+    ("pretrain", "model.width=10000000", r"pretraining of 1 member × [\d,]+ parameters needs at least [\d.]+ [TP]B .* use a smaller "
+                             r"model \(model.width, model.depth\)$"),
+    # clamped to the largest evaluation set: fits, and trains
+    pytest.param("pretrain", "run.eval_batch_size=1000000", None, marks=pytest.mark.slow),
+])
+def test_sizes_that_cannot_fit_are_refused_before_anything_is_built(data_dir, tmp_path, verb, setting, message):
+    """A member grid or a model far beyond the memory: one line with the estimate and the memory available, exit 2,
+    within seconds (nothing is built), and no directory, lock or Orbax temporary directory left behind."""
+    out = str(tmp_path / "run")
+    start = time.monotonic()
+    if message is None:
+        run(cli(data_dir, verb, out, setting), expect=0)
+        return
+    line = one_line(run(cli(data_dir, verb, out, setting), expect=2))
+    assert re.fullmatch(r"jaxlmc: error: " + message, line), line
+    assert time.monotonic() - start < 60 and not os.path.exists(out)
+
+
+def test_one_members_step_must_fit_one_device():
+    """The per-member bound counts the largest activation, read off the traced step."""
+    model = models.build(config.load(None, ["model.width=1000"]).model, (40,), 10)
+    fp = sizes.footprint(model, 4, 500, 1000, 4000, "adamw", 0.9, "fine-tuning")
+    assert fp.largest_array_bytes >= 1000 * 1000 * 4  # the eval batch's hidden activations: 1000 × 1000 float32
+    params = fp.params_per_member * 4
+    # parameters, gradients, Adam's two moments (and its step counts), the data order, the largest activation
+    assert 0 <= fp.one_member_bytes - (4 * params + 4 * 4000 + fp.largest_array_bytes) < 64
+    assert fp.all_members_bytes == 4 * 2 * params
+    sizes.check(fp, available_bytes=fp.all_members_bytes, device_bytes=fp.one_member_bytes)  # fits exactly
+    with pytest.raises(config.ConfigError, match=r"^fine-tuning: one member of [\d,]+ parameters needs at least .* per "
+                                                 r"step .* but 1 KB of memory are available"):
+        sizes.check(fp, available_bytes=fp.all_members_bytes, device_bytes=1000)
+
+
+def test_a_token_model_on_signals_is_refused(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    line = one_line(run(cli(data_dir, "finetune", out, "model.kind=transformer", "model.vocab_size=16"), expect=2))
+    assert line == ("jaxlmc: error: model.kind 'transformer' reads integer token ids, but data.finetune_task "
+                    "'mnist1d/shifted' has no tokens (real-valued inputs of shape (40,)); use a text or token dataset, "
+                    "or a model kind for real-valued inputs"), line
+    assert not os.path.exists(out)
+
+
+def test_paths_of_the_wrong_kind_are_input_errors(data_dir, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("mine")
+    line = one_line(run(cli(data_dir, "pretrain", str(a_file)), expect=2))
+    assert line == f"jaxlmc: error: the run directory {a_file} is a file, not a directory; choose another --out", line
+    assert a_file.read_text() == "mine"
+    line = one_line(run(cli(data_dir, "pretrain", str(tmp_path / "run"), config_path=str(tmp_path)), expect=2))
+    assert line == f"jaxlmc: config error: config file {tmp_path} is a directory, not a TOML file", line
+    proc = run([sys.executable, "-m", "jaxlmc.cli", "report", str(tmp_path / "missing")], expect=2)
+    assert one_line(proc) == (f"jaxlmc: error: {tmp_path / 'missing'} does not exist: give the run directory of a "
+                              "finished `jaxlmc study`")
+
+
+@pytest.mark.slow
+def test_the_lock_is_taken_before_the_data_are_loaded(reference, data_dir, tmp_path):
+    """A second writer is refused before it reads any data: here its dataset does not even exist, and it still
+    reports the lock (exit 75), not the dataset."""
+    out = fresh_run(reference, tmp_path / "run")
+    with rundir.RunDir(out).writing():
+        start = time.monotonic()
+        proc = run(cli(data_dir, "finetune", out, 'data.finetune_task="no_such_dataset"'), expect=75)
+        assert "is being written by pid" in one_line(proc) and time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+def test_repretraining_a_deleted_checkpoint_says_what_and_why(reference, data_dir, tmp_path):
+    out = fresh_run(reference, tmp_path / "run")
+    shutil.rmtree(os.path.join(out, "pretrain", "checkpoints", "60"))  # (pretraining had finished: its table is there)
+    proc = run(command(data_dir, out), expect=0)
+    directory = os.path.join(out, "pretrain", "checkpoints")
+    assert proc.stderr.strip() == (f"jaxlmc: pretraining checkpoint(s) at step(s) 60 missing from {directory}; "
+                                   "pretraining again from step 20 to recreate them"), proc.stderr
+    assert_same_final(out, reference)

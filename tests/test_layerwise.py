@@ -17,7 +17,7 @@ def _members(cfg, shape, classes, n=4, per_token=False):
     return model, params_M
 
 
-@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_layerwise_pass_matches_the_plain_loop(kind):
     rng = np.random.default_rng(0)
     if kind == "mlp":

@@ -36,6 +36,7 @@ def with_barriers(cfg, **changes):
     return dataclasses.replace(cfg, barriers=dataclasses.replace(cfg.barriers, **changes))
 
 
+@pytest.mark.slow
 def test_within_pairs_files_and_agreement_with_the_reference_loop(run):
     cfg, out = run
     result = measure.barriers_of_run(with_barriers(cfg, alphas=5), out)
@@ -91,6 +92,7 @@ def test_within_pairs_files_and_agreement_with_the_reference_loop(run):
     assert settings["chunk_pairs"] >= 1 and settings["diverged_members"] == 0
 
 
+@pytest.mark.slow
 def test_all_pairs_and_diverged_members_left_out(run, tmp_path):
     cfg, out = run
     copy = str(tmp_path / "copy")
@@ -106,6 +108,7 @@ def test_all_pairs_and_diverged_members_left_out(run, tmp_path):
     assert {p["same_cell"] for p in result["pairs"]} == {True, False}
 
 
+@pytest.mark.slow
 def test_explicit_pair_file(run, tmp_path):
     cfg, out = run
     path = tmp_path / "pairs.csv"
@@ -127,6 +130,7 @@ def test_read_pairs_formats(tmp_path):
         barriers.read_pairs(str(tmp_path / "c.csv"), 4)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_summary_and_refuses_training_overrides(run, tmp_path):
     _, out = run
     cli = [sys.executable, "-m", "jaxlmc.cli", "barriers", out]
@@ -142,6 +146,7 @@ def test_cli_prints_the_summary_and_refuses_training_overrides(run, tmp_path):
     assert not_a_run.returncode == 2 and "not a run directory" in not_a_run.stderr
 
 
+@pytest.mark.slow
 def test_auto_chunk_size_follows_the_memory_budget():
     model = models.build(config.ModelConfig(kind="mlp", width=64, depth=2), (10,), 3)
     params_M = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 16))

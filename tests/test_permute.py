@@ -12,7 +12,8 @@ from jaxlmc.config import ModelConfig
 MODELS = [(ModelConfig(kind="mlp", width=16, depth=2), (6,)),
           (ModelConfig(kind="mlp", width=16, depth=3, norm="layernorm"), (6,)),
           (ModelConfig(kind="cnn", width=8, depth=2, kernel_size=3), (12,)),
-          (ModelConfig(kind="cnn", width=8, depth=2, kernel_size=3, norm="layernorm"), (8, 8, 1))]
+          pytest.param(ModelConfig(kind="cnn", width=8, depth=2, kernel_size=3, norm="layernorm"), (8, 8, 1),
+                       marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("cfg, shape", MODELS)

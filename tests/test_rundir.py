@@ -97,6 +97,7 @@ def test_a_run_directory_from_before_a_new_key_still_resumes(tmp_path):
     del saved["finetune"]["dropouts"]
     run.write_json(rundir.CONFIG, {"config": saved})
     run.open(cfg)  # no error
+    run.write_marker("pretrain", {})  # a finished stage: the directory is bound to its config
     with pytest.raises(ConfigError, match=r"finetune.dropouts: 0.0 -> \[0.5\]|finetune.dropouts: \[0.0\] -> \[0.5\]"):
         run.open(config.load(None, ["finetune.dropouts=[0.5]"]))
 

@@ -13,6 +13,8 @@ from jaxlmc import api, ckpt, config, measure, shard
 
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # every test here runs whole studies or several processes
+
 # Few steps: members are independent, but a one-ulp difference in a reduction (XLA picks kernels per batch shape)
 # grows chaotically over many Adam steps at a large rate; 20 steps keep the comparison at float32 precision.
 OVERRIDES = TINY + ["finetune.steps=20", "run.checkpoint_every=10", "run.chunk_steps=5", "barriers.alphas=5",

@@ -99,6 +99,7 @@ def test_no_random_direction_is_sharper_than_the_top_eigenvalue(mlp):
     assert np.all(np.abs(quotients_MxD).max(axis=1) > 0)  # not vacuous: the directions do see curvature
 
 
+@pytest.mark.slow
 def test_per_token_sharpness_matches_the_dense_hessian_of_a_tiny_language_model():
     cfg = ModelConfig(kind="transformer", width=4, depth=1, heads=1, vocab_size=5)
     context, n = 2, 8

@@ -16,6 +16,8 @@ from jaxlmc import api, config, data, measure, rundir, study, tasks
 
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # every test here runs whole studies or several processes
+
 
 def read_csv(path):
     with open(path) as f:

@@ -45,6 +45,7 @@ def take(tree, i):
     return jax.tree.map(lambda a: a[i:i + 1], tree)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", ["adamw", "sgd"])
 def test_member_of_ensemble_equals_member_trained_alone(problem, opt):
     model, data = problem
@@ -59,6 +60,7 @@ def test_member_of_ensemble_equals_member_trained_alone(problem, opt):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_member_groups_do_not_change_results(problem):
     """Training the 6 members group after group (2 or 3 at a time, every step of a chunk before the next group) gives
     bit for bit the states and the per-step metrics (in member order) of training all 6 together."""

@@ -12,6 +12,7 @@ CFG = ModelConfig(kind="transformer", width=16, depth=2, heads=4, vocab_size=11)
 CONTEXT = 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_token, classes", [(True, 11), (False, 3)])
 def test_a_permuted_transformer_computes_the_same_function_and_matching_recovers_it(per_token, classes):
     model = models.build(CFG, (CONTEXT,), classes, per_token=per_token)
@@ -109,6 +110,7 @@ def test_ngram_baselines_count_what_they_should():
     assert unigram["test_acc"] == pytest.approx(1 / 3) and unigram["test_loss"] == pytest.approx(np.log(3), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a_tiny_language_model_study_end_to_end(data_dir, tmp_path):
     """configs/tinylm.toml, shrunk: LM pretraining, sequence-classification fine-tuning of the members, barriers with
     weight matching, soups, similarity and the report, through the unchanged study."""
@@ -146,6 +148,7 @@ def test_text_is_read_as_bytes_in_windows_or_one_left_padded_sequence_per_exampl
     np.testing.assert_array_equal(sequences, [list(b"hello"), [0, 0, 0] + list(b"hi"), [0, 0, 0, 0xC3, 0xA9]])
 
 
+@pytest.mark.slow
 def test_real_text_datasets_pretrain_a_language_model_and_finetune_a_classifier(tmp_path):
     """configs/shakespeare_to_imdb.toml, shrunk, on TFDS mock data: tiny_shakespeare (one text per split, no labels)
     is cut into byte windows for next-byte pretraining, imdb_reviews gives one sequence per review for sentiment
