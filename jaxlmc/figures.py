@@ -325,15 +325,17 @@ def critical_rate(rows: list[dict]):
     for length, color in zip(lengths, colors):
         mine = {r["pretrain_step"]: r for r in rows if r["finetune_step"] == length}
         at = [mine.get(s, {}) for s in steps]
-        value = np.array([r.get("critical_lr", np.nan) for r in at])
-        inside = np.where((value > 0) & np.isfinite(value), value, np.nan)  # the line joins crossings in the grid
-        lo = np.clip(np.array([r.get("critical_lr_ci_lo", np.nan) for r in at]), floor_y, top_y)
-        hi = np.clip(np.array([r.get("critical_lr_ci_hi", np.nan) for r in at]), floor_y, top_y)
-        xs = x + (list(lengths).index(length) - (len(lengths) - 1) / 2) * 0.06
-        ax.plot(xs, inside, "o-", color=color, label=f"{length} fine-tuning steps")
-        ax.vlines(xs, lo, hi, color=color, alpha=0.5)
-        ax.plot(xs[value == np.inf], np.full((value == np.inf).sum(), top_y), "^", color=color, ms=8)
-        ax.plot(xs[value == 0], np.full((value == 0).sum(), floor_y), "v", color=color, ms=8)
+        stay = np.array([r.get("stay_lr", np.nan) for r in at])
+        leave = np.array([r.get("leave_lr", np.nan) for r in at])
+        crossing = np.array([r.get("critical_lr", np.nan) for r in at])
+        xs = x + (list(lengths).index(length) - (len(lengths) - 1) / 2) * 0.08
+        inside = (stay > 0) & np.isfinite(leave)  # a bracket between two grid rates: drawn as a bar
+        ax.vlines(xs[inside], stay[inside], leave[inside], color=color, lw=5, alpha=0.6,
+                  label=f"{length} fine-tuning steps")
+        narrow = inside & np.isfinite(crossing) & (crossing > 0)  # interpolated only inside a narrow bracket
+        ax.plot(xs[narrow], crossing[narrow], "o", color="k", ms=3)
+        ax.plot(xs[leave == np.inf], np.clip(stay[leave == np.inf], floor_y, top_y), "^", color=color, ms=8)
+        ax.plot(xs[stay == 0], np.clip(leave[stay == 0], floor_y, top_y), "v", color=color, ms=8)
         failing = np.array([r.get("failing_lr", np.nan) for r in at])
         ax.plot(xs, np.where(np.isfinite(failing), failing, np.nan), ":", color=color, lw=1.5)
     ax.axhspan(low, high, color="gray", alpha=0.08, lw=0)
@@ -344,11 +346,13 @@ def critical_rate(rows: list[dict]):
     ax.set_ylabel("fine-tuning learning rate")
     ax.plot([], [], ":", color="k", label="training fails (≥ half diverged or unfit)")
     ax.legend(fontsize=7)
-    return fig, ("Critical learning rate — the smallest rate at which seeds leave the basin (seeds' and to-start test "
-                 "error barriers above their noise floors), interpolated on the log-rate axis — against the "
-                 "pretraining checkpoint, one line per fine-tuning length; bars: 95 % bootstrap CIs over seeds. "
-                 "Triangles at the top: no rate that trains leaves the basin; points at the bottom: even the lowest "
-                 "rate leaves. Dotted: the rate from which training fails. Shaded: the grid's rates.")
+    return fig, ("Critical learning rate against the pretraining checkpoint, one colour per fine-tuning length: each "
+                 "bar spans the bracket of grid rates within which seeds leave the basin (from the highest rate that "
+                 "stays to the lowest that leaves: the seeds' test error barrier, or their linear-baseline barrier to "
+                 "the start, above its noise floor); a black dot marks the interpolated crossing where the bracket "
+                 "is narrow enough to place one. Upward triangles: no rate that trains leaves (drawn at the highest "
+                 "rate that stays); downward ones: even the lowest rate leaves. Dotted: the rate from which training "
+                 "fails. Shaded: the grid's rates.")
 
 
 def sharpness(members: list[dict], starts: list[dict]):

@@ -314,6 +314,8 @@ def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[i
         row["dist"], row["update_cos"] = float(curves.dist_P[p]), float(curves.cos_P[p])
         pair_rows.append(row)
     start_columns = _curve_columns(curves.to_start, curves.alphas)
+    for split, (loss, err) in curves.to_start.items():  # the start (α = 1: body + probe head) on its own
+        start_columns[f"start_loss_{split}"], start_columns[f"start_error_{split}"] = loss[:, -1, 0], err[:, -1, 0]
     start_rows = []
     for k, m in enumerate(used):
         row = {"member": m, **dict(zip(grid.CELL_KEYS, grid.cell(members[m]))), "seed": members[m]["seed"]}

@@ -1,22 +1,28 @@
-"""The point-of-no-return analysis (BRIEF §1, hypothesis 3): how much pretraining leaves fine-tuning unable to leave
-the basin, whatever its learning rate?
+"""The point-of-no-return analysis (docs/science.md, hypothesis 3): how much pretraining leaves fine-tuning unable to
+leave the basin, whatever its learning rate — and whether the design could have seen it leave.
 
 Read from the barrier stage's tables at every kept fine-tuning step (rundir.BY_STEP). A *start* is a pretraining
-checkpoint with every other cell axis but the rate (head policy, weight decay, …); per start and fine-tuning length:
+checkpoint with every other cell axis but the rate (head policy, weight decay, …); per start and fine-tuning length,
+over the rates whose cell has at least stats.MIN_MEMBERS usable members (unfit and diverged members never count):
 
-* **Left the basin** at a rate: the seeds' test error barrier (naive, endpoint-mean: the question is whether they stay
-  linearly connected as they are) *and* the barrier to the probed start both exceed their noise floors on average —
-  the statistic is min(mean seeds' excess, mean to-start excess) over the rate's usable members, so either staying
-  below its floor counts as staying. A rate with fewer than stats.MIN_MEMBERS usable members has no value and is
-  skipped: unfit and diverged members are never counted as leaving.
-* **Critical rate**: where that statistic first crosses 0, walking the rates upward, interpolated on the log-rate
-  axis (stats.crossing); its 95 % CI is the same crossing in each member-bootstrap replicate (one set of seed draws
-  for every rate, start and length). +inf: no rate that trains leaves; −inf (0 in the table): even the lowest leaves.
-* **Failing rate**: the lowest rate from which on every rate has at least half its members diverged or unfit: where
-  training stops working as the rate grows, the reference the critical rate is read against. (A rate too small to fit
-  in few steps is unfit too, but that is not where training stops working.)
-* **Point of no return**: the first checkpoint from which on every checkpoint's critical rate is +inf — every rate
-  that trains at all stays in the basin. Its CI is over the same replicates (the first such checkpoint in each).
+* **Seeds** leave each other at a rate when the mean excess of their test error barrier (endpoint-mean form: are they
+  linearly connected as they are?) over its noise floor is above 0. **The start** is left when the mean excess of
+  each member's barrier to its probed start, in the *linear-baseline* form, is above 0: the endpoint-mean form of a
+  member against a much worse start is mostly half their accuracy difference, not a bump.
+* **Left the basin**: either of the two is above 0 (the statistic is their maximum, per bootstrap replicate too), so
+  a rate *stays* only when seeds stay together and with their start. Both are also reported on their own, and the
+  same on the training set beside the test set.
+* **Critical rate**: a bracket of grid rates [stay_lr, leave_lr] with the bootstrap support of each end
+  (stats.bracket); interpolated to a number with a CI only inside a bracket at most stats.BRACKET_FACTOR wide.
+* **Failing rate**: the lowest rate from which on every rate has at least half its members diverged or unfit; with
+  the highest rate that trains it brackets the edge of trainability.
+* **Transfer**: each start's probed accuracy (the frozen body with its linear probe) and its best fine-tuned accuracy
+  (the rate with the highest mean test accuracy over usable members), against the controls' (scratch, step 0).
+* **Point of no return**: named only where the design could have detected leaving (`_detectable`): the first
+  checkpoint from which on every rate that trains stays, *and* at it (a) a rate within the bracket factor of the
+  failing rate trains and stays, (b) an earlier start (scratch or step 0) leaves at or below that rate, and (c) the
+  checkpoint's best fine-tuned accuracy exceeds the control's (member-bootstrap CI above 0). Otherwise the verdict
+  says which condition failed.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ from jaxlmc import grid, rundir, stats
 from jaxlmc.figures import step_label
 
 START_KEYS = tuple(k for k in grid.CELL_KEYS if k != "lr")  # what a start is: the cell but its rate
-MEASURE = "error_barrier_test"  # naive test error barrier, endpoint-mean form; with its _floor column
+SEEDS_MEASURE = "error_barrier_{split}"  # between seeds: endpoint-mean form, with its _floor column
+START_MEASURE = "error_barrier_{split}_lin"  # to the start: linear-baseline form, with its _floor column
+BRACKETS = ("", "seeds_", "start_", "train_")  # column prefixes: combined test, seeds only, start only, combined train
 
 
 def has_steps(run: rundir.RunDir) -> bool:
@@ -34,7 +42,7 @@ def has_steps(run: rundir.RunDir) -> bool:
 
 
 def _excess(rows: list[dict], column: str) -> list[dict]:
-    return [{**r, "excess": r[column] - r.get(f"{column}_floor", np.nan)} for r in rows]
+    return [{**r, "excess": r.get(column, np.nan) - r.get(f"{column}_floor", np.nan)} for r in rows]
 
 
 def _start(cell: tuple) -> tuple:
@@ -48,109 +56,130 @@ def analyse(run: rundir.RunDir) -> tuple[list[dict], dict]:
 
 
 def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict]) -> tuple[list[dict], dict]:
-    """(rows, replicates): one CRITICAL row per start × fine-tuning length, and {(start, step): crossings_R} (log10
-    rates; ±inf outside the grid, NaN without any value) for the point of no return's interval. The tables are the
-    by-step members, pairs and to-start rows (each with a finetune_step)."""
+    """(rows, replicates): one CRITICAL row per start × fine-tuning length, and the bootstrap pieces the verdicts
+    need: {(start, step): {"crossings": log10 crossings_R of the combined statistic (±inf outside the grid),
+    "best_acc": replicates_R of the best fine-tuned mean test accuracy}}. The tables are the by-step members, pairs
+    and to-start rows (each with a finetune_step)."""
     num_seeds = max(m["seed"] for m in members) + 1
     draws = stats.seed_draws(num_seeds, stats.RESAMPLES)
     rows, replicates = [], {}
     for step in sorted({m["finetune_step"] for m in members}):
         at = sorted((m for m in members if m["finetune_step"] == step), key=lambda m: m["member"])
-        used = {m["member"] for m in at if grid.usable(m)}  # unfit or diverged members never count as leaving
-        seeds = stats.pair_cells(at, _excess([p for p in pairs if p["finetune_step"] == step and p["i"] in used
-                                              and p["j"] in used], MEASURE), "excess", num_seeds, draws)
-        start = stats.member_cells(_excess([s for s in to_start if s["finetune_step"] == step and s["member"] in used],
-                                           MEASURE), "excess", num_seeds, draws)
+        used = {m["member"] for m in at if grid.usable(m)}
+        step_pairs = [p for p in pairs if p["finetune_step"] == step and p["i"] in used and p["j"] in used]
+        step_starts = [s for s in to_start if s["finetune_step"] == step and s["member"] in used]
+        measures = {}
+        for split in ("test", "train"):
+            measures[f"seeds_{split}"] = stats.pair_cells(at, _excess(step_pairs, SEEDS_MEASURE.format(split=split)),
+                                                          "excess", num_seeds, draws)
+            measures[f"start_{split}"] = stats.member_cells(_excess(step_starts, START_MEASURE.format(split=split)),
+                                                            "excess", num_seeds, draws)
+        accuracy = stats.member_cells([m for m in at if m["member"] in used], "test_acc", num_seeds, draws)
+        probe = {}
+        for s in step_starts:
+            probe.setdefault(_start(grid.cell(s)), []).append(1 - s.get("start_error_test", np.nan))
         groups = grid.cell_groups(at)
         for key in dict.fromkeys(_start(c) for c in groups):
             cells = sorted((c for c in groups if _start(c) == key), key=lambda c: c[grid.CELL_KEYS.index("lr")])
             lrs = np.array([c[grid.CELL_KEYS.index("lr")] for c in cells])
             usable = np.array([sum(m in used for m in groups[c]) for c in cells])
             total = np.array([len(groups[c]) for c in cells])
-
-            values = [_combined(seeds, start, c, len(draws)) for c in cells]
-            excess_L = np.array([v[0] for v in values])
-            reps_LxR = np.stack([v[1] for v in values])
-            rate, lo, hi = stats.critical_rate(lrs, excess_L, reps_LxR)
-            replicates[(key, step)] = stats.crossing_replicates(lrs, reps_LxR)
+            enough = usable >= stats.MIN_MEMBERS
+            row = {**dict(zip(START_KEYS, key)), "finetune_step": step}
+            for prefix, parts in (("", ("seeds_test", "start_test")), ("seeds_", ("seeds_test",)),
+                                  ("start_", ("start_test",)), ("train_", ("seeds_train", "start_train"))):
+                points_L, reps_LxR = _statistic([measures[p] for p in parts], cells, enough, len(draws))
+                found = stats.bracket(lrs, points_L, reps_LxR)
+                row.update({f"{prefix}{k}": v for k, v in found.items()
+                            if prefix == "" or k in ("stay_lr", "leave_lr", "critical_lr")})
+                if prefix == "":
+                    crossings = stats.crossing_replicates(lrs, reps_LxR)
             # Training fails from the lowest rate above which every rate fails (at least half its members diverged
             # or unfit): the upper edge of trainability. Too small a rate can be unfit too (too few steps to fit);
             # that is not where training stops working.
             fails = usable < total / 2
             failing = lrs[[bool(fails[k:].all()) for k in range(len(lrs))]]
-            trained = lrs[usable >= stats.MIN_MEMBERS]
-            rows.append({
-                **dict(zip(START_KEYS, key)), "finetune_step": step,
-                "critical_lr": rate, "critical_lr_ci_lo": lo, "critical_lr_ci_hi": hi,
-                "seeds_critical_lr": _crossing_rate(lrs, [seeds[0].get(c, np.nan) if u >= stats.MIN_MEMBERS
-                                                          else np.nan for c, u in zip(cells, usable)]),
-                "start_critical_lr": _crossing_rate(lrs, [start[0].get(c, np.nan) if u >= stats.MIN_MEMBERS
-                                                          else np.nan for c, u in zip(cells, usable)]),
+            trained = lrs[enough]
+            best_points = [accuracy[0].get(c, np.nan) if e else np.nan for c, e in zip(cells, enough)]
+            best = int(np.nanargmax(best_points)) if np.isfinite(best_points).any() else None
+            replicates[(key, step)] = {
+                "crossings": crossings,
+                "best_acc": (accuracy[1][cells[best]] if best is not None else np.full(len(draws), np.nan))}
+            row.update({
                 "failing_lr": float(failing.min()) if failing.size else np.inf,
                 "highest_trained_lr": float(trained.max()) if trained.size else np.nan,
+                "probe_test_acc": float(np.nanmean(probe[key])) if key in probe else np.nan,
+                "best_test_acc": float(best_points[best]) if best is not None else np.nan,
+                "best_lr": float(lrs[best]) if best is not None else np.nan,
                 "lowest_lr": float(lrs.min()), "highest_lr": float(lrs.max()), "rates": float(len(lrs)),
                 "members": float(total.sum()), "members_used": float(usable.sum()),
                 "diverged": float(sum(at[m]["diverged"] for c in cells for m in groups[c])),
                 "unfit": float(sum(bool(at[m].get("unfit")) for c in cells for m in groups[c])),
             })
+            rows.append(row)
     return rows, replicates
 
 
-def _combined(seeds: tuple, start: tuple, cell: tuple, num_draws: int) -> tuple[float, np.ndarray]:
-    """(point, replicates_R) of min(seeds' excess, to-start excess) in a cell; NaN point without any replicate."""
-    point = float(np.minimum(seeds[0].get(cell, np.nan), start[0].get(cell, np.nan)))  # NaN when either is missing
-    reps = np.minimum(seeds[1].get(cell, np.full(num_draws, np.nan)), start[1].get(cell, np.full(num_draws, np.nan)))
-    return (point, reps) if np.isfinite(reps).any() else (np.nan, reps)
-
-
-def _crossing_rate(lrs, points) -> float:
-    return float(10 ** stats.crossing(np.log10(lrs), points))
-
-
-def _first_staying(stays: np.ndarray) -> int:
-    """The first index from which on every entry is True (len when the last is False)."""
-    index = len(stays)
-    while index > 0 and stays[index - 1]:
-        index -= 1
-    return index
+def _statistic(measures: list[tuple], cells: list[tuple], enough: np.ndarray,
+               num_draws: int) -> tuple[np.ndarray, np.ndarray]:
+    """(points_L, replicates_LxR): per rate, the maximum of the given (points, replicates) measures — above 0 when
+    any of them is — NaN where a rate has too few usable members or a measure has no value."""
+    points, reps = [], []
+    for cell, ok in zip(cells, enough):
+        nan_reps = np.full(num_draws, np.nan)
+        p = [m[0].get(cell, np.nan) for m in measures]
+        r = [m[1].get(cell, nan_reps) for m in measures]
+        points.append(float(np.max(p)) if ok else np.nan)  # NaN when any is missing
+        reps.append(np.max(np.stack(r), axis=0) if ok else nan_reps)
+    return np.array(points), np.stack(reps)
 
 
 def _rate(value: float) -> str:
-    return "below the grid" if value == 0 else "none" if value == np.inf else f"{value:.3g}"
+    return "below the grid" if value == 0 else "none" if value == np.inf else "–" if np.isnan(value) else f"{value:.3g}"
 
 
-def _interval(lo: float, hi: float) -> str:
-    if np.isnan(lo) or np.isnan(hi):
-        return "no CI"
-    return f"95 % CI {_rate(lo)} – {_rate(hi)}"
+def bracket_text(row: dict, prefix: str = "") -> str:
+    """A bracket in words: 'leaves from 0.1, stays at 0.05' (with supports for the combined one), or the crossing."""
+    stay, leave = row.get(f"{prefix}stay_lr", np.nan), row.get(f"{prefix}leave_lr", np.nan)
+    if np.isnan(stay) and np.isnan(leave):
+        return "no rate with enough usable members"
+    if leave == np.inf:
+        text = f"stays up to {_rate(stay)}"
+        return text + (f" ({row['stay_support']:.0%} of replicates)" if prefix == "" and
+                       np.isfinite(row.get("stay_support", np.nan)) else "")
+    if stay == 0:
+        text = f"leaves already at the lowest rate {_rate(leave)}"
+        return text + (f" ({row['leave_support']:.0%})" if prefix == "" and
+                       np.isfinite(row.get("leave_support", np.nan)) else "")
+    text = f"between {_rate(stay)} and {_rate(leave)}"
+    if prefix == "" and np.isfinite(row.get("stay_support", np.nan)):
+        text += f" (stays at {_rate(stay)} in {row['stay_support']:.0%} of replicates, leaves at {_rate(leave)} in " \
+                f"{row['leave_support']:.0%})"
+    crossing = row.get(f"{prefix}critical_lr", np.nan)
+    if np.isfinite(crossing) and crossing > 0:
+        text += f", ≈ {crossing:.3g}" + (f" (95 % CI {_rate(row['critical_lr_ci_lo'])} – "
+                                        f"{_rate(row['critical_lr_ci_hi'])})" if prefix == "" else "")
+    return text
 
 
 def verdicts(rows: list[dict], replicates: dict) -> list[str]:
-    """Per other-axes combination and fine-tuning length (longest first): the critical-rate curve over the pretrained
-    checkpoints, then whether it keeps rising, saturates, or meets the failing rate — a point of no return, named with
-    its CI, or "not resolved"."""
+    """Per other-axes combination and fine-tuning length (longest first): the critical-rate brackets over the
+    checkpoints, seeds and start on their own, the train set beside the test set, transfer against the controls,
+    and a verdict — a point of no return only where the design could detect leaving, else which condition failed."""
     lines = []
     others = list(dict.fromkeys(tuple(r[k] for k in START_KEYS if k != "pretrain_step") for r in rows))
     varied = [k for k in START_KEYS if k != "pretrain_step" and len({r[k] for r in rows}) > 1]
     for step in sorted({r["finetune_step"] for r in rows}, reverse=True):
         for other in others:
             where = dict(zip([k for k in START_KEYS if k != "pretrain_step"], other))
-            chosen = sorted((r for r in rows if r["finetune_step"] == step and r["pretrain_step"] >= 0
-                             and all(r[k] == v for k, v in where.items())), key=lambda r: r["pretrain_step"])
+            mine = [r for r in rows if r["finetune_step"] == step and all(r[k] == v for k, v in where.items())]
+            chosen = sorted((r for r in mine if r["pretrain_step"] >= 0), key=lambda r: r["pretrain_step"])
             if not chosen:
                 continue
+            scratch = [r for r in mine if r["pretrain_step"] < 0]
             label = f"{step} fine-tuning steps" + "".join(f", {k} {where[k]}" for k in varied)
-            line = _one_length(label, chosen, [replicates[(_key(r), step)] for r in chosen])
-            scratch = [r for r in rows if r["finetune_step"] == step and r["pretrain_step"] < 0
-                       and all(r[k] == v for k, v in where.items())]
-            if scratch:  # the positive control: seeds from their own initialisations must register as leaving
-                r = scratch[0]
-                line += (f" Control (scratch: every seed its own initialisation): critical LR {_rate(r['critical_lr'])} "
-                         f"({_interval(r['critical_lr_ci_lo'], r['critical_lr_ci_hi'])})" +
-                         (" — the detector sees separate basins where they must be." if r["critical_lr"] == 0 else
-                          " — separate initialisations do not register as leaving at every rate: read the verdict "
-                          "with care."))
-            lines.append(line)
+            reps = {r["pretrain_step"]: replicates[(_key(r), step)] for r in mine}
+            lines.append(_one_length(label, chosen, scratch[0] if scratch else None, reps))
     return lines
 
 
@@ -158,67 +187,110 @@ def _key(row: dict) -> tuple:
     return tuple(row[k] for k in START_KEYS)
 
 
-def _one_length(label: str, chosen: list[dict], reps: list[np.ndarray]) -> str:
-    curve = "; ".join(f"step {step_label(r['pretrain_step'])} {_rate(r['critical_lr'])} "
-                      f"({_interval(r['critical_lr_ci_lo'], r['critical_lr_ci_hi'])}, fails from "
-                      f"{_rate(r['failing_lr'])})" for r in chosen)
-    text = f"{label}: critical LR by checkpoint: {curve}. "
+def _stays(row: dict) -> bool:
+    """Every rate that trains stays (seeds together and with their start)."""
+    return row["leave_lr"] == np.inf and np.isfinite(row["highest_trained_lr"])
+
+
+def _one_length(label: str, chosen: list[dict], scratch: dict | None, reps: dict) -> str:
+    curve = "; ".join(f"step {step_label(r['pretrain_step'])}: {bracket_text(r)}, fails from {_rate(r['failing_lr'])}"
+                      for r in chosen)
+    text = f"{label}: seeds leave the basin (from each other or their start) — {curve}. "
+    text += _separately(chosen) + _transfer(chosen, scratch)
     steps = [r["pretrain_step"] for r in chosen]
-    stays = np.array([r["critical_lr"] == np.inf and np.isfinite(r["highest_trained_lr"]) for r in chosen])
-    stays_RxC = np.stack([np.isposinf(x) for x in reps], axis=1)
-    point = _first_staying(stays)
+    stays = np.array([_stays(r) for r in chosen])
+    point = len(stays)
+    while point > 0 and stays[point - 1]:
+        point -= 1
+    control = scratch or (chosen[0] if steps[0] == 0 else None)
     if point < len(chosen):
-        per_replicate = np.array([_first_staying(s) for s in stays_RxC])
-        lo, hi = np.quantile(per_replicate, [(1 - stats.LEVEL) / 2, (1 + stats.LEVEL) / 2], method="nearest")
-        where = f"step {steps[point]} (95 % CI: step {steps[lo]} – " + (
-            f"step {steps[hi]})" if hi < len(chosen) else "beyond the last checkpoint)")
-        if hi < len(chosen) and point == 0:
-            return text + (f"Every checkpoint, the first (step {steps[0]}) included, stays in the basin at every rate "
-                           "that trains: fine-tuning never leaves, so the grid places no point of no return — it lies "
-                           f"at or before step {steps[0]}" + (" (the random initialisation: stable from the start, as "
-                                                              "Frankle et al. 2020 found for small MNIST networks)"
-                                                              if steps[0] == 0 else "") + ".")
-        if hi < len(chosen):
-            return text + (f"Point of no return: from {where} on, every rate that trains at all (up to "
-                           f"{_rate(chosen[-1]['highest_trained_lr'])}) stays in the basin" +
-                           (f"; but the CI reaches the first checkpoint (step {steps[0]}), so the grid cannot tell it "
-                            "from no pretraining at all." if lo == 0 else "."))
-        return text + (f"From {where} on, no rate that trains leaves the basin in this run, but in the bootstrap the "
-                       "boundary may lie past the last checkpoint: the point of no return is not resolved.")
-    finite = [i for i, r in enumerate(chosen) if 0 < r["critical_lr"] < np.inf]
+        missing = _detectable(chosen[point], control, reps)
+        if missing:
+            return text + (f"From step {steps[point]} on no rate that trains leaves, but the design cannot detect a "
+                           f"point of no return there: {'; '.join(missing)}.")
+        stays_RxC = np.stack([np.isposinf(reps[s]["crossings"]) for s in steps], axis=1)
+        first = []
+        for s in stays_RxC:
+            k = len(s)
+            while k > 0 and s[k - 1]:
+                k -= 1
+            first.append(k)
+        lo, hi = np.quantile(first, [(1 - stats.LEVEL) / 2, (1 + stats.LEVEL) / 2], method="nearest")
+        where = f"step {steps[lo]}" + (f" – step {steps[hi]}" if hi < len(chosen) else " – beyond the last checkpoint")
+        return text + (f"Point of no return: from step {steps[point]} on (95 % CI {where}) every rate that trains (up "
+                       f"to {_rate(chosen[point]['highest_trained_lr'])}, within ×{stats.BRACKET_FACTOR:g} of the rate "
+                       f"{_rate(chosen[point]['failing_lr'])} where training fails) stays, while the control leaves at "
+                       "that rate and pretraining transfers to the task.")
+    return text + _trend(chosen)
+
+
+def _separately(chosen: list[dict]) -> str:
+    """Seeds and start on their own, and the train set beside the test set where they disagree."""
+    parts = [f"step {step_label(r['pretrain_step'])}: seeds from each other {bracket_text(r, 'seeds_')}, from "
+             f"their start {bracket_text(r, 'start_')}" for r in chosen]
+    text = "On their own — " + "; ".join(parts) + ". "
+    disagree = [r for r in chosen if (r["leave_lr"], r["stay_lr"]) != (r["train_leave_lr"], r["train_stay_lr"])]
+    if disagree:
+        text += "On the training set the bracket differs: " + "; ".join(
+            f"step {step_label(r['pretrain_step'])} {bracket_text(r, 'train_')}" for r in disagree) + ". "
+    return text
+
+
+def _transfer(chosen: list[dict], scratch: dict | None) -> str:
+    items = [f"step {step_label(r['pretrain_step'])} {r['probe_test_acc']:.3f} / {r['best_test_acc']:.3f}"
+             for r in chosen]
+    if scratch:
+        items.insert(0, f"scratch {scratch['probe_test_acc']:.3f} / {scratch['best_test_acc']:.3f}")
+    return "Test accuracy, probed start / best fine-tuned: " + "; ".join(items) + ". "
+
+
+def _detectable(row: dict, control: dict | None, reps: dict) -> list[str]:
+    """The conditions for a detectable point of no return at checkpoint `row` that fail (empty: all hold)."""
+    missing = []
+    trained, failing = row["highest_trained_lr"], row["failing_lr"]
+    if failing == np.inf:
+        missing.append(f"no rate in the grid fails to train (the highest, {_rate(trained)}, trains), so the grid "
+                       "does not reach the edge of trainability")
+    elif failing / trained > stats.BRACKET_FACTOR:
+        missing.append(f"the highest rate that trains ({_rate(trained)}) is ×{failing / trained:.3g} below the rate "
+                       f"where training fails ({_rate(failing)}), more than ×{stats.BRACKET_FACTOR:g}: refine the grid "
+                       "there")
+    if control is None:
+        missing.append("no control (scratch or step 0) to show that this rate makes an earlier start leave")
+        return missing
+    name = "scratch" if control["pretrain_step"] < 0 else "step 0"
+    if not control["leave_lr"] <= trained:
+        missing.append(f"the control ({name}) does not leave at or below {_rate(trained)} either")
+    diff = reps[row["pretrain_step"]]["best_acc"] - reps[control["pretrain_step"]]["best_acc"]
+    lo, hi = stats.ci(diff)
+    if not (np.isfinite(lo) and lo > 0):
+        missing.append(f"pretraining does not measurably transfer: best fine-tuned test accuracy "
+                       f"{row['best_test_acc']:.3f} against {control['best_test_acc']:.3f} for {name} (difference "
+                       f"95 % CI [{lo:+.3f}, {hi:+.3f}])")
+    return missing
+
+
+def _trend(chosen: list[dict]) -> str:
+    """Does the critical rate move with pretraining? Only as far as the brackets tell: it rises from one checkpoint
+    to a later one when their brackets do not overlap (the later one stays where the earlier one leaves)."""
+    inside = [r for r in chosen if 0 < r["leave_lr"] < np.inf]
     last = chosen[-1]
-    if 0 < last["critical_lr"] < np.inf:
-        tail = (f"At the last checkpoint (step {steps[-1]}) seeds still leave the basin from LR "
-                f"{_rate(last['critical_lr'])}, " + ("while every rate in the grid trains" if last["failing_lr"] == np.inf
-                                                     else f"below the rate {_rate(last['failing_lr'])} from which "
-                                                     "training fails") + ": no point of no return within the grid")
+    tail = (f"At the last checkpoint (step {step_label(last['pretrain_step'])}) seeds leave "
+            + (f"between {_rate(last['stay_lr'])} and {_rate(last['leave_lr'])}" if 0 < last["leave_lr"] < np.inf
+               else f"at {_rate(last['leave_lr'])}")
+            + (", while every rate in the grid trains" if last["failing_lr"] == np.inf else
+               f", below the rate {_rate(last['failing_lr'])} where training fails")
+            + ": no point of no return within the grid.")
+    if len(inside) < 2:
+        return "Too few checkpoints with a bracket inside the grid to tell a trend (not resolved). " + tail
+    first, final = inside[0], inside[-1]
+    a, b = step_label(first["pretrain_step"]), step_label(final["pretrain_step"])
+    if final["stay_lr"] >= first["leave_lr"]:
+        word = f"rises from step {a} to step {b} (brackets [{_rate(first['stay_lr'])}, {_rate(first['leave_lr'])}] → " \
+               f"[{_rate(final['stay_lr'])}, {_rate(final['leave_lr'])}] do not overlap)"
+    elif final["leave_lr"] <= first["stay_lr"]:
+        word = f"falls from step {a} to step {b} (brackets [{_rate(first['stay_lr'])}, {_rate(first['leave_lr'])}] → " \
+               f"[{_rate(final['stay_lr'])}, {_rate(final['leave_lr'])}] do not overlap)"
     else:
-        tail = f"At the last checkpoint (step {steps[-1]}) the critical LR is {_rate(last['critical_lr'])}"
-    if len(finite) < 2:
-        return text + tail + "; too few checkpoints with a critical rate inside the grid to tell a trend (not resolved)."
-    first, final = finite[0], finite[-1]
-    rise, rise_lo, rise_hi = _log_change(chosen, reps, first, final)
-    word = {1: "rises", -1: "falls", 0: "changes by an amount not resolved"}[stats.sign(rise_lo, rise_hi)]
-    trend = (f"From step {steps[first]} to step {steps[final]} the critical LR {word} (×{10 ** rise:.3g}, 95 % CI "
-             f"×{10 ** rise_lo:.3g} – ×{10 ** rise_hi:.3g})")
-    if stats.sign(rise_lo, rise_hi) == 1 and final > first + 1:
-        last_rise, last_lo, last_hi = _log_change(chosen, reps, final - 1, final)
-        if stats.sign(last_lo, last_hi) == 1:
-            trend += f" and keeps rising to the last one (×{10 ** last_rise:.3g} from step {steps[final - 1]})"
-        else:
-            trend += (f" and saturates: from step {steps[final - 1]} to step {steps[final]} its change is not "
-                      f"resolved (×{10 ** last_lo:.3g} – ×{10 ** last_hi:.3g})")
-    return text + trend + ". " + tail + "."
-
-
-def _log_change(chosen, reps, a: int, b: int) -> tuple[float, float, float]:
-    """log10 change of the critical rate from checkpoint a to b: point and member-bootstrap CI (replicates whose
-    crossing lies outside the grid at either end are kept as ±inf; undefined differences are dropped)."""
-    with np.errstate(divide="ignore", invalid="ignore"):  # a crossing below the grid (0) is a change of ±inf
-        point = np.log10(chosen[b]["critical_lr"]) - np.log10(chosen[a]["critical_lr"])
-        diff = reps[b] - reps[a]
-    diff = diff[~np.isnan(diff)]
-    if diff.size < 2:
-        return point, np.nan, np.nan
-    lo, hi = np.quantile(diff, [(1 - stats.LEVEL) / 2, (1 + stats.LEVEL) / 2], method="nearest")
-    return point, float(lo), float(hi)
+        word = f"does not move resolvably from step {a} to step {b}: their brackets overlap at this grid's resolution"
+    return f"The critical rate {word}. " + tail

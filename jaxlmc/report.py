@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from jaxlmc import figures, grid, noreturn, rundir, verdicts
+from jaxlmc import figures, grid, noreturn, rundir, stats, verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.figures import step_label
 
@@ -127,9 +127,11 @@ MERGE_TABLE = [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"), ("
 
 
 CRITICAL_TABLE = [("pretrain_step", "pretrain"), ("head", "head"), ("finetune_step", "FT steps"),
-                  ("critical_lr", "critical LR"), ("critical_lr_ci_lo", "CI lo"), ("critical_lr_ci_hi", "CI hi"),
-                  ("seeds_critical_lr", "seeds only"), ("start_critical_lr", "to start only"),
-                  ("failing_lr", "fails from"), ("highest_trained_lr", "highest trained"),
+                  ("stay_lr", "stays at"), ("stay_support", "support"), ("leave_lr", "leaves from"),
+                  ("leave_support", "support"), ("critical_lr", "crossing"), ("seeds_leave_lr", "seeds leave from"),
+                  ("start_leave_lr", "start left from"), ("train_leave_lr", "train set: leave from"),
+                  ("highest_trained_lr", "highest trained"), ("failing_lr", "fails from"),
+                  ("probe_test_acc", "probe acc"), ("best_test_acc", "best acc"),
                   ("members_used", "n"), ("unfit", "unfit"), ("diverged", "div")]
 
 
@@ -230,12 +232,15 @@ def render(out: str, stages) -> str:
                   "<code>merges.csv</code>.</p>", _table(summary, MERGE_TABLE)]
     critical = run.read_csv(rundir.CRITICAL)
     if critical and len({m["lr"] for m in members}) > 1:
-        parts += ["<h2>Critical learning rate</h2><p>Per start and fine-tuning length: the smallest rate at which "
-                  "seeds leave the basin (both the seeds' and the to-start test error barrier above their noise "
-                  "floors; \"none\": no rate that trains leaves), its 95 % CI over seeds, the same from each "
-                  "barrier alone, and the lowest rate at which at least half the members fail (diverge or do not "
-                  "fit); members left out as diverged or unfit are counted. Every column in "
-                  "<code>critical.csv</code>.</p>",
+        parts += ["<h2>Critical learning rate</h2><p>Per start and fine-tuning length: the bracket of grid rates "
+                  "within which seeds leave the basin (the seeds' test error barrier, or their linear-baseline "
+                  "barrier to the probed start, above its noise floor) — the highest rate that stays and the lowest "
+                  "that leaves (\"none\": no rate that trains leaves), each with the fraction of member-bootstrap "
+                  "replicates that agree —, the crossing interpolated only inside a bracket at most "
+                  f"×{stats.BRACKET_FACTOR:g} wide, the same from each barrier alone and on the training set, the "
+                  "highest rate that trains and the lowest from which at least half the members fail (diverge or do "
+                  "not fit), and the start's probed and best fine-tuned test accuracy (transfer); members left out "
+                  "as diverged or unfit are counted. Every column in <code>critical.csv</code>.</p>",
                   _table(critical, CRITICAL_TABLE)]
     if pretrain_rows:
         parts += ["<h2>Pretraining checkpoints</h2>",

@@ -217,6 +217,52 @@ def crossing_replicates(lrs_L, excess_reps_LxR) -> np.ndarray:
     return np.array([crossing(log_lrs[order], reps[:, r]) for r in range(reps.shape[1])])
 
 
+# A crossing is interpolated (to a number with a CI) only between grid rates at most this factor apart; between rates
+# further apart the data support a bracket, not a point: the crossing there only encodes the two end values.
+BRACKET_FACTOR = 1.5
+
+
+def bracket(lrs_L, excess_L, excess_reps_LxR, factor: float = BRACKET_FACTOR) -> dict:
+    """Where an excess (barrier − floor) first rises above 0, walking the rates upward, as a bracket of grid rates:
+
+        stay_lr        the highest measured rate below the first leaving one (0: even the lowest leaves)
+        leave_lr       the first measured rate whose excess is above 0 (+inf: none leaves)
+        stay_support   the fraction of member-bootstrap replicates in which stay_lr stays (excess ≤ 0)
+        leave_support  the fraction in which leave_lr leaves (> 0)
+        critical_lr    the crossing interpolated on the log-rate axis, with its CI (critical_lr_ci_lo/hi), only when
+                       leave_lr / stay_lr ≤ `factor`; NaN otherwise (±inf outside the grid as in `critical_rate`)
+
+    Rates without a value (NaN: every member unfit or diverged) are skipped. All NaN when no rate has a value."""
+    lrs = np.asarray(lrs_L, float)
+    order = np.argsort(lrs)
+    lrs, points, reps = lrs[order], np.asarray(excess_L, float)[order], np.asarray(excess_reps_LxR, float)[order]
+    measured = np.flatnonzero(np.isfinite(points))
+    nan = float("nan")
+    out = {"stay_lr": nan, "leave_lr": nan, "stay_support": nan, "leave_support": nan, "critical_lr": nan,
+           "critical_lr_ci_lo": nan, "critical_lr_ci_hi": nan}
+    if not measured.size:
+        return out
+
+    def support(k: int, leaves: bool) -> float:
+        finite = reps[k][np.isfinite(reps[k])]
+        return float(np.mean(finite > 0 if leaves else finite <= 0)) if finite.size else nan
+
+    leaving = [k for k in measured if points[k] > 0]
+    if not leaving:
+        stay = measured[-1]
+        out.update(stay_lr=float(lrs[stay]), leave_lr=float("inf"), stay_support=support(stay, False))
+    else:
+        leave = leaving[0]
+        below = [k for k in measured if k < leave]
+        out.update(leave_lr=float(lrs[leave]), leave_support=support(leave, True), stay_lr=0.0)
+        if below:
+            out.update(stay_lr=float(lrs[below[-1]]), stay_support=support(below[-1], False))
+    if out["stay_lr"] == 0.0 or out["leave_lr"] == float("inf") or out["leave_lr"] / out["stay_lr"] <= factor:
+        rate, lo, hi = critical_rate(lrs, points, reps)
+        out.update(critical_lr=rate, critical_lr_ci_lo=lo, critical_lr_ci_hi=hi)
+    return out
+
+
 def critical_rate(lrs_L, excess_L, excess_reps_LxR, level: float = LEVEL) -> tuple[float, float, float]:
     """(rate, CI lo, CI hi): the smallest fine-tuning learning rate at which seeds leave the basin — where the mean
     excess of their barrier over its noise floor crosses 0 — interpolated on the log-rate axis, with a member-bootstrap

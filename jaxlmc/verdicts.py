@@ -4,7 +4,8 @@ resolved. Everything is read from the run directory's tables.
 
 The seeds' barrier is the test error barrier (endpoint-mean form) after weight matching when the barrier stage
 measured it, else the naive one; the barrier to the start is measured to the starting body with the linear-probe head
-(jaxlmc.measure), in the same form.
+(jaxlmc.measure) in the linear-baseline form: in the endpoint-mean form a member against a much worse start would
+show half their accuracy difference as a "barrier".
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from jaxlmc import grid, noreturn, rundir, similarity, stats
 from jaxlmc.figures import step_label
 
+START_BARRIER = noreturn.START_MEASURE.format(split="test")
 
 
 @dataclasses.dataclass
@@ -58,9 +60,9 @@ def measure_run(run: rundir.RunDir) -> Measured:
         "barrier": stats.pair_cells(members, pairs, barrier, num_seeds, draws),
         "excess": stats.pair_cells(members, [{**p, "excess": p[barrier] - p.get(f"{barrier}_floor", np.nan)}
                                              for p in pairs], "excess", num_seeds, draws),
-        "start": stats.member_cells(starts, "error_barrier_test", num_seeds, draws),
+        "start": stats.member_cells(starts, START_BARRIER, num_seeds, draws),
         "start_excess": stats.member_cells(
-            [{**s, "x": s["error_barrier_test"] - s.get("error_barrier_test_floor", np.nan)} for s in starts], "x",
+            [{**s, "x": s[START_BARRIER] - s.get(f"{START_BARRIER}_floor", np.nan)} for s in starts], "x",
             num_seeds, draws),
         "test_acc": stats.member_cells(used, "test_acc", num_seeds, draws),
         "ood_spread": stats.member_cells(used, "ood_acc", num_seeds, draws, reduce="std"),
@@ -225,8 +227,9 @@ def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
     if noreturn.has_steps(run) and len({mem["lr"] for mem in members}) > 1:
         critical = noreturn.verdicts(*noreturn.analyse(run))
     sections = [
-        ("H3 — is there a point of no return? The critical learning rate (seeds leave the basin: seeds' and to-start "
-         "test error barriers above their noise floors) by pretraining checkpoint", critical),
+        ("H3 — is there a point of no return? The critical learning rate (seeds leave the basin: the seeds' test error "
+         "barrier, or their linear-baseline barrier to the start, above its noise floor) by pretraining checkpoint, as "
+         "brackets of grid rates", critical),
         ("Failed fits", failures(members)),
         (f"H1 — does the seeds' barrier ({name}) fall with pretraining? (first vs last checkpoint)", pretraining(m)),
         ("H2 — does it rise with the fine-tuning learning rate? (lowest vs highest rate with usable members)",
@@ -234,7 +237,8 @@ def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
         ("Sources of randomness — head initialisation vs data order", sources(m)),
         ("Same basin? Seeds against each other, and each member against its start", [
             *basins(m, "excess", f"Between seeds ({name})"),
-            *basins(m, "start_excess", "To the start (pretrained body + linear-probe head, test error barrier)")]),
+            *basins(m, "start_excess", "To the start (pretrained body + linear-probe head, linear-baseline test error "
+                                       "barrier)")]),
         ("H4 — do OOD spread, accuracy, soups and similarity move with the barrier?", moves_together(m, soups,
                                                                                                      sim_rows)),
     ]

@@ -78,7 +78,9 @@ def test_a_tiny_study_end_to_end(reference):
                                                                            for s in (-1, 0, 60)]
     for r in critical:
         assert r["lowest_lr"] == 0.001 and r["highest_lr"] == 0.01 and r["members"] == 6
-        assert r["critical_lr"] == np.inf or 0 <= r["critical_lr"] <= 0.01
+        # A bracket of the grid's rates (0: below the grid, +inf: none leaves); rates ×10 apart: no interpolation.
+        assert r["stay_lr"] in (0.0, 0.001, 0.01) and r["leave_lr"] in (0.001, 0.01, np.inf)
+        assert r["stay_lr"] < r["leave_lr"] and (np.isnan(r["critical_lr"]) or r["critical_lr"] in (0.0, np.inf))
     # Seeds from different random initialisations (scratch) are closer after weight matching.
     scratch = [r for r in summary if r["pretrain_step"] == "-1"]
     assert np.mean([float(r["loss_barrier_test_aligned_mean"]) for r in scratch]) < np.mean(
