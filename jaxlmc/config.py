@@ -177,8 +177,12 @@ class BarrierConfig:
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
     # A member is "unfit" (left out of barriers, soups and basins like a diverged one, and counted) when its train
-    # accuracy is below this fraction of the best train accuracy reached from the same start (checkpoint and head).
-    unfit_fraction: float = 0.8
+    # accuracy is not above chance (the most frequent label's share of the train-evaluation subset) by this margin:
+    # it failed to train. A member that trains but loses what pretraining gave has left the basin, not failed.
+    fit_margin: float = 0.05
+    # Optionally also unfit (0: off): a train accuracy below this fraction of the best one reached from the same start
+    # (checkpoint and head) — a relative rule whose verdicts the report compares with the absolute one's.
+    unfit_fraction: float = 0.0
     similarity_examples: int = 1000  # test examples for prediction disagreement and CKA
     # Sharpness: the top Hessian eigenvalue of the training loss of every member and of every start, by this many
     # power-iteration steps (Hessian-vector products, all members at once) on this many training examples (the first
@@ -386,6 +390,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"study.widths must be distinct positive widths, got {cfg.study.widths}")
     if not 0 <= cfg.study.unfit_fraction <= 1:
         raise ConfigError(f"study.unfit_fraction must lie in [0, 1], got {cfg.study.unfit_fraction}")
+    if not -1 <= cfg.study.fit_margin < 1:
+        raise ConfigError(f"study.fit_margin must lie in [-1, 1) (-1: no member is unfit), got {cfg.study.fit_margin}")
     if cfg.study.similarity_examples < 2:
         raise ConfigError(f"study.similarity_examples must be at least 2, got {cfg.study.similarity_examples}")
     if b.noise_resamples < 0 or b.noise_resamples == 1:

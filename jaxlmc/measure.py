@@ -395,13 +395,15 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
 
 def members_at_step(cfg: Config, out: str, run: FinishedRun, step: int, start_M: dict) -> tuple[list[dict], dict]:
     """(member rows, params_M) at a saved fine-tuning step: members.csv's rows with the metrics, divergence and
-    unfit flags (study.unfit_fraction, against the best member from the same start at that step) re-measured there."""
+    unfit flags (study.fit_margin and study.unfit_fraction, the latter against the best member from the same start at
+    that step) re-measured there."""
     saved = rundir.RunDir(out).restore_fields(rundir.CHECKPOINTS, step, ("params", "diverged"))
     params_M = jax.tree.map(jnp.asarray, saved["params"])
     results = finetuning.evaluate_members(cfg, run.model, run.task, params_M, start_M)
     rows = [{**m, **{k: float(v[i]) for k, v in results.items()}, "diverged": bool(saved["diverged"][i])}
             for i, m in enumerate(run.members)]
-    for r, unfit in zip(rows, finetuning.unfit_flags(rows, cfg.study.unfit_fraction)):
+    for r, unfit in zip(rows, finetuning.unfit_flags(rows, cfg.study.unfit_fraction,
+                                                     finetuning.chance_accuracy(cfg, run.task), cfg.study.fit_margin)):
         r["unfit"] = unfit
     return rows, params_M
 

@@ -134,8 +134,17 @@ def _statistic(measures: list[tuple], cells: list[tuple], enough: np.ndarray,
     return np.array(points), np.stack(reps)
 
 
+def start_label(step: int) -> str:
+    return step_label(step) if step < 0 else f"step {step_label(step)}"
+
+
 def _rate(value: float) -> str:
     return "below the grid" if value == 0 else "none" if value == np.inf else "–" if np.isnan(value) else f"{value:.3g}"
+
+
+def bracket_pair(row: dict, prefix: str = "") -> str:
+    """'[stay, leave]' of a bracket, compactly."""
+    return f"[{_rate(row[f'{prefix}stay_lr'])}, {_rate(row[f'{prefix}leave_lr'])}]"
 
 
 def bracket_text(row: dict, prefix: str = "") -> str:
@@ -226,9 +235,9 @@ def _one_length(label: str, chosen: list[dict], scratch: dict | None, reps: dict
 
 def _separately(chosen: list[dict]) -> str:
     """Seeds and start on their own, and the train set beside the test set where they disagree."""
-    parts = [f"step {step_label(r['pretrain_step'])}: seeds from each other {bracket_text(r, 'seeds_')}, from "
-             f"their start {bracket_text(r, 'start_')}" for r in chosen]
-    text = "On their own — " + "; ".join(parts) + ". "
+    parts = [f"step {step_label(r['pretrain_step'])}: seeds vs each other: {bracket_text(r, 'seeds_')}; vs their "
+             f"start: {bracket_text(r, 'start_')}" for r in chosen]
+    text = "On their own — " + " | ".join(parts) + ". "
     disagree = [r for r in chosen if (r["leave_lr"], r["stay_lr"]) != (r["train_leave_lr"], r["train_stay_lr"])]
     if disagree:
         text += "On the training set the bracket differs: " + "; ".join(
@@ -249,8 +258,8 @@ def _detectable(row: dict, control: dict | None, reps: dict) -> list[str]:
     missing = []
     trained, failing = row["highest_trained_lr"], row["failing_lr"]
     if failing == np.inf:
-        missing.append(f"no rate in the grid fails to train (the highest, {_rate(trained)}, trains), so the grid "
-                       "does not reach the edge of trainability")
+        missing.append(f"no rate in the grid fails to train (the highest with enough usable members: "
+                       f"{_rate(trained)}), so the grid does not reach the edge of trainability")
     elif failing / trained > stats.BRACKET_FACTOR:
         missing.append(f"the highest rate that trains ({_rate(trained)}) is ×{failing / trained:.3g} below the rate "
                        f"where training fails ({_rate(failing)}), more than ×{stats.BRACKET_FACTOR:g}: refine the grid "

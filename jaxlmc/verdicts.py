@@ -201,19 +201,71 @@ def moves_together(m: Measured, soups: list[dict], sim_rows: list[dict]) -> list
     return lines
 
 
-def failures(members: list[dict]) -> list[str]:
+# The relative failure rule the report compares its verdicts with (a member below this fraction of the best train
+# accuracy reached from the same start also counts as failed).
+RELATIVE_FRACTION = 0.8
+
+
+def failures(members: list[dict], starts: list[dict] = ()) -> list[str]:
+    """Diverged and unfit members (failed: left out, counted), and the fitted members that ended below their probed
+    start's test accuracy (they lost what pretraining gave: they left, and count as leaving)."""
     diverged = [m for m in members if m["diverged"]]
     unfit = [m for m in members if m.get("unfit")]
     if not diverged and not unfit:
-        return [f"All {len(members)} members fitted their training data; none diverged."]
-    by_cell: dict = {}
-    for m in diverged + unfit:
-        by_cell.setdefault(grid.cell(m), 0)
-        by_cell[grid.cell(m)] += 1
-    worst = sorted(by_cell.items(), key=lambda kv: -kv[1])[:6]
-    return [f"{len(diverged)} members diverged and {len(unfit)} did not fit their training data (unfit); both are "
-            "left out of barriers, soups and basins and counted here, never as a basin of their own. Most affected: "
-            + "; ".join(f"{describe(c, varied_axes(members))} ({n})" for c, n in worst) + "."]
+        lines = [f"All {len(members)} members fitted their training data; none diverged."]
+    else:
+        by_cell: dict = {}
+        for m in diverged + unfit:
+            by_cell.setdefault(grid.cell(m), 0)
+            by_cell[grid.cell(m)] += 1
+        worst = sorted(by_cell.items(), key=lambda kv: -kv[1])[:6]
+        lines = [f"{len(diverged)} members diverged and {len(unfit)} did not train (unfit: train accuracy not above "
+                 "chance by the fit margin); both are left out of barriers, soups and basins and counted here, never "
+                 "as a basin of their own. Most affected: "
+                 + "; ".join(f"{describe(c, varied_axes(members))} ({n})" for c, n in worst) + "."]
+    start_acc = {s["member"]: 1 - s["start_error_test"] for s in starts if np.isfinite(s.get("start_error_test", np.nan))}
+    lost = [m for m in members if grid.usable(m) and m["member"] in start_acc and m["test_acc"] < start_acc[m["member"]]]
+    if lost:
+        by_cell = {}
+        for m in lost:
+            by_cell[grid.cell(m)] = by_cell.get(grid.cell(m), 0) + 1
+        worst = sorted(by_cell.items(), key=lambda kv: -kv[1])[:6]
+        lines.append(f"{len(lost)} members trained but ended below their probed start's test accuracy: they lost what "
+                     "pretraining gave — they left, and count as leaving, not as failed. Most at: "
+                     + "; ".join(f"{describe(c, varied_axes(members))} ({n})" for c, n in worst) + ".")
+    return lines
+
+
+def relative_unfit(members: list[dict], fraction: float = RELATIVE_FRACTION) -> list[dict]:
+    """The members with the relative failure rule added: also unfit below `fraction` of the best train accuracy any
+    non-diverged member reached from the same start (pretraining checkpoint and head) at the same fine-tuning step."""
+    best: dict = {}
+    key = lambda m: (m.get("finetune_step"), m["pretrain_step"], m["head"])  # noqa: E731
+    for m in members:
+        if not m["diverged"] and np.isfinite(m["train_acc"]):
+            best[key(m)] = max(best.get(key(m), -np.inf), m["train_acc"])
+    return [{**m, "unfit": bool(m.get("unfit") or (not m["diverged"] and m["train_acc"] < fraction * best[key(m)]))}
+            for m in members]
+
+
+def sensitivity(run: rundir.RunDir, rows: list[dict]) -> list[str]:
+    """How the failure rule moves the verdicts: the members and the critical-rate brackets with the relative rule
+    added, against the run's own."""
+    members = run.read_csv(rundir.MEMBERS)
+    stricter = relative_unfit(members)
+    more = sum(b["unfit"] and not a.get("unfit") for a, b in zip(members, stricter))
+    text = (f"Sensitivity to the failure rule: adding the relative rule (train accuracy below {RELATIVE_FRACTION:g} of "
+            f"the best from the same start) would leave out {more} more member{'s' if more != 1 else ''}")
+    if rows and noreturn.has_steps(run):
+        alt, _ = noreturn.analyse_tables(relative_unfit(run.read_csv(rundir.STEP_MEMBERS)),
+                                         run.read_csv(rundir.STEP_PAIRS), run.read_csv(rundir.STEP_TO_START))
+        moved = [(a, b) for a, b in zip(rows, alt) if (a["stay_lr"], a["leave_lr"]) != (b["stay_lr"], b["leave_lr"])
+                 and not (np.isnan(a["stay_lr"]) and np.isnan(b["stay_lr"]))]
+        text += (f"; the critical-rate brackets change at {len(moved)} of {len(rows)} starts and lengths"
+                 + (": " + "; ".join(f"{noreturn.start_label(a['pretrain_step'])} at {a['finetune_step']} steps "
+                                      f"{noreturn.bracket_pair(a)} → {noreturn.bracket_pair(b)}"
+                                      for a, b in moved[:4]) if moved else ""))
+    return [text + "."]
 
 
 def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
@@ -223,14 +275,15 @@ def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
     soups = run.read_csv(rundir.SOUPS) if run.exists(rundir.SOUPS) else []
     sim_rows = run.read_csv(rundir.SIMILARITY) if run.exists(rundir.SIMILARITY) else []
     name = "aligned test error barrier" if m.barrier.endswith("_aligned") else "test error barrier"
-    critical = []
+    critical, critical_rows = [], []
     if noreturn.has_steps(run) and len({mem["lr"] for mem in members}) > 1:
-        critical = noreturn.verdicts(*noreturn.analyse(run))
+        critical_rows, replicates = noreturn.analyse(run)
+        critical = noreturn.verdicts(critical_rows, replicates)
     sections = [
         ("H3 — is there a point of no return? The critical learning rate (seeds leave the basin: the seeds' test error "
          "barrier, or their linear-baseline barrier to the start, above its noise floor) by pretraining checkpoint, as "
          "brackets of grid rates", critical),
-        ("Failed fits", failures(members)),
+        ("Failed fits", failures(members, run.read_csv(rundir.TO_START)) + sensitivity(run, critical_rows)),
         (f"H1 — does the seeds' barrier ({name}) fall with pretraining? (first vs last checkpoint)", pretraining(m)),
         ("H2 — does it rise with the fine-tuning learning rate? (lowest vs highest rate with usable members)",
          learning_rate(m)),

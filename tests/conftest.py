@@ -24,7 +24,7 @@ TINY = [
     "finetune.pretrain_steps=[0, 60]", "finetune.lrs=[0.001, 0.01]", "finetune.seeds=2", "finetune.steps=40",
     "finetune.batch_size=50", "run.chunk_steps=10", "run.checkpoint_every=20", "data.train_eval_size=500",
     "finetune.scratch=false", "barriers.align=false",
-    "study.unfit_fraction=0",  # 40 steps fit nobody well: tests of other features keep every member (unfit: test_controls)
+    "study.fit_margin=-1",  # 40 steps fit nobody well: tests of other features keep every member (unfit: test_controls)
 ]
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import api, config, finetuning, measure, models, rundir, stats, study, tasks, train
+from jaxlmc import api, config, finetuning, measure, models, rundir, stats, study, tasks, train, verdicts
 from conftest import TINY
 
 
@@ -98,6 +98,34 @@ def test_unfit_members_are_flagged_and_left_out():
                 "unfit": u} for i, (r, u) in enumerate(zip(rows, finetuning.unfit_flags(rows, 0.9)))]
     pairs, left_out = measure.select_pairs("all", members)
     assert all(2 not in p and 3 not in p for p in pairs) and left_out == 15 - len(pairs) == 9
+
+
+def test_failure_is_absolute_and_members_that_lose_the_pretraining_left():
+    """Unfit: train accuracy not above chance + margin (here 0.2 + 0.05), whatever the best from the same start; a
+    member that trains (0.55) but ends below its probed start's test accuracy is reported as having left."""
+    rows = [{"member": i, "pretrain_step": 0, "head": "shared", "train_acc": acc, "diverged": div}
+            for i, (acc, div) in enumerate([(0.99, False), (0.55, False), (0.24, False), (0.10, True)])]
+    assert finetuning.unfit_flags(rows, 0.0, chance=0.2, margin=0.05) == [False, False, True, False]
+    assert finetuning.unfit_flags(rows, 0.8, chance=0.2, margin=0.05) == [False, True, True, False]  # + relative
+    members = [{**r, "lr": 0.01, "weight_decay": 0.0, "schedule": "cosine", "dropout": 0.0, "seed": r["member"],
+                "test_acc": 0.6, "unfit": u}
+               for r, u in zip(rows, finetuning.unfit_flags(rows, 0.0, chance=0.2, margin=0.05))]
+    starts = [{"member": m, "start_error_test": 0.3} for m in (0, 1)]  # probed start: 0.7 test accuracy
+    failed, left = verdicts.failures(members, starts)
+    assert failed.startswith("1 members diverged and 1 did not train") and left.startswith(
+        "2 members trained but ended below their probed start's test accuracy"), (failed, left)
+    stricter = verdicts.relative_unfit(members)
+    assert [m["unfit"] for m in stricter] == [False, True, True, False]
+
+
+def test_chance_is_the_most_frequent_labels_share(data_dir):
+    """The default config's absolute rule: chance is the most frequent label's share of the train-evaluation subset."""
+    cfg = config.load("configs/mnist1d.toml", [f'data.data_dir="{data_dir}"', "data.pretrain_task=mnist1d"])
+    task = tasks.load_finetune_task(cfg)
+    chance = finetuning.chance_accuracy(cfg, task)
+    labels = task.train.y[:cfg.data.train_eval_size]
+    assert chance == max(np.mean(labels == c) for c in range(task.train.num_classes)) and 0.15 < chance < 0.3
+    assert cfg.study.fit_margin == 0.05 and cfg.study.unfit_fraction == 0.0
 
 
 @pytest.mark.slow

@@ -121,7 +121,7 @@ def test_a_tiny_language_model_study_end_to_end(data_dir, tmp_path):
         "finetune.pretrain_steps=[0, 60]", "finetune.seeds=3", "finetune.steps=20", "finetune.warmup_steps=5", "finetune.batch_size=16",
         "run.chunk_steps=10", "run.checkpoint_every=20", "data.train_eval_size=100", "data.validation_size=100",
         "barriers.alphas=3", "barriers.noise_resamples=10", "barriers.chunk_pairs=4", "study.similarity_examples=50",
-        "study.unfit_fraction=0", "study.sharpness_iterations=0"])  # the transformer's sharpness: test_sharpness
+        "study.fit_margin=-1", "study.sharpness_iterations=0"])  # the transformer's sharpness: test_sharpness
     out = str(tmp_path / "tinylm")
     assert study.study(cfg, out, progress=False) == study.STAGE_NAMES
     run = rundir.RunDir(out)
