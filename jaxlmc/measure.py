@@ -299,6 +299,26 @@ def layerwise(cfg: Config, run: FinishedRun, pairs: list[tuple[int, int]], perms
     return rows, summary, seconds
 
 
+# The barriers whose per-resampling null values are kept (barriers/nulls.npz) for the calibrated cell decision
+# (stats.cell_threshold): the seeds' test error barrier, naive and aligned, and the linear-baseline one to the start.
+NULL_MEASURES = (("pairs", "error", "test", "", ""), ("pairs", "error", "test", "", "_aligned"),
+                 ("start", "error", "test", "_lin", ""))
+
+
+def null_arrays(curves: Curves) -> dict[str, np.ndarray]:
+    """{"<pairs|start>_<measure>": null_PxR} (stats.null_barriers) for NULL_MEASURES, in the row order of pairs.csv
+    and to_start.csv; float32."""
+    out = {}
+    for which, metric, split, form, suffix in NULL_MEASURES:
+        by_split = {"pairs": {"": curves.pairs, "_aligned": curves.aligned}[suffix], "start": curves.to_start}[which]
+        if split not in by_split:
+            continue
+        curve = by_split[split][0 if metric == "loss" else 1]
+        out[f"{which}_{metric}_barrier_{split}{form}{suffix}"] = stats.null_barriers(
+            curve, curves.alphas, form).astype(np.float32)
+    return out
+
+
 def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[int], curves: Curves):
     """(pair_rows, start_rows): one row per member pair and one per used member, with their cell keys."""
     pair_columns = _curve_columns(curves.pairs, curves.alphas)
@@ -336,6 +356,7 @@ def write_barriers(run: rundir.RunDir, pairs, used, curves: Curves, pair_rows, s
         for split, (loss, err) in by_split.items():
             arrays[f"{prefix}loss_{split}"], arrays[f"{prefix}error_{split}"] = loss[..., 0], err[..., 0]
     run.write_npz(rundir.CURVES, arrays)
+    run.write_npz(rundir.NULLS, null_arrays(curves))
     run.write_json(rundir.BARRIER_SETTINGS, settings)
 
 

@@ -18,6 +18,7 @@ No other module builds a path inside a run directory or parses one of its files.
     barriers/to_start.csv        TO_START: one row per member, the same measures to its starting point
     barriers/summary.csv         BARRIER_SUMMARY: per grid cell, mean, std and bootstrap CI of every measure
     barriers/curves.npz          CURVES: the interpolation curves
+    barriers/nulls.npz           NULLS: per pair (member), each verdict barrier's null value at every resampling
     barriers/settings.json       the barrier settings, chunk size, timings, pairs left out
     barriers/by_step/*.csv       STEP_*: members, pairs, to_start and summary at every kept fine-tuning step
                                  (finetune.save_steps and the last), with a finetune_step column
@@ -142,6 +143,7 @@ CRITICAL = Table("critical.csv", (*((a.column, a.type) for a in grid.AXES if a.c
 # Other files, relative to the run directory.
 CONFIG = "config.json"
 CURVES = "barriers/curves.npz"
+NULLS = "barriers/nulls.npz"
 BARRIER_SETTINGS = "barriers/settings.json"
 SIMILARITY_ARRAYS = "similarity.npz"
 REPORT = "report.html"

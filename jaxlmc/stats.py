@@ -11,8 +11,9 @@ from resampling the evaluation examples; and verdicts that say "not resolved" wh
   (`train.batch_eval_set`). The centred resampled curve δ_r(α) = L_r(α) − L(α) is the curve's evaluation noise alone;
   the barrier of δ_r is what that noise makes of a truly flat curve, and the pair's floor is its 95 % quantile. A model
   against itself has δ_r constant in α, hence floor 0 and barrier 0.
-* **Verdicts.** A cell's excess, mean over its pairs of (barrier − floor), with a member-bootstrap CI: "one basin"
-  when the whole CI lies at or below 0, "separate basins" when it lies above, otherwise "not resolved".
+* **Verdicts.** A cell's excess, its mean barrier minus the calibrated null of that mean (`cell_threshold`; the mean
+  of the pairs' own floors where a run directory has no null barriers), with a member-bootstrap CI: "one basin" when
+  the whole CI lies at or below 0, "separate basins" when it lies above, otherwise "not resolved".
 """
 from __future__ import annotations
 
@@ -34,18 +35,37 @@ def barrier(curve_PxA, alphas, form: str = "") -> np.ndarray:
     return barriers.barrier_linear(curve_PxA, alphas)
 
 
-def noise_floor(curves_PxAxR1, alphas, form: str = "", level: float = LEVEL) -> np.ndarray:
-    """floor_P: the `level` quantile, over the R resamplings, of the barrier of each pair's centred resampled curve.
-
-    `curves_PxAxR1[..., 0]` is the curve on the evaluation set itself, `[..., 1:]` its R resamplings."""
+def null_barriers(curves_PxAxR1, alphas, form: str = "") -> np.ndarray:
+    """null_PxR: the barrier of each pair's centred resampled curve, one per resampling — what evaluation noise alone
+    makes of a flat curve. `curves_PxAxR1[..., 0]` is the curve on the evaluation set itself, `[..., 1:]` its R
+    resamplings (the same resamplings for every pair). P × 0 with fewer than 2 resamplings."""
     curves = np.asarray(curves_PxAxR1, np.float64)
     if curves.shape[-1] < 3:
-        return np.full(curves.shape[0], np.nan)
+        return np.zeros((curves.shape[0], 0))
     centred = curves[..., 1:] - curves[..., :1]  # P × A × R
     num_pairs, num_alphas, num_resamples = centred.shape
     flat = np.moveaxis(centred, 2, 1).reshape(num_pairs * num_resamples, num_alphas)
-    null_PxR = barrier(flat, alphas, form).reshape(num_pairs, num_resamples)
+    return barrier(flat, alphas, form).reshape(num_pairs, num_resamples)
+
+
+def noise_floor(curves_PxAxR1, alphas, form: str = "", level: float = LEVEL) -> np.ndarray:
+    """floor_P: the `level` quantile, over the R resamplings, of the barrier of each pair's centred resampled curve
+    (`null_barriers`)."""
+    null_PxR = null_barriers(curves_PxAxR1, alphas, form)
+    if not null_PxR.shape[1]:
+        return np.full(null_PxR.shape[0], np.nan)
     return np.quantile(null_PxR, level, axis=1)
+
+
+def cell_threshold(null_PxR, level: float = LEVEL) -> float:
+    """The calibrated null of a cell's *mean* barrier: the `level` quantile over the resamplings of the mean over the
+    cell's pairs (or members) of their null barriers. The resamplings are shared by every pair, so the mean keeps
+    the noise the pairs have in common; it is far tighter than the mean of the pairs' own floors, whose average of
+    95 % quantiles lets a true barrier of about one floor through as "one basin"."""
+    null = np.asarray(null_PxR, np.float64)
+    if null.size == 0 or not np.isfinite(null).any():
+        return float("nan")
+    return float(np.quantile(np.nanmean(null, axis=0), level))
 
 
 def seed_draws(num_seeds: int, num_resamples: int, seed: int = 0) -> np.ndarray:

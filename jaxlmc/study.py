@@ -58,7 +58,7 @@ STAGES: list[Stage] = [
           complete=finetuning.finetuning_complete),
     Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size", "study.unfit_fraction",
                                                          "study.fit_margin"),
-          needs=("finetune",), writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES,
+          needs=("finetune",), writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES, rundir.NULLS,
                                        rundir.BARRIER_SETTINGS, *rundir.BY_STEP)),
     Stage("soups", soups.soups_of_run, needs=("finetune",),
           writes=(rundir.SOUPS, rundir.MERGES)),

@@ -56,18 +56,32 @@ def measure_run(run: rundir.RunDir) -> Measured:
     draws = stats.seed_draws(num_seeds, stats.RESAMPLES)
     barrier = similarity.basin_measure(pairs)
     used = [m for m in members if grid.usable(m)]
+    nulls = run.read_npz(rundir.NULLS) if run.exists(rundir.NULLS) else {}
     values = {
         "barrier": stats.pair_cells(members, pairs, barrier, num_seeds, draws),
-        "excess": stats.pair_cells(members, [{**p, "excess": p[barrier] - p.get(f"{barrier}_floor", np.nan)}
-                                             for p in pairs], "excess", num_seeds, draws),
+        "excess": stats.pair_cells(members, with_excess(pairs, barrier, nulls.get(f"pairs_{barrier}")), "excess",
+                                   num_seeds, draws),
         "start": stats.member_cells(starts, START_BARRIER, num_seeds, draws),
-        "start_excess": stats.member_cells(
-            [{**s, "x": s[START_BARRIER] - s.get(f"{START_BARRIER}_floor", np.nan)} for s in starts], "x",
-            num_seeds, draws),
+        "start_excess": stats.member_cells(with_excess(starts, START_BARRIER, nulls.get(f"start_{START_BARRIER}")),
+                                           "excess", num_seeds, draws),
         "test_acc": stats.member_cells(used, "test_acc", num_seeds, draws),
         "ood_spread": stats.member_cells(used, "ood_acc", num_seeds, draws, reduce="std"),
     }
     return Measured(list(grid.cell_groups(members)), varied_axes(members), barrier, values)
+
+
+def with_excess(rows: list[dict], column: str, null_NxR: np.ndarray | None) -> list[dict]:
+    """The rows (pairs or to-start rows, in the order their null values were stored) with "excess": the barrier minus
+    its cell's calibrated null of the mean (stats.cell_threshold over the cell's within-cell pairs or members); minus
+    the row's own floor where no null values were stored (an older run directory)."""
+    if null_NxR is None or len(null_NxR) != len(rows) or not np.size(null_NxR):
+        return [{**r, "excess": r[column] - r.get(f"{column}_floor", np.nan)} for r in rows]
+    by_cell: dict = {}
+    for k, r in enumerate(rows):
+        if r.get("same_cell", True):
+            by_cell.setdefault(grid.cell(r), []).append(k)
+    threshold = {c: stats.cell_threshold(null_NxR[idx]) for c, idx in by_cell.items()}
+    return [{**r, "excess": r[column] - threshold.get(grid.cell(r), np.nan)} for r in rows]
 
 
 def _ci(lo: float, hi: float) -> str:
@@ -139,8 +153,9 @@ def basins(m: Measured, measure: str, label: str) -> list[str]:
     too_few = len(m.cells) - len(judged)
     lines = [f"{label}: of {len(judged)} cells with at least {stats.MIN_MEMBERS} usable members ({too_few} have "
              "fewer), " + ", ".join(
-        f"{len(v)} {k}" for k, v in verdicts.items()) + " (mean excess of the barrier over its noise floor; 95 % "
-        "member-bootstrap CI at or below 0, above 0, or across 0)."]
+        f"{len(v)} {k}" for k, v in verdicts.items()) + " (the cell's mean barrier against the calibrated null of that "
+        "mean — its 95 % quantile under evaluation noise alone —; 95 % member-bootstrap CI of the difference at or "
+        "below 0, above 0, or across 0)."]
     for verdict in ("one basin", "separate basins"):
         if verdicts[verdict]:
             lines.append(f"{verdict.capitalize()}: " + "; ".join(m.where(c) for c in verdicts[verdict]) + ".")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import api, config, finetuning, measure, models, rundir, stats, study, tasks, train, verdicts
+from jaxlmc import api, calibration, config, finetuning, measure, models, rundir, stats, study, tasks, train, verdicts
 from conftest import TINY
 
 
@@ -225,3 +225,19 @@ def test_noise_floor_is_calibrated_and_a_model_against_itself_is_one_basin():
     excess = stats.barrier(curve[..., 0], alphas) - stats.noise_floor(curve, alphas)
     assert stats.basin_verdict(*stats.ci(np.full(100, excess[0]))) == "one basin"
     assert stats.basin_verdict(0.01, 0.05) == "separate basins" and stats.basin_verdict(-0.01, 0.02) == "not resolved"
+
+
+def test_the_calibrated_cell_decision_keeps_its_false_positive_rate_and_gains_power():
+    """Synthetic cells with a known barrier (jaxlmc.calibration): with no barrier neither rule calls a cell separate
+    (false-positive rate ≤ 10 %); at a true barrier of 0.01 the calibrated null of the cell mean finds it far more
+    often than the mean of the pairs' own floors, which calls a barrier of 0.005 "one basin" in most cells."""
+    zero, small, real = calibration.rates([0.0, 0.005, 0.01], cells=30, seed=1)
+    assert zero["calibrated_separate"] <= 0.1 and zero["floor_separate"] <= 0.1
+    assert real["calibrated_separate"] >= real["floor_separate"] + 0.3, real
+    assert small["floor_one"] >= 0.3 and small["calibrated_one"] <= 0.1, small
+    # The null of the mean: a cell's pairs with flat curves sit below it in ~95 % of resamplings, by construction.
+    rng = np.random.default_rng(0)
+    cell = calibration.synthetic_cell(0.0, rng)
+    threshold = stats.cell_threshold(cell["null_PxR"])
+    assert np.mean(cell["null_PxR"].mean(axis=0) <= threshold) >= 0.94
+    assert threshold < np.mean(cell["floor_P"])  # tighter than the mean of the pairs' floors
