@@ -9,6 +9,7 @@ import os
 import numpy as np
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -200,7 +201,7 @@ def print_study(out: str) -> None:
         final = run.read_csv(rundir.PRETRAIN)[-1]
         print_pretrain([final], run.read_csv(rundir.BASELINES))
     for question, lines in report.headline(run):
-        console.print(f"[bold]{question}[/bold]")
-        for line in lines:
-            console.print(f"  • {line}")
+        console.print(f"[bold]{escape(question)}[/bold]")
+        for line in lines:  # (computed text: its brackets, "[0.001, 0.01]", are not markup)
+            console.print(f"  • {escape(line)}")
     console.print(f"report: {os.path.join(out, 'report.html')}")
