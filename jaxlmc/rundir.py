@@ -33,8 +33,9 @@ No other module builds a path inside a run directory or parses one of its files.
     scaling.csv, scaling.html    SCALING: the scaling trend
 
 Every file is written atomically (a temporary file renamed into place), so a kill at any moment leaves the previous
-version or the new one, and never through a link or into a non-regular file below the root (jaxlmc.files). CSV columns have declared types, and reading converts them: an int column reads as int (None
-where empty), a float column as float (NaN where empty), a bool column as bool.
+version or the new one, and never through a link or into a non-regular file below the root (jaxlmc.files). CSV
+columns have declared types, and reading converts them: an int column reads as int (None where empty), a float
+column as float (NaN where empty), a bool column as bool.
 """
 from __future__ import annotations
 
