@@ -1,7 +1,7 @@
 """Soups, ensembles and similarity of members: pure functions over stacked parameters (leading member axis M) or
 over groups of member indices (idx_GxK, padded with -1 where a group has fewer usable members).
 
-Definitions (BRIEF §2): the uniform soup is the mean of the members' weights; the greedy soup (Wortsman et al.
+Definitions (Wortsman et al. 2022; docs/science.md): the uniform soup is the mean of the members' weights; the greedy soup (Wortsman et al.
 2022) visits members in decreasing held-out accuracy and keeps each one only if the soup's held-out accuracy does not
 drop; the logit ensemble averages the members' logits. Selection uses the validation split alone: `greedy_soup`
 is never given any other data.

@@ -9,7 +9,7 @@ walked by `lax.map`, so peak memory depends on the chunk size, never on the numb
 jaxlmc's models have no BatchNorm (see jaxlmc.models), so an interpolated network's outputs need no recomputed
 statistics: every number here is computed from the interpolated weights alone.
 
-Barriers (BRIEF §2), for a curve L(α) on the full grid including the endpoints:
+Barriers (docs/science.md, "Interpolation and the two barrier forms"), for a curve L(α) on the full grid including the endpoints:
   endpoint-mean form   max_α L(α) − ½·(L(0) + L(1))                 (Frankle et al. 2020; Ainsworth et al. 2023)
   linear-baseline form max_α [L(α) − ((1 − α)·L(0) + α·L(1))]        (Entezari et al. 2022; Juneja et al. 2023)
 """

@@ -196,6 +196,14 @@ def _key(row: dict) -> tuple:
     return tuple(row[k] for k in START_KEYS)
 
 
+def _first_staying(stays) -> int:
+    """The first index from which on every entry is True (len when the last is False)."""
+    index = len(stays)
+    while index > 0 and stays[index - 1]:
+        index -= 1
+    return index
+
+
 def _stays(row: dict) -> bool:
     """Every rate that trains stays (seeds together and with their start)."""
     return row["leave_lr"] == np.inf and np.isfinite(row["highest_trained_lr"])
@@ -208,9 +216,7 @@ def _one_length(label: str, chosen: list[dict], scratch: dict | None, reps: dict
     text += _separately(chosen) + _transfer(chosen, scratch)
     steps = [r["pretrain_step"] for r in chosen]
     stays = np.array([_stays(r) for r in chosen])
-    point = len(stays)
-    while point > 0 and stays[point - 1]:
-        point -= 1
+    point = _first_staying(stays)
     control = scratch or (chosen[0] if steps[0] == 0 else None)
     if point < len(chosen):
         missing = _detectable(chosen[point], control, reps)
@@ -218,12 +224,7 @@ def _one_length(label: str, chosen: list[dict], scratch: dict | None, reps: dict
             return text + (f"From step {steps[point]} on no rate that trains leaves, but the design cannot detect a "
                            f"point of no return there: {'; '.join(missing)}.")
         stays_RxC = np.stack([np.isposinf(reps[s]["crossings"]) for s in steps], axis=1)
-        first = []
-        for s in stays_RxC:
-            k = len(s)
-            while k > 0 and s[k - 1]:
-                k -= 1
-            first.append(k)
+        first = [_first_staying(s) for s in stays_RxC]
         lo, hi = np.quantile(first, [(1 - stats.LEVEL) / 2, (1 + stats.LEVEL) / 2], method="nearest")
         where = f"step {steps[lo]}" + (f" – step {steps[hi]}" if hi < len(chosen) else " – beyond the last checkpoint")
         return text + (f"Point of no return: from step {steps[point]} on (95 % CI {where}) every rate that trains (up "

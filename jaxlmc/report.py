@@ -92,7 +92,7 @@ def draw_figures(run: rundir.RunDir, summary: list[dict], members: list[dict]) -
 
 
 def headline(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
-    """The answers a researcher looks for first: BRIEF §1's hypotheses one by one (jaxlmc.verdicts)."""
+    """The answers a researcher looks for first: the study's hypotheses (docs/science.md) one by one (jaxlmc.verdicts)."""
     return verdicts.answer(run)
 
 

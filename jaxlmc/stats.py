@@ -29,7 +29,7 @@ FORMS = ("", "_lin")  # column suffixes: endpoint-mean and linear-baseline barri
 
 
 def barrier(curve_PxA, alphas, form: str = "") -> np.ndarray:
-    """The endpoint-mean ("") or linear-baseline ("_lin") barrier of each curve (BRIEF §2)."""
+    """The endpoint-mean ("") or linear-baseline ("_lin") barrier of each curve (Frankle et al. 2020; Entezari et al. 2022)."""
     if form == "":
         return barriers.barrier_endpoint_mean(curve_PxA)
     return barriers.barrier_linear(curve_PxA, alphas)

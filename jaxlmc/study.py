@@ -1,4 +1,4 @@
-"""`jaxlmc study`: the whole experiment of BRIEF §1 from one config, as stages that resume.
+"""`jaxlmc study`: the whole experiment (docs/science.md) from one config, as stages that resume.
 
     pretrain → finetune → barriers → soups → similarity → sharpness → report
 

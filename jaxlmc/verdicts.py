@@ -1,4 +1,4 @@
-"""The report's answers to BRIEF §1's hypotheses, one by one, as computed sentences with member-bootstrap CIs
+"""The report's answers to the study's hypotheses (docs/science.md), one by one, as computed sentences with member-bootstrap CIs
 (jaxlmc.stats). A difference is stated only when its 95 % CI excludes zero; otherwise the sentence says it is not
 resolved. Everything is read from the run directory's tables.
 

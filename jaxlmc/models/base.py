@@ -1,7 +1,7 @@
 """What every model kind shares: the `Classifier` contract, the `ModelKind` a kind registers, its permutation spec's
 entries, per-member dropout, and `Model`, the static structure the training core works with.
 
-No model uses BatchNorm: interpolated networks would carry stale batch statistics (BRIEF §2), and BatchNorm under
+No model uses BatchNorm: interpolated networks would carry stale batch statistics (Jordan et al. 2022, REPAIR), and BatchNorm under
 vmap needs per-member running state. Every model is a `Classifier`: `features` (the body, whose output is the
 penultimate representation) followed by a linear `head`, so a fine-tuning task with a new label set replaces
 `params["head"]` only.
