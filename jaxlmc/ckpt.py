@@ -146,7 +146,12 @@ class Checkpoints:
             # (the file it names was in the temporary directory, removed above: name the step instead)
             raise faults.WriteFailed(f"checkpoint step {step} in {self.directory}", found[1]) from None
         if shard.is_primary():
-            self._write_manifest(step)
+            try:
+                self._write_manifest(step)
+            except faults.WriteFailed as err:
+                # A step without its file list is not a finished checkpoint: remove it so a resume saves it again.
+                shutil.rmtree(self.step_dir(step), ignore_errors=True)
+                raise faults.WriteFailed(f"checkpoint step {step} in {self.directory}", err.reason) from None
         self._intact.discard(step)  # (a step saved again: checked afresh when read)
         shard.sync(f"manifest {self.directory} {step}")  # no process checks the step before its list is there
 

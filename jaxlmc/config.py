@@ -190,6 +190,9 @@ class StudyConfig:
     sharpness_iterations: int = 20
     sharpness_examples: int = 500
     widths: list[int] = dataclasses.field(default_factory=list)  # a scaling trend: one study per model width
+    # Refinement (jaxlmc.refine): after the grid's barriers, up to this many rounds each adding, for every start, the
+    # log-midpoint of every stay → leave and trains → fails bracket wider than stats.BRACKET_FACTOR (0: none).
+    refine_rounds: int = 0
 
 
 # The sections that decide what a run directory's checkpoints contain; the others (how often to report, how to
@@ -335,6 +338,7 @@ def validate(cfg: Config) -> None:
                     "pretrain.momentum": p.momentum, "finetune.momentum": f.momentum,
                     "data.context_length": cfg.data.context_length,
                     "study.sharpness_iterations": cfg.study.sharpness_iterations,
+                    "study.refine_rounds": cfg.study.refine_rounds,
                     "barriers.curve_steps": cfg.barriers.curve_steps}
     if m.kind not in KINDS:
         raise ConfigError(f"model.kind: {m.kind!r} is not one of {sorted(KINDS)}")

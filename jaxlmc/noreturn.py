@@ -50,9 +50,8 @@ def _start(cell: tuple) -> tuple:
 
 
 def analyse(run: rundir.RunDir) -> tuple[list[dict], dict]:
-    """`analyse_tables` of a run directory's barriers/by_step/ tables."""
-    return analyse_tables(run.read_csv(rundir.STEP_MEMBERS), run.read_csv(rundir.STEP_PAIRS),
-                          run.read_csv(rundir.STEP_TO_START))
+    """`analyse_tables` of a run directory's barriers/by_step/ tables, with its refinement rounds' (jaxlmc.refine)."""
+    return analyse_tables(*run.step_tables())
 
 
 def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict]) -> tuple[list[dict], dict]:
@@ -99,6 +98,7 @@ def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict])
             # that is not where training stops working.
             fails = usable < total / 2
             failing = lrs[[bool(fails[k:].all()) for k in range(len(lrs))]]
+            trains_below = lrs[lrs < failing.min()] if failing.size else lrs[:0]
             trained = lrs[enough]
             best_points = [accuracy[0].get(c, np.nan) if e else np.nan for c, e in zip(cells, enough)]
             best = int(np.nanargmax(best_points)) if np.isfinite(best_points).any() else None
@@ -107,6 +107,8 @@ def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict])
                 "best_acc": (accuracy[1][cells[best]] if best is not None else np.full(len(draws), np.nan))}
             row.update({
                 "failing_lr": float(failing.min()) if failing.size else np.inf,
+                # the trainability bracket's lower end: the highest rate below failing_lr (NaN: none fails, or all)
+                "trains_lr": float(trains_below.max()) if trains_below.size else np.nan,
                 "highest_trained_lr": float(trained.max()) if trained.size else np.nan,
                 "probe_test_acc": float(np.nanmean(probe[key])) if key in probe else np.nan,
                 "best_test_acc": float(best_points[best]) if best is not None else np.nan,

@@ -91,6 +91,18 @@ def draw_figures(run: rundir.RunDir, summary: list[dict], members: list[dict]) -
 # --------------------------------------------------------------------------------------------- the page
 
 
+def _refinement(run: rundir.RunDir) -> str:
+    """What the refinement rounds (jaxlmc.refine) added to the grid's rates, and why."""
+    rounds = run.read_csv(rundir.REFINE_ROUNDS) if run.exists(rundir.REFINE_ROUNDS) else []
+    if not rounds:
+        return ""
+    items = "".join(f"<li>round {r['round']}: rates {html.escape(r['lrs'])} ({r['members']} members, "
+                    f"{r['seconds']:.0f} s) — {html.escape(r['reasons'])}</li>" for r in rounds)
+    return ("<p>The brackets above include the refinement rounds' rates: each round added, for every start, the "
+            f"log-midpoint of every bracket wider than ×{stats.BRACKET_FACTOR:g} (<code>refine/rounds.csv</code>):"
+            f"</p><ul>{items}</ul>")
+
+
 def headline(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
     """The answers a researcher looks for first: the study's hypotheses (docs/science.md) one by one (jaxlmc.verdicts)."""
     return verdicts.answer(run)
@@ -241,7 +253,7 @@ def render(out: str, stages) -> str:
                   "highest rate that trains and the lowest from which at least half the members fail (diverge or do "
                   "not fit), and the start's probed and best fine-tuned test accuracy (transfer); members left out "
                   "as diverged or unfit are counted. Every column in <code>critical.csv</code>.</p>",
-                  _table(critical, CRITICAL_TABLE)]
+                  _table(critical, CRITICAL_TABLE), _refinement(run)]
     if pretrain_rows:
         parts += ["<h2>Pretraining checkpoints</h2>",
                   _table(pretrain_rows, [("step", "step"), ("train_loss", "train loss"), ("train_acc", "train acc"),

@@ -46,6 +46,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import time
 from importlib import metadata
 
@@ -141,6 +142,10 @@ BY_STEP = (STEP_MEMBERS, STEP_PAIRS, STEP_TO_START, STEP_SUMMARY)
 CRITICAL = Table("critical.csv", (*((a.column, a.type) for a in grid.AXES if a.cell and a.column != "lr"),
                                   ("finetune_step", int)), rest=float)
 
+# The refinement rounds (jaxlmc.refine): the rates each added and why, its members and time.
+REFINE_ROUNDS = Table("refine/rounds.csv", (("round", int), ("lrs", str), ("reasons", str), ("members", int),
+                                            ("seconds", float)))
+
 # Other files, relative to the run directory.
 CONFIG = "config.json"
 CURVES = "barriers/curves.npz"
@@ -158,6 +163,7 @@ FINETUNE_CURVES = "training/finetune.npz"
 LOCK = lock.LOCK
 SUPERSEDED = "superseded"
 STAGES = "stages"
+REFINE = "refine"
 
 
 def _parse(text: str, kind: type):
@@ -259,6 +265,64 @@ class RunDir:
         path = self.path(f"width{width}")
         files.check_path(path, self.root)  # a width's run directory is never a link planted in this one
         return RunDir(path)
+
+    def refine_round(self, k: int) -> RunDir:
+        """Refinement round k's run directory (its members at the rates round k added, every start)."""
+        path = self.path(f"{REFINE}/round{k}")
+        files.check_path(path, self.root)
+        return RunDir(path)
+
+    def refined_rounds(self, upto: int | None = None) -> list[RunDir]:
+        """The finished refinement rounds (those with their marker), in order, none after a missing one; with `upto`,
+        at most the first `upto`."""
+        rounds, k = [], 1
+        while (upto is None or k <= upto) and (one := self.refine_round(k)).read_marker(REFINE) is not None:
+            rounds.append(one)
+            k += 1
+        return rounds
+
+    def share_pretraining(self, other: RunDir) -> None:
+        """Give `other` (a refinement round's directory below this one) this directory's pretraining checkpoints, as
+        hard links (a copy across file systems): checkpoint files are never changed once written. Whole or nothing."""
+        target = other.path(PRETRAIN_CHECKPOINTS)
+        if os.path.exists(target):
+            return
+        files.make_dirs(os.path.dirname(target), self.root)
+        staging = f"{target}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+
+        def link(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        try:
+            shutil.copytree(self.path(PRETRAIN_CHECKPOINTS), staging, copy_function=link)
+            os.replace(staging, target)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise faults.WriteFailed(target, err.strerror or str(err)) from None
+
+    def remove_rounds_from(self, k: int) -> None:
+        """Remove refinement round k and every round after it."""
+        for path in glob.glob(os.path.join(glob.escape(self.path(REFINE)), "round*")):
+            suffix = os.path.basename(path).removeprefix("round")
+            if suffix.isdigit() and int(suffix) >= k:
+                files.check_path(path, self.root)
+                shutil.rmtree(path)
+
+    def step_tables(self, upto: int | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+        """(members, pairs, to_start): the BY_STEP tables of the grid and of its finished refinement rounds (the
+        first `upto`; default all), one numbering of members (a round's follow the grid's and earlier rounds')."""
+        members, pairs, to_start = [], [], []
+        offset = 0
+        for run in [self, *self.refined_rounds(upto)]:
+            own = run.read_csv(STEP_MEMBERS)
+            members += [{**m, "member": m["member"] + offset} for m in own]
+            pairs += [{**p, "i": p["i"] + offset, "j": p["j"] + offset} for p in run.read_csv(STEP_PAIRS)]
+            to_start += [{**s, "member": s["member"] + offset} for s in run.read_csv(STEP_TO_START)]
+            offset += len({m["member"] for m in own})
+        return members, pairs, to_start
 
     # Reading and writing.
     def write_text(self, name: str, content: str | bytes) -> str:

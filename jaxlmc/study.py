@@ -1,6 +1,6 @@
 """`jaxlmc study`: the whole experiment (docs/science.md) from one config, as stages that resume.
 
-    pretrain → finetune → barriers → soups → similarity → sharpness → report
+    pretrain → finetune → barriers → refine → soups → similarity → sharpness → report
 
 The stages are data (`STAGES`): each names the function that runs it, the config keys its results depend on beyond
 the training sections, the stages whose results it reads, and the run-directory files it writes. The report and the
@@ -19,7 +19,8 @@ import json
 import time
 from typing import Callable
 
-from jaxlmc import faults, finetuning, loop, measure, pretraining, report, rundir, sharpness, similarity, soups, tasks
+from jaxlmc import (faults, finetuning, loop, measure, pretraining, refine, report, rundir, sharpness, similarity,
+                    soups, tasks)
 from jaxlmc.config import Config
 
 
@@ -60,6 +61,8 @@ STAGES: list[Stage] = [
                                                          "study.fit_margin"),
           needs=("finetune",), writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES, rundir.NULLS,
                                        rundir.BARRIER_SETTINGS, *rundir.BY_STEP)),
+    Stage("refine", refine.refine_run, settings=("study.refine_rounds",), needs=("barriers",),
+          writes=(rundir.REFINE_ROUNDS,), trains=True, complete=refine.rounds_complete),
     Stage("soups", soups.soups_of_run, needs=("finetune",),
           writes=(rundir.SOUPS, rundir.MERGES)),
     Stage("similarity", similarity.similarity_of_run, settings=("study",), needs=("finetune", "barriers"),
@@ -67,7 +70,7 @@ STAGES: list[Stage] = [
     Stage("sharpness", sharpness.sharpness_of_run, needs=("finetune",),
           settings=("study.sharpness_iterations", "study.sharpness_examples", "data.train_eval_size"),
           writes=(rundir.SHARPNESS, rundir.START_SHARPNESS)),
-    Stage("report", report_stage, needs=("finetune", "barriers", "soups", "similarity", "sharpness"),
+    Stage("report", report_stage, needs=("finetune", "barriers", "refine", "soups", "similarity", "sharpness"),
           writes=(rundir.SUMMARY, rundir.CRITICAL, rundir.REPORT)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

@@ -1,7 +1,7 @@
 """The critical learning rate (jaxlmc.stats.critical_rate) on synthetic barrier tables with a known boundary."""
 import numpy as np
 
-from jaxlmc import noreturn, stats
+from jaxlmc import noreturn, refine, stats
 
 
 def table(lrs, boundary, slope=0.05, noise=0.004, resamples=400, seed=0):
@@ -203,3 +203,31 @@ def test_no_leaving_at_any_checkpoint_is_not_a_point_of_no_return():
     [sentence] = noreturn.verdicts(rows, reps)
     assert "From step 0 on no rate that trains leaves, but the design cannot detect" in sentence, sentence
     assert "the control (step 0) does not leave" in sentence, sentence
+
+
+# --------------------------------------------------------------------------------------------- refinement
+
+
+def test_bisection_brackets_a_synthetic_boundary_within_the_factor():
+    """A decade-spaced grid brackets each checkpoint's boundary (and the trainability edge) ×10 wide; each round adds
+    the log-midpoints refine.proposals names, for every start, until every bracket is within stats.BRACKET_FACTOR."""
+    boundary, fails_from = {0: 0.0047, 100: 0.047, 1000: 0.21}, 0.45
+    lrs, added = [0.001, 0.01, 0.1, 1.0], []
+    for _ in range(4):
+        rows, _ = analysed(by_step_tables(boundary, fails_from=fails_from, lrs=lrs))
+        wanted = refine.proposals(rows)
+        if not wanted:
+            break
+        assert not set(wanted) & set(lrs) and all(reasons for reasons in wanted.values())
+        added.append(sorted(wanted))
+        lrs = sorted(lrs + list(wanted))
+    assert not wanted and len(added) == 3, added  # ×10 → ×3.2 → ×1.8 → ×1.33
+    for r in rows:
+        assert r["stay_lr"] < boundary[r["pretrain_step"]] <= r["leave_lr"] <= r["stay_lr"] * stats.BRACKET_FACTOR
+        assert np.isfinite(r["critical_lr"])  # narrow enough now to interpolate
+        assert r["trains_lr"] < fails_from <= r["failing_lr"] <= r["trains_lr"] * stats.BRACKET_FACTOR
+    # The first round bisects each decade that holds a boundary or the edge: log-midpoints, in writable digits.
+    assert added[0] == [0.00316, 0.0316, 0.316]
+    reasons = refine.proposals(analysed(by_step_tables(boundary, fails_from=fails_from))[0])
+    assert "step 1000 shared: 0.1 → 0.3 (combined, seeds, start, train)" in reasons[0.173]
+    assert "step 0 shared: 0.3 → 1 (trainability)" in reasons[0.548]

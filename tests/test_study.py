@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxlmc import api, config, data, measure, rundir, study, tasks
+from jaxlmc import api, ckpt, config, data, measure, refine, rundir, study, tasks
 
 from conftest import TINY
 
@@ -130,6 +130,49 @@ def test_rerun_skips_every_stage_and_study_settings_rerun_only_later_stages(refe
     changed = tiny(data_dir, "study.similarity_examples=500")
     assert study.study(changed, copy, progress=False) == ["similarity", "report"]
     assert len(read_csv(os.path.join(copy, "similarity.csv"))) == len(read_csv(os.path.join(out, "similarity.csv")))
+
+
+def test_refinement_adds_the_midpoints_of_wide_brackets_for_every_start_and_resumes(reference, data_dir, tmp_path,
+                                                                                   monkeypatch):
+    """One round on the tiny grid (rates ×10 apart): the log-midpoints of its wide brackets, trained for every start in
+    refine/round1/ on hard links of the pretraining checkpoints, join the grid's rates in critical.csv; a round killed
+    before its barriers resumes without training again; fewer rounds remove it."""
+    cfg, ref_out, _ = reference
+    out = str(tmp_path / "refined")
+    shutil.copytree(ref_out, out)
+    run = rundir.RunDir(out)
+    wanted = refine.proposals(run.read_csv(rundir.CRITICAL))
+    assert wanted, "the tiny grid has a wide bracket to refine"
+    refined = tiny(data_dir, "study.refine_rounds=1")
+    measure_barriers = measure.barriers_of_run
+
+    def killed_in_a_round(cfg, out, *args, **kwargs):
+        if "refine" in out:
+            raise KeyboardInterrupt
+        return measure_barriers(cfg, out, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "barriers_of_run", killed_in_a_round)
+    with pytest.raises(KeyboardInterrupt):
+        study.study(refined, out, progress=False)
+    one = run.refine_round(1)
+    assert run.refined_rounds() == [] and one.exists(rundir.MEMBERS)
+    trained_at = os.path.getmtime(one.path(rundir.FINETUNE_CURVES))
+    monkeypatch.undo()
+    assert study.study(refined, out, progress=False) == ["refine", "report"]
+    assert os.path.getmtime(one.path(rundir.FINETUNE_CURVES)) == trained_at  # resumed, not trained again
+    [row] = run.read_csv(rundir.REFINE_ROUNDS)
+    assert row["lrs"] == " ".join(f"{lr:g}" for lr in wanted) and row["members"] == 9 * len(wanted)
+    assert sorted({(m["pretrain_step"], m["lr"]) for m in one.members()}) == sorted(
+        (s, lr) for s in (-1, 0, 60) for lr in wanted)
+    pretrained = os.path.join(rundir.PRETRAIN_CHECKPOINTS, "60", ckpt.MANIFEST)
+    assert os.stat(one.path(pretrained)).st_ino == os.stat(run.path(pretrained)).st_ino
+    critical = run.read_csv(rundir.CRITICAL)
+    assert all(r["rates"] == 2 + len(wanted) and r["members"] == 3 * (2 + len(wanted)) for r in critical)
+    assert "round 1: rates" in open(run.path(rundir.REPORT)).read()
+    assert study.study(refined, out, progress=False) == []
+    assert study.study(cfg, out, progress=False) == ["refine", "report"]
+    assert not os.path.exists(one.root) and run.read_csv(rundir.REFINE_ROUNDS) == []
+    assert read_csv(run.path(rundir.CRITICAL)) == read_csv(os.path.join(ref_out, "critical.csv"))
 
 
 def test_stages_are_declared_in_an_order_their_needs_respect():
