@@ -117,6 +117,9 @@ class FinetuneConfig:
     warmup_steps: int = 0
     seeds: int = dataclasses.field(default=8, metadata={"grid": GridAxis("seed", "seed", cell=False,
                                                                           always_shown=True)})  # 0 .. seeds-1
+    # Added to every fine-tuning seed's key (data order, heads, scratch bodies, dropout; the shared head's too): a
+    # replicate of a study with a fresh seed stream is the same config with another offset (and pretrain.seed).
+    seed_offset: int = 0
     steps: int = 1000
     # The amount of fine-tuning as an axis: the members are also kept at these steps (each in (0, steps)), and the
     # barrier stage measures them there too. With a constant schedule the state at step t is exactly a t-step
@@ -338,7 +341,7 @@ def validate(cfg: Config) -> None:
                     "pretrain.momentum": p.momentum, "finetune.momentum": f.momentum,
                     "data.context_length": cfg.data.context_length,
                     "study.sharpness_iterations": cfg.study.sharpness_iterations,
-                    "study.refine_rounds": cfg.study.refine_rounds,
+                    "study.refine_rounds": cfg.study.refine_rounds, "finetune.seed_offset": f.seed_offset,
                     "barriers.curve_steps": cfg.barriers.curve_steps}
     if m.kind not in KINDS:
         raise ConfigError(f"model.kind: {m.kind!r} is not one of {sorted(KINDS)}")

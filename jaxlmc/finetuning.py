@@ -224,7 +224,7 @@ def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict], t
                 so the members of a cell start bit-identical too).
     """
     seeds = [r["seed"] for r in rows]
-    keys = train.member_keys(seeds)
+    keys = train.member_keys(seeds, cfg.finetune.seed_offset)
     run = rundir.RunDir(out)
     # A body's identity: its checkpoint, or the seed of a scratch initialisation.
     body_of = [r["pretrain_step"] if r["pretrain_step"] >= 0 else ("scratch", r["seed"]) for r in rows]
@@ -238,7 +238,7 @@ def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict], t
                                   "pretraining diverged); fine-tuning from it is refused: pretrain again in a new --out")
     scratch = sorted({b for b in body_of if isinstance(b, tuple)})
     if scratch:
-        scratch_keys = train.member_keys([seed for _, seed in scratch])["init"]
+        scratch_keys = train.member_keys([seed for _, seed in scratch], cfg.finetune.seed_offset)["init"]
         scratch_S = jax.tree.map(np.asarray, jax.jit(jax.vmap(model.init))(scratch_keys))
         bodies.update({b: jax.tree.map(lambda a, n=n: a[n], scratch_S) for n, b in enumerate(scratch)})
 
@@ -253,7 +253,7 @@ def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict], t
     # jit lets XLA drop the body initialisation: only the heads are materialised.
     draw_heads = jax.jit(jax.vmap(lambda k: model.init(k)["head"]))
     head_M = jax.tree.map(np.array, draw_heads(keys["head"]))  # per_seed; the other policies overwrite their rows
-    shared = jax.tree.map(lambda a: np.asarray(a[0]), draw_heads(train.stream_keys("shared", [0])["head"]))
+    shared = jax.tree.map(lambda a: np.asarray(a[0]), draw_heads(train.shared_head_key(cfg.finetune.seed_offset)))
     fixed = {"shared": shared, "zero": jax.tree.map(np.zeros_like, shared)}
     need_probe = sorted({b for b, h in zip(body_of, policy) if h == "probe"}, key=str)
     if need_probe:

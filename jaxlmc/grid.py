@@ -106,7 +106,7 @@ def member_consts(f: FinetuneConfig, rows: list[dict]) -> dict:
     each member's seed gives its data-order key stream, and its noise stream when a constant that draws noise is
     there.
     """
-    keys = train.member_keys([r["seed"] for r in rows])
+    keys = train.member_keys([r["seed"] for r in rows], f.seed_offset)
     consts = {
         "lr": jnp.asarray(train.lr_table([r["lr"] for r in rows], [r["schedule"] for r in rows], f.steps,
                                          f.warmup_steps)),

@@ -73,10 +73,16 @@ def stream_keys(phase: str, seeds) -> dict:
     return {name: jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(base) for i, name in enumerate(STREAMS[phase])}
 
 
-def member_keys(seeds) -> dict:
+def member_keys(seeds, offset: int = 0) -> dict:
     """Isolated randomness of fine-tuning members: separate key streams for head initialisation, data order, other
-    noise (dropout), and the whole initialisation of from-scratch controls."""
-    return stream_keys("finetune", seeds)
+    noise (dropout), and the whole initialisation of from-scratch controls; seed s draws from key s + `offset`
+    (finetune.seed_offset)."""
+    return stream_keys("finetune", [s + offset for s in seeds])
+
+
+def shared_head_key(offset: int = 0):
+    """The key of the one head every member of a `shared`-head cell starts from."""
+    return stream_keys("shared", [offset])["head"]
 
 
 def init_state(params_M: dict, opt_kind: str, momentum: float, n_train: int) -> dict:

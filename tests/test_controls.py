@@ -1,5 +1,6 @@
 """The study's controls: head policies, unfit members, disjoint key streams, the member bootstrap and the noise
 floor (jaxlmc.stats), and evaluation under resampled examples."""
+import dataclasses
 import os
 
 import jax
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import api, calibration, config, finetuning, measure, models, rundir, stats, study, tasks, train, verdicts
+from jaxlmc import (api, calibration, config, finetuning, grid, measure, models, rundir, stats, study, tasks, train,
+                    verdicts)
 from conftest import TINY
 
 
@@ -43,6 +45,21 @@ def test_head_policies_start_where_they_say(heads_run):
     # Scratch: each seed its own body, so its own probe.
     scratch_probe = cell(-1, "probe")
     assert not np.allclose(kernel[scratch_probe[0]], kernel[scratch_probe[1]])
+
+    # finetune.seed_offset k: seed s starts as seed s + k did (its head, its scratch body); the shared head is new.
+    offset = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, seed_offset=1))
+    moved_M = api.start_params(offset, out, model, members, task.train)
+    moved = np.asarray(moved_M["head"]["kernel"])
+    for step in (-1, 60):
+        own = cell(step, "per_seed")
+        np.testing.assert_array_equal(moved[own[0]], kernel[own[1]])
+        assert not np.allclose(moved[own[2]], kernel[own[2]])
+    scratch = cell(-1, "per_seed")
+    np.testing.assert_array_equal(np.asarray(moved_M["dense0"]["kernel"])[scratch[0]],
+                                  np.asarray(start_M["dense0"]["kernel"])[scratch[1]])
+    assert not np.allclose(moved[cell(0, "shared")[0]], kernel[cell(0, "shared")[0]])
+    keys = [grid.member_consts(f, members[:2])["data_key"] for f in (offset.finetune, cfg.finetune)]
+    assert jax.random.key_data(keys[0][0]).tolist() == jax.random.key_data(keys[1][1]).tolist()
 
     # The probe head works: its start is far better than chance (a random head's), on the training data it was fit on
     evaluate = train.make_evaluate(model)
