@@ -7,13 +7,15 @@
     similarity_of_run(cfg, out)   accuracy spread, disagreement, CKA, basins      (jaxlmc.similarity)
     study(cfg, out)               all of the above, resumable, and the report     (jaxlmc.study)
     render_report(out)            the report of a finished study                  (jaxlmc.report)
+    compare_runs(a, b)            which verdicts two studies (a replicate) share  (jaxlmc.verdicts)
 
 `out` is a run directory (jaxlmc.rundir owns its layout); a config comes from jaxlmc.config.load, and a run
 directory's own from RunDir(out).config(). Training functions take an optional `progress` (jaxlmc.loop.Progress).
 """
 from __future__ import annotations
 
-from jaxlmc import report
+from jaxlmc import report, rundir, verdicts
+from jaxlmc.config import ConfigError
 from jaxlmc.finetuning import finetune, load_member, start_params
 from jaxlmc.measure import barriers_of_run, load_run
 from jaxlmc.pretraining import pretrain
@@ -24,10 +26,21 @@ from jaxlmc.study import STAGES, study
 from jaxlmc.tasks import Task, load_finetune_task, load_pretrain_task
 
 __all__ = ["STAGES", "RunDir", "Task", "barriers_of_run", "finetune", "load_finetune_task", "load_member",
-           "load_pretrain_task", "load_run", "pretrain", "render_report", "similarity_of_run", "soups_of_run",
+           "load_pretrain_task", "load_run", "pretrain", "render_report", "compare_runs", "similarity_of_run", "soups_of_run",
            "start_params", "study"]
 
 
 def render_report(out: str) -> str:
     """Re-render report.html, figures/ and summary.csv of a finished study; returns the report's path."""
     return report.render(out, STAGES)
+
+
+def compare_runs(a: str, b: str) -> list[dict]:
+    """The verdicts of two finished studies side by side (verdicts.compare): one row per verdict either states, with
+    "agree". A replicate (the same config, another finetune.seed_offset and pretrain.seed) tells which verdicts are
+    stable enough to be headlines."""
+    for out in (a, b):
+        run = RunDir(out)
+        if not run.exists(rundir.SUMMARY):
+            raise ConfigError(f"{out} holds no finished study (no summary.csv): run `jaxlmc study` on it first")
+    return verdicts.compare(RunDir(a), RunDir(b))

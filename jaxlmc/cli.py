@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     text = "re-render RUN_DIR/report.html, figures/ and summary.csv from a finished study"
     sub = commands.add_parser("report", help=text, description=text, parents=[debug])
     sub.add_argument("run_dir", help="a study's run directory")
+    text = ("which verdicts two finished studies share (a replicate: the same config with another "
+            "finetune.seed_offset and pretrain.seed)")
+    sub = commands.add_parser("compare", help=text, description=text, parents=[debug])
+    sub.add_argument("run_a", help="a study's run directory")
+    sub.add_argument("run_b", help="another study's run directory")
     return parser
 
 
@@ -106,6 +111,9 @@ def _run(args) -> int:
         return _barriers(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "compare":
+        ui.print_comparison(api.compare_runs(args.run_a, args.run_b), args.run_a, args.run_b)
+        return 0
     try:
         cfg = config.load(args.config, args.overrides)
     except ConfigError as err:

@@ -205,3 +205,15 @@ def print_study(out: str) -> None:
         for line in lines:  # (computed text: its brackets, "[0.001, 0.01]", are not markup)
             console.print(f"  • {escape(line)}")
     console.print(f"report: {os.path.join(out, 'report.html')}")
+
+
+def print_comparison(rows: list[dict], run_a: str, run_b: str) -> None:
+    """Two studies' verdicts side by side (api.compare_runs), the disagreements marked, and how many agree."""
+    table = Table(title="verdicts of two studies", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in ("verdict", run_a, run_b, "agree"):
+        table.add_column(escape(header))
+    for r in rows:
+        table.add_row(escape(r["verdict"]), escape(r["a"]), escape(r["b"]),
+                      "yes" if r["agree"] else "[bold red]no[/bold red]")
+    console.print(table)
+    console.print(f"{sum(r['agree'] for r in rows)} of {len(rows)} verdicts agree")

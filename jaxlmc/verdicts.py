@@ -112,44 +112,55 @@ def _others(m: Measured, besides: tuple[str, ...]) -> list[dict]:
     return [{grid.CELL_KEYS[i]: v for i, v in zip(index, combo)} for combo in seen]
 
 
+def _ends(m: Measured, axis: str) -> list[tuple[tuple, tuple]]:
+    """(first, last) cells with an interval along `axis`, per combination of the other cell axes: H1's first and last
+    checkpoint (the scratch row is not a checkpoint), H2's lowest and highest rate."""
+    ends = []
+    for where in _others(m, (axis,)):
+        cells = [c for c in m.at("barrier", **where) if axis != "pretrain_step" or c[0] >= 0]
+        if len(cells) >= 2:
+            ends.append((cells[0], cells[-1]))
+    return ends
+
+
+def _trend_word(m: Measured, first: tuple, last: tuple) -> tuple[str, float, float, float]:
+    delta, lo, hi = m.diff("barrier", first, last)
+    return {1: "rises", -1: "falls", 0: "not resolved"}[stats.sign(lo, hi)], delta, lo, hi
+
+
 def pretraining(m: Measured) -> list[str]:
     """H1: does the seeds' barrier fall with pretraining (first vs last checkpoint), per LR and every other axis?"""
     lines = []
-    for where in _others(m, ("pretrain_step",)):
-        cells = [c for c in m.at("barrier", **where) if c[0] >= 0]
-        if len(cells) < 2:
-            continue
-        first, last = cells[0], cells[-1]
-        delta, lo, hi = m.diff("barrier", first, last)
-        word = {1: "rises", -1: "falls", 0: "not resolved"}[stats.sign(lo, hi)]
-        text = (f"{m.where(first, ('pretrain_step',))}: {m.point('barrier', first):.3f} at step {first[0]} → "
-                f"{m.point('barrier', last):.3f} at step {last[0]}: {word} ({delta:+.3f}, 95 % CI {_ci(lo, hi)})")
-        lines.append(text + ".")
+    for first, last in _ends(m, "pretrain_step"):
+        word, delta, lo, hi = _trend_word(m, first, last)
+        lines.append(f"{m.where(first, ('pretrain_step',))}: {m.point('barrier', first):.3f} at step {first[0]} → "
+                     f"{m.point('barrier', last):.3f} at step {last[0]}: {word} ({delta:+.3f}, 95 % CI "
+                     f"{_ci(lo, hi)}).")
     return lines
 
 
 def learning_rate(m: Measured) -> list[str]:
     """H2: does the seeds' barrier rise with the fine-tuning LR (lowest vs highest LR with usable members)?"""
     lines = []
-    for where in _others(m, ("lr",)):
-        cells = m.at("barrier", **where)
-        if len(cells) < 2:
-            continue
-        low, high = cells[0], cells[-1]
-        delta, lo, hi = m.diff("barrier", low, high)
-        word = {1: "rises", -1: "falls", 0: "not resolved"}[stats.sign(lo, hi)]
+    for low, high in _ends(m, "lr"):
+        word, delta, lo, hi = _trend_word(m, low, high)
         lines.append(f"{m.where(low, ('lr',))}: {m.point('barrier', low):.3f} at LR {low[1]:g} → "
                      f"{m.point('barrier', high):.3f} at LR {high[1]:g}: {word} ({delta:+.3f}, 95 % CI "
                      f"{_ci(lo, hi)}).")
     return lines
 
 
+def _basin_verdicts(m: Measured, measure: str) -> dict[tuple, str]:
+    """{cell: "one basin" | "separate basins" | "not resolved"} for the cells with an interval."""
+    return {c: stats.basin_verdict(*stats.ci(m.values[measure][1][c])) for c in m.at(measure)}
+
+
 def basins(m: Measured, measure: str, label: str) -> list[str]:
     """Per cell, against the noise floor: one basin, separate basins, or not resolved; counted, then listed."""
     verdicts: dict[str, list[tuple]] = {"one basin": [], "separate basins": [], "not resolved": []}
-    judged = m.at(measure)
-    for c in judged:
-        verdicts[stats.basin_verdict(*stats.ci(m.values[measure][1][c]))].append(c)
+    judged = _basin_verdicts(m, measure)
+    for c, verdict in judged.items():
+        verdicts[verdict].append(c)
     too_few = len(m.cells) - len(judged)
     lines = [f"{label}: of {len(judged)} cells with at least {stats.MIN_MEMBERS} usable members ({too_few} have "
              "fewer), " + ", ".join(
@@ -272,8 +283,8 @@ def sensitivity(run: rundir.RunDir, rows: list[dict]) -> list[str]:
     text = (f"Sensitivity to the failure rule: adding the relative rule (train accuracy below {RELATIVE_FRACTION:g} of "
             f"the best from the same start) would leave out {more} more member{'s' if more != 1 else ''}")
     if rows and noreturn.has_steps(run):
-        alt, _ = noreturn.analyse_tables(relative_unfit(run.read_csv(rundir.STEP_MEMBERS)),
-                                         run.read_csv(rundir.STEP_PAIRS), run.read_csv(rundir.STEP_TO_START))
+        step_members, step_pairs, step_starts = run.step_tables()
+        alt, _ = noreturn.analyse_tables(relative_unfit(step_members), step_pairs, step_starts)
         moved = [(a, b) for a, b in zip(rows, alt) if (a["stay_lr"], a["leave_lr"]) != (b["stay_lr"], b["leave_lr"])
                  and not (np.isnan(a["stay_lr"]) and np.isnan(b["stay_lr"]))]
         text += (f"; the critical-rate brackets change at {len(moved)} of {len(rows)} starts and lengths"
@@ -311,3 +322,31 @@ def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
                                                                                                      sim_rows)),
     ]
     return [(q, lines) for q, lines in sections if lines]
+
+
+def decisions(run: rundir.RunDir) -> dict[str, str]:
+    """Every verdict the report states, as {what: decision}, to compare a study with its replicate: H1 and H2 per
+    combination of the other axes (rises / falls / not resolved), one basin / separate basins / not resolved per cell
+    between seeds and to the start, and H3's critical-rate and trainability brackets per start and length."""
+    m = measure_run(run)
+    out = {}
+    for first, last in _ends(m, "pretrain_step"):
+        out[f"H1 {m.where(first, ('pretrain_step',))}"] = _trend_word(m, first, last)[0]
+    for low, high in _ends(m, "lr"):
+        out[f"H2 {m.where(low, ('lr',))}"] = _trend_word(m, low, high)[0]
+    for measure, label in (("excess", "seeds"), ("start_excess", "start")):
+        out.update({f"basin ({label}) {m.where(c)}": v for c, v in _basin_verdicts(m, measure).items()})
+    if noreturn.has_steps(run) and len({r["lr"] for r in run.read_csv(rundir.MEMBERS)}) > 1:
+        for row in noreturn.analyse(run)[0]:
+            where = f"{noreturn.start_label(row['pretrain_step'])}, {row['head']} heads, {row['finetune_step']} steps"
+            out[f"H3 stays → leaves, {where}"] = noreturn.bracket_pair(row)
+            out[f"H3 trains → fails, {where}"] = noreturn.bracket_pair({"stay_lr": row["trains_lr"],
+                                                                         "leave_lr": row["failing_lr"]})
+    return out
+
+
+def compare(a: rundir.RunDir, b: rundir.RunDir) -> list[dict]:
+    """One row per verdict either run states: {"verdict", "a", "b", "agree"} ("–" where a run does not state it)."""
+    da, db = decisions(a), decisions(b)
+    return [{"verdict": k, "a": da.get(k, "–"), "b": db.get(k, "–"), "agree": da.get(k) == db.get(k)}
+            for k in dict.fromkeys([*da, *db])]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxlmc import api, ckpt, config, data, measure, refine, rundir, study, tasks
+from jaxlmc import api, ckpt, cli, config, data, measure, refine, rundir, study, tasks
 
 from conftest import TINY
 
@@ -169,6 +169,15 @@ def test_refinement_adds_the_midpoints_of_wide_brackets_for_every_start_and_resu
     critical = run.read_csv(rundir.CRITICAL)
     assert all(r["rates"] == 2 + len(wanted) and r["members"] == 3 * (2 + len(wanted)) for r in critical)
     assert "round 1: rates" in open(run.path(rundir.REPORT)).read()
+    # Comparing studies: the refined run states the grid's verdicts (the same tables) and its own H3 brackets.
+    same = api.compare_runs(ref_out, ref_out)
+    assert same and all(r["agree"] for r in same)
+    assert {r["verdict"].split(" ")[0] for r in same} >= {"H1", "H2", "basin", "H3"}
+    rows = api.compare_runs(ref_out, out)
+    assert [r["verdict"] for r in rows] == [r["verdict"] for r in same]
+    assert all(r["agree"] for r in rows if not r["verdict"].startswith("H3"))
+    assert any(not r["agree"] for r in rows if r["verdict"].startswith("H3 stays"))  # narrower brackets
+    assert cli.main(["compare", ref_out, str(tmp_path / "missing")]) == 2
     assert study.study(refined, out, progress=False) == []
     assert study.study(cfg, out, progress=False) == ["refine", "report"]
     assert not os.path.exists(one.root) and run.read_csv(rundir.REFINE_ROUNDS) == []
