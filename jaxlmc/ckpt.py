@@ -37,13 +37,6 @@ from orbax.checkpoint import checkpoint_managers
 
 from jaxlmc import faults, files, shard
 
-# Orbax logs every save at INFO/WARNING through absl, and a failed write again at ERROR from each of its threads;
-# jaxlmc reports both itself (a progress bar; one line naming the file and the OS error).
-logging.getLogger("absl").setLevel(logging.CRITICAL)
-# After a failed write, Orbax's asyncio tasks that also failed are logged one by one when collected ("Task exception
-# was never retrieved"), long after the failure was reported; jaxlmc itself runs no asyncio code.
-logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-
 MANIFEST = "jaxlmc_files.json"
 _CRC_BLOCK = 1 << 22
 # What a tensorstore/Orbax read error says when the bytes on disk are not what was written (as opposed to, say, a
@@ -63,6 +56,20 @@ def _crc32(path: str) -> int:
 def _files(directory: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(root, name), directory)
                   for root, _, names in os.walk(directory) for name in names if name != MANIFEST)
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """For the duration of one of jaxlmc's Orbax calls: Orbax logs every save and restore at INFO/WARNING through absl,
+    and a failed write again at ERROR from each of its threads, which jaxlmc reports itself (a progress bar; one line
+    naming the file and the OS error). The process's logging is as it was afterwards."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -108,8 +115,9 @@ class Checkpoints:
         )
         try:  # (creating the directory is the first write of a run's checkpoints)
             # Orbax's tensorstore layer refuses relative paths; run directories are usually given relative to the cwd.
-            self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                                  item_handlers=ocp.StandardCheckpointHandler())
+            with _quiet_logs():
+                self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                      item_handlers=ocp.StandardCheckpointHandler())
         except Exception as err:
             found = faults.os_error_of(err)
             if found is None:
@@ -134,7 +142,7 @@ class Checkpoints:
     # Writing.
     def save(self, step: int, state) -> None:
         try:
-            with _quiet_event_loop_noise():
+            with _quiet_logs(), _quiet_event_loop_noise():
                 self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
                 self._manager.wait_until_finished()
         except BaseException as err:  # (an interrupt too: no half-written step may stay behind)
@@ -216,7 +224,8 @@ class Checkpoints:
         problem = self.problem(step)
         if problem is None:
             try:
-                return restore()
+                with _quiet_logs():
+                    return restore()
             except Exception as err:
                 if not _READ_FAULT.search(str(err)):
                     raise
@@ -274,13 +283,15 @@ class Checkpoints:
         if later:
             faults.notify(f"deleting the checkpoints at step(s) {', '.join(map(str, later))} in {self.directory}: training "
                    f"continues from {'step ' + str(step) if step >= 0 else 'the start'} and saves them again")
-            for s in later:
-                self._manager.delete(s)
-                self._intact.discard(s)
-            self._manager.reload()
+            with _quiet_logs():
+                for s in later:
+                    self._manager.delete(s)
+                    self._intact.discard(s)
+                self._manager.reload()
 
     def close(self) -> None:
-        self._manager.close()
+        with _quiet_logs():
+            self._manager.close()
 
 
 class CorruptCheckpointInfo:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     exit 2 for a bad config or arguments, 1 for a fault (corrupt checkpoint, a write that failed), 75 when another
     process writes the run directory, 130/143 after SIGINT/SIGTERM (resumable), 1 for anything unexpected."""
     args = _parser().parse_args(argv)
+    # After a failed write, Orbax's asyncio tasks that also failed are logged one by one when collected ("Task
+    # exception was never retrieved"), long after the one line that reports the failure; the command runs no asyncio
+    # code of its own. (The library leaves the process's logging alone.)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         with faults.handle_signals():
             return _run(args)

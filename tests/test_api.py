@@ -238,3 +238,24 @@ def test_a_per_member_dropout_rate_end_to_end(finished_run, tmp_path):
                 np.testing.assert_array_equal(a, b)
             assert r["test_acc"] == rows[plain[key(r)]]["test_acc"]
         assert r["dist_from_init"] != twin["dist_from_init"]
+
+
+def test_importing_and_checkpointing_leave_the_process_logging_alone(tmp_path):
+    """A notebook that imports jaxlmc keeps its own logging and stderr: nothing changes at import, and a checkpoint
+    save puts the absl logger's level back afterwards."""
+    script = f"""
+import logging, sys
+stderr = sys.stderr
+levels = {{name: logging.getLogger(name).level for name in ("absl", "asyncio", "jax", "")}}
+import jaxlmc, jaxlmc.api, jaxlmc.cli, jaxlmc.study
+import numpy as np
+from jaxlmc import ckpt
+assert sys.stderr is stderr
+assert {{name: logging.getLogger(name).level for name in levels}} == levels
+with ckpt.Checkpoints({str(tmp_path / "ck")!r}) as manager:
+    manager.save(1, {{"w": np.ones(3)}})
+assert logging.getLogger("absl").level == levels["absl"] and sys.stderr is stderr
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
