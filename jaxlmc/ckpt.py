@@ -103,16 +103,8 @@ class Checkpoints:
         self._intact: set[int] = set()  # steps whose files passed the check in this process (read once)
         self.aside = os.path.abspath(aside or os.path.join(os.path.dirname(self.directory), "corrupt",
                                                            os.path.basename(self.directory)))
-        policies = [checkpoint_managers.LatestN(keep_latest)]
-        if keep_steps:
-            policies.append(checkpoint_managers.CustomSteps(list(keep_steps)))
-        options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=False,
-            cleanup_tmp_directories=not read_only,
-            create=not read_only,
-            read_only=read_only,
-            preservation_policy=None if read_only else checkpoint_managers.AnyPreservationPolicy(policies),
-        )
+        with _quiet_logs():  # ("read_only=True, setting save_interval_steps=0", at WARNING)
+            options = self._options(keep_steps, keep_latest, read_only)
         try:  # (creating the directory is the first write of a run's checkpoints)
             # Orbax's tensorstore layer refuses relative paths; run directories are usually given relative to the cwd.
             with _quiet_logs():
@@ -123,6 +115,19 @@ class Checkpoints:
             if found is None:
                 raise
             raise faults.WriteFailed(found[0] or self.directory, found[1]) from None
+
+    @staticmethod
+    def _options(keep_steps: Sequence[int], keep_latest: int, read_only: bool) -> ocp.CheckpointManagerOptions:
+        policies = [checkpoint_managers.LatestN(keep_latest)]
+        if keep_steps:
+            policies.append(checkpoint_managers.CustomSteps(list(keep_steps)))
+        return ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+            preservation_policy=None if read_only else checkpoint_managers.AnyPreservationPolicy(policies),
+        )
 
     def __enter__(self) -> Checkpoints:
         return self
@@ -205,7 +210,8 @@ class Checkpoints:
         if shard.is_primary():
             shutil.move(self.step_dir(step), target)
         shard.sync(f"aside {self.directory} {step}")
-        self._manager.reload()
+        with _quiet_logs():
+            self._manager.reload()
         return CorruptCheckpointInfo(self.directory, step, problem, target)
 
     def verified_steps(self) -> list[int]:
