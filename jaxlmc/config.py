@@ -58,9 +58,9 @@ def grid_axis(column: str, header: str, default: list, **kwargs):
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     pretrain_task: str = "mnist1d"  # TFDS name or name/config
-    pretrain_labels: LabelMap = "identity"
-    finetune_task: str = "mnist1d/shifted"
-    finetune_labels: LabelMap = "mod5"
+    pretrain_labels: LabelMap = "identity"  # how the pretraining task's labels are mapped (jaxlmc.data.LABEL_MAPS)
+    finetune_task: str = "mnist1d/shifted"  # TFDS name or name/config
+    finetune_labels: LabelMap = "mod5"  # how the fine-tuning task's labels are mapped
     ood_task: str = "mnist1d/noisy"  # "" for none; read with the fine-tuning label map
     data_dir: str = ""  # "" means $JAXLMC_DATA_DIR or ~/tensorflow_datasets
     train_eval_size: int = 1000  # fixed subset of the training split used for train loss / accuracy
@@ -68,7 +68,7 @@ class DataConfig:
     # Class splits: keep only the examples of these original classes, relabelled 0 .. k-1 in this order ([]: all).
     # Exclusive with a label map other than "identity"; the OOD set uses finetune_classes.
     pretrain_classes: list[int] = dataclasses.field(default_factory=list)
-    finetune_classes: list[int] = dataclasses.field(default_factory=list)
+    finetune_classes: list[int] = dataclasses.field(default_factory=list)  # its class split ([]: all)
     # Text datasets (tiny_shakespeare, imdb_reviews, …) only: bytes of context per sequence (the window read is one
     # longer, for the next-byte targets of language modelling); 0 for datasets of fixed-size inputs.
     context_length: int = 0
@@ -79,7 +79,7 @@ class ModelConfig:
     kind: str = "mlp"  # a registered model kind (jaxlmc.models.KINDS)
     width: int = 256  # hidden units (MLP) or channels (CNN)
     depth: int = 2  # hidden layers (MLP; 0 is logistic regression) or conv layers (CNN)
-    norm: Literal["none", "layernorm"] = "none"
+    norm: Literal["none", "layernorm"] = "none"  # LayerNorm before each hidden nonlinearity, or none
     kernel_size: int = 3  # CNN only
     heads: int = 4  # transformer only: attention heads (width must be a multiple)
     vocab_size: int = 0  # transformer only: token ids lie in [0, vocab_size)
@@ -87,16 +87,17 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 3000
-    batch_size: int = 100
-    lr: float = 1e-2
-    optimizer: Optimizer = "adamw"
+    steps: int = 3000  # updates
+    batch_size: int = 100  # examples per update
+    lr: float = 1e-2  # peak learning rate
+    optimizer: Optimizer = "adamw"  # AdamW (decoupled weight decay) or SGD with momentum
     momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
-    schedule: Schedule = "constant"
-    warmup_steps: int = 0
+    weight_decay: float = 0.0  # decoupled weight decay
+    schedule: Schedule = "constant"  # learning-rate schedule after the warm-up
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    # The kept Orbax checkpoints: the starts fine-tuning can use.
     save_steps: list[int] = dataclasses.field(default_factory=lambda: [0, 10, 30, 100, 300, 1000, 3000])
-    seed: int = 0
+    seed: int = 0  # the pretraining's init and data-order keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,33 +115,33 @@ class FinetuneConfig:
     # How each member's new head starts (HeadPolicy). Which sources of randomness vary with the seed follows from it:
     # per_seed varies the head's initialisation and the data order, the others the data order alone.
     heads: list[HeadPolicy] = grid_axis("head", "head", ["per_seed"], always_shown=True)
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # every member's linear warm-up from 0 to its rate
     seeds: int = dataclasses.field(default=8, metadata={"grid": GridAxis("seed", "seed", cell=False,
                                                                           always_shown=True)})  # 0 .. seeds-1
     # Added to every fine-tuning seed's key (data order, heads, scratch bodies, dropout; the shared head's too): a
     # replicate of a study with a fresh seed stream is the same config with another offset (and pretrain.seed).
     seed_offset: int = 0
-    steps: int = 1000
+    steps: int = 1000  # updates per member
     # The amount of fine-tuning as an axis: the members are also kept at these steps (each in (0, steps)), and the
     # barrier stage measures them there too. With a constant schedule the state at step t is exactly a t-step
     # fine-tuning; with a decaying one it is a point along the longer run.
     save_steps: list[int] = dataclasses.field(default_factory=list)
-    batch_size: int = 100
-    optimizer: Optimizer = "adamw"
-    momentum: float = 0.9
+    batch_size: int = 100  # examples per update and member
+    optimizer: Optimizer = "adamw"  # AdamW (decoupled weight decay) or SGD with momentum
+    momentum: float = 0.9  # sgd only
     new_head: bool = True  # forced when the fine-tuning task has a different number of classes
     scratch: bool = False  # add a control row (pretrain_step -1): every seed from its own random initialisation
     # The linear probe (head "probe", and the start every member's barrier to the start is measured against): full-
     # batch L-BFGS on the frozen body's features of the fine-tuning training split, with an L2 penalty on its weights.
     probe_steps: int = 100
-    probe_l2: float = 1e-3
+    probe_l2: float = 1e-3  # the linear probe's L2 penalty
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     chunk_steps: int = 100  # steps per compiled scan; metrics reach the host once per chunk
     checkpoint_every: int = 500  # steps between Orbax saves (and always at the end)
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 1000  # examples per evaluation batch
     max_members: int = 0  # members per compiled program; 0: all that fit in memory (then as few parts as possible)
     # Members trained together, all steps of a chunk, before the next group (jaxlmc.train.member_group_size); the
     # results do not depend on it. 0: automatic (8 on a CPU, fewer for a large model; all on an accelerator).
@@ -152,7 +153,7 @@ class BarrierConfig:
     alphas: int = 25  # points on the α grid, ends included (Git Re-Basin uses 25)
     pairs: str = "within"  # "within" (pairs inside each grid cell), "all", or a file of pairs (columns i, j)
     chunk_pairs: int = 0  # pairs evaluated together; 0 picks the largest that fits memory_fraction of free memory
-    memory_fraction: float = 0.5
+    memory_fraction: float = 0.5  # of free device memory the automatic chunk_pairs may use
     bootstrap: int = 1000  # seed resamples for the member-bootstrap CIs of the per-cell means (jaxlmc.stats); 0: none
     # Also the barriers after aligning member j of each pair onto member i (Git Re-Basin), columns with the suffix
     # _aligned: "weights" (weight matching; true means the same) or "activations" (activation matching on training
@@ -166,12 +167,12 @@ class BarrierConfig:
     # with `align`, else on the naive ones: columns with the suffix _repair. Statistics from the first
     # `repair_examples` of the fixed train-evaluation subset.
     repair: bool = False
-    repair_examples: int = 500
+    repair_examples: int = 500  # examples whose activation statistics REPAIR matches
     # Also each member pair's quadratic Bezier curve (Garipov et al. 2018; jaxlmc.curves): its bend trained for this
     # many Adam steps at `curve_lr` on the fine-tuning training data (batches of finetune.batch_size, t ~ U(0, 1)),
     # all pairs at once, on the aligned pairs with `align`; columns with the suffix _curve. 0: no curves.
     curve_steps: int = 0
-    curve_lr: float = 1e-3
+    curve_lr: float = 1e-3  # Adam's rate when fitting a Bezier curve between two members
     # Bootstrap resamples of the evaluation examples, evaluated inside the same pass: each pair's noise floor (the
     # barrier evaluation noise alone would show, see jaxlmc.stats) comes from them. 0: no noise floors.
     noise_resamples: int = 100
@@ -191,7 +192,7 @@ class StudyConfig:
     # power-iteration steps (Hessian-vector products, all members at once) on this many training examples (the first
     # of the fixed train-evaluation subset). 0 iterations: not measured.
     sharpness_iterations: int = 20
-    sharpness_examples: int = 500
+    sharpness_examples: int = 500  # training examples the Hessian-vector products use
     widths: list[int] = dataclasses.field(default_factory=list)  # a scaling trend: one study per model width
     # Refinement (jaxlmc.refine): after the grid's barriers, up to this many rounds each adding, for every start, the
     # log-midpoint of every stay → leave and trains → fails bracket wider than stats.BRACKET_FACTOR (0: none).

@@ -1,10 +1,12 @@
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from jaxlmc import config
+from jaxlmc import config, config_doc
 from jaxlmc.config import ConfigError
 
 
@@ -72,3 +74,15 @@ def test_config_round_trips_through_json():
     cfg = config.load("configs/mnist1d.toml", ["model.depth=3"])
     again = config.from_dict(json.loads(cfg.to_json()))
     assert again == cfg
+
+
+def test_the_config_reference_is_generated_from_the_code_and_current():
+    """docs/config.md lists every key of every section with its default and comment; regenerate it with
+    `python -m jaxlmc.config_doc > docs/config.md` when config.py changes."""
+    text = config_doc.render()
+    for section in dataclasses.fields(config.Config):
+        for f in dataclasses.fields(getattr(config.Config(), section.name)):
+            assert f"| `{f.name}` |" in text, f"{section.name}.{f.name}"
+    assert "| `refine_rounds` | int | `0` | Refinement" in text
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "config.md")) as f:
+        assert f.read() == text, "docs/config.md is stale: python -m jaxlmc.config_doc > docs/config.md"
