@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each runs a script in a fresh process (jax's import and compilation included)
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
@@ -32,7 +34,6 @@ def test_the_array_level_example_trains_members_and_prints_barriers_with_interva
         assert 0 <= lo <= barrier <= hi < 1
 
 
-@pytest.mark.slow
 def test_the_run_directory_example_runs_a_study_and_its_replicate(tmp_path, data_dir):
     out = run_block(api_blocks()[1], str(tmp_path))
     assert len(out.splitlines()) == 2 * 2 + 1 and out.splitlines()[-1].endswith("verdicts agree")
