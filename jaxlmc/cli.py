@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +19,9 @@ def _add_common(sub, overrides_help: str, quiet_help: str) -> None:
     sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help=overrides_help)
     sub.add_argument("--quiet", action="store_true", help=quiet_help)
+    sub.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                     help="import a plugin module first (it registers model kinds, datasets, label maps, optimisers "
+                          "or stages); repeatable; kept in the run's config as plugins.modules")
     sub.add_argument("--distributed", action="store_true",
                      help="join a multi-host run: jax.distributed.initialize() from the cluster's environment "
                           "(SLURM, Open MPI, TPU pod slice), or from JAX_COORDINATOR_ADDRESS, JAXLMC_NUM_PROCESSES "
@@ -120,9 +124,13 @@ def _run(args) -> int:
         ui.print_comparison(api.compare_runs(args.run_a, args.run_b), args.run_a, args.run_b)
         return 0
     try:
+        config.import_plugins(args.imports)
         cfg = config.load(args.config, args.overrides)
     except ConfigError as err:
         return _fail(args, err, f"config error: {err}", 2)
+    if args.imports:
+        cfg = dataclasses.replace(cfg, plugins=dataclasses.replace(
+            cfg.plugins, modules=list(dict.fromkeys([*cfg.plugins.modules, *args.imports]))))
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
 
     progress = None if args.quiet else ui.TrainingProgress
@@ -159,6 +167,7 @@ def _report(args) -> int:
 
 
 def _barriers(args) -> int:
+    config.import_plugins(args.imports)
     overrides = list(args.overrides)
     if args.pairs is not None:
         overrides.append(f"barriers.pairs={json.dumps(args.pairs)}")

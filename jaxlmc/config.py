@@ -8,6 +8,7 @@ Command-line overrides use ``--set section.key=value``; the value is parsed as T
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import tomllib
@@ -15,11 +16,15 @@ import types
 import typing
 from typing import Callable, Literal
 
+from jaxlmc.labels import LABEL_MAPS
 from jaxlmc.models import KINDS
+from jaxlmc.optimizers import OPTIMIZERS
 
 Schedule = Literal["constant", "cosine", "linear"]
-Optimizer = Literal["adamw", "sgd"]
-LabelMap = Literal["identity", "mod5", "parity", "reverse", "next_token"]  # see jaxlmc.data.LABEL_MAPS
+# Registered names, checked by `validate`: jaxlmc.optimizers.OPTIMIZERS and jaxlmc.labels.LABEL_MAPS (built-ins and
+# whatever a plugin module registers).
+Optimizer = str
+LabelMap = str
 # How a member's new head starts (jaxlmc.finetuning.start_params): its seed's own random draw, one random draw shared
 # by every seed (only the data order then differs between seeds: Frankle's instability analysis), zeros, or a linear
 # probe fitted on the frozen starting body's features (LP-FT, Kumar et al. 2022; deterministic, so also shared).
@@ -199,6 +204,14 @@ class StudyConfig:
     refine_rounds: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class PluginsConfig:
+    # Python modules imported before the rest of the config is read: they register model kinds, datasets, label maps,
+    # optimisers or study stages (jaxlmc.models.register_kind, jaxlmc.data.register_dataset, …) that the config then
+    # names. Also `--import MODULE` on the command line.
+    modules: list[str] = dataclasses.field(default_factory=list)
+
+
 # The sections that decide what a run directory's checkpoints contain; the others (how often to report, how to
 # measure) may change between invocations on the same directory.
 TRAINING_SECTIONS = ("data", "model", "pretrain", "finetune")
@@ -213,6 +226,7 @@ class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     barriers: BarrierConfig = dataclasses.field(default_factory=BarrierConfig)
     study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
+    plugins: PluginsConfig = dataclasses.field(default_factory=PluginsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -279,9 +293,20 @@ def from_dict(raw: dict) -> Config:
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] (known sections: {', '.join(sorted(sections))})")
+    plugins = _section(sections["plugins"], raw.get("plugins", {}), "plugins")
+    import_plugins(plugins.modules)  # before the sections that name what they register are checked
     cfg = Config(**{name: _section(sections[name], raw.get(name, {}), name) for name in sections})
     validate(cfg)
     return cfg
+
+
+def import_plugins(modules: typing.Sequence[str]) -> None:
+    """Import each module (once: Python caches them), naming the one that fails."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # its own error, whatever it is, belongs to the plugin: name it in one line
+            raise ConfigError(f"plugins.modules: cannot import {name!r}: {type(err).__name__}: {err}") from None
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
@@ -344,6 +369,12 @@ def validate(cfg: Config) -> None:
                     "study.sharpness_iterations": cfg.study.sharpness_iterations,
                     "study.refine_rounds": cfg.study.refine_rounds, "finetune.seed_offset": f.seed_offset,
                     "barriers.curve_steps": cfg.barriers.curve_steps}
+    for key, value, registry, where in (("pretrain.optimizer", p.optimizer, OPTIMIZERS, "jaxlmc.optimizers"),
+                                        ("finetune.optimizer", f.optimizer, OPTIMIZERS, "jaxlmc.optimizers"),
+                                        ("data.pretrain_labels", cfg.data.pretrain_labels, LABEL_MAPS, "jaxlmc.labels"),
+                                        ("data.finetune_labels", cfg.data.finetune_labels, LABEL_MAPS, "jaxlmc.labels")):
+        if value not in registry:
+            raise ConfigError(f"{key}: {value!r} is not one of {sorted(registry)} (more are registered in {where})")
     if m.kind not in KINDS:
         raise ConfigError(f"model.kind: {m.kind!r} is not one of {sorted(KINDS)}")
     kind = KINDS[m.kind]

@@ -19,12 +19,15 @@ import dataclasses
 import difflib
 import functools
 import os
+from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
 from mnist1d.data import get_dataset_args, get_templates
 from mnist1d.transform import transform
 from mnist1d.utils import set_seed
+
+from jaxlmc.labels import LABEL_MAPS
 
 DEFAULT_DATA_DIR = os.path.expanduser(os.environ.get("JAXLMC_DATA_DIR", "~/tensorflow_datasets"))
 
@@ -57,15 +60,6 @@ MNIST1D_DESCRIPTIONS = {
     "permuted": "The default's generator with the 40 positions in one fixed random order: far from the default.",
     "permuted_noisy": "The noisy variant with the permuted variant's position order (OOD for permuted).",
 }
-
-LABEL_MAPS = {
-    "identity": None,
-    "mod5": lambda y, c: (y % 5, 5),
-    "parity": lambda y, c: (y % 2, 2),
-    "reverse": lambda y, c: (c - 1 - y, c),
-    "next_token": None,  # language modelling on a token dataset: every position predicts the next (load_task)
-}
-
 
 def _mnist1d_args(variant: str):
     """mnist1d's generator arguments for a builder config, and jaxlmc's own keys (popped from the variant)."""
@@ -272,6 +266,48 @@ class Split:
     name: str
 
 
+@dataclasses.dataclass(frozen=True)
+class RegisteredDataset:
+    """A dataset given as arrays rather than by TFDS (`register_dataset`)."""
+
+    read: Callable[[], dict]  # () -> {split: (x, y)}, cached after the first call
+    num_classes: int
+    vocab: int = 0
+
+    def split(self, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+        splits = self.read()
+        if split not in splits:
+            raise ValueError(f"dataset {name!r} has no split {split!r} (it has {', '.join(sorted(splits))})")
+        x, y = splits[split]
+        return np.asarray(x), np.asarray(y, np.int32)
+
+
+# Datasets registered from arrays, by name: read before TFDS is asked (register_dataset).
+DATASETS: dict[str, RegisteredDataset] = {}
+
+
+def register_dataset(name: str, splits, num_classes: int, vocab: int = 0) -> None:
+    """Make `name` usable wherever a config names a task, from arrays instead of TFDS. `splits` is {split: (x_N…,
+    y_N)} (at least "train" and "test"), a callable returning that (called once, when the dataset is first read), or
+    the path of an .npz file holding x_<split> and y_<split> arrays. Inputs are used as given (float features, or
+    integer token ids below `vocab` for a sequence model); labels are integers in [0, num_classes)."""
+    if name in DATASETS:
+        raise ValueError(f"dataset {name!r} is already registered")
+    if isinstance(splits, (str, os.PathLike)):
+        path = os.fspath(splits)
+
+        def from_npz() -> dict:
+            with np.load(path) as archive:
+                names = {k[2:] for k in archive.files if k.startswith("x_")}
+                return {s: (archive[f"x_{s}"], archive[f"y_{s}"]) for s in names}
+        read = from_npz
+    elif callable(splits):
+        read = splits
+    else:
+        read = lambda: splits  # noqa: E731
+    DATASETS[name] = RegisteredDataset(functools.cache(read), int(num_classes), int(vocab))
+
+
 def _builder(name: str, data_dir: str | None):
     base, _, config = name.partition("/")
     try:
@@ -307,6 +343,9 @@ def _read_all(name: str, split: str, data_dir: str | None,
     """(x, y, number of classes) of one split. A text dataset becomes byte sequences of context_length + 1 (the
     context and, for language modelling, its next byte): a corpus without labels is cut into windows (y all 0 and
     no classes), a labelled set gives one sequence per example."""
+    if name in DATASETS:
+        x, y = DATASETS[name].split(name, split)
+        return x, y, DATASETS[name].num_classes
     builder = prepare(name, data_dir)
     source = builder.as_data_source(split=split)
     try:  # one batched read: 5× faster than example by example (50,000 MNIST-1D signals: 1.3 s instead of 6 s)
@@ -335,6 +374,8 @@ def _read_all(name: str, split: str, data_dir: str | None,
 def vocab_size(name: str, data_dir: str | None = None) -> int:
     """The vocabulary of a token dataset (its "tokens" feature's classes, or TEXT_VOCAB bytes for a text dataset); 0
     for a dataset of signals or images."""
+    if name in DATASETS:
+        return DATASETS[name].vocab
     features = _builder(name, data_dir).info.features
     if text_feature(features) is not None:
         return TEXT_VOCAB
@@ -343,12 +384,16 @@ def vocab_size(name: str, data_dir: str | None = None) -> int:
 
 def is_text(name: str, data_dir: str | None = None) -> bool:
     """Whether a dataset holds text (tokenized here as bytes, in windows of a chosen context length)."""
+    if name in DATASETS:
+        return False
     return text_feature(_builder(name, data_dir).info.features) is not None
 
 
 def num_classes(name: str, data_dir: str | None = None) -> int:
     """The number of classes of a dataset, from its builder's info (nothing is downloaded or written); 0 for a
     dataset without labels (a text corpus, usable only for language modelling)."""
+    if name in DATASETS:
+        return DATASETS[name].num_classes
     features = _builder(name, data_dir).info.features
     return int(features["label"].num_classes) if "label" in features else 0
 
@@ -427,10 +472,10 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
     out = {}
     for split, (x, y, n) in raw.items():
         x = x.astype(np.float32)
-        if x.ndim == 4:  # images N×H×W×C in [0, 255]
+        if x.ndim == 4 and name not in DATASETS:  # TFDS images N×H×W×C in [0, 255]
             x = x / 255.0
         out[split] = (x, y, n)
-    if out[splits[0]][0].ndim == 4:
+    if out[splits[0]][0].ndim == 4 and name not in DATASETS:
         train_x = out[splits[0]][0]
         if stats_from is not None:
             train_x = read(stats_from, "train")[0].astype(np.float32) / 255.0

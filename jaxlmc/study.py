@@ -76,6 +76,22 @@ STAGES: list[Stage] = [
 STAGE_NAMES = [s.name for s in STAGES]
 
 
+def register_stage(stage: Stage, after: str) -> None:
+    """Add a stage to every study, right after the stage named `after` (and before the report, which reads the
+    results of the stages it `needs`): a plugin module's own measurement of the fine-tuned members, resumable and
+    rerun with what it needs like the built-in ones. Its `needs` must name stages before it."""
+    if stage.name in STAGE_NAMES:
+        raise ValueError(f"study stage {stage.name!r} is already registered")
+    if after not in STAGE_NAMES or after == "report":
+        raise ValueError(f"register_stage: after={after!r} must name a stage before the report ({STAGE_NAMES[:-1]})")
+    position = STAGE_NAMES.index(after) + 1
+    unknown = [n for n in stage.needs if n not in STAGE_NAMES[:position]]
+    if unknown:
+        raise ValueError(f"study stage {stage.name!r} needs {unknown}, which do not run before it")
+    STAGES.insert(position, stage)
+    STAGE_NAMES.insert(position, stage.name)
+
+
 def stage_done(cfg: Config, out: str, name: str) -> bool:
     """A stage is done when its marker holds the current settings, every file it writes is there (a run directory
     from an older jaxlmc, whose stage wrote less, runs that stage again), and its own check passes (a training

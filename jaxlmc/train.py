@@ -24,16 +24,14 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxlmc import optimizers
 from jaxlmc.models import Model, tree_l2
 
 
 def make_tx(kind: str, momentum: float, lr, weight_decay) -> optax.GradientTransformation:
-    """One member's optimiser. `lr` and `weight_decay` may be traced scalars (per member, per step)."""
-    if kind == "adamw":
-        return optax.adamw(lr, weight_decay=weight_decay)
-    if kind == "sgd":
-        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum or None))
-    raise ValueError(f"unknown optimizer {kind!r}")
+    """One member's optimiser, by its registered name (jaxlmc.optimizers). `lr` and `weight_decay` may be traced
+    scalars (per member, per step)."""
+    return optimizers.make(kind, momentum, lr, weight_decay)
 
 
 def schedule(kind: str, peak_lr: float, steps: int, warmup_steps: int) -> optax.Schedule:

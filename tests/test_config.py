@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxlmc import config, config_doc
@@ -86,3 +87,25 @@ def test_the_config_reference_is_generated_from_the_code_and_current():
     assert "| `refine_rounds` | int | `0` | Refinement" in text
     with open(os.path.join(os.path.dirname(__file__), "..", "docs", "config.md")) as f:
         assert f.read() == text, "docs/config.md is stale: python -m jaxlmc.config_doc > docs/config.md"
+
+
+def test_registries_refuse_a_taken_name_and_configs_name_what_is_registered():
+    from jaxlmc import data, labels, models, optimizers
+    with pytest.raises(ValueError, match="already registered"):
+        optimizers.register_optimizer("adamw", lambda lr, wd, m: None)
+    with pytest.raises(ValueError, match="already registered"):
+        labels.register_label_map("mod5", lambda y, c: (y, c))
+    with pytest.raises(ValueError, match="already registered"):
+        models.register_kind(models.KINDS["mlp"])
+    with pytest.raises(ConfigError, match=r"finetune.optimizer: 'lion' is not one of \['adamw', 'sgd'"):
+        config.load("configs/mnist1d.toml", ["finetune.optimizer=lion"])
+    with pytest.raises(ConfigError, match="data.finetune_labels: 'halves' is not one of"):
+        config.load("configs/mnist1d.toml", ["data.finetune_labels=halves"])
+    with pytest.raises(ConfigError, match="plugins.modules: cannot import 'no_such_plugin': ModuleNotFoundError"):
+        config.load("configs/mnist1d.toml", ['plugins.modules=["no_such_plugin"]'])
+    data.register_dataset("arrays_for_a_test", {"train": (np.zeros((4, 3)), np.arange(4) % 2),
+                                                "test": (np.ones((2, 3)), np.array([0, 1]))}, num_classes=2)
+    task = data.load_task("arrays_for_a_test")
+    assert task["train"].x.shape == (4, 3) and task["test"].num_classes == 2 and data.num_classes("arrays_for_a_test") == 2
+    with pytest.raises(ValueError, match="has no split 'ood'"):
+        data.load_task("arrays_for_a_test", splits=("ood",))

@@ -1,0 +1,26 @@
+"""Label maps by name (`data.pretrain_labels`, `data.finetune_labels`): functions (labels_N, num_classes) ->
+(new labels_N, new num_classes) applied to every split of a task. "identity" and "next_token" (language modelling:
+every position predicts the next token, handled by jaxlmc.data) map nothing themselves. A plugin module adds its own
+with `register_label_map`."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+LabelMap = Callable[[np.ndarray, int], tuple[np.ndarray, int]]
+
+LABEL_MAPS: dict[str, LabelMap | None] = {
+    "identity": None,
+    "mod5": lambda y, c: (y % 5, 5),
+    "parity": lambda y, c: (y % 2, 2),
+    "reverse": lambda y, c: (c - 1 - y, c),
+    "next_token": None,
+}
+
+
+def register_label_map(name: str, mapping: LabelMap) -> None:
+    """Make `name` usable as a label map. A name already taken is refused."""
+    if name in LABEL_MAPS:
+        raise ValueError(f"label map {name!r} is already registered")
+    LABEL_MAPS[name] = mapping
