@@ -110,14 +110,14 @@ def _imports_and_calls(path: pathlib.Path):
     return imported, nested
 
 
-def test_only_rundir_parses_result_files_and_no_module_hides_an_import():
+def test_only_the_layout_parses_result_files_and_no_module_hides_an_import():
     for path in sorted(PACKAGE.rglob("*.py")):
         imported, nested = _imports_and_calls(path)
         assert not nested, f"{path.name} imports inside a function"
-        if path.name not in ("rundir.py", "barriers.py"):  # barriers.py reads the user's pair file, an input
+        if path.name not in ("layout.py", "barriers.py"):  # barriers.py reads the user's pair file, an input
             assert "csv" not in imported, f"{path.name} parses CSV itself"
         text = path.read_text()
-        if path.name != "rundir.py":
+        if path.name != "layout.py":
             for result in ("members.csv", "pairs.csv", "summary.csv", "config.json", "curves.npz"):
                 assert f'"{result}"' not in text and f"'{result}'" not in text, f"{path.name} names {result}"
 
