@@ -3,7 +3,7 @@ import pytest
 import tensorflow_datasets as tfds
 from mnist1d.data import get_dataset_args, make_dataset
 
-from jaxlmc import config, data, tasks
+from jaxlmc import builders, config, data, tasks
 
 
 def _rows(x, y=None):
@@ -94,19 +94,19 @@ def test_variants_keep_their_shift_in_scale(data_dir):
     assert abs(default_x.std() - 1) < 1e-3  # the default is still standardised
     scale, offset = noisy_x.std(), noisy_x.mean()
     assert scale > 1.3  # more noise, larger amplitude: not re-standardised to 1
-    ref = _mnist1d_reference(**data.MNIST1D_VARIANTS["noisy"])
+    ref = _mnist1d_reference(**builders.MNIST1D_VARIANTS["noisy"])
     np.testing.assert_allclose(_rows(noisy["test"].x), _rows(ref["x_test"] * scale + offset), rtol=1e-4, atol=1e-5)
     # The statistics are those of the default's raw signals, computed by generating them.
-    mean, std = data.mnist1d_default_stats()
-    raw_default = data._mnist1d_raw(get_dataset_args())[0]
+    mean, std = builders.mnist1d_default_stats()
+    raw_default = builders._mnist1d_raw(get_dataset_args())[0]
     assert (mean, std) == (raw_default.mean(), raw_default.std())
 
 
 def test_large_variant_is_the_default_distribution_with_more_draws(tmp_path, monkeypatch):
     """The large config's split by test_size and its normalisation, on a small stand-in (the real one is 51,000
     signals: 13 s to generate)."""
-    assert data.MNIST1D_VARIANTS["large"] == {"num_samples": 51000, "test_size": 1000, "seed": 8042}
-    monkeypatch.setitem(data.MNIST1D_VARIANTS, "large", {"num_samples": 1200, "test_size": 200, "seed": 8042})
+    assert builders.MNIST1D_VARIANTS["large"] == {"num_samples": 51000, "test_size": 1000, "seed": 8042}
+    monkeypatch.setitem(builders.MNIST1D_VARIANTS, "large", {"num_samples": 1200, "test_size": 200, "seed": 8042})
     large = data.load_task("mnist1d/large", data_dir=str(tmp_path))
     assert large["train"].x.shape == (1000, 40) and large["test"].x.shape == (200, 40)
     x = np.concatenate([large["train"].x, large["test"].x])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import analysis, barriers, config, data, models, permute, train
+from jaxlmc import analysis, barriers, builders, config, data, models, permute, train
 from jaxlmc.config import ModelConfig
 
 CFG = ModelConfig(kind="transformer", width=16, depth=2, heads=4, vocab_size=11)
@@ -68,16 +68,16 @@ def test_config_refuses_a_transformer_without_a_vocabulary_or_with_uneven_heads(
 
 
 def test_tinylang_follows_its_rules_and_the_far_rules_are_new(data_dir):
-    for variant, spec in data.TINYLANG_VARIANTS.items():
-        tokens, labels = data.tinylang(variant)["train"]
-        assert tokens.shape == (spec["train"], data.TINYLANG_LENGTH) and tokens.max() < data.TINYLANG_VOCAB
+    for variant, spec in builders.TINYLANG_VARIANTS.items():
+        tokens, labels = builders.tinylang(variant)["train"]
+        assert tokens.shape == (spec["train"], builders.TINYLANG_LENGTH) and tokens.max() < builders.TINYLANG_VOCAB
         a = np.asarray(spec["multipliers"])[labels]
         # Every next token follows the sequence's rule unless replaced by noise: b is the most frequent offset.
         offsets = (tokens[:, 1:] - a[:, None] * tokens[:, :-1]) % 16
         b = np.asarray([np.bincount(row, minlength=16).argmax() for row in offsets])
         follows = (tokens[:, 1:] == (a[:, None] * tokens[:, :-1] + b[:, None]) % 16).mean()
         assert abs(follows - (1 - spec["noise"] * 15 / 16)) < 0.03, variant
-    assert not set(data.TINYLANG_VARIANTS["far"]["multipliers"]) & set(data.TINYLANG_VARIANTS["pretrain"]["multipliers"])
+    assert not set(builders.TINYLANG_VARIANTS["far"]["multipliers"]) & set(builders.TINYLANG_VARIANTS["pretrain"]["multipliers"])
 
     lm = data.load_task("tiny_lang/near", "next_token", data_dir)
     assert lm["train"].x.shape == (4000, 32) and lm["train"].y.shape == (4000, 32) and lm["train"].num_classes == 16
