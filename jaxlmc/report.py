@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from jaxlmc import figures, grid, noreturn, rundir, stats, verdicts
+from jaxlmc import figures, figures_trends, grid, noreturn, rundir, stats, verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.figures import step_label
 
@@ -63,22 +63,22 @@ def draw_figures(run: rundir.RunDir, summary: list[dict], members: list[dict]) -
         "ood_spread.png": figures.ood_spread(cells),
     }
     if run.exists(rundir.SHARPNESS) and run.read_csv(rundir.SHARPNESS):
-        drawn["sharpness.png"] = figures.sharpness(
+        drawn["sharpness.png"] = figures_trends.sharpness(
             [r for r in run.read_csv(rundir.SHARPNESS) if head is None or r["head"] == head],
             run.read_csv(rundir.START_SHARPNESS))
     if run.exists(rundir.LAYERWISE_SUMMARY):
         layer_rows = [r for r in run.read_csv(rundir.LAYERWISE_SUMMARY) if head is None or r["head"] == head]
-        drawn["layerwise.png"] = figures.layerwise(layer_rows)
+        drawn["layerwise.png"] = figures_trends.layerwise(layer_rows)
     if run.exists(rundir.FINETUNE_CURVES):
-        drawn["training_curves.png"] = figures.training_curves(
+        drawn["training_curves.png"] = figures_trends.training_curves(
             [m for m in members if head is None or m["head"] == head], run.read_npz(rundir.FINETUNE_CURVES))
     critical = run.read_csv(rundir.CRITICAL)
     if len({r["lr"] for r in members}) > 1 and critical:
         steps = [r for r in run.read_csv(rundir.STEP_SUMMARY) if head is None or r["head"] == head]
         first = {k: critical[0][k] for k in noreturn.START_KEYS if k not in ("pretrain_step", "head")}
         shown = [r for r in critical if (head is None or r["head"] == head) and all(r[k] == v for k, v in first.items())]
-        drawn = {"critical_rate.png": figures.critical_rate(shown),
-                 "barrier_vs_finetune_steps.png": figures.barrier_vs_finetune_steps(steps), **drawn}
+        drawn = {"critical_rate.png": figures_trends.critical_rate(shown),
+                 "barrier_vs_finetune_steps.png": figures_trends.barrier_vs_finetune_steps(steps), **drawn}
     out = []
     for name, result in drawn.items():
         if result is not None:  # a figure with nothing to show (no alignment, no basin structure) is left out
@@ -291,7 +291,7 @@ def render_scaling(out: str, widths: list[int]) -> str:
                          "best_test_acc": row.get("best_test_acc", np.nan),
                          "finetune_member_steps_per_s": throughput})
     run.write_csv(rundir.SCALING, rows)
-    fig, caption = figures.scaling(rows)
+    fig, caption = figures_trends.scaling(rows)
     run.write_figure("scaling.png", figures.png(fig))
     links = "".join(f"<li><a href='width{w}/report.html'>width {w}</a></li>" for w in widths)
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>jaxlmc scaling trend</title>"

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlmc import api, ckpt, config, faults, figures, models, rundir, sizes
+from jaxlmc import api, ckpt, config, faults, figures, figures_trends, models, rundir, sizes
 
 from conftest import TINY
 
@@ -363,7 +363,7 @@ def test_training_curves_figure_marks_diverged_and_unfit_members():
                 "schedule": "cosine", "dropout": 0.0, "diverged": m == 3, "unfit": m == 2}
                for m, lr in enumerate([0.01, 0.01, 0.1, 0.1])]
     loss = np.array([[1.0, 1.1, 2.0, 3.0], [0.5, 0.6, 1.9, np.nan]], np.float32)
-    fig, caption = figures.training_curves(members, {"step_K": np.array([10, 20]), "loss_KxM": loss,
+    fig, caption = figures_trends.training_curves(members, {"step_K": np.array([10, 20]), "loss_KxM": loss,
                                                      "acc_KxM": np.zeros_like(loss)})
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
