@@ -117,8 +117,11 @@ class RunDir:
         """Give `other` (a refinement round's directory below this one) this directory's pretraining checkpoints, as
         hard links (a copy across file systems): checkpoint files are never changed once written. Whole or nothing."""
         target = other.path(PRETRAIN_CHECKPOINTS)
-        if os.path.exists(target):
-            return
+        if shard.is_primary() and not os.path.exists(target):
+            self._link_tree(self.path(PRETRAIN_CHECKPOINTS), target)
+        shard.sync(f"shared pretraining {target}")
+
+    def _link_tree(self, source: str, target: str) -> None:
         files.make_dirs(os.path.dirname(target), self.root)
         staging = f"{target}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
@@ -129,7 +132,7 @@ class RunDir:
             except OSError:
                 shutil.copy2(src, dst)
         try:
-            shutil.copytree(self.path(PRETRAIN_CHECKPOINTS), staging, copy_function=link)
+            shutil.copytree(source, staging, copy_function=link)
             os.replace(staging, target)
         except OSError as err:
             shutil.rmtree(staging, ignore_errors=True)
@@ -137,11 +140,12 @@ class RunDir:
 
     def remove_rounds_from(self, k: int) -> None:
         """Remove refinement round k and every round after it."""
-        for path in glob.glob(os.path.join(glob.escape(self.path(REFINE)), "round*")):
+        for path in glob.glob(os.path.join(glob.escape(self.path(REFINE)), "round*")) if shard.is_primary() else []:
             suffix = os.path.basename(path).removeprefix("round")
             if suffix.isdigit() and int(suffix) >= k:
                 files.check_path(path, self.root)
                 shutil.rmtree(path)
+        shard.sync(f"removed rounds {self.root} {k}")
 
     def step_tables(self, upto: int | None = None) -> tuple[list[dict], list[dict], list[dict]]:
         """(members, pairs, to_start): the BY_STEP tables of the grid and of its finished refinement rounds (the
