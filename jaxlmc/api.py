@@ -8,13 +8,15 @@
     study(cfg, out)               all of the above, resumable, and the report     (jaxlmc.study)
     render_report(out)            the report of a finished study                  (jaxlmc.report)
     compare_runs(a, b)            which verdicts two studies (a replicate) share  (jaxlmc.verdicts)
+    verdicts(run)                 the report's answers, hypothesis by hypothesis (jaxlmc.verdicts)
 
 `out` is a run directory (jaxlmc.rundir owns its layout); a config comes from jaxlmc.config.load, and a run
 directory's own from RunDir(out).config(). Training functions take an optional `progress` (jaxlmc.loop.Progress).
 """
 from __future__ import annotations
 
-from jaxlmc import report, rundir, verdicts
+from jaxlmc import report, rundir
+from jaxlmc import verdicts as _verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.finetuning import finetune, load_member, start_params
 from jaxlmc.measure import barriers_of_run, load_run
@@ -26,7 +28,7 @@ from jaxlmc.study import STAGES, study
 from jaxlmc.tasks import Task, load_finetune_task, load_pretrain_task
 
 __all__ = ["STAGES", "RunDir", "Task", "barriers_of_run", "finetune", "load_finetune_task", "load_member",
-           "load_pretrain_task", "load_run", "pretrain", "render_report", "compare_runs", "similarity_of_run", "soups_of_run",
+           "load_pretrain_task", "load_run", "pretrain", "render_report", "compare_runs", "verdicts", "similarity_of_run", "soups_of_run",
            "start_params", "study"]
 
 
@@ -43,4 +45,9 @@ def compare_runs(a: str, b: str) -> list[dict]:
         run = RunDir(out)
         if not run.exists(rundir.SUMMARY):
             raise ConfigError(f"{out} holds no finished study (no summary.csv): run `jaxlmc study` on it first")
-    return verdicts.compare(RunDir(a), RunDir(b))
+    return _verdicts.compare(RunDir(a), RunDir(b))
+
+
+def verdicts(run: RunDir) -> list[tuple[str, list[str]]]:
+    """The report's answers for a finished study: (question, sentences) per hypothesis it can speak to."""
+    return _verdicts.answer(run)
