@@ -22,7 +22,8 @@ TINY = [
     'finetune.heads=["per_seed"]',  # one head policy (the controls are tested in test_controls)
     "model.width=32", "pretrain.steps=60", "pretrain.save_steps=[0, 20, 60]", "pretrain.batch_size=50",
     "finetune.pretrain_steps=[0, 60]", "finetune.lrs=[0.001, 0.01]", "finetune.seeds=2", "finetune.steps=40",
-    "finetune.batch_size=50", "run.chunk_steps=10", "run.checkpoint_every=20", "data.train_eval_size=500",
+    "finetune.batch_size=50", "finetune.warmup_steps=0", "run.chunk_steps=10", "run.checkpoint_every=20",
+    "data.train_eval_size=500",
     "finetune.scratch=false", "barriers.align=false",
     "study.fit_margin=-1",  # 40 steps fit nobody well: tests of other features keep every member (unfit: test_controls)
 ]
