@@ -1,4 +1,7 @@
+import fcntl
+import json
 import os
+import shutil
 
 # Strict JAX: implicit rank promotion is a bug in this code base, not a convenience.
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
@@ -33,3 +36,24 @@ TINY = [
 def tiny_cfg(data_dir):
     """A config small enough for a few-second run: 2 checkpoints × 2 lrs × 2 seeds = 8 members."""
     return config.load("configs/mnist1d.toml", TINY + [f"data.data_dir={data_dir!r}".replace("'", '"')])
+
+
+@pytest.fixture(scope="session")
+def build_once(tmp_path_factory):
+    """build(name, make) -> (path, result): `make(path)` (returning something JSON can hold) runs once in the whole
+    test session, in whichever xdist worker asks first while the others wait for it; every caller then gets a private
+    copy of the directory, so a module that changes its copy affects no other worker."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, shared by its workers
+
+    def build(name: str, make):
+        shared, record = root / f"shared-{name}", root / f"shared-{name}.json"
+        with open(root / f"shared-{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not record.exists():
+                shutil.rmtree(shared, ignore_errors=True)
+                record.write_text(json.dumps(make(str(shared))))
+        mine = tmp_path_factory.mktemp(name) / "run"
+        shutil.copytree(shared, mine)
+        return str(mine), json.loads(record.read_text())
+    return build

@@ -14,12 +14,12 @@ from conftest import TINY
 
 
 @pytest.fixture(scope="module")
-def heads_run(tmp_path_factory, data_dir):
+def heads_run(build_once, data_dir):
     cfg = config.load("configs/mnist1d.toml", TINY + [
         f'data.data_dir="{data_dir}"', 'finetune.heads=["per_seed", "shared", "zero", "probe"]', "finetune.seeds=3",
-        "finetune.lrs=[0.01]", "finetune.scratch=true", "barriers.alphas=5", "data.validation_size=300"])
-    out = str(tmp_path_factory.mktemp("heads"))
-    study.study(cfg, out, progress=False)
+        "finetune.lrs=[0.01]", "finetune.scratch=true", "barriers.alphas=5", "data.validation_size=300",
+        "study.sharpness_iterations=0"])  # (sharpness: tests/test_sharpness.py and the tiny study)
+    out, _ = build_once("heads", lambda path: study.study(cfg, path, progress=False))
     return cfg, out
 
 

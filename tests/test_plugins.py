@@ -14,11 +14,11 @@ PLUGINS = os.path.join(os.path.dirname(__file__), "plugins")
 SETTINGS = ["data.pretrain_task=blobs_pre", "data.finetune_task=blobs_fine", "data.ood_task=blobs_ood",
             "data.finetune_labels=identity", "data.train_eval_size=500", "data.validation_size=300",
             "model.kind=tanhnet", "model.width=16", "pretrain.steps=100", "pretrain.save_steps=[0, 100]",
-            "pretrain.weight_decay=0.0", "pretrain.batch_size=50", "finetune.pretrain_steps=[0, 100]",
+            "pretrain.weight_decay=0.0", "pretrain.batch_size=50", "finetune.pretrain_steps=[100]",
             "finetune.lrs=[0.003, 0.03]", 'finetune.heads=["per_seed"]', "finetune.seeds=3", "finetune.steps=60",
             "finetune.warmup_steps=0", "finetune.batch_size=50", "finetune.scratch=true", "run.chunk_steps=20",
             "run.checkpoint_every=20", "barriers.alphas=5", "barriers.align=true",
-            "study.sharpness_iterations=2", "study.sharpness_examples=100", "study.similarity_examples=200"]
+            "study.sharpness_iterations=0", "study.similarity_examples=200"]
 
 
 def jaxlmc(*args: str) -> subprocess.CompletedProcess:
@@ -36,7 +36,7 @@ def test_a_model_kind_and_datasets_from_a_plugin_run_the_whole_study(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(out, "summary.csv")) as f:
         summary = list(csv.DictReader(f))
-    assert [(r["pretrain_step"], r["lr"]) for r in summary] == [(s, lr) for s in ("-1", "0", "100")
+    assert [(r["pretrain_step"], r["lr"]) for r in summary] == [(s, lr) for s in ("-1", "100")
                                                                for lr in ("0.003", "0.03")]
     # Weight matching ran on the plugin's permutation spec: the scratch seeds (separate initialisations) come closer.
     scratch = [r for r in summary if r["pretrain_step"] == "-1"]
@@ -46,7 +46,7 @@ def test_a_model_kind_and_datasets_from_a_plugin_run_the_whole_study(tmp_path):
     # The plugin's own study stage ran after the soups, with its marker, on every member.
     with open(os.path.join(out, "plugin", "weight_norms.csv")) as f:
         norms = list(csv.DictReader(f))
-    assert len(norms) == 3 * 2 * 3 and all(float(r["norm"]) > 0 for r in norms)
+    assert len(norms) == 2 * 2 * 3 and all(float(r["norm"]) > 0 for r in norms)
     assert os.path.exists(os.path.join(out, "stages", "weight_norms.json"))
     with open(os.path.join(out, "config.json")) as f:
         assert '"lmc_plugin"' in f.read()  # the run remembers its plugin: a later command imports it itself

@@ -2,6 +2,7 @@
 and 1 in both directions; the barrier pass splits its pairs over the devices."""
 import csv
 import os
+import socket
 import subprocess
 import sys
 
@@ -41,10 +42,20 @@ def test_member_mesh_uses_the_most_devices_that_divide_the_members():
     assert shard.member_mesh(8, [0]) is None
 
 
-def test_eight_devices_equal_one(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def one_device(build_once, data_dir):
+    """(config, run directory): the tiny grid fine-tuned and its barriers measured on one device, once a session."""
     cfg = config.load("configs/mnist1d.toml", OVERRIDES + [f'data.data_dir="{data_dir}"'])
-    reference = str(tmp_path / "reference")
-    api.finetune(cfg, reference, progress=False)
+
+    def make(path):
+        api.finetune(cfg, path, progress=False)
+        measure.barriers_of_run(cfg, path)
+    out, _ = build_once("shard", make)
+    return cfg, out
+
+
+def test_eight_devices_equal_one(one_device, data_dir, tmp_path):
+    cfg, reference = one_device
     work = tmp_path / "eight"
     work.mkdir()
     done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "shard_check.py"), data_dir,
@@ -57,7 +68,6 @@ def test_eight_devices_equal_one(data_dir, tmp_path):
     for a, b in zip(read_csv(os.path.join(reference, "members.csv")), read_csv(work / "fresh" / "members.csv")):
         assert float(a["test_loss"]) == pytest.approx(float(b["test_loss"]), rel=1e-5)
 
-    measure.barriers_of_run(cfg, reference)  # one device
     ref_pairs, pairs = read_csv(os.path.join(reference, "barriers", "pairs.csv")), read_csv(
         work / "barriers" / "barriers" / "pairs.csv")
     assert len(ref_pairs) == len(pairs) == 4
@@ -67,15 +77,10 @@ def test_eight_devices_equal_one(data_dir, tmp_path):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
 
 
-def test_two_processes_equal_one(data_dir, tmp_path):
+def test_two_processes_equal_one(one_device, data_dir, tmp_path):
     """2 processes × 4 devices on 127.0.0.1, launched as a researcher would on two hosts (`--distributed`; JAX's
     distributed runtime with gloo collectives): the grid and its barriers come out as in one process."""
-    import socket
-
-    cfg = config.load("configs/mnist1d.toml", OVERRIDES + [f'data.data_dir="{data_dir}"'])
-    reference = str(tmp_path / "reference")
-    api.finetune(cfg, reference, progress=False)
-    measure.barriers_of_run(cfg, reference)
+    cfg, reference = one_device
     out = str(tmp_path / "two")
     sets = [arg for o in OVERRIDES + [f'data.data_dir="{data_dir}"'] for arg in ("--set", o)]
     for command in (["finetune", "configs/mnist1d.toml", "--out", out, *sets], ["barriers", out]):

@@ -37,10 +37,10 @@ def tiny(data_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
+def reference(build_once, data_dir):
+    """The tiny study, run once per test session (a private copy per worker)."""
     cfg = tiny(data_dir)
-    out = str(tmp_path_factory.mktemp("study"))
-    ran = study.study(cfg, out, progress=False)
+    out, ran = build_once("study", lambda path: study.study(cfg, path, progress=False))
     return cfg, out, ran
 
 
@@ -199,13 +199,14 @@ def test_a_changed_barrier_setting_reruns_what_reads_barriers_and_keeps_the_soup
     shutil.copytree(out, copy)
     soups_before = open(os.path.join(copy, "soups.csv")).read()
     changed = tiny(data_dir, "barriers.bootstrap=50")
-    assert study.study(changed, copy, progress=False) == ["barriers", "similarity", "report"]
+    assert study.study(changed, copy, progress=False) == ["barriers", "refine", "similarity", "report"]
     assert open(os.path.join(copy, "soups.csv")).read() == soups_before
 
 
-# One runner writes every stage's marker, so the stages that differ in how they resume stand for the rest: pretraining
-# and fine-tuning (Orbax checkpoints) and the first measuring stage; refinement's rounds: the refinement test.
-@pytest.mark.parametrize("stage", ["pretrain", "finetune", "barriers"])
+# One runner writes every stage's marker, so the stages that differ in how they resume stand for the rest: fine-tuning
+# (Orbax checkpoints; pretraining's resume: tests/test_api.py) and the first measuring stage; refinement's rounds: the
+# refinement test; a whole study killed with SIGKILL: the kill -9 test.
+@pytest.mark.parametrize("stage", ["finetune", "barriers"])
 def test_resume_after_interruption_in_a_stage(reference, data_dir, tmp_path, monkeypatch, stage):
     """The stage is killed after doing its work but before its marker is written (the worst moment): the rerun
     resumes at that stage, keeps every earlier stage, and ends with the same results as an uninterrupted study."""
@@ -390,7 +391,7 @@ def test_activation_matching_repair_curves_and_layerwise_barriers(reference, dat
     shutil.copytree(out, copy)
     changed = tiny(data_dir, 'barriers.align="activations"', "barriers.repair=true", "barriers.layerwise=true",
                    "barriers.curve_steps=30", "barriers.curve_lr=0.01")
-    assert study.study(changed, copy, progress=False) == ["barriers", "similarity", "report"]
+    assert study.study(changed, copy, progress=False) == ["barriers", "refine", "similarity", "report"]
     run = rundir.RunDir(copy)
     pairs = run.read_csv(rundir.PAIRS)
     for key in ("error_barrier_test_aligned", "loss_barrier_test_repair", "error_barrier_test_repair_floor",
