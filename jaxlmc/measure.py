@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, finetuning, grid, memory, models, permute, rundir, shard, stats, tasks
+from jaxlmc import barriers, finetuning, grid, layerwise, memory, models, permute, rundir, shard, stats, tasks
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.curves import make_curve_eval, make_train_bends
 
@@ -245,60 +245,6 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
         repaired=repaired, curved=curved, curve_seconds=curve_seconds)
 
 
-def layerwise(cfg: Config, run: FinishedRun, pairs: list[tuple[int, int]], perms: list | None,
-              status=None) -> tuple[list[dict], list[dict], float]:
-    """(rows, summary, seconds) of the layer-wise barriers of the member pairs on the test set: every layer group ×
-    pair × α in one compiled pass (barriers.make_layer_curves), naive and, with `perms`, aligned. Rows: one per pair
-    and group; summary: one per cell and group, the mean over the cell's pairs with its member-bootstrap CI."""
-    alphas = barriers.alpha_grid(cfg.barriers.alphas)
-    groups = run.model.layer_groups(jax.tree.map(lambda a: a[0], run.params_M))
-    test = {"test": tasks.eval_sets(cfg, run.task)["test"]}
-    chunk = cfg.barriers.chunk_pairs or max(1, barriers.auto_chunk_pairs(
-        run.model, run.params_M, test, alphas, len(pairs), memory.memory_budget(cfg.barriers.memory_fraction))
-        // len(groups))
-    if status:
-        status(f"layer-wise: {len(pairs)} pairs × {len(groups)} layer groups × {len(alphas) - 1} α")
-    fn = barriers.make_layer_curves(run.model, alphas, chunk, groups)
-    pairs_Px2 = jnp.asarray(pairs, jnp.int32).reshape(-1, 2)
-    start_time = time.perf_counter()
-    variants = {"": fn(run.params_M, pairs_Px2, test)}
-    if perms is not None:
-        variants["_aligned"] = fn(run.params_M, pairs_Px2, test, [jnp.asarray(p) for p in perms])
-    variants = jax.tree.map(np.asarray, variants)  # waits for the pass: the time below is the computation's
-    seconds = time.perf_counter() - start_time
-    rows = []
-    for p, (i, j) in enumerate(pairs):
-        for g, name in enumerate(groups):
-            row = {"i": i, "j": j, **dict(zip(grid.CELL_KEYS, grid.cell(run.members[i]))), "layer": name,
-                   "layer_index": g}
-            for suffix, curves in variants.items():
-                loss, err = (np.asarray(c)[p, g] for c in curves["test"])
-                for metric, curve in (("loss", loss), ("error", err)):
-                    for form in stats.FORMS:
-                        row[f"{metric}_barrier_test{form}{suffix}"] = float(
-                            stats.barrier(curve[None], alphas, form)[0])
-            rows.append(row)
-    draws = stats.seed_draws(cfg.finetune.seeds, cfg.barriers.bootstrap)
-    measures = [k for k in rows[0] if k.startswith(("loss_", "error_"))] if rows else []
-    summary = []
-    for key in grid.cell_groups(run.members):
-        for g, name in enumerate(groups):
-            cell_rows = [r for r in rows if r["layer"] == name and grid.cell(r) == key
-                         and grid.cell(run.members[r["j"]]) == key]
-            if not cell_rows:
-                continue
-            row = {**dict(zip(grid.CELL_KEYS, key)), "layer": name, "layer_index": g, "pairs": len(cell_rows)}
-            seed_pairs = [(run.members[r["i"]]["seed"], run.members[r["j"]]["seed"]) for r in cell_rows]
-            for measure in measures:
-                v = np.array([r[measure] for r in cell_rows], np.float64)
-                row[f"{measure}_mean"] = float(np.nanmean(v))
-                replicates = stats.pair_replicates(stats.symmetric_matrix(cfg.finetune.seeds, seed_pairs, v), draws)
-                row[f"{measure}_ci_lo"], row[f"{measure}_ci_hi"] = (stats.ci(replicates) if cfg.barriers.bootstrap
-                                                                    else (np.nan, np.nan))
-            summary.append(row)
-    return rows, summary, seconds
-
-
 # The barriers whose per-resampling null values are kept (barriers/nulls.npz) for the calibrated cell decision
 # (stats.cell_threshold): the seeds' test error barrier, naive and aligned, and the linear-baseline one to the start.
 NULL_MEASURES = (("pairs", "error", "test", "", ""), ("pairs", "error", "test", "", "_aligned"),
@@ -404,7 +350,8 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     settings["seconds_per_saved_step"] = step_seconds
     layer_rows = layer_summary = None
     if b.layerwise and pairs:
-        layer_rows, layer_summary, settings["layerwise_seconds"] = layerwise(cfg, run, pairs, curves.perms, status)
+        layer_rows, layer_summary, settings["layerwise_seconds"] = layerwise.layer_barriers(cfg, run, pairs,
+                                                                                             curves.perms, status)
     write_barriers(directory, pairs, run.used, curves, pair_rows, start_rows, summary, settings)
     if layer_rows is not None:
         directory.write_csv(rundir.LAYERWISE, layer_rows)
