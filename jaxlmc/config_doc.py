@@ -1,4 +1,4 @@
-"""docs/config.md, generated from jaxlmc.config: every section and key with its type, its default and the comment it is
+"""docs/config.md, generated from jaxlmc.settings (through jaxlmc.config): every section and key with its type, its default and the comment it is
 declared with. `python -m jaxlmc.config_doc > docs/config.md` writes it; a test fails when the file is stale."""
 from __future__ import annotations
 
@@ -49,11 +49,11 @@ def _type_name(hint) -> str:
 def render() -> str:
     """The whole of docs/config.md."""
     parts = ["# Config keys", "",
-             "Generated from `jaxlmc/config.py` by `python -m jaxlmc.config_doc > docs/config.md` (a test fails when "
+             "Generated from `jaxlmc/settings.py` by `python -m jaxlmc.config_doc > docs/config.md` (a test fails when "
              "this file is stale). " + config.__doc__.split("\n\n")[1].replace("\n", " ").replace("``", "`").strip(), ""]
     for section in dataclasses.fields(config.Config):
-        cls = section.type if isinstance(section.type, type) else getattr(config, section.type)
-        hints = typing.get_type_hints(cls, vars(config))
+        cls = typing.get_type_hints(config.Config)[section.name]
+        hints = typing.get_type_hints(cls)
         comments = _comments(cls)
         training = " (training section: a run directory refuses a change)" if (
             section.name in config.TRAINING_SECTIONS) else ""
