@@ -72,8 +72,9 @@ def refine_run(cfg: Config, out: str, progress: loop.Progress | None = None) -> 
     run.remove_rounds_from(cfg.study.refine_rounds + 1)
     done: list[dict] = []
     for k in range(1, cfg.study.refine_rounds + 1):
-        critical, _ = noreturn.analyse_tables(*run.step_tables(upto=k - 1))
-        known = {m["lr"] for m in run.step_tables(upto=k - 1)[0]}
+        tables = run.step_tables(upto=k - 1)
+        critical, _ = noreturn.analyse_tables(*tables)
+        known = {m["lr"] for m in tables[0]}
         wanted = {lr: why for lr, why in proposals(critical).items() if lr not in known}
         if not wanted:
             run.remove_rounds_from(k)
