@@ -113,8 +113,10 @@ def member_consts(f: FinetuneConfig, rows: list[dict]) -> dict:
         "data_key": keys["data"],
     }
     for axis in AXES:
+        if not axis.const:
+            continue
         values = [r[axis.column] for r in rows]
-        if axis.const and not (axis.neutral is not None and all(v == axis.neutral for v in values)):
+        if not (axis.neutral is not None and all(v == axis.neutral for v in values)):
             consts[axis.const] = jnp.asarray(values, jnp.float32)
     if any(axis.noise and axis.const in consts for axis in AXES):
         consts["noise_key"] = keys["noise"]

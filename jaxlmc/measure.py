@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, finetuning, grid, layerwise, memory, models, permute, rundir, shard, stats, tasks
+from jaxlmc import barriers, finetuning, grid, layerwise, models, rundir, tasks
 from jaxlmc.config import Config, ConfigError
-from jaxlmc.curves import make_curve_eval, make_train_bends
+from jaxlmc.interpolation import (BezierSettings, Curves, cell_summary, curve_columns, null_arrays, pair_columns,
+                                  pair_curves)
 
 
 @dataclasses.dataclass
@@ -75,211 +76,47 @@ def select_pairs(spec: str, members: list[dict]) -> tuple[list[tuple[int, int]],
     return kept, len(requested) - len(kept)
 
 
-def _curve_columns(curves: dict, alphas: np.ndarray, suffix: str = "") -> dict[str, np.ndarray]:
-    """Per-pair barrier columns from {split: (loss_PxAxR1, err_PxAxR1)} (the last axis: the evaluation set itself,
-    then its resamplings): both barrier forms, each with its noise floor (jaxlmc.stats), and the midpoint."""
-    columns = {}
-    for split, (loss, err) in curves.items():
-        for metric, curve in (("loss", loss), ("error", err)):
-            for form in stats.FORMS:
-                name = f"{metric}_barrier_{split}{form}{suffix}"
-                columns[name] = stats.barrier(curve[..., 0], alphas, form)
-                if curve.shape[-1] > 2:
-                    columns[f"{name}_floor"] = stats.noise_floor(curve, alphas, form)
-            columns[f"{metric}_mid_{split}{suffix}"] = barriers.midpoint(curve[..., 0], alphas)
-    return columns
-
-
-def _measures(rows: list[dict]) -> list[str]:
-    return [k for k in (rows or [{}])[0] if k.startswith(("loss_", "error_")) and not k.endswith("_floor")]
-
-
-def _summary(members: list[dict], pair_rows: list[dict], start_rows: list[dict], bootstrap: int,
-             num_seeds: int) -> list[dict]:
-    """One row per grid cell: for every pair measure (within-cell pairs) and every to-start measure (the cell's used
-    members), its mean, std over pairs (members) and member-bootstrap CI (jaxlmc.stats); for every barrier with a
-    noise floor, the mean floor and the mean excess (barrier − floor) with its CI."""
-    draws = stats.seed_draws(num_seeds, bootstrap)
-    out = []
-    for key, member_ids in grid.cell_groups(members).items():
-        row = dict(zip(grid.CELL_KEYS, key))
-        cell_members = [members[m] for m in member_ids]
-        within = [p for p in pair_rows if p["same_cell"] and grid.cell(p) == key]
-        starts = [s for s in start_rows if s["member"] in member_ids]
-        row.update({"members": len(member_ids), "members_used": len(starts), "pairs": len(within),
-                    "diverged": sum(m["diverged"] for m in cell_members),
-                    "unfit": sum(bool(m.get("unfit")) for m in cell_members)})
-        seed_pairs = [(members[p["i"]]["seed"], members[p["j"]]["seed"]) for p in within]
-        for prefix, rows in (("", within), ("start_", starts)):
-            for measure in _measures(pair_rows if not prefix else start_rows) + (["dist", "update_cos"] if not prefix
-                                                                                 else ["dist"]):
-                values = {name: np.array([r[name] for r in rows], np.float64)
-                          for name in (measure, f"{measure}_floor") if rows and name in rows[0]}
-                if measure not in values:
-                    continue
-                if f"{measure}_floor" in values:
-                    values["excess"] = values[measure] - values[f"{measure}_floor"]
-                for name, v in values.items():
-                    label = f"{prefix}{measure}" + ("_excess" if name == "excess" else
-                                                    "_floor" if name.endswith("_floor") else "")
-                    finite = v[np.isfinite(v)]
-                    row[f"{label}_mean"] = finite.mean() if finite.size else np.nan
-                    row[f"{label}_std"] = finite.std() if finite.size else np.nan
-                    if prefix:
-                        per_seed = np.full(num_seeds, np.nan)
-                        per_seed[[r["seed"] for r in rows]] = v
-                        replicates = stats.member_replicates(per_seed, draws)
-                    else:
-                        replicates = stats.pair_replicates(stats.symmetric_matrix(num_seeds, seed_pairs, v), draws)
-                    row[f"{label}_ci_lo"], row[f"{label}_ci_hi"] = stats.ci(replicates) if bootstrap else (np.nan,) * 2
-        out.append(row)
-    return out
-
-
-@dataclasses.dataclass
-class Curves:
-    """The compiled pass's output for one run: curves of the member pairs, of each member to its start, and (with
-    barriers.align) of the aligned member pairs; {split: (loss_PxAxR1, err_PxAxR1)} each, the last axis holding the
-    curve on the evaluation set itself and then on each of its barriers.noise_resamples resamplings."""
-
-    alphas: np.ndarray
-    pairs: dict
-    to_start: dict
-    aligned: dict
-    dist_P: np.ndarray
-    cos_P: np.ndarray
-    dist_K: np.ndarray
-    chunk: int
-    splits: list[str]
-    seconds: float
-    align_seconds: float
-    perms: list | None = None  # weight matching's permutations of each member pair (with barriers.align)
-    repaired: dict = dataclasses.field(default_factory=dict)  # the member pairs' curves after REPAIR (barriers.repair)
-    curved: dict = dataclasses.field(default_factory=dict)  # along trained Bezier curves (barriers.curve_steps)
-    curve_seconds: float = 0.0
+def summarize(members: list[dict], pair_rows: list[dict], start_rows: list[dict], bootstrap: int,
+              num_seeds: int) -> list[dict]:
+    """barriers/summary.csv: one row per grid cell (jaxlmc.interpolation.cell_summary over the grid's cell keys)."""
+    return cell_summary(members, pair_rows, start_rows, bootstrap, num_seeds, grid.CELL_KEYS)
 
 
 def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tuple[int, int]], status=None,
                    reference_M: dict | None = None) -> Curves:
-    """Every requested member pair and every member-to-start pair of the used members in one compiled pass; with
-    barriers.align, weight (or activation) matching of each member pair and the same pass on the aligned pairs.
+    """The run's requested member pairs and every member-to-start pair of its used members, as the [barriers] section
+    asks (jaxlmc.interpolation.pair_curves on the used members only).
 
     `start_M` is where each member started (the fine-tuning updates θ − start, for update_cos); `reference_M` (default
     `start_M`) is the start its to-start curve and distance are measured to."""
     reference_M = start_M if reference_M is None else reference_M
     b = cfg.barriers
-    used = run.used
-    # Only used members enter the pass: members at positions 0..K-1, their starting points at K..2K-1.
-    position = {m: k for k, m in enumerate(used)}
-    take = jnp.asarray(used)
-    params_K = jax.tree.map(lambda a: a[take], run.params_M)
-    start_K = jax.tree.map(lambda a: a[take], start_M)
-    reference_K = jax.tree.map(lambda a: a[take], reference_M)
-    both_2K = jax.tree.map(lambda a, s: jnp.concatenate([a, s]), params_K, reference_K)
-    num_used = len(used)
-    member_pairs = [(position[i], position[j]) for i, j in pairs]
-    start_pairs = [(k, num_used + k) for k in range(num_used)]
-    pairs_Px2 = jnp.asarray(member_pairs + start_pairs, jnp.int32).reshape(-1, 2)
-
-    alphas = barriers.alpha_grid(b.alphas)
-    eval_sets = tasks.eval_sets(cfg, run.task, resamples=b.noise_resamples)
-    with_resamples = (lambda a: a) if b.noise_resamples else (lambda a: a[..., None])
-    budget = memory.memory_budget(b.memory_fraction)
-    chunk = b.chunk_pairs or barriers.auto_chunk_pairs(run.model, both_2K, eval_sets, alphas, len(pairs_Px2), budget)
-    if status:
-        status(f"{len(member_pairs)} member pairs + {len(start_pairs)} to-start pairs × {len(alphas)} α × "
-               f"{len(eval_sets)} sets (chunks of {chunk} pairs)")
-    mesh = shard.device_mesh()
-    curves_fn = barriers.make_curves(run.model, alphas, chunk, mesh=mesh)
-    start_time = time.perf_counter()
-    lines = jax.tree.map(lambda a: with_resamples(shard.to_host(a)),
-                         curves_fn(*shard.replicate((both_2K, pairs_Px2, eval_sets), mesh)))
-    seconds = time.perf_counter() - start_time  # includes compilation: what the researcher waits for
-    num_member_pairs = len(member_pairs)
-
-    if member_pairs:
-        dist_P, cos_P = map(np.asarray, barriers.pair_geometry(params_K, start_K, pairs_Px2[:num_member_pairs]))
-    else:
-        dist_P = cos_P = np.zeros((0,), np.float32)
-    aligned, align_seconds, perms = {}, 0.0, None
-    if b.align and member_pairs:
-        # Weight matching of j onto i for every member pair, then the same pass on the aligned pairs.
-        start_time = time.perf_counter()
-        if b.align == "activations":  # activation matching on the fixed train-evaluation subset
-            x = run.task.train.x[:cfg.data.train_eval_size]
-            perms = permute.match_activations(run.model, params_K, member_pairs, x)
-        else:
-            perms = permute.match_pairs(run.model, params_K, member_pairs)
-        align_seconds = time.perf_counter() - start_time
-        aligned = jax.tree.map(lambda a: with_resamples(shard.to_host(a)), curves_fn(*shard.replicate(
-            (params_K, pairs_Px2[:num_member_pairs], eval_sets, [jnp.asarray(p) for p in perms]), mesh)))
-    repaired = {}
-    if b.repair and member_pairs:
-        # REPAIR on the pairs as the study compares them: aligned when it aligns, else as they are.
-        repair_x = jnp.asarray(run.task.train.x[:min(b.repair_examples, cfg.data.train_eval_size)])
-        repair_fn = barriers.make_curves(run.model, alphas, chunk, mesh=mesh, repair_x=repair_x)
-        args = (params_K, pairs_Px2[:num_member_pairs], eval_sets) + (
-            ([jnp.asarray(p) for p in perms],) if perms is not None else ())
-        repaired = jax.tree.map(lambda a: with_resamples(shard.to_host(a)), repair_fn(*shard.replicate(args, mesh)))
-    curved, curve_seconds = {}, 0.0
-    if b.curve_steps and member_pairs:
-        # Bezier curves between the pairs as the study compares them (aligned when it aligns), on the same α grid.
-        start_time = time.perf_counter()
-        train_x, train_y = run.task.train.x, run.task.train.y
-        train_bends = make_train_bends(run.model, b.curve_steps, cfg.finetune.batch_size, b.curve_lr, len(train_y),
-                                       chunk_pairs=chunk)
-        perm_args = ([jnp.asarray(p) for p in perms],) if perms is not None else ()
-        member_pairs_Px2 = pairs_Px2[:num_member_pairs]
-        bends_P = train_bends(params_K, member_pairs_Px2, {"x": jnp.asarray(train_x), "y": jnp.asarray(train_y)},
-                              jax.random.key(0), *perm_args)
-        curve_fn = make_curve_eval(run.model, alphas, chunk)
-        curved = jax.tree.map(lambda a: with_resamples(np.asarray(a)),
-                              curve_fn(params_K, bends_P, member_pairs_Px2, eval_sets, *perm_args))
-        curve_seconds = time.perf_counter() - start_time
-    return Curves(
-        alphas=alphas,
-        pairs={s: (c[0][:num_member_pairs], c[1][:num_member_pairs]) for s, c in lines.items()},
-        to_start={s: (c[0][num_member_pairs:], c[1][num_member_pairs:]) for s, c in lines.items()},
-        aligned=aligned, dist_P=dist_P, cos_P=cos_P, dist_K=np.asarray(jax.vmap(models.tree_l2)(params_K, reference_K)),
-        chunk=chunk, splits=list(eval_sets), seconds=seconds, align_seconds=align_seconds, perms=perms,
-        repaired=repaired, curved=curved, curve_seconds=curve_seconds)
-
-
-# The barriers whose per-resampling null values are kept (barriers/nulls.npz) for the calibrated cell decision
-# (stats.cell_threshold): the seeds' test error barrier, naive and aligned, and the linear-baseline one to the start.
-NULL_MEASURES = (("pairs", "error", "test", "", ""), ("pairs", "error", "test", "", "_aligned"),
-                 ("start", "error", "test", "_lin", ""))
-
-
-def null_arrays(curves: Curves) -> dict[str, np.ndarray]:
-    """{"<pairs|start>_<measure>": null_PxR} (stats.null_barriers) for NULL_MEASURES, in the row order of pairs.csv
-    and to_start.csv; float32."""
-    out = {}
-    for which, metric, split, form, suffix in NULL_MEASURES:
-        by_split = {"pairs": {"": curves.pairs, "_aligned": curves.aligned}[suffix], "start": curves.to_start}[which]
-        if split not in by_split:
-            continue
-        curve = by_split[split][0 if metric == "loss" else 1]
-        out[f"{which}_{metric}_barrier_{split}{form}{suffix}"] = stats.null_barriers(
-            curve, curves.alphas, form).astype(np.float32)
-    return out
+    position = {m: k for k, m in enumerate(run.used)}
+    take = jnp.asarray(run.used)
+    used = lambda tree: jax.tree.map(lambda a: a[take], tree)  # noqa: E731
+    train_x = run.task.train.x
+    bezier = (BezierSettings(b.curve_steps, b.curve_lr, cfg.finetune.batch_size, train_x, run.task.train.y)
+              if b.curve_steps else None)
+    return pair_curves(
+        run.model, used(run.params_M), [(position[i], position[j]) for i, j in pairs],
+        tasks.eval_sets(cfg, run.task, resamples=b.noise_resamples), num_alphas=b.alphas, start_K=used(start_M),
+        reference_K=used(reference_M), chunk_pairs=b.chunk_pairs, memory_fraction=b.memory_fraction,
+        align=b.align or None, align_x=train_x[:cfg.data.train_eval_size] if b.align == "activations" else None,
+        repair_x=train_x[:min(b.repair_examples, cfg.data.train_eval_size)] if b.repair else None, bezier=bezier,
+        status=status)
 
 
 def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[int], curves: Curves):
     """(pair_rows, start_rows): one row per member pair and one per used member, with their cell keys."""
-    pair_columns = _curve_columns(curves.pairs, curves.alphas)
-    pair_columns.update(_curve_columns(curves.aligned, curves.alphas, "_aligned"))
-    pair_columns.update(_curve_columns(curves.repaired, curves.alphas, "_repair"))
-    pair_columns.update(_curve_columns(curves.curved, curves.alphas, "_curve"))
+    columns = pair_columns(curves)
     pair_rows = []
     for p, (i, j) in enumerate(pairs):
         mi, mj = members[i], members[j]
         row = {"i": i, "j": j, **dict(zip(grid.CELL_KEYS, grid.cell(mi))), "same_cell": grid.cell(mi) == grid.cell(mj),
                "pretrain_step_j": mj["pretrain_step"], "lr_j": mj["lr"]}
-        row.update({k: float(v[p]) for k, v in pair_columns.items()})
-        row["dist"], row["update_cos"] = float(curves.dist_P[p]), float(curves.cos_P[p])
+        row.update({k: float(v[p]) for k, v in columns.items()})
         pair_rows.append(row)
-    start_columns = _curve_columns(curves.to_start, curves.alphas)
+    start_columns = curve_columns(curves.to_start, curves.alphas)
     for split, (loss, err) in curves.to_start.items():  # the start (α = 1: body + probe head) on its own
         start_columns[f"start_loss_{split}"], start_columns[f"start_error_{split}"] = loss[:, -1, 0], err[:, -1, 0]
     start_rows = []
@@ -325,7 +162,7 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     probe_M = finetuning.start_params(cfg, out, run.model, members, run.task.train, heads="probe")
     curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M)
     pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
-    summary = _summary(members, pair_rows, start_rows, b.bootstrap, cfg.finetune.seeds)
+    summary = summarize(members, pair_rows, start_rows, b.bootstrap, cfg.finetune.seeds)
     num_used = len(run.used)
     num_evals = (len(pairs) + num_used) * (len(curves.alphas) - 2) + 2 * num_used
     settings = {"barriers": dataclasses.asdict(b), "chunk_pairs": curves.chunk, "member_pairs": len(pairs),
@@ -382,10 +219,10 @@ def _barriers_at_step(cfg: Config, out: str, final: FinishedRun, step: int, star
     run = FinishedRun(members, final.task, final.model, params_M)
     pairs, _ = select_pairs(cfg.barriers.pairs, members)
     if not run.used:
-        return members, [], [], _summary(members, [], [], cfg.barriers.bootstrap, cfg.finetune.seeds)
+        return members, [], [], summarize(members, [], [], cfg.barriers.bootstrap, cfg.finetune.seeds)
     if status:
         status(f"fine-tuning step {step}:")
     curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M)
     pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
-    return members, pair_rows, start_rows, _summary(members, pair_rows, start_rows, cfg.barriers.bootstrap,
+    return members, pair_rows, start_rows, summarize(members, pair_rows, start_rows, cfg.barriers.bootstrap,
                                                     cfg.finetune.seeds)

@@ -32,7 +32,23 @@ def register_optimizer(name: str, factory: Factory) -> None:
     OPTIMIZERS[name] = factory
 
 
-def make(name: str, momentum: float, lr, weight_decay) -> optax.GradientTransformation:
+def from_optax(make_tx: Callable[..., optax.GradientTransformation], weight_decay: bool) -> Factory:
+    """A factory from any optax constructor taking the learning rate first (`optax.adamw`, `optax.sgd`,
+    `functools.partial(optax.sgd, momentum=0.9)`, one's own): called with each member's rate, and with
+    `weight_decay=` its decay when `weight_decay` (some member decays; the constructor must then take it)."""
+    if not callable(make_tx):
+        raise TypeError(f"optimizer: a registered name or an optax constructor was expected, got {make_tx!r}")
+
+    def factory(lr, decay, momentum) -> optax.GradientTransformation:
+        return make_tx(lr, weight_decay=decay) if weight_decay else make_tx(lr)
+
+    return factory
+
+
+def make(name: str | Factory, momentum: float, lr, weight_decay) -> optax.GradientTransformation:
+    """One member's optimiser: a registered name's, or a factory's own (`from_optax`)."""
+    if callable(name):
+        return name(lr, weight_decay, momentum)
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; registered: {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[name](lr, weight_decay, momentum)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from jaxlmc.models import Model, PermutationSpec, UnitAxis
+from jaxlmc.models import Model, PermutationSpec, UnitAxis, get_path, set_path
 
 
 def _units_first(w, entry: UnitAxis, width: int):
@@ -43,19 +43,19 @@ def permute(params: dict, perms: list, spec: PermutationSpec) -> dict:
     for entries, perm in zip(spec, perms):
         width = perm.shape[0]
         for entry in entries:
-            w = out[entry.layer][entry.name]
+            w = get_path(out, entry.path)
             if entry.blocks > 1:
                 shaped = w.reshape(*w.shape[:entry.axis], entry.blocks, width, *w.shape[entry.axis + 1:])
                 moved = jnp.take(shaped, perm, axis=entry.axis + 1).reshape(w.shape)
             else:
                 moved = jnp.take(w, perm, axis=entry.axis)
-            out[entry.layer] = {**out[entry.layer], entry.name: moved}
+            out = set_path(out, entry.path, moved)
     return out
 
 
 def _width(params: dict, entries: list[UnitAxis]) -> int:
     first = entries[0]
-    return params[first.layer][first.name].shape[first.axis] // first.blocks
+    return get_path(params, first.path).shape[first.axis] // first.blocks
 
 
 def _cost(params_a: dict, params_b: dict, k: int, spec: PermutationSpec) -> jax.Array:
@@ -63,8 +63,8 @@ def _cost(params_a: dict, params_b: dict, k: int, spec: PermutationSpec) -> jax.
     width = _width(params_a, spec[k])
     total = jnp.zeros((width, width), jnp.float32)
     for entry in spec[k]:
-        a = _units_first(params_a[entry.layer][entry.name], entry, width).reshape(width, -1)
-        b = _units_first(params_b[entry.layer][entry.name], entry, width).reshape(width, -1)
+        a = _units_first(get_path(params_a, entry.path), entry, width).reshape(width, -1)
+        b = _units_first(get_path(params_b, entry.path), entry, width).reshape(width, -1)
         total = total + a @ b.T
     return total
 

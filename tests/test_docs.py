@@ -24,8 +24,18 @@ def run_block(code: str, cwd: str) -> str:
     return proc.stdout
 
 
-def test_the_array_level_example_trains_members_and_prints_barriers_with_intervals(tmp_path):
-    out = run_block(api_blocks()[0], str(tmp_path))
+def test_the_library_example_fits_members_and_prints_barriers_with_intervals_and_floors(tmp_path):
+    lines = run_block(api_blocks()[0], str(tmp_path)).splitlines()
+    assert lines[0] == "16 members; 0 failed"
+    assert [line.split(":")[0] for line in lines[1:]] == ["LR 0.001", "LR 0.01"]
+    for line in lines[1:]:
+        barrier, lo, hi, floor = map(float, re.search(
+            r"barrier ([\d.]+) \(95 % CI over seeds ([\d.]+)–([\d.]+)\), noise floor ([\d.]+)", line).groups())
+        assert 0 <= lo <= barrier <= hi < 1 and 0 < floor < 1
+
+
+def test_the_core_example_trains_members_and_prints_barriers_with_intervals(tmp_path):
+    out = run_block(api_blocks()[1], str(tmp_path))
     lines = out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["LR 0.001", "LR 0.01"]
     for line in lines:
@@ -35,7 +45,7 @@ def test_the_array_level_example_trains_members_and_prints_barriers_with_interva
 
 
 def test_the_run_directory_example_runs_a_study_and_prints_its_tables_and_answers(tmp_path, data_dir):
-    lines = run_block(api_blocks()[1], str(tmp_path)).splitlines()
+    lines = run_block(api_blocks()[2], str(tmp_path)).splitlines()
     assert [line.split()[:2] for line in lines[:2]] == [["60", "0.001"], ["60", "0.01"]]
     assert any(line.startswith("H2 ") for line in lines[2:]) and any(line.startswith("H3 ") for line in lines[2:])
     assert os.path.exists(tmp_path / "runs" / "api_example" / "report.html")

@@ -4,14 +4,14 @@ registered with `register_kind` — from a plugin module (`[plugins] modules`) a
 from __future__ import annotations
 
 from jaxlmc.models import base, cnn, mlp, transformer
-from jaxlmc.models.base import (Classifier, Dropout, Model, ModelKind, PermutationSpec, UnitAxis, dropout, param_count,
-                                tree_l2)
+from jaxlmc.models.base import (Classifier, Dropout, Model, ModelKind, PermutationSpec, UnitAxis, dropout, from_module,
+                                get_path, param_count, set_path, tree_l2)
 from jaxlmc.models.cnn import PatchConv
 
 KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (mlp.KIND, cnn.KIND, transformer.KIND)}
 
 __all__ = ["KINDS", "Classifier", "Dropout", "Model", "ModelKind", "PatchConv", "PermutationSpec", "UnitAxis", "build",
-           "dropout", "param_count", "register_kind", "tree_l2"]
+           "dropout", "from_module", "get_path", "param_count", "set_path", "register_kind", "tree_l2"]
 
 
 def register_kind(kind: ModelKind) -> None:

@@ -15,6 +15,7 @@ receives the `[model]` section as `cfg` and reads its fields (kind, width, depth
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Callable
 
@@ -66,13 +67,42 @@ class Classifier(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class UnitAxis:
-    """One parameter axis indexed by a hidden layer's units: params[layer][name] along `axis`. With `blocks` > 1 the
+    """One parameter axis indexed by a hidden layer's units: the leaf `name` of the (sub)module at the key path
+    `layer` — "dense0", or dotted through nested modules, "blocks.0.mlp.fc1" — along `axis`. With `blocks` > 1 the
     axis holds `blocks` consecutive copies of the units (a CNN head's flattened positions × channels)."""
 
     layer: str
     name: str
     axis: int
     blocks: int = 1
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return (*self.layer.split("."), self.name)
+
+
+def _key(tree: dict, key: str, path: tuple[str, ...]):
+    """The key of `tree` that a path element names: itself, or the integer it spells (nnx.List and list attributes
+    give integer keys)."""
+    if key in tree:
+        return key
+    if key.isdigit() and int(key) in tree:
+        return int(key)
+    raise KeyError(f"parameter path {'.'.join(path)!r}: no {key!r} among {sorted(map(str, tree))}")
+
+
+def get_path(params: dict, path: tuple[str, ...]):
+    """The leaf of a nested parameter dict at a key path (UnitAxis.path)."""
+    node = params
+    for key in path:
+        node = node[_key(node, key, path)]
+    return node
+
+
+def set_path(params: dict, path: tuple[str, ...], value) -> dict:
+    """A copy of `params` (copied along the path only) with the leaf at `path` replaced by `value`."""
+    key = _key(params, path[0], path)
+    return {**params, key: value if len(path) == 1 else set_path(params[key], path[1:], value)}
 
 
 # For each hidden layer in order: every parameter axis its units index (one permutation per hidden layer).
@@ -101,6 +131,7 @@ class ModelKind:
     # key's "bias" is shifted. The module's `preactivations(x)` gives those layers' outputs in the same order. None:
     # REPAIR does not apply.
     repair_points: Callable[..., list[tuple[str, str]]] | None = None
+    dropout: bool = True  # its module's call takes a second argument, `drop` (per-member dropout while training)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +152,10 @@ class Model:
 
     def apply(self, params: dict, x_BxF, drop: Dropout = None):
         """Logits B×C (B×T×C per token) of one member's `params` on a batch (with dropout when `drop` is given:
-        training only)."""
-        return nnx.merge(self.graphdef, params)(x_BxF, drop)
+        training only; a module is called with the batch alone otherwise, so any module mapping a batch to logits
+        works)."""
+        module = nnx.merge(self.graphdef, params)
+        return module(x_BxF) if drop is None else module(x_BxF, drop)
 
     def features(self, params: dict, x_BxF):
         return nnx.merge(self.graphdef, params).features(x_BxF)
@@ -180,6 +213,51 @@ def build(kind: ModelKind, cfg, input_shape, num_classes: int, per_token: bool =
     graphdef, _ = nnx.split(abstract)
     return Model(graphdef=graphdef, cfg=cfg, kind=kind, input_shape=shape, num_classes=num_classes,
                  per_token=per_token)
+
+
+class _Factory:
+    """A `ModelKind.module` for a user's own module: `make(rngs)` builds it; the config, shape and class count a
+    registered kind reads are not its business."""
+
+    def __init__(self, make: Callable[[nnx.Rngs], nnx.Module] | None, name: str):
+        self.make, self.name = make, name
+
+    def __call__(self, cfg, input_shape, num_classes, rngs: nnx.Rngs) -> nnx.Module:
+        if self.make is None:
+            raise TypeError(f"model {self.name!r} was given as a module instance: its parameters are the one start "
+                            "every member shares; pass a function rngs -> module to draw an initialisation per seed")
+        return self.make(rngs)
+
+
+def from_module(module_or_make, input_shape, num_classes: int, permutation_spec: PermutationSpec | None = None,
+                name: str = "") -> tuple[Model, dict | None]:
+    """(model, params): a `Model` for any Flax NNX module whose call maps a batch to logits, and — when given a module
+    instance — its parameters as a pure dict (None for a factory `rngs -> module`, whose `Model.init(key)` draws them).
+
+    The module's state must be parameters only (nnx.Param): every member's state is a slice of one stacked pytree,
+    and batch statistics or RNG state have no per-member meaning under vmap (jaxlmc.models explains why no BatchNorm).
+    `permutation_spec` (UnitAxis entries, key paths through nested modules) makes its members weight-matchable.
+    Per-member dropout needs a module whose call takes a second argument, `drop` (`dropout`); a `features`/`head`
+    split only where a feature reads it (the linear probe, a new head)."""
+    make = None if isinstance(module_or_make, nnx.Module) else module_or_make
+    label = name or (type(module_or_make).__name__ if make is None else getattr(make, "__name__", "module"))
+    shape = tuple(input_shape)
+    abstract = module_or_make if make is None else nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+    if not isinstance(abstract, nnx.Module):
+        raise TypeError(f"model {label!r}: a Flax NNX module or a function rngs -> module was expected, got "
+                        f"{type(abstract).__name__}")
+    others = [".".join(map(str, path)) + f" ({type(v).__name__})"
+              for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Not(nnx.Param)))]
+    if others:
+        raise TypeError(f"model {label!r} holds state other than parameters: {', '.join(others[:4])}; jaxlmc vmaps "
+                        "pure parameters (no BatchNorm statistics, no RNG state: dropout takes `drop`)")
+    spec = None if permutation_spec is None else (lambda cfg, input_shape: permutation_spec)
+    takes_drop = len(inspect.signature(type(abstract).__call__).parameters) >= 3  # (self, x, drop)
+    kind = ModelKind(name=label, module=_Factory(make, label), layers=lambda cfg: [], permutation_spec=spec,
+                     dropout=takes_drop)
+    graphdef, state = nnx.split(abstract)
+    model = Model(graphdef=graphdef, cfg=None, kind=kind, input_shape=shape, num_classes=num_classes)
+    return model, (nnx.to_pure_dict(state) if make is None else None)
 
 
 def param_count(params: dict) -> int:

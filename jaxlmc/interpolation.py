@@ -1,0 +1,249 @@
+"""Pair curves on plain arrays: every requested pair of members (and, optionally, every member to a reference point)
+interpolated and evaluated in one compiled pass (jaxlmc.barriers), with weight or activation matching (jaxlmc.permute),
+REPAIR (jaxlmc.repair) and Bezier curves (jaxlmc.curves) on the same pairs; and the per-pair barrier columns of
+barriers/pairs.csv. Nothing here reads a config or a run directory: the barrier stage (jaxlmc.measure) and the
+library's `pair_barriers` (jaxlmc.library) are its two clients.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlmc import barriers, memory, models, permute, shard, stats, train
+from jaxlmc.curves import make_curve_eval, make_train_bends
+
+ALIGN_METHODS = ("weights", "activations")
+
+
+@dataclasses.dataclass
+class Curves:
+    """The compiled pass's output: curves of the member pairs, of each member to its reference (when asked), of the
+    aligned member pairs (when aligning), after REPAIR and along trained Bezier curves; {split: (loss_PxAxR1,
+    err_PxAxR1)} each, the last axis holding the curve on the evaluation set itself and then on each of its
+    resamplings."""
+
+    alphas: np.ndarray
+    pairs: dict
+    to_start: dict
+    aligned: dict
+    dist_P: np.ndarray
+    cos_P: np.ndarray
+    dist_K: np.ndarray
+    chunk: int
+    splits: list[str]
+    seconds: float
+    align_seconds: float
+    perms: list | None = None  # the permutations of each member pair (with alignment)
+    repaired: dict = dataclasses.field(default_factory=dict)
+    curved: dict = dataclasses.field(default_factory=dict)
+    curve_seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BezierSettings:
+    """A quadratic Bezier curve trained between each pair (Garipov et al. 2018): `steps` of SGD at `lr` on batches of
+    `batch_size` from the training arrays `x`, `y`."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    x: np.ndarray
+    y: np.ndarray
+
+
+def eval_sets(named: dict[str, tuple], batch_size: int = 1000, resamples: int = 0) -> dict[str, tuple]:
+    """{name: (x, y)} batched on the device once (train.batch_eval_set); with `resamples` > 0 each set carries that
+    many bootstrap resamplings of its examples (a fixed draw per set, by its position), for the noise floors."""
+    return {name: train.batch_eval_set(x, y, batch_size,
+                                       train.resample_counts(len(y), resamples, seed=k) if resamples else None)
+            for k, (name, (x, y)) in enumerate(named.items())}
+
+
+def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]], eval_sets: dict, *,
+                num_alphas: int = 11, start_K: dict | None = None, reference_K: dict | None = None,
+                chunk_pairs: int = 0, memory_fraction: float = 0.5, align: str | None = None, align_x=None,
+                repair_x=None, bezier: BezierSettings | None = None, status=None) -> Curves:
+    """The curves of `pairs` (indices into the member axis of `params_K`) on `eval_sets` (`eval_sets`), and of each
+    member to its `reference_K` (None: no to-start curves), in one compiled pass sharded over the devices.
+
+    `start_K` is where each member started (the updates θ − start give update_cos; None: NaN). `align`: "weights"
+    (weight matching) or "activations" (activation matching on `align_x`), then the same pass on the aligned pairs;
+    `repair_x`: REPAIR every interior point on those examples (on the pairs as compared: aligned when aligning);
+    `bezier`: train a Bezier curve per pair and evaluate along it. `chunk_pairs` 0: the largest chunk whose scratch
+    memory fits `memory_fraction` of the free memory.
+    """
+    if align not in (None, *ALIGN_METHODS):
+        raise ValueError(f"align: {align!r} is not one of {ALIGN_METHODS} (or None)")
+    if align == "activations" and align_x is None:
+        raise ValueError('align="activations" needs examples to correlate the units on (align_x)')
+    num_members = jax.tree.leaves(params_K)[0].shape[0]
+    bad = [p for p in pairs if not all(0 <= m < num_members for m in p)]
+    if bad:
+        raise IndexError(f"pair {bad[0]}: member out of range (there are {num_members} members)")
+    with_start = reference_K is not None
+    both = jax.tree.map(lambda a, s: jnp.concatenate([a, s]), params_K, reference_K) if with_start else params_K
+    start_pairs = [(k, num_members + k) for k in range(num_members)] if with_start else []
+    pairs_Px2 = jnp.asarray(list(pairs) + start_pairs, jnp.int32).reshape(-1, 2)
+    alphas = barriers.alpha_grid(num_alphas)
+    resampled = next(iter(eval_sets.values()))
+    with_resamples = (lambda a: a) if len(resampled) > 3 else (lambda a: a[..., None])
+    chunk = chunk_pairs or barriers.auto_chunk_pairs(model, both, eval_sets, alphas, max(len(pairs_Px2), 1),
+                                                     memory.memory_budget(memory_fraction))
+    if status:
+        status(f"{len(pairs)} member pairs + {len(start_pairs)} to-start pairs × {len(alphas)} α × "
+               f"{len(eval_sets)} sets (chunks of {chunk} pairs)")
+    mesh = shard.device_mesh()
+    curves_fn = barriers.make_curves(model, alphas, chunk, mesh=mesh)
+    host = lambda tree: jax.tree.map(lambda a: with_resamples(shard.to_host(a)), tree)  # noqa: E731
+    start_time = time.perf_counter()
+    lines = host(curves_fn(*shard.replicate((both, pairs_Px2, eval_sets), mesh))) if len(pairs_Px2) else {}
+    seconds = time.perf_counter() - start_time  # includes compilation: what the researcher waits for
+    member_pairs_Px2 = pairs_Px2[:len(pairs)]
+    if pairs:
+        geometry_start = params_K if start_K is None else start_K
+        dist_P, cos_P = map(np.asarray, barriers.pair_geometry(params_K, geometry_start, member_pairs_Px2))
+        if start_K is None:
+            cos_P = np.full_like(cos_P, np.nan)
+    else:
+        dist_P = cos_P = np.zeros((0,), np.float32)
+    aligned, align_seconds, perms = {}, 0.0, None
+    if align and pairs:
+        start_time = time.perf_counter()
+        if align == "activations":
+            perms = permute.match_activations(model, params_K, pairs, align_x)
+        else:
+            perms = permute.match_pairs(model, params_K, pairs)
+        align_seconds = time.perf_counter() - start_time
+        aligned = host(curves_fn(*shard.replicate((params_K, member_pairs_Px2, eval_sets,
+                                                   [jnp.asarray(p) for p in perms]), mesh)))
+    perm_args = ([jnp.asarray(p) for p in perms],) if perms is not None else ()
+    repaired = {}
+    if repair_x is not None and pairs:
+        repair_fn = barriers.make_curves(model, alphas, chunk, mesh=mesh, repair_x=jnp.asarray(repair_x))
+        repaired = host(repair_fn(*shard.replicate((params_K, member_pairs_Px2, eval_sets) + perm_args, mesh)))
+    curved, curve_seconds = {}, 0.0
+    if bezier is not None and pairs:
+        start_time = time.perf_counter()
+        train_bends = make_train_bends(model, bezier.steps, bezier.batch_size, bezier.lr, len(bezier.y),
+                                       chunk_pairs=chunk)
+        bends_P = train_bends(params_K, member_pairs_Px2, {"x": jnp.asarray(bezier.x), "y": jnp.asarray(bezier.y)},
+                              jax.random.key(0), *perm_args)
+        curve_fn = make_curve_eval(model, alphas, chunk)
+        curved = jax.tree.map(lambda a: with_resamples(np.asarray(a)),
+                              curve_fn(params_K, bends_P, member_pairs_Px2, eval_sets, *perm_args))
+        curve_seconds = time.perf_counter() - start_time
+    num_pairs = len(pairs)
+    dist_K = np.asarray(jax.vmap(models.tree_l2)(params_K, reference_K)) if with_start else np.zeros((0,))
+    return Curves(
+        alphas=alphas,
+        pairs={s: (c[0][:num_pairs], c[1][:num_pairs]) for s, c in lines.items()},
+        to_start={s: (c[0][num_pairs:], c[1][num_pairs:]) for s, c in lines.items()} if with_start else {},
+        aligned=aligned, dist_P=dist_P, cos_P=cos_P, dist_K=dist_K, chunk=chunk, splits=list(eval_sets),
+        seconds=seconds, align_seconds=align_seconds, perms=perms, repaired=repaired, curved=curved,
+        curve_seconds=curve_seconds)
+
+
+def curve_columns(curves: dict, alphas: np.ndarray, suffix: str = "") -> dict[str, np.ndarray]:
+    """Per-pair barrier columns from {split: (loss_PxAxR1, err_PxAxR1)} (the last axis: the evaluation set itself,
+    then its resamplings): both barrier forms, each with its noise floor (jaxlmc.stats), and the midpoint."""
+    columns = {}
+    for split, (loss, err) in curves.items():
+        for metric, curve in (("loss", loss), ("error", err)):
+            for form in stats.FORMS:
+                name = f"{metric}_barrier_{split}{form}{suffix}"
+                columns[name] = stats.barrier(curve[..., 0], alphas, form)
+                if curve.shape[-1] > 2:
+                    columns[f"{name}_floor"] = stats.noise_floor(curve, alphas, form)
+            columns[f"{metric}_mid_{split}{suffix}"] = barriers.midpoint(curve[..., 0], alphas)
+    return columns
+
+
+# Each way of comparing a pair: the Curves field it reads and the suffix of its columns.
+PAIR_MEASURES = (("pairs", ""), ("aligned", "_aligned"), ("repaired", "_repair"), ("curved", "_curve"))
+
+
+def pair_columns(curves: Curves) -> dict[str, np.ndarray]:
+    """Every per-pair column of barriers/pairs.csv that the curves hold: each comparison's barriers, floors and
+    midpoints, the distance and the cosine of the updates."""
+    columns = {}
+    for field, suffix in PAIR_MEASURES:
+        columns.update(curve_columns(getattr(curves, field), curves.alphas, suffix))
+    columns["dist"], columns["update_cos"] = curves.dist_P, curves.cos_P
+    return columns
+
+
+def _measures(rows: list[dict]) -> list[str]:
+    return [k for k in (rows or [{}])[0] if k.startswith(("loss_", "error_")) and not k.endswith("_floor")]
+
+
+def cell_summary(members: list[dict], pair_rows: list[dict], start_rows: list[dict], bootstrap: int, num_seeds: int,
+                 cell_keys: tuple[str, ...]) -> list[dict]:
+    """One row per cell (the members' values of `cell_keys`, in first-seen order): for every pair measure
+    (within-cell pairs) and every to-start measure (the cell's used members), its mean, std over pairs (members) and
+    seed-bootstrap CI (jaxlmc.stats: seeds are resampled, never pairs, which share members); for every barrier with a
+    noise floor, the mean floor and the mean excess (barrier − floor) with its CI. Members are rows with "member",
+    "seed" (0 .. num_seeds − 1), "diverged" and optionally "unfit"; pair rows have "i", "j", "same_cell" and the cell
+    keys of member i."""
+    draws = stats.seed_draws(num_seeds, bootstrap)
+    cell = lambda row: tuple(row[k] for k in cell_keys)  # noqa: E731
+    groups: dict = {}
+    for m in members:
+        groups.setdefault(cell(m), []).append(m["member"])
+    out = []
+    for key, member_ids in groups.items():
+        row = dict(zip(cell_keys, key))
+        cell_members = [members[m] for m in member_ids]
+        within = [p for p in pair_rows if p["same_cell"] and cell(p) == key]
+        starts = [s for s in start_rows if s["member"] in member_ids]
+        row.update({"members": len(member_ids), "members_used": len(starts), "pairs": len(within),
+                    "diverged": sum(m["diverged"] for m in cell_members),
+                    "unfit": sum(bool(m.get("unfit")) for m in cell_members)})
+        seed_pairs = [(members[p["i"]]["seed"], members[p["j"]]["seed"]) for p in within]
+        for prefix, rows in (("", within), ("start_", starts)):
+            for measure in _measures(pair_rows if not prefix else start_rows) + (["dist", "update_cos"] if not prefix
+                                                                                 else ["dist"]):
+                values = {name: np.array([r[name] for r in rows], np.float64)
+                          for name in (measure, f"{measure}_floor") if rows and name in rows[0]}
+                if measure not in values:
+                    continue
+                if f"{measure}_floor" in values:
+                    values["excess"] = values[measure] - values[f"{measure}_floor"]
+                for name, v in values.items():
+                    label = f"{prefix}{measure}" + ("_excess" if name == "excess" else
+                                                    "_floor" if name.endswith("_floor") else "")
+                    finite = v[np.isfinite(v)]
+                    row[f"{label}_mean"] = finite.mean() if finite.size else np.nan
+                    row[f"{label}_std"] = finite.std() if finite.size else np.nan
+                    if prefix:
+                        per_seed = np.full(num_seeds, np.nan)
+                        per_seed[[r["seed"] for r in rows]] = v
+                        replicates = stats.member_replicates(per_seed, draws)
+                    else:
+                        replicates = stats.pair_replicates(stats.symmetric_matrix(num_seeds, seed_pairs, v), draws)
+                    row[f"{label}_ci_lo"], row[f"{label}_ci_hi"] = stats.ci(replicates) if bootstrap else (np.nan,) * 2
+        out.append(row)
+    return out
+
+
+# The barriers whose per-resampling null values are kept (barriers/nulls.npz) for the calibrated cell decision
+# (stats.cell_threshold): the seeds' test error barrier, naive and aligned, and the linear-baseline one to the start.
+NULL_MEASURES = (("pairs", "error", "test", "", ""), ("pairs", "error", "test", "", "_aligned"),
+                 ("start", "error", "test", "_lin", ""))
+
+
+def null_arrays(curves: Curves) -> dict[str, np.ndarray]:
+    """{"<pairs|start>_<measure>": null_PxR} (stats.null_barriers) for NULL_MEASURES, in the row order of pairs.csv
+    and to_start.csv; float32."""
+    out = {}
+    for which, metric, split, form, suffix in NULL_MEASURES:
+        by_split = {"pairs": {"": curves.pairs, "_aligned": curves.aligned}[suffix], "start": curves.to_start}[which]
+        if split not in by_split:
+            continue
+        curve = by_split[split][0 if metric == "loss" else 1]
+        out[f"{which}_{metric}_barrier_{split}{form}{suffix}"] = stats.null_barriers(
+            curve, curves.alphas, form).astype(np.float32)
+    return out
