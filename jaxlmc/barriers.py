@@ -22,18 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec
 
-from jaxlmc import memory
+from jaxlmc import memory, paths
 from jaxlmc.models import Model
-from jaxlmc.permute import permute
-from jaxlmc.repair import repair, unit_stats
-from jaxlmc.shard import MEMBERS
-from jaxlmc.train import cross_entropy, loss_and_error
+from jaxlmc.paths import lerp, pair_endpoints
+from jaxlmc.train import cross_entropy
 
-
-def lerp(params_i, params_j, alpha):
-    return jax.tree.map(lambda a, b: (1.0 - alpha) * a + alpha * b, params_i, params_j)
+__all__ = ["alpha_grid", "auto_chunk_pairs", "barrier_endpoint_mean", "barrier_linear", "lerp", "make_curves",
+           "make_layer_curves", "midpoint", "pair_endpoints", "pair_geometry", "pairs_all", "pairs_within",
+           "read_pairs", "reference_curves", "reference_layer_curves"]
 
 
 def alpha_grid(num_alphas: int) -> np.ndarray:
@@ -42,117 +39,30 @@ def alpha_grid(num_alphas: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, num_alphas, dtype=np.float32)
 
 
-def pair_endpoints(model: Model, params_M, pair_2, perm_list=None):
-    """(θᵢ, θⱼ) of one pair: member i and member j, the latter permuted onto member i when `perm_list` (one array
-    [units] per permutation group) is given."""
-    p_i = jax.tree.map(lambda a: a[pair_2[0]], params_M)
-    p_j = jax.tree.map(lambda a: a[pair_2[1]], params_M)
-    if perm_list is not None:
-        p_j = permute(p_j, perm_list, model.permutation_spec())
-    return p_i, p_j
-
-
-def _checked_grid(alphas, chunk_pairs: int) -> np.ndarray:
-    """The α grid as float32, refused unless it increases from 0 to 1; and a positive chunk size."""
-    alphas = np.asarray(alphas, np.float32)
-    if alphas[0] != 0.0 or alphas[-1] != 1.0 or np.any(np.diff(alphas) <= 0):
-        raise ValueError("alphas must increase from 0 to 1")
-    if chunk_pairs < 1:
-        raise ValueError(f"chunk_pairs must be positive, got {chunk_pairs}")
-    return alphas
-
-
 def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None, repair_x=None):
-    """jit(params_M, pairs_Px2, eval_sets) -> {name: (loss_PxA, err_PxA)} on the full α grid.
+    """jit(params_M, pairs_Px2, eval_sets[, perms]) -> {name: (loss_PxA, err_PxA)}: the straight line between the
+    members of every pair on the full α grid (jaxlmc.paths.make_path_eval), member i and j themselves at the ends
+    (one evaluation per member).
 
-    `eval_sets` maps a name to a set from `train.batch_eval_set`. `alphas` must increase from 0 to 1; the endpoints
-    come from one evaluation per member, walked in chunks of `chunk_pairs` members. With a `mesh` (jaxlmc.shard) the
-    pairs are padded to a multiple of its size and split over its devices with `jax.shard_map`; every device holds
-    all members and evaluates their endpoints itself (no communication at all). Given an optional fourth argument,
-    perms (jaxlmc.permute.match_pairs: one [P, width] array per hidden layer), member j of each pair is permuted onto
-    member i inside the pass before interpolating. With `repair_x` (training examples), every interior point is
-    renormalised by REPAIR (jaxlmc.repair) on those examples before it is evaluated.
+    `eval_sets` maps a name to a set from `train.batch_eval_set`; with a `mesh` the pairs are split over its devices.
+    Given perms (jaxlmc.permute.match_pairs: one [P, width] array per hidden layer), member j of each pair is
+    permuted onto member i inside the pass before interpolating. With `repair_x` (training examples), every interior
+    point is renormalised by REPAIR (jaxlmc.repair) on those examples before it is evaluated.
     """
-    alphas = _checked_grid(alphas, chunk_pairs)
-    interior = jnp.asarray(alphas[1:-1])
-
-    def curves(params_M, pairs_Px2, eval_sets, perms=None):
-        def evaluate(params):  # one model on every set: {name: (loss, err)}
-            return {name: loss_and_error(model, params, s) for name, s in eval_sets.items()}
-
-        num_members = jax.tree.leaves(params_M)[0].shape[0]
-        ends_M = lax.map(evaluate, params_M, batch_size=min(chunk_pairs, num_members))
-
-        def on_pair(args):
-            pair_2, perm_list = args
-            p_i, p_j = pair_endpoints(model, params_M, pair_2, perm_list)
-            if repair_x is None:
-                return jax.vmap(lambda a: evaluate(lerp(p_i, p_j, a)))(interior)
-            stats_i, stats_j = (unit_stats(model, p, repair_x) for p in (p_i, p_j))
-            return jax.vmap(lambda a: evaluate(repair(model, lerp(p_i, p_j, a), stats_i, stats_j, a, repair_x)))(
-                interior)
-
-        inner_P = lax.map(on_pair, (pairs_Px2, perms), batch_size=min(chunk_pairs, pairs_Px2.shape[0]))
-        i, j = pairs_Px2[:, 0], pairs_Px2[:, 1]
-
-        def full(end_M, inner_PxI):
-            return jnp.concatenate([end_M[i][:, None], inner_PxI, end_M[j][:, None]], axis=1)
-
-        return jax.tree.map(full, ends_M, inner_P)
-
-    if mesh is None:
-        return jax.jit(curves)
-
-    def sharded(params_M, pairs_Px2, eval_sets, perms=None):
-        num_pairs = pairs_Px2.shape[0]
-        pad = lambda a: jnp.concatenate([a, jnp.zeros(((-num_pairs) % mesh.size, *a.shape[1:]), a.dtype)])  # noqa
-        local = jax.shard_map(curves, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(MEMBERS), PartitionSpec(),
-                                                            PartitionSpec(MEMBERS)),
-                              out_specs=PartitionSpec(MEMBERS))
-        padded_perms = None if perms is None else [pad(p) for p in perms]
-        return jax.tree.map(lambda a: a[:num_pairs], local(params_M, pad(pairs_Px2), eval_sets, padded_perms))
-
-    return jax.jit(sharded)
+    path = paths.straight() if repair_x is None else paths.repaired(model, repair_x)
+    return paths.make_path_eval(model, path, alphas, chunk_pairs, mesh)
 
 
-def make_layer_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, groups: dict[str, list[str]]):
+def make_layer_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, groups: dict[str, list[str]], mesh=None):
     """jit(params_M, pairs_Px2, eval_sets[, perms]) -> {name: (loss_PxGxA, err_PxGxA)}: layer-wise interpolation
-    (Adilova et al. 2024) of every pair, for every layer group and α in one compiled pass.
+    (Adilova et al. 2024, jaxlmc.paths.layer_wise) of every pair, for every layer group and α in one compiled pass.
 
-    For group g the network is member i with only g's parameters interpolated, θ(α) = θᵢ except θᵍ(α) = (1 − α)·θᵢᵍ
-    + α·θⱼᵍ; at α = 1 it is member i with member j's layer g, not member j, so the whole grid except α = 0 (member i
-    itself, shared by every group) is evaluated, and barriers are read against that curve's own ends. `groups` is
-    Model.layer_groups (every top-level parameter key in exactly one group). With `perms`, member j is weight-matched
-    onto member i first, as in make_curves.
+    For group g the network is member i with only g's parameters interpolated; at α = 1 it is member i with member
+    j's layer g, not member j, so the whole grid except α = 0 (member i itself, shared by every group) is evaluated,
+    and barriers are read against that curve's own ends. `groups` is Model.layer_groups (every top-level parameter
+    key in exactly one group). With `perms`, member j is weight-matched onto member i first, as in make_curves.
     """
-    alphas = _checked_grid(alphas, chunk_pairs)
-    names = list(groups)
-    rest = jnp.asarray(alphas[1:])
-
-    def curves(params_M, pairs_Px2, eval_sets, perms=None):
-        keys = list(params_M)
-        # coef_GxK[g, k] = 1 where parameter group k belongs to layer group g: the mixing weight of each key is α times
-        # its row, so one vmap over (group, α) builds every hybrid network.
-        coef_GxK = jnp.asarray([[1.0 if key in groups[name] else 0.0 for key in keys] for name in names])
-
-        def evaluate(params):
-            return {name: loss_and_error(model, params, s) for name, s in eval_sets.items()}
-
-        def on_pair(args):
-            pair_2, perm_list = args
-            p_i, p_j = pair_endpoints(model, params_M, pair_2, perm_list)
-            start = evaluate(p_i)
-
-            def hybrid(coef_K, alpha):
-                return evaluate({key: lerp(p_i[key], p_j[key], alpha * coef_K[k]) for k, key in enumerate(keys)})
-
-            inner_GxA = jax.vmap(lambda c: jax.vmap(lambda a: hybrid(c, a))(rest))(coef_GxK)
-            return jax.tree.map(lambda s0, g: jnp.concatenate([jnp.broadcast_to(s0, (len(names), 1, *s0.shape)), g],
-                                                              axis=1), start, inner_GxA)
-
-        return lax.map(on_pair, (pairs_Px2, perms), batch_size=min(chunk_pairs, pairs_Px2.shape[0]))
-
-    return jax.jit(curves)
+    return paths.make_path_eval(model, paths.layer_wise(groups), alphas, chunk_pairs, mesh)
 
 
 def reference_layer_curves(model: Model, params_M, pairs, alphas, groups: dict[str, list[str]], x, y):

@@ -16,7 +16,7 @@ import typing
 from typing import Literal
 
 from jaxlmc.labels import LABEL_MAPS
-from jaxlmc.models import KINDS
+from jaxlmc.models import Classifier, resolve_kind
 from jaxlmc.optimizers import OPTIMIZERS
 # The sections, re-exported: the rest of jaxlmc (and a plugin) names them jaxlmc.config.FinetuneConfig and so on.
 from jaxlmc.settings import (BarrierConfig, Config, DataConfig, FinetuneConfig, GridAxis, HeadPolicy, LabelMap,
@@ -63,6 +63,10 @@ def _check_value(value, hint, key: str):
         if not math.isfinite(value):  # (every later bound check, `value <= 0` say, would let NaN through)
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
+    if hint is dict:  # a sub-table ([model.args]), checked against its own dataclass once its owner is known
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        return dict(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
@@ -88,9 +92,26 @@ def from_dict(raw: dict) -> Config:
         raise ConfigError(f"unknown section [{unknown[0]}] (known sections: {', '.join(sorted(sections))})")
     plugins = _section(sections["plugins"], raw.get("plugins", {}), "plugins")
     import_plugins(plugins.modules)  # before the sections that name what they register are checked
-    cfg = Config(**{name: _section(sections[name], raw.get(name, {}), name) for name in sections})
+    parsed = {name: _section(sections[name], raw.get(name, {}), name) for name in sections}
+    parsed["model"] = _with_kind_args(parsed["model"])
+    cfg = Config(**parsed)
     validate(cfg)
     return cfg
+
+
+def _with_kind_args(model):
+    """The [model] section with `args` checked against, and turned into, its kind's own dataclass."""
+    try:
+        kind = resolve_kind(model.kind)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    raw = model.args if isinstance(model.args, dict) else dataclasses.asdict(model.args)
+    if kind.args is None:
+        if raw:
+            raise ConfigError(f"model.args: model.kind {model.kind!r} takes no arguments of its own, got "
+                              f"{', '.join(sorted(raw))}")
+        return model
+    return dataclasses.replace(model, args=_section(kind.args, raw, "model.args"))
 
 
 def import_plugins(modules: typing.Sequence[str]) -> None:
@@ -168,9 +189,7 @@ def validate(cfg: Config) -> None:
                                         ("data.finetune_labels", cfg.data.finetune_labels, LABEL_MAPS, "jaxlmc.labels")):
         if value not in registry:
             raise ConfigError(f"{key}: {value!r} is not one of {sorted(registry)} (more are registered in {where})")
-    if m.kind not in KINDS:
-        raise ConfigError(f"model.kind: {m.kind!r} is not one of {sorted(KINDS)}")
-    kind = KINDS[m.kind]
+    kind = resolve_kind(m.kind)  # (resolved when the section was read: a bad name is refused there)
     if m.depth < kind.min_depth:
         raise ConfigError(f"model.depth must be at least {kind.min_depth} for model.kind {m.kind!r}, got {m.depth}")
     if kind.sequence and (m.heads < 1 or m.width % m.heads or m.vocab_size < 2):
@@ -178,6 +197,11 @@ def validate(cfg: Config) -> None:
                           f"got heads {m.heads}, width {m.width}, vocab_size {m.vocab_size}")
     if b.repair and kind.repair_points is None:
         raise ConfigError(f"barriers.repair: model.kind {m.kind!r} declares no REPAIR points; set barriers.repair = false")
+    if b.align == "activations" and getattr(kind.module, "unit_activations", None) in (None,
+                                                                                         Classifier.unit_activations):
+        raise ConfigError(f'barriers.align: model.kind {m.kind!r} does not expose its units\' activations '
+                          '(Classifier.unit_activations), so activation matching cannot align its members; use '
+                          '"weights"')
     if b.align and kind.permutation_spec is None:
         raise ConfigError(f"barriers.align: model.kind {m.kind!r} declares no permutation spec, so matching cannot "
                           "align its members; set barriers.align = false")

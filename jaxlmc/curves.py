@@ -40,14 +40,10 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxlmc.barriers import pair_endpoints
+from jaxlmc import paths
 from jaxlmc.models import Model
-from jaxlmc.train import cross_entropy, loss_and_error
-
-
-def bezier(p_i, p_b, p_j, t):
-    """φ(t) = (1 − t)²·p_i + 2t(1 − t)·p_b + t²·p_j, leaf by leaf (one pair's parameter trees, a scalar t)."""
-    return jax.tree.map(lambda a, b, c: (1.0 - t) ** 2 * a + (2.0 * t * (1.0 - t)) * b + t ** 2 * c, p_i, p_b, p_j)
+from jaxlmc.paths import bezier, pair_endpoints
+from jaxlmc.train import cross_entropy
 
 
 def midpoint(p_i, p_j):
@@ -152,7 +148,7 @@ def reference_train_bend(model: Model, p_i, p_j, x, y, steps: int, batch_size: i
     return bend
 
 
-def make_curve_eval(model: Model, ts: np.ndarray, chunk_pairs: int):
+def make_curve_eval(model: Model, ts: np.ndarray, chunk_pairs: int, mesh=None):
     """jit(params_M, bends_P, pairs_Px2, eval_sets[, perms]) -> {name: (loss_PxT, err_PxT)}: each pair's Bezier curve
     evaluated at every t of `ts` on every evaluation set.
 
@@ -162,24 +158,7 @@ def make_curve_eval(model: Model, ts: np.ndarray, chunk_pairs: int):
     trailing axis (P×T×(1 + R)), as in barriers.make_curves. Pass the perms the bends were trained with. The t grid
     is vmapped for a chunk of `chunk_pairs` pairs, chunks walked by `lax.map`.
     """
-    ts = np.asarray(ts, np.float32)
-    if ts.ndim != 1 or len(ts) < 2 or ts[0] != 0.0 or ts[-1] != 1.0 or np.any(np.diff(ts) <= 0):
-        raise ValueError("ts must increase from 0 to 1")
-    if chunk_pairs < 1:
-        raise ValueError(f"chunk_pairs must be positive, got {chunk_pairs}")
-    grid = jnp.asarray(ts)
-
-    def curves(params_M, bends_P, pairs_Px2, eval_sets, perms=None):
-        def on_pair(args):
-            pair_2, bend, perm_list = args
-            p_i, p_j = pair_endpoints(model, params_M, pair_2, perm_list)
-
-            def at(t):
-                params = bezier(p_i, bend, p_j, t)
-                return {name: loss_and_error(model, params, s) for name, s in eval_sets.items()}
-
-            return jax.vmap(at)(grid)
-
-        return lax.map(on_pair, (pairs_Px2, bends_P, perms), batch_size=min(chunk_pairs, pairs_Px2.shape[0]))
-
-    return jax.jit(curves)
+    ts = paths.check_grid(ts)
+    fn = paths.make_path_eval(model, paths.bezier_curve(), ts, chunk_pairs, mesh)
+    return jax.jit(lambda params_M, bends_P, pairs_Px2, eval_sets, perms=None: fn(params_M, pairs_Px2, eval_sets,
+                                                                                  perms, bends_P))

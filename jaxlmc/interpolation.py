@@ -132,9 +132,8 @@ def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]
                                        chunk_pairs=chunk)
         bends_P = train_bends(params_K, member_pairs_Px2, {"x": jnp.asarray(bezier.x), "y": jnp.asarray(bezier.y)},
                               jax.random.key(0), *perm_args)
-        curve_fn = make_curve_eval(model, alphas, chunk)
-        curved = jax.tree.map(lambda a: with_resamples(np.asarray(a)),
-                              curve_fn(params_K, bends_P, member_pairs_Px2, eval_sets, *perm_args))
+        curve_fn = make_curve_eval(model, alphas, chunk, mesh=mesh)
+        curved = host(curve_fn(*shard.replicate((params_K, bends_P, member_pairs_Px2, eval_sets) + perm_args, mesh)))
         curve_seconds = time.perf_counter() - start_time
     num_pairs = len(pairs)
     dist_K = np.asarray(jax.vmap(models.tree_l2)(params_K, reference_K)) if with_start else np.zeros((0,))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, grid, memory, stats, tasks
+from jaxlmc import barriers, grid, memory, shard, stats, tasks
 from jaxlmc.config import Config
 
 
@@ -27,12 +27,14 @@ def layer_barriers(cfg: Config, run, pairs: list[tuple[int, int]], perms: list |
         // len(groups))
     if status:
         status(f"layer-wise: {len(pairs)} pairs × {len(groups)} layer groups × {len(alphas) - 1} α")
-    fn = barriers.make_layer_curves(run.model, alphas, chunk, groups)
+    mesh = shard.device_mesh()
+    fn = barriers.make_layer_curves(run.model, alphas, chunk, groups, mesh=mesh)
     pairs_Px2 = jnp.asarray(pairs, jnp.int32).reshape(-1, 2)
     start_time = time.perf_counter()
-    variants = {"": fn(run.params_M, pairs_Px2, test)}
+    variants = {"": fn(*shard.replicate((run.params_M, pairs_Px2, test), mesh))}
     if perms is not None:
-        variants["_aligned"] = fn(run.params_M, pairs_Px2, test, [jnp.asarray(p) for p in perms])
+        variants["_aligned"] = fn(*shard.replicate((run.params_M, pairs_Px2, test, [jnp.asarray(p) for p in perms]),
+                                                   mesh))
     variants = jax.tree.map(np.asarray, variants)  # waits for the pass: the time below is the computation's
     seconds = time.perf_counter() - start_time
     rows = []

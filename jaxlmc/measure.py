@@ -101,7 +101,8 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
         run.model, used(run.params_M), [(position[i], position[j]) for i, j in pairs],
         tasks.eval_sets(cfg, run.task, resamples=b.noise_resamples), num_alphas=b.alphas, start_K=used(start_M),
         reference_K=used(reference_M), chunk_pairs=b.chunk_pairs, memory_fraction=b.memory_fraction,
-        align=b.align or None, align_x=train_x[:cfg.data.train_eval_size] if b.align == "activations" else None,
+        align={True: "weights", False: None}.get(b.align, b.align),
+        align_x=train_x[:cfg.data.train_eval_size] if b.align == "activations" else None,
         repair_x=train_x[:min(b.repair_examples, cfg.data.train_eval_size)] if b.repair else None, bezier=bezier,
         status=status)
 

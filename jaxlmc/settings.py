@@ -72,6 +72,9 @@ class ModelConfig:
     kernel_size: int = 3  # CNN only
     heads: int = 4  # transformer only: attention heads (width must be a multiple)
     vocab_size: int = 0  # transformer only: token ids lie in [0, vocab_size)
+    # [model.args]: a kind's own hyperparameters, checked against its dataclass (ModelKind.args): an unknown or
+    # mistyped key is an error naming it. After loading, this holds that dataclass's instance.
+    args: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

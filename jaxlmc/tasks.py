@@ -6,7 +6,7 @@ import dataclasses
 
 from jaxlmc import data, train
 from jaxlmc.config import Config, ConfigError
-from jaxlmc.models import KINDS
+from jaxlmc.models import resolve_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "te
         raise
     except ValueError as err:  # an unknown dataset or label map is a config error: name the key
         raise ConfigError(f"{key}: {err}") from None
-    kind = KINDS[cfg.model.kind]
+    kind = resolve_kind(cfg.model.kind)
     vocab = data.vocab_size(name, data_dir or None)
     if kind.sequence and not vocab:
         # Real values used as token ids would be cast and gathered silently: refuse instead.

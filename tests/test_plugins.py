@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # a whole study in a subprocess
+from jaxlmc import api, config, rundir
 
 PLUGINS = os.path.join(os.path.dirname(__file__), "plugins")
 SETTINGS = ["data.pretrain_task=blobs_pre", "data.finetune_task=blobs_fine", "data.ood_task=blobs_ood",
@@ -27,6 +27,7 @@ def jaxlmc(*args: str) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
+@pytest.mark.slow  # a whole study in a subprocess
 def test_a_model_kind_and_datasets_from_a_plugin_run_the_whole_study(tmp_path):
     out = str(tmp_path / "plugin_run")
     command = ["study", "configs/mnist1d.toml", "--out", out, "--quiet", "--import", "lmc_plugin"]
@@ -58,3 +59,36 @@ def test_a_model_kind_and_datasets_from_a_plugin_run_the_whole_study(tmp_path):
     assert missing.returncode == 2, missing.stderr
     assert missing.stderr.strip().splitlines()[-1].startswith(
         "jaxlmc: error: plugins.modules: cannot import 'lmc_plugin': ModuleNotFoundError"), missing.stderr
+
+
+def test_a_kind_named_by_import_path_reads_its_own_arguments(tmp_path, monkeypatch):
+    """model.kind = "module:attribute" imports the kind; [model.args] is checked against its dataclass (unknown and
+    mistyped keys named), survives the run directory's config.json, and shapes the model that trains."""
+    monkeypatch.syspath_prepend(PLUGINS)
+    kind = ["model.kind=lmc_models:SCALED_TANH", "plugins.modules=['lmc_plugin']", "data.pretrain_task=blobs_pre",
+            "data.finetune_task=blobs_fine", "data.ood_task=blobs_ood", "data.finetune_labels=identity",
+            "data.train_eval_size=300", "data.validation_size=200"]
+    cfg = config.load(None, kind + ["model.args={hidden = 6, gain = 2.0}", "pretrain.steps=20",
+                                    "pretrain.save_steps=[0, 20]", "pretrain.batch_size=50",
+                                    "finetune.pretrain_steps=[20]"])
+    assert type(cfg.model.args).__name__ == "TanhArgs" and (cfg.model.args.hidden, cfg.model.args.gain) == (6, 2.0)
+    rows = api.pretrain(cfg, str(tmp_path / "run"))
+    assert [r["step"] for r in rows] == [0, 20]
+    saved = api.RunDir(str(tmp_path / "run"))
+    assert saved.config().model.args == cfg.model.args
+    params = saved.restore_params(rundir.PRETRAIN_CHECKPOINTS, 20)
+    assert params["hidden"]["kernel"].shape == (1, 12, 6)
+    for override, message in [("model.args={hiden = 6}", r"unknown key model.args.hiden \(known keys of "
+                                                         r"\[model.args\]: gain, hidden\)"),
+                              ("model.args={hidden = 'six'}", "model.args.hidden: expected an integer"),
+                              ("model.args={gain = nan}", "model.args.gain: expected a finite number")]:
+        with pytest.raises(config.ConfigError, match=message):
+            config.load(None, kind + [override])
+    with pytest.raises(config.ConfigError, match="model.args: model.kind 'mlp' takes no arguments of its own"):
+        config.load(None, ["model.args={hidden = 6}"])
+    with pytest.raises(config.ConfigError, match="model.kind: lmc_models.NOPE is missing"):
+        config.load(None, ["model.kind=lmc_models:NOPE"])
+    with pytest.raises(config.ConfigError, match="model.kind: cannot import 'no_such_module'"):
+        config.load(None, ["model.kind=no_such_module:KIND"])
+    with pytest.raises(config.ConfigError, match="does not expose its units' activations"):
+        config.load(None, kind + ["barriers.align='activations'"])

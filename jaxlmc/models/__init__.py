@@ -3,6 +3,9 @@ config into a `Model`. A new kind defines its module (a `Classifier`), layer ord
 registered with `register_kind` — from a plugin module (`[plugins] modules`) as well as from here."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+
 from jaxlmc.models import base, cnn, mlp, transformer
 from jaxlmc.models.base import (Classifier, Dropout, Model, ModelKind, PermutationSpec, UnitAxis, dropout, from_module,
                                 get_path, param_count, set_path, tree_l2)
@@ -11,7 +14,8 @@ from jaxlmc.models.cnn import PatchConv
 KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (mlp.KIND, cnn.KIND, transformer.KIND)}
 
 __all__ = ["KINDS", "Classifier", "Dropout", "Model", "ModelKind", "PatchConv", "PermutationSpec", "UnitAxis", "build",
-           "dropout", "from_module", "get_path", "param_count", "set_path", "register_kind", "tree_l2"]
+           "dropout", "from_module", "get_path", "param_count", "set_path", "register_kind", "resolve_kind",
+           "tree_l2"]
 
 
 def register_kind(kind: ModelKind) -> None:
@@ -21,9 +25,32 @@ def register_kind(kind: ModelKind) -> None:
     KINDS[kind.name] = kind
 
 
+def resolve_kind(name: str) -> ModelKind:
+    """The kind `name` names: a registered one, or an import path "package.module:attribute" to a `ModelKind` or a
+    `Classifier` subclass (with an optional static `permutation_spec(cfg, input_shape)`), registered under that
+    path the first time it is named."""
+    if name in KINDS:
+        return KINDS[name]
+    if ":" not in name:
+        raise ValueError(f"model.kind: {name!r} is not one of {sorted(KINDS)} (nor a module:attribute import path)")
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # the module's own error, whatever it is: name it in one line
+        raise ValueError(f"model.kind: cannot import {module_name!r}: {type(err).__name__}: {err}") from None
+    target = getattr(module, attribute, None)
+    if isinstance(target, ModelKind):
+        kind = dataclasses.replace(target, name=name)
+    elif isinstance(target, type) and issubclass(target, Classifier):
+        kind = ModelKind(name, target, lambda cfg: [], getattr(target, "permutation_spec", None))
+    else:
+        raise ValueError(f"model.kind: {module_name}.{attribute} is {'missing' if target is None else type(target).__name__}"
+                         ", not a ModelKind or a jaxlmc.models.Classifier subclass")
+    KINDS[name] = kind
+    return kind
+
+
 def build(cfg, input_shape, num_classes: int, per_token: bool = False) -> Model:
     """The model a `[model]` config section (jaxlmc.config.ModelConfig) describes, built abstractly; `per_token`: a
     label per position (a language-modelling task), for kinds that read sequences."""
-    if cfg.kind not in KINDS:
-        raise ValueError(f"model.kind: {cfg.kind!r} is not one of {sorted(KINDS)}")
-    return base.build(KINDS[cfg.kind], cfg, input_shape, num_classes, per_token)
+    return base.build(resolve_kind(cfg.kind), cfg, input_shape, num_classes, per_token)

@@ -1,0 +1,34 @@
+"""Model kinds that a config names by import path (`model.kind = "lmc_models:SCALED_TANH"`), with hyperparameters
+of their own in [model.args], checked against the kind's dataclass."""
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxlmc import models
+from jaxlmc.models import Classifier, ModelKind, UnitAxis
+
+
+@dataclasses.dataclass(frozen=True)
+class TanhArgs:
+    hidden: int = 16  # tanh units
+    gain: float = 1.0  # the pre-activation's scale
+
+
+class ScaledTanh(Classifier):
+    def __init__(self, cfg, input_shape, num_classes, rngs: nnx.Rngs):
+        self.gain = cfg.args.gain
+        self.hidden = nnx.Linear(int(np.prod(input_shape)), cfg.args.hidden, rngs=rngs)
+        self.head = nnx.Linear(cfg.args.hidden, num_classes, rngs=rngs)
+
+    def features(self, x, drop=None):
+        return models.dropout(jax.nn.tanh(self.gain * self.hidden(x.reshape(x.shape[0], -1))), drop, 0)
+
+
+def permutation_spec(cfg, input_shape):
+    return [[UnitAxis("hidden", "kernel", 1), UnitAxis("hidden", "bias", 0), UnitAxis("head", "kernel", 0)]]
+
+
+SCALED_TANH = ModelKind("scaled_tanh", ScaledTanh, lambda cfg: ["hidden"], permutation_spec, min_depth=0,
+                        args=TanhArgs)
