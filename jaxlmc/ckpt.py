@@ -6,7 +6,7 @@ killed at any moment (kill -9) leaves either the previous checkpoints or the new
 temporary directories are ignored and cleaned up on the next start.
 
 What happens to a checkpoint after it was written is checked too. Each step directory gets a file list
-(`MANIFEST`: every file's size and CRC32) once Orbax has committed it, and every restore first compares the files
+(jaxlmc.manifest, `MANIFEST`: every file's size and CRC32) once Orbax has committed it, and every restore first compares the files
 with it: a truncated, deleted or changed file is found before Orbax reads it (Orbax itself does not notice a flipped
 bit). A step that fails is reported in one line, moved aside (never deleted) to the `aside` directory, and resuming
 falls back to the newest intact step (`Checkpoints.resume`). A step without a file list (a kill between Orbax's
@@ -20,14 +20,11 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
-import json
 import logging
 import os
 import re
 import shutil
 import sys
-import time
-import zlib
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -35,27 +32,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxlmc import faults, files, shard
+from jaxlmc import faults, files, manifest, shard
+from jaxlmc.manifest import MANIFEST, CorruptCheckpointInfo  # noqa: F401 (MANIFEST: the file list's name)
 
-MANIFEST = "jaxlmc_files.json"
-_CRC_BLOCK = 1 << 22
 # What a tensorstore/Orbax read error says when the bytes on disk are not what was written (as opposed to, say, a
 # restore target of the wrong shape, which is a bug and must not move an intact checkpoint aside).
 _READ_FAULT = re.compile(r"OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|Error reading|Error opening|[Cc]orrupt|decod|"
                          r"Expecting value|No such file|Unterminated", re.S)
-
-
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(_CRC_BLOCK):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def _files(directory: str) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(root, name), directory)
-                  for root, _, names in os.walk(directory) for name in names if name != MANIFEST)
 
 
 @contextlib.contextmanager
@@ -169,46 +152,24 @@ class Checkpoints:
         shard.sync(f"manifest {self.directory} {step}")  # no process checks the step before its list is there
 
     def _write_manifest(self, step: int) -> None:
-        directory = self.step_dir(step)
-        listing = {name: [os.path.getsize(os.path.join(directory, name)), _crc32(os.path.join(directory, name))]
-                   for name in _files(directory)}
-        files.write_atomic(os.path.join(directory, MANIFEST), json.dumps(listing), self.root)
+        manifest.write(self.step_dir(step), self.root)
 
     # Checking.
     def problem(self, step: int) -> str | None:
         """What is wrong with the files of a saved step (compared with its file list), or None."""
         if step in self._intact:
             return None
-        directory = self.step_dir(step)
-        path = os.path.join(directory, MANIFEST)
-        if not os.path.exists(path):
-            return None  # killed between Orbax's commit and the list: trusted as Orbax committed it
-        try:
-            with open(path) as f:
-                listing = json.load(f)
-        except (OSError, ValueError) as err:
-            return f"its file list {MANIFEST} is unreadable ({err})"
-        for name, (size, crc) in listing.items():
-            file = os.path.join(directory, name)
-            if not os.path.exists(file):
-                return f"file {name} is missing"
-            actual = os.path.getsize(file)
-            if actual != size:
-                return f"file {name} has {actual} bytes, {size} were saved ({'truncated' if actual < size else 'grown'})"
-            if _crc32(file) != crc:
-                return f"file {name} changed since it was saved (CRC32 mismatch)"
-        self._intact.add(step)
-        return None
+        found = manifest.problem(self.step_dir(step))
+        if found is None:
+            self._intact.add(step)
+        return found
 
     def set_aside(self, step: int, problem: str) -> CorruptCheckpointInfo:
         """Move a corrupt step into `aside` (a second corrupt copy of the same step gets a time suffix)."""
         self._intact.discard(step)
-        files.make_dirs(self.aside, self.root)
-        target = os.path.join(self.aside, str(step))
-        if os.path.exists(target):
-            target += time.strftime(".%Y%m%d-%H%M%S")
+        target = manifest.aside_target(self.aside, step, self.root)
         if shard.is_primary():
-            shutil.move(self.step_dir(step), target)
+            manifest.move(self.step_dir(step), target)
         shard.sync(f"aside {self.directory} {step}")
         with _quiet_logs():
             self._manager.reload()
@@ -298,15 +259,6 @@ class Checkpoints:
     def close(self) -> None:
         with _quiet_logs():
             self._manager.close()
-
-
-class CorruptCheckpointInfo:
-    def __init__(self, directory: str, step: int, problem: str, moved_to: str):
-        self.directory, self.step, self.problem, self.moved_to = directory, step, problem, moved_to
-
-    def line(self) -> str:
-        return (f"checkpoint step {self.step} in {self.directory} is corrupt: {self.problem}; moved aside to "
-                f"{self.moved_to}")
 
 
 def restore_params(directory: str, step: int | None = None, aside: str | None = None,

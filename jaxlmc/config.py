@@ -192,7 +192,7 @@ def validate(cfg: Config) -> None:
     kind = resolve_kind(m.kind)  # (resolved when the section was read: a bad name is refused there)
     if m.depth < kind.min_depth:
         raise ConfigError(f"model.depth must be at least {kind.min_depth} for model.kind {m.kind!r}, got {m.depth}")
-    if kind.sequence and (m.heads < 1 or m.width % m.heads or m.vocab_size < 2):
+    if kind.sequence and kind.args is None and (m.heads < 1 or m.width % m.heads or m.vocab_size < 2):
         raise ConfigError(f"model.kind {m.kind!r} needs model.heads ≥ 1 dividing model.width and model.vocab_size ≥ 2, "
                           f"got heads {m.heads}, width {m.width}, vocab_size {m.vocab_size}")
     if b.repair and kind.repair_points is None:

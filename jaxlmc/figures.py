@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlmc import grid  # noqa: E402
+from jaxlmc.measures import PAIR_MEASURES  # noqa: E402
 
 MAIN_AXES = ("pretrain_step", "lr")
 
@@ -134,29 +135,21 @@ def sources(summary: list[dict]):
 
 
 def aligned_barrier(c: Cells):
-    """Naive vs aligned (weight or activation matching) barrier, and after REPAIR when measured; None when the barrier
-    stage neither aligned nor repaired the pairs."""
-    has = {k: any(np.isfinite(r.get(f"error_barrier_test_{k}_mean", np.nan)) for r in c.summary)
-           for k in ("aligned", "repair", "curve")}
-    if not any(has.values()):
+    """The naive barrier beside every other registered pair measure (jaxlmc.measures: aligned, REPAIR, Bezier curve,
+    one's own) the barrier stage measured; None when it measured none."""
+    others = [m for suffix, m in PAIR_MEASURES.items() if suffix and any(
+        np.isfinite(r.get(f"error_barrier_test{suffix}_mean", np.nan)) for r in c.summary)]
+    if not others:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     c.lines_per_lr(ax, [("error_barrier_test_mean", "o-", "naive")]
-                   + ([("error_barrier_test_aligned_mean", "s--", "aligned")] if has["aligned"] else [])
-                   + ([("error_barrier_test_repair_mean", "^:", "REPAIR")] if has["repair"] else [])
-                   + ([("error_barrier_test_curve_mean", "d-.", "Bezier curve")] if has["curve"] else []))
+                   + [(f"error_barrier_test{m.suffix}_mean", m.style, m.label) for m in others])
     ax.axhline(0, color="gray", lw=0.8)
     c.step_axis(ax)
     ax.set_ylabel("mean test error barrier")
     ax.legend(fontsize=7, ncol=2)
-    return fig, ("Barrier between seeds before (solid) and after (dashed) alignment (Git Re-Basin's weight or "
-                 "activation matching, barriers.align): where alignment removes the barrier, the seeds share a basin "
-                 "up to a relabelling of hidden units, as from-scratch controls can."
-                 + (" Dotted: after REPAIR renormalises the interpolated networks (on the aligned pairs when aligned): "
-                    "what remains once variance collapse is removed." if has["repair"] else "")
-                 + (" Dash-dotted: along each pair's trained quadratic Bezier curve (Garipov et al. 2018): a barrier "
-                    "the straight line shows and a curve avoids is a bent valley, not a separate basin."
-                    if has["curve"] else ""))
+    return fig, " ".join(["Barrier between seeds along the straight line (solid) and compared otherwise."]
+                         + [m.caption for m in others if m.caption])
 
 
 def interpolation_curves(c: Cells, pairs: list[dict], curves: dict):

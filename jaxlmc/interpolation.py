@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxlmc import barriers, memory, models, permute, shard, stats, train
 from jaxlmc.curves import make_curve_eval, make_train_bends
+from jaxlmc.measures import PAIR_MEASURES
 
 ALIGN_METHODS = ("weights", "activations")
 
@@ -41,6 +42,7 @@ class Curves:
     repaired: dict = dataclasses.field(default_factory=dict)
     curved: dict = dataclasses.field(default_factory=dict)
     curve_seconds: float = 0.0
+    extra: dict = dataclasses.field(default_factory=dict)  # {suffix: curves} of the registered pair measures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +137,11 @@ def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]
         curve_fn = make_curve_eval(model, alphas, chunk, mesh=mesh)
         curved = host(curve_fn(*shard.replicate((params_K, bends_P, member_pairs_Px2, eval_sets) + perm_args, mesh)))
         curve_seconds = time.perf_counter() - start_time
+    extra = {}
+    for suffix, measure in PAIR_MEASURES.items():
+        if measure.compute is not None and pairs:
+            extra[suffix] = host(measure.compute(model, params_K, member_pairs_Px2, eval_sets, alphas, chunk, mesh,
+                                                 perm_args[0] if perm_args else None))
     num_pairs = len(pairs)
     dist_K = np.asarray(jax.vmap(models.tree_l2)(params_K, reference_K)) if with_start else np.zeros((0,))
     return Curves(
@@ -143,7 +150,7 @@ def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]
         to_start={s: (c[0][num_pairs:], c[1][num_pairs:]) for s, c in lines.items()} if with_start else {},
         aligned=aligned, dist_P=dist_P, cos_P=cos_P, dist_K=dist_K, chunk=chunk, splits=list(eval_sets),
         seconds=seconds, align_seconds=align_seconds, perms=perms, repaired=repaired, curved=curved,
-        curve_seconds=curve_seconds)
+        curve_seconds=curve_seconds, extra=extra)
 
 
 def curve_columns(curves: dict, alphas: np.ndarray, suffix: str = "") -> dict[str, np.ndarray]:
@@ -161,16 +168,13 @@ def curve_columns(curves: dict, alphas: np.ndarray, suffix: str = "") -> dict[st
     return columns
 
 
-# Each way of comparing a pair: the Curves field it reads and the suffix of its columns.
-PAIR_MEASURES = (("pairs", ""), ("aligned", "_aligned"), ("repaired", "_repair"), ("curved", "_curve"))
-
-
 def pair_columns(curves: Curves) -> dict[str, np.ndarray]:
     """Every per-pair column of barriers/pairs.csv that the curves hold: each comparison's barriers, floors and
     midpoints, the distance and the cosine of the updates."""
     columns = {}
-    for field, suffix in PAIR_MEASURES:
-        columns.update(curve_columns(getattr(curves, field), curves.alphas, suffix))
+    for suffix, measure in PAIR_MEASURES.items():
+        by_set = getattr(curves, measure.field) if measure.field else curves.extra.get(suffix, {})
+        columns.update(curve_columns(by_set, curves.alphas, suffix))
     columns["dist"], columns["update_cos"] = curves.dist_P, curves.cos_P
     return columns
 

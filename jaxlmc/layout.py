@@ -149,6 +149,12 @@ SUPERSEDED = "superseded"
 STAGES = "stages"
 REFINE = "refine"
 
+# The directory of a checkpointed jaxlmc.fit: what the call was (a rerun must match it), its Orbax checkpoints and
+# its training curves.
+FIT_SETTINGS = "fit.json"
+FIT_CHECKPOINTS = "checkpoints"
+FIT_CURVES = "curves.npz"
+
 
 def _parse(text: str, kind: type):
     if kind is bool:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, ckpt, data, files, grid, interpolation, loop, models, optimizers, shard, train
+from jaxlmc import barriers, ckpt, data, files, grid, interpolation, layout, loop, models, optimizers, shard, train
 from jaxlmc.settings import FinetuneConfig
 
 # The per-member hyperparameters `fit` takes, in the grid's nesting order (seeds innermost), with their members.csv
@@ -146,7 +146,7 @@ def _settings(model: models.Model, rows, steps, batch_size, warmup_steps, optimi
 
 def _open_directory(directory: str, settings: dict) -> None:
     """Create the directory of a checkpointed `fit`, or check that the one there was made by the same call."""
-    path = os.path.join(directory, "fit.json")
+    path = os.path.join(directory, layout.FIT_SETTINGS)
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
@@ -207,8 +207,8 @@ def fit(model, train_data, *, steps: int, batch_size: int, lr, seeds=1, weight_d
         _open_directory(directory, _settings(model, rows, steps, batch_size, warmup_steps, optimizer, momentum,
                                              seed_offset, x, y, start_M))
         root = os.path.abspath(directory)
-        curves_path = os.path.join(root, "curves.npz")
-        with ckpt.Checkpoints(os.path.join(root, "checkpoints"), root=root) as manager:
+        curves_path = os.path.join(root, layout.FIT_CURVES)
+        with ckpt.Checkpoints(os.path.join(root, layout.FIT_CHECKPOINTS), root=root) as manager:
             latest, restored = manager.resume(shard.abstract(state))
             state = state if restored is None else restored
             saved = None

@@ -17,6 +17,7 @@ import numpy as np
 from jaxlmc import figures, figures_trends, grid, noreturn, rundir, stats, verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.figures import step_label
+from jaxlmc.measures import PAIR_MEASURES
 
 __all__ = ["build_summary", "headline", "render", "render_scaling", "step_label"]
 
@@ -117,17 +118,21 @@ def figure_head(summary: list[dict]) -> str | None:
     return next((h for h in FIGURE_HEADS if h in heads), None) if len(heads) > 1 else None
 
 
-SUMMARY_TABLE = [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"), ("members_used", "n"),
-                 ("unfit", "unfit"), ("diverged", "div"),
-                 ("error_barrier_test_mean", "err barrier"), ("error_barrier_test_floor_mean", "floor"),
-                 ("error_barrier_test_ci_lo", "CI lo"), ("error_barrier_test_ci_hi", "CI hi"),
-                 ("error_barrier_test_aligned_mean", "aligned"), ("error_barrier_test_aligned_floor_mean", "floor"),
-                 ("error_barrier_test_repair_mean", "REPAIR"), ("error_barrier_test_curve_mean", "curve"),
-                 ("loss_barrier_test_mean", "loss barrier"), ("error_barrier_ood_mean", "OOD err barrier"),
-                 ("start_error_barrier_test_mean", "to start"), ("start_error_barrier_test_floor_mean", "floor"),
-                 ("basins", "basins"), ("best_test_acc", "best"), ("uniform_test_acc", "uniform soup"),
-                 ("greedy_test_acc", "greedy soup"), ("ensemble_test_acc", "ensemble"), ("ood_acc_std", "OOD std"),
-                 ("disagreement_test", "disagree"), ("cka_mean", "CKA"), ("sharpness_median", "sharpness")]
+def summary_table() -> list[tuple[str, str]]:
+    """The report's summary columns (key, header): every registered pair measure's barrier among them."""
+    return [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"), ("members_used", "n"),
+            ("unfit", "unfit"), ("diverged", "div"),
+            ("error_barrier_test_mean", "err barrier"), ("error_barrier_test_floor_mean", "floor"),
+            ("error_barrier_test_ci_lo", "CI lo"), ("error_barrier_test_ci_hi", "CI hi"),
+            ("error_barrier_test_aligned_mean", "aligned"), ("error_barrier_test_aligned_floor_mean", "floor"),
+            *[(f"error_barrier_test{suffix}_mean", m.label) for suffix, m in PAIR_MEASURES.items()
+              if suffix not in ("", "_aligned")],
+            ("loss_barrier_test_mean", "loss barrier"), ("error_barrier_ood_mean", "OOD err barrier"),
+            ("start_error_barrier_test_mean", "to start"), ("start_error_barrier_test_floor_mean", "floor"),
+            ("basins", "basins"), ("best_test_acc", "best"), ("uniform_test_acc", "uniform soup"),
+            ("greedy_test_acc", "greedy soup"), ("ensemble_test_acc", "ensemble"), ("ood_acc_std", "OOD std"),
+            ("disagreement_test", "disagree"), ("cka_mean", "CKA"), ("sharpness_median", "sharpness")]
+
 
 MERGE_TABLE = [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"), ("members_used", "n"),
                ("update_cos", "update cos"), ("best_test_acc", "best member"), ("uniform_test_acc", "uniform soup"),
@@ -234,7 +239,7 @@ def render(out: str, stages) -> str:
               "to the probed start (the starting body with a linear-probe head), each beside its noise floor; "
               "members left out as unfit or diverged are counted; accuracies on the test set; every column in "
               "<code>summary.csv</code>.</p>",
-              _table(summary, SUMMARY_TABLE)]
+              _table(summary, summary_table())]
     if any("task_arithmetic_test_acc" in r for r in summary):
         parts += ["<h2>Merges</h2><p>Per cell, beside the best member and the uniform soup: task arithmetic (Ilharco "
                   "et al. 2023), TIES-Merging (Yadav et al. 2023) and Model Stock (Jang et al. 2024) of the cell's "

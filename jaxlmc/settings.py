@@ -74,7 +74,7 @@ class ModelConfig:
     vocab_size: int = 0  # transformer only: token ids lie in [0, vocab_size)
     # [model.args]: a kind's own hyperparameters, checked against its dataclass (ModelKind.args): an unknown or
     # mistyped key is an error naming it. After loading, this holds that dataclass's instance.
-    args: dict = dataclasses.field(default_factory=dict)
+    args: dict = dataclasses.field(default_factory=dict, hash=False)  # (a dict cannot be hashed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,10 +52,12 @@ def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "te
         raise ConfigError(f"model.kind {kind.name!r} reads integer token ids, but {key} {name!r} has no tokens "
                           f"(real-valued inputs of shape {next(iter(loaded.values())).x.shape[1:]}); use a text or "
                           "token dataset, or a model kind for real-valued inputs")
-    if kind.sequence and vocab > cfg.model.vocab_size:
+    # A kind with its own arguments declares its vocabulary there (model.args.vocab_size).
+    model_vocab, vocab_key = ((cfg.model.args.vocab_size, "model.args.vocab_size")
+                              if hasattr(cfg.model.args, "vocab_size") else (cfg.model.vocab_size, "model.vocab_size"))
+    if kind.sequence and vocab > model_vocab:
         # Token ids past the embedding table would be silently clamped by the gather: refuse instead.
-        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than {key} {name!r}'s vocabulary "
-                          f"({vocab} tokens)")
+        raise ConfigError(f"{vocab_key} {model_vocab} is smaller than {key} {name!r}'s vocabulary ({vocab} tokens)")
     return loaded
 
 

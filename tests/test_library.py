@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import jaxlmc
-from jaxlmc import barriers, permute
+from jaxlmc import barriers, measures, paths, permute, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,3 +200,30 @@ def test_errors_name_what_is_wrong():
         jaxlmc.fit(Nested, (x, y), lr=1e-3, steps=5, batch_size=10, optimizer="adam")
     with pytest.raises(ValueError, match="batch_size 1000"):
         jaxlmc.fit(Nested, (x, y), lr=1e-3, steps=5, batch_size=1000)
+
+
+def _half_line(model, params_K, pairs_Px2, eval_sets, alphas, chunk_pairs, mesh, perms):
+    """A pair measure of one's own: the straight line from member i to the midpoint of i and j."""
+    half = paths.Path("half", lambda p_i, p_j, extra: (p_i, p_j), lambda ctx, v, a: paths.lerp(*ctx, 0.5 * a),
+                      members_at_ends=False)
+    return paths.make_path_eval(model, half, alphas, chunk_pairs, mesh)(params_K, pairs_Px2, eval_sets, perms)
+
+
+def test_a_registered_pair_measure_reaches_the_rows_the_summary_and_the_report():
+    x, y = _data()
+    members = jaxlmc.fit(Nested, (x[:400], y[:400]), lr=1e-2, seeds=3, steps=40, batch_size=50)
+    measures.register_pair_measure(measures.PairMeasure("_half", "half line", compute=_half_line))
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            measures.register_pair_measure(measures.PairMeasure("_half", "again", compute=_half_line))
+        result = jaxlmc.pair_barriers(members, (x[400:], y[400:]), num_alphas=5, noise_resamples=10)
+        assert ("error_barrier_test_half_mean", "half line") in report.summary_table()
+    finally:
+        measures.PAIR_MEASURES.pop("_half")
+    # Its α = 0.5 is the straight line's α = 0.25.
+    np.testing.assert_allclose(result.curves.extra["_half"]["test"][0][:, 2, 0],
+                               result.curves.pairs["test"][0][:, 1, 0], rtol=1e-6)
+    row = result.pairs[0]
+    assert {"loss_barrier_test_half", "error_barrier_test_lin_half", "loss_barrier_test_half_floor",
+            "loss_mid_test_half"} <= set(row)
+    assert "error_barrier_test_half_mean" in result.summary(bootstrap=50)[0]

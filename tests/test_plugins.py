@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlmc import api, config, rundir
+from jaxlmc import api, config, rundir, study
 
 PLUGINS = os.path.join(os.path.dirname(__file__), "plugins")
 SETTINGS = ["data.pretrain_task=blobs_pre", "data.finetune_task=blobs_fine", "data.ood_task=blobs_ood",
@@ -65,9 +65,9 @@ def test_a_kind_named_by_import_path_reads_its_own_arguments(tmp_path, monkeypat
     """model.kind = "module:attribute" imports the kind; [model.args] is checked against its dataclass (unknown and
     mistyped keys named), survives the run directory's config.json, and shapes the model that trains."""
     monkeypatch.syspath_prepend(PLUGINS)
-    kind = ["model.kind=lmc_models:SCALED_TANH", "plugins.modules=['lmc_plugin']", "data.pretrain_task=blobs_pre",
-            "data.finetune_task=blobs_fine", "data.ood_task=blobs_ood", "data.finetune_labels=identity",
-            "data.train_eval_size=300", "data.validation_size=200"]
+    kind = ["model.kind=lmc_models:SCALED_TANH", "data.pretrain_task=points", "data.finetune_task=points",
+            "data.ood_task=''", "data.finetune_labels=identity", "data.train_eval_size=300",
+            "data.validation_size=200"]
     cfg = config.load(None, kind + ["model.args={hidden = 6, gain = 2.0}", "pretrain.steps=20",
                                     "pretrain.save_steps=[0, 20]", "pretrain.batch_size=50",
                                     "finetune.pretrain_steps=[20]"])
@@ -78,6 +78,7 @@ def test_a_kind_named_by_import_path_reads_its_own_arguments(tmp_path, monkeypat
     assert saved.config().model.args == cfg.model.args
     params = saved.restore_params(rundir.PRETRAIN_CHECKPOINTS, 20)
     assert params["hidden"]["kernel"].shape == (1, 12, 6)
+    assert "weight_norms" not in study.STAGE_NAMES  # (a plugin imported here would change every later study)
     for override, message in [("model.args={hiden = 6}", r"unknown key model.args.hiden \(known keys of "
                                                          r"\[model.args\]: gain, hidden\)"),
                               ("model.args={hidden = 'six'}", "model.args.hidden: expected an integer"),

@@ -6,8 +6,18 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlmc import models
+from jaxlmc import data, models
 from jaxlmc.models import Classifier, ModelKind, UnitAxis
+
+
+def _points(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three classes of 12-dimensional points, by which of three fixed directions they lie closest to."""
+    directions = np.random.default_rng(0).normal(size=(12, 3))
+    x = np.random.default_rng(seed).normal(size=(n, 12)).astype(np.float32)
+    return x, (x @ directions).argmax(1).astype(np.int32)
+
+
+data.register_dataset("points", lambda: {"train": _points(1, 1000), "test": _points(2, 300)}, 3)
 
 
 @dataclasses.dataclass(frozen=True)
