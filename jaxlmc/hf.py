@@ -1,0 +1,149 @@
+"""Hugging Face checkpoints as jaxlmc parameters: every read of a released model lives here.
+
+A checkpoint is a directory (a local snapshot, or the hub's cached download of a repository at a pinned revision)
+holding `config.json` and the weights as safetensors (`model.safetensors`, or shards listed in
+`model.safetensors.index.json`), read with the `safetensors` package into numpy — no PyTorch at run time, and never a
+pickle. `gpt_neox_params` maps a GPT-NeoX (Pythia) state dict onto the gpt_neox kind's parameters
+(jaxlmc.models.gpt_neox), which then compute what `transformers`' GPTNeoXForCausalLM computes (tested against
+its logits). Every problem — a missing file, an unsupported architecture, a name or shape that does not match — is
+one line naming what and where.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import huggingface_hub
+import numpy as np
+from safetensors.numpy import load_file
+
+from jaxlmc.models.gpt_neox import GPTNeoXArgs
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# Buffers some GPT-NeoX checkpoints carry that are not parameters (recomputed from the config).
+_GPT_NEOX_BUFFERS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the file or tensor."""
+
+
+def snapshot(source: str, revision: str | None = None) -> str:
+    """The local directory of a checkpoint: `source` itself when it is one, else the hub's snapshot of repository
+    `source` at `revision` (a branch, tag or commit: Pythia's "step512"), downloaded once and cached by
+    huggingface_hub (offline: only what the cache holds)."""
+    if os.path.isdir(source):
+        return source
+    try:
+        return huggingface_hub.snapshot_download(source, revision=revision,
+                                                 allow_patterns=[CONFIG, "*.safetensors", WEIGHTS_INDEX,
+                                                                 "tokenizer.json"])
+    except Exception as err:  # the hub's many errors (offline, unknown repository or revision): one line
+        raise CheckpointError(f"{source} (revision {revision or 'main'}) is neither a local directory nor reachable "
+                              f"on the Hugging Face hub: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: a Hugging Face checkpoint directory holds its config.json") from None
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+
+
+def read_state_dict(directory: str) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint's safetensors file(s), by name, as numpy arrays."""
+    single, index = os.path.join(directory, WEIGHTS), os.path.join(directory, WEIGHTS_INDEX)
+    if os.path.exists(single):
+        names = [WEIGHTS]
+    elif os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        raise CheckpointError(f"{directory} holds neither {WEIGHTS} nor {WEIGHTS_INDEX} (only safetensors weights are "
+                              "read: convert a PyTorch .bin checkpoint with transformers' save_pretrained)")
+    state = {}
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            state.update(load_file(path))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path} cannot be read as safetensors: {err}") from None
+    return state
+
+
+def gpt_neox_args(config: dict, where: str = "config.json") -> GPTNeoXArgs:
+    """The gpt_neox kind's arguments from a Hugging Face GPTNeoXConfig (config.json)."""
+    if config.get("model_type") != "gpt_neox":
+        raise CheckpointError(f"{where}: model_type {config.get('model_type')!r} is not 'gpt_neox' (architectures "
+                              f"{config.get('architectures')})")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
+    rope = config.get("rope_parameters") or {}
+    return GPTNeoXArgs(
+        vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
+        num_hidden_layers=int(config["num_hidden_layers"]), num_attention_heads=int(config["num_attention_heads"]),
+        intermediate_size=int(config["intermediate_size"]),
+        rotary_pct=float(config.get("rotary_pct", config.get("partial_rotary_factor",
+                                                             rope.get("partial_rotary_factor", 1.0)))),
+        rotary_emb_base=float(config.get("rotary_emb_base", config.get("rope_theta", rope.get("rope_theta", 1e4)))),
+        use_parallel_residual=bool(config.get("use_parallel_residual", True)),
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)))
+
+
+def _take(state: dict, name: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    if name not in state:
+        raise CheckpointError(f"{where}: tensor {name} is missing")
+    array = np.asarray(state.pop(name), np.float32)
+    if array.shape != shape:
+        raise CheckpointError(f"{where}: tensor {name} has shape {array.shape}, the config implies {shape}")
+    return array
+
+
+def gpt_neox_params(state: dict[str, np.ndarray], a: GPTNeoXArgs, where: str = "checkpoint") -> dict:
+    """The gpt_neox kind's parameters (with its language-modelling head) from a GPTNeoXForCausalLM state dict.
+
+    Linear weights are stored out × in and become in × out kernels; the fused query_key_value projection holds, per
+    head, its query, key and value rows in turn (out index = head · 3d + {0, d, 2d} + i), split here into the
+    q, k, v kernels D × H × d; the output projection's input axis is heads × d."""
+    state = {k: v for k, v in state.items() if not k.endswith(_GPT_NEOX_BUFFERS)}
+    d, heads, inner, vocab = a.hidden_size, a.num_attention_heads, a.intermediate_size, a.vocab_size
+    hd = d // heads
+    take = lambda name, *shape: _take(state, name, shape, where)  # noqa: E731
+
+    def norm(prefix):
+        return {"scale": take(f"{prefix}.weight", d), "bias": take(f"{prefix}.bias", d)}
+
+    params = {"embed": {"embedding": take("gpt_neox.embed_in.weight", vocab, d)}, "blocks": {}}
+    for b in range(a.num_hidden_layers):
+        p = f"gpt_neox.layers.{b}"
+        qkv_w = take(f"{p}.attention.query_key_value.weight", 3 * d, d).reshape(heads, 3, hd, d)
+        qkv_b = take(f"{p}.attention.query_key_value.bias", 3 * d).reshape(heads, 3, hd)
+        block = {"ln1": norm(f"{p}.input_layernorm"), "ln2": norm(f"{p}.post_attention_layernorm")}
+        for s, name in enumerate("qkv"):
+            block[name] = {"kernel": qkv_w[:, s].transpose(2, 0, 1), "bias": qkv_b[:, s]}
+        block["o"] = {"kernel": take(f"{p}.attention.dense.weight", d, d).T.reshape(heads, hd, d),
+                      "bias": take(f"{p}.attention.dense.bias", d)}
+        block["fc_in"] = {"kernel": take(f"{p}.mlp.dense_h_to_4h.weight", inner, d).T,
+                          "bias": take(f"{p}.mlp.dense_h_to_4h.bias", inner)}
+        block["fc_out"] = {"kernel": take(f"{p}.mlp.dense_4h_to_h.weight", d, inner).T,
+                           "bias": take(f"{p}.mlp.dense_4h_to_h.bias", d)}
+        params["blocks"][b] = block
+    params["ln_f"] = norm("gpt_neox.final_layer_norm")
+    params["head"] = {"kernel": take("embed_out.weight", vocab, d).T}
+    if state:
+        raise CheckpointError(f"{where}: tensors the gpt_neox kind does not have: {', '.join(sorted(state)[:4])}")
+    return params
+
+
+def load_gpt_neox(source: str, revision: str | None = None) -> tuple[GPTNeoXArgs, dict]:
+    """(arguments, parameters with the language-modelling head) of a GPT-NeoX checkpoint: a local directory or a hub
+    repository at a revision (jaxlmc.hf.snapshot)."""
+    directory = snapshot(source, revision)
+    args = gpt_neox_args(read_config(directory), os.path.join(directory, CONFIG))
+    return args, gpt_neox_params(read_state_dict(directory), args, directory)
