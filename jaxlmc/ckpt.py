@@ -225,7 +225,7 @@ class Checkpoints:
                                   self._manager.item_metadata(step))
             return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
-        return self._restore_checked(step, read)
+        return _int_keys(self._restore_checked(step, read))
 
     def resume(self, abstract_state, required: Iterable[int] = ()) -> tuple[int | None, object]:
         """(step, state) to continue training from: the newest intact step before which no `required` step (one that
@@ -259,6 +259,14 @@ class Checkpoints:
     def close(self) -> None:
         with _quiet_logs():
             self._manager.close()
+
+
+def _int_keys(tree):
+    """A restored tree with the integer dict keys it was saved with: Orbax stores keys as strings, and NNX names the
+    modules of a list by their index (blocks.0, blocks.1, …), which parameter pytrees must match exactly."""
+    if isinstance(tree, dict):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
+    return tree
 
 
 def restore_params(directory: str, step: int | None = None, aside: str | None = None,

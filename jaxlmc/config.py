@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import re
 import tomllib
 import types
 import typing
 from typing import Literal
 
+from jaxlmc import hf
 from jaxlmc.labels import LABEL_MAPS
 from jaxlmc.models import Classifier, resolve_kind
 from jaxlmc.optimizers import OPTIMIZERS
@@ -94,9 +96,40 @@ def from_dict(raw: dict) -> Config:
     import_plugins(plugins.modules)  # before the sections that name what they register are checked
     parsed = {name: _section(sections[name], raw.get(name, {}), name) for name in sections}
     parsed["model"] = _with_kind_args(parsed["model"])
+    parsed.update(_with_revisions(parsed, raw.get("finetune", {})))
     cfg = Config(**parsed)
     validate(cfg)
     return cfg
+
+
+def revision_step(revision: str) -> int:
+    """N of a revision named step<N> (Pythia's branch names)."""
+    match = re.fullmatch(r"step(\d+)", revision)
+    if match is None:
+        raise ConfigError(f"finetune.pretrain_revisions: {revision!r} is not named step<N> (the pretraining step it "
+                          "stands for, as Pythia's revisions are)")
+    return int(match.group(1))
+
+
+def _with_revisions(parsed: dict, raw_finetune: dict) -> dict:
+    """With model.pretrained, the pretraining steps the revisions stand for: the grid's starts, the kept steps."""
+    model, f, p = parsed["model"], parsed["finetune"], parsed["pretrain"]
+    if not model.pretrained:
+        if f.pretrain_revisions:
+            raise ConfigError("finetune.pretrain_revisions needs model.pretrained (the repository or directory they "
+                              "belong to)")
+        return {}
+    if model.kind not in hf.LOADERS:
+        raise ConfigError(f"model.pretrained: model.kind {model.kind!r} reads no released checkpoints (kinds that do: "
+                          f"{', '.join(sorted(hf.LOADERS))})")
+    if not f.pretrain_revisions:
+        raise ConfigError("model.pretrained needs finetune.pretrain_revisions (e.g. [\"step0\", \"step143000\"])")
+    steps = [revision_step(r) for r in f.pretrain_revisions]
+    if "pretrain_steps" in raw_finetune and sorted(f.pretrain_steps) != sorted(steps):
+        raise ConfigError(f"finetune.pretrain_steps {f.pretrain_steps} disagree with finetune.pretrain_revisions "
+                          f"{f.pretrain_revisions}: leave pretrain_steps out, it follows from the revisions")
+    return {"finetune": dataclasses.replace(f, pretrain_steps=steps),
+            "pretrain": dataclasses.replace(p, steps=max(steps), save_steps=sorted(steps))}
 
 
 def _with_kind_args(model):

@@ -10,12 +10,14 @@ one line naming what and where.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Callable
 
 import huggingface_hub
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from jaxlmc.models.gpt_neox import GPTNeoXArgs
 
@@ -147,3 +149,52 @@ def load_gpt_neox(source: str, revision: str | None = None) -> tuple[GPTNeoXArgs
     directory = snapshot(source, revision)
     args = gpt_neox_args(read_config(directory), os.path.join(directory, CONFIG))
     return args, gpt_neox_params(read_state_dict(directory), args, directory)
+
+
+def gpt_neox_state_dict(params: dict, a: GPTNeoXArgs) -> dict[str, np.ndarray]:
+    """The inverse of `gpt_neox_params`: a GPTNeoXForCausalLM state dict of the gpt_neox kind's parameters (with its
+    language-modelling head)."""
+    d, heads = a.hidden_size, a.num_attention_heads
+    hd = d // heads
+    arr = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
+    state = {"gpt_neox.embed_in.weight": arr(params["embed"]["embedding"]),
+             "gpt_neox.final_layer_norm.weight": arr(params["ln_f"]["scale"]),
+             "gpt_neox.final_layer_norm.bias": arr(params["ln_f"]["bias"]),
+             "embed_out.weight": arr(np.asarray(params["head"]["kernel"]).T)}
+    for b, block in params["blocks"].items():
+        p = f"gpt_neox.layers.{b}"
+        for ln, name in (("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm")):
+            state[f"{p}.{name}.weight"], state[f"{p}.{name}.bias"] = arr(block[ln]["scale"]), arr(block[ln]["bias"])
+        kernel = np.stack([np.asarray(block[n]["kernel"]).transpose(1, 2, 0) for n in "qkv"], axis=1)  # H×3×d×D
+        state[f"{p}.attention.query_key_value.weight"] = arr(kernel.reshape(3 * d, d))
+        state[f"{p}.attention.query_key_value.bias"] = arr(np.stack([block[n]["bias"] for n in "qkv"], 1).reshape(-1))
+        state[f"{p}.attention.dense.weight"] = arr(np.asarray(block["o"]["kernel"]).reshape(heads * hd, d).T)
+        state[f"{p}.attention.dense.bias"] = arr(block["o"]["bias"])
+        state[f"{p}.mlp.dense_h_to_4h.weight"] = arr(np.asarray(block["fc_in"]["kernel"]).T)
+        state[f"{p}.mlp.dense_h_to_4h.bias"] = arr(block["fc_in"]["bias"])
+        state[f"{p}.mlp.dense_4h_to_h.weight"] = arr(np.asarray(block["fc_out"]["kernel"]).T)
+        state[f"{p}.mlp.dense_4h_to_h.bias"] = arr(block["fc_out"]["bias"])
+    return state
+
+
+def save_gpt_neox(directory: str, a: GPTNeoXArgs, params: dict) -> None:
+    """Write a Hugging Face checkpoint (config.json, model.safetensors) of gpt_neox parameters, readable by
+    `load_gpt_neox` and by transformers' GPTNeoXForCausalLM.from_pretrained."""
+    os.makedirs(directory, exist_ok=True)
+    config = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_act": "gelu",
+              "tie_word_embeddings": False, **dataclasses.asdict(a)}
+    with open(os.path.join(directory, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(gpt_neox_state_dict(params, a), os.path.join(directory, WEIGHTS))
+
+
+# Per model kind, the reader of its released checkpoints: (source, revision) -> (its [model.args], parameters).
+LOADERS: dict[str, Callable[[str, str | None], tuple]] = {"gpt_neox": lambda source, revision: load_gpt_neox(
+    source, revision)}
+
+
+def register_loader(kind: str, load: Callable[[str, str | None], tuple]) -> None:
+    """Let model.pretrained name checkpoints of `kind`: `load(source, revision)` returns (args, parameters)."""
+    if kind in LOADERS:
+        raise ValueError(f"model kind {kind!r} already has a checkpoint loader")
+    LOADERS[kind] = load

@@ -69,7 +69,8 @@ _METRICS = tuple((f"{split}_{m}", float) for split in ("train", "test", "ood", "
 
 # A pretraining that diverged (jaxlmc.pretraining) adds a row at the step where it did, diverged True, metrics empty.
 PRETRAIN = Table("pretrain/checkpoints.csv", (("step", int), ("train_loss", float), ("train_acc", float),
-                                              ("test_loss", float), ("test_acc", float), ("diverged", bool)))
+                                              ("test_loss", float), ("test_acc", float), ("diverged", bool),
+                                              ("revision", str)))  # (a released revision's name: model.pretrained)
 MEMBERS = Table("members.csv", (("member", int), *((a.column, a.type) for a in grid.AXES), *_METRICS,
                                 ("dist_from_init", float), ("diverged", bool), ("unfit", bool),
                                 ("seed_varies", str)))

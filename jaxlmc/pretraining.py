@@ -2,10 +2,14 @@
 points of the fine-tuning grid) and a table of their loss and accuracy."""
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxlmc import analysis, faults, loop, models, rundir, shard, sizes, tasks, train
+from jaxlmc import analysis, faults, hf, loop, models, rundir, shard, sizes, tasks, train
 from jaxlmc.config import Config, ConfigError
 
 
@@ -23,6 +27,8 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
     if p.batch_size > len(task.train.y):
         raise ConfigError(f"pretrain.batch_size {p.batch_size} exceeds the {len(task.train.y)} training examples")
     model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
+    if cfg.model.pretrained:
+        return import_revisions(cfg, run, model, task)
     sizes.check_pretraining(cfg, model, task)
     run.open(cfg)
     keys = train.stream_keys("pretrain", [p.seed])
@@ -78,6 +84,54 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
     if task.per_token:
         run.write_csv(rundir.BASELINES, analysis.ngram_baselines(task.train.x, task.train.y, task.test.x, task.test.y,
                                                                  task.train.num_classes))
+    return rows
+
+
+def _source(cfg: Config, revision: str) -> tuple[str, str | None]:
+    """(where, revision) of one released revision: a local directory's subdirectory, or the hub repository's
+    branch."""
+    if os.path.isdir(cfg.model.pretrained):
+        return os.path.join(cfg.model.pretrained, revision), None
+    return cfg.model.pretrained, revision
+
+
+def import_revisions(cfg: Config, run: rundir.RunDir, model: models.Model, task: tasks.Task) -> list[dict]:
+    """The released revisions (model.pretrained, finetune.pretrain_revisions) as the pretraining checkpoints at the
+    steps they stand for, so that everything downstream starts from them as from jaxlmc's own; their evaluation on
+    the pretraining task in pretrain/checkpoints.csv. A revision already imported (and intact) is not read again."""
+    p = cfg.pretrain
+    abstract = jax.eval_shape(model.init, jax.random.key(0))
+    revisions = dict(zip(cfg.finetune.pretrain_steps, cfg.finetune.pretrain_revisions))
+    loaded = {}
+    for step, revision in revisions.items():  # every revision is checked before the run directory is touched
+        source, branch = _source(cfg, revision)
+        try:
+            args, params = hf.LOADERS[cfg.model.kind](source, branch)
+        except hf.CheckpointError as err:
+            raise ConfigError(f"model.pretrained, revision {revision}: {err}") from None
+        if args != cfg.model.args:
+            differ = [f"{f.name} {getattr(cfg.model.args, f.name)!r} (checkpoint: {getattr(args, f.name)!r})"
+                      for f in dataclasses.fields(args) if getattr(args, f.name) != getattr(cfg.model.args, f.name)]
+            raise ConfigError(f"model.args differ from revision {revision}'s config: {'; '.join(differ)}")
+        shapes = jax.tree.map(lambda a: tuple(np.shape(a)), params)
+        if shapes != jax.tree.map(lambda a: a.shape, abstract):
+            raise ConfigError(f"revision {revision}'s parameters do not fit the model the pretraining task "
+                              f"{cfg.data.pretrain_task!r} implies ({task.train.num_classes} classes per position)")
+        loaded[step] = params
+    run.open(cfg)
+    mesh = shard.global_mesh()
+    state_of = lambda params: shard.replicate(train.init_state(  # noqa: E731
+        jax.tree.map(lambda a: jnp.asarray(a)[None], params), p.optimizer, p.momentum, len(task.train.y)), mesh)
+    with run.checkpoints(rundir.PRETRAIN_CHECKPOINTS, keep_steps=p.save_steps) as manager:
+        have = manager.verified_steps()
+        for step, params in loaded.items():
+            if step not in have:
+                manager.save(step, state_of(params))
+        template = shard.abstract(state_of(next(iter(loaded.values()))))
+        rows = _checkpoint_rows(cfg, model, task, manager, sorted(loaded), template, mesh)
+    for row in rows:
+        row["revision"] = revisions[row["step"]]
+    run.write_csv(rundir.PRETRAIN, rows)
     return rows
 
 

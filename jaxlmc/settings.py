@@ -75,6 +75,9 @@ class ModelConfig:
     # [model.args]: a kind's own hyperparameters, checked against its dataclass (ModelKind.args): an unknown or
     # mistyped key is an error naming it. After loading, this holds that dataclass's instance.
     args: dict = dataclasses.field(default_factory=dict, hash=False)  # (a dict cannot be hashed)
+    # Released checkpoints instead of jaxlmc's own pretraining: a Hugging Face repository ("EleutherAI/pythia-14m")
+    # or a local directory with one subdirectory per revision; which revisions, in finetune.pretrain_revisions.
+    pretrained: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,9 @@ class FinetuneConfig:
     # How each member's new head starts (HeadPolicy). Which sources of randomness vary with the seed follows from it:
     # per_seed varies the head's initialisation and the data order, the others the data order alone.
     heads: list[HeadPolicy] = grid_axis("head", "head", ["per_seed"], always_shown=True)
+    # With model.pretrained: the released revisions that are the starts, named step<N> (Pythia's branches, or the
+    # local subdirectories); finetune.pretrain_steps, pretrain.save_steps and pretrain.steps follow from their N.
+    pretrain_revisions: list[str] = dataclasses.field(default_factory=list)
     warmup_steps: int = 0  # every member's linear warm-up from 0 to its rate
     seeds: int = dataclasses.field(default=8, metadata={"grid": GridAxis("seed", "seed", cell=False,
                                                                           always_shown=True)})  # 0 .. seeds-1

@@ -35,7 +35,7 @@ def test_logits_equal_transformers_on_a_padded_batch(name):
     np.testing.assert_allclose(logits[real], reference["logits"][real], atol=1e-4, rtol=0)
 
 
-def test_logits_equal_transformers_live():
+def test_logits_equal_transformers_live(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     directory = os.path.join(FIXTURES, NAMES[0])
@@ -48,6 +48,14 @@ def test_logits_equal_transformers_live():
     args, params = hf.load_gpt_neox(directory)
     logits = np.asarray(_model(args, args.vocab_size, True).apply(params, tokens))
     np.testing.assert_allclose(logits[tokens >= 0], expected[tokens >= 0], atol=1e-4, rtol=0)
+    # What jaxlmc writes (hf.save_gpt_neox), transformers reads as the same model.
+    exported = str(tmp_path / "exported")
+    hf.save_gpt_neox(exported, args, params)
+    again = transformers.GPTNeoXForCausalLM.from_pretrained(exported).eval()
+    with torch.no_grad():
+        logits_again = again(input_ids=torch.as_tensor(np.maximum(tokens, 0)),
+                             attention_mask=torch.as_tensor((tokens >= 0).astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(logits_again[tokens >= 0], expected[tokens >= 0], atol=1e-5, rtol=0)
 
 
 def test_a_classifier_reads_the_last_real_token():

@@ -1,0 +1,97 @@
+"""Released checkpoints as the pretraining axis: two local "revisions" of a tiny GPT-NeoX in Hugging Face's format
+(model.pretrained, finetune.pretrain_revisions) run the whole study — imported as the pretraining checkpoints at the
+steps they name, fine-tuned as a sequence classifier with the scratch control, barriers aligned by weight matching,
+the critical rate and the report; and the config's one-line errors."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlmc import api, config, data, hf, rundir
+from jaxlmc.models import base, gpt_neox
+from jaxlmc.settings import ModelConfig
+
+ARGS = gpt_neox.GPTNeoXArgs(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, rotary_pct=0.5)
+ARGS_TOML = ("model.args={vocab_size = 32, hidden_size = 16, num_hidden_layers = 1, num_attention_heads = 2, "
+             "intermediate_size = 32, rotary_pct = 0.5}")
+
+
+def _tokens(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences of 9 tokens below 32; the label says whether token 7 appears more often than token 3 (3 classes:
+    fewer, as often, more)."""
+    x = np.random.default_rng(seed).integers(0, 32, (n, 9)).astype(np.int32)
+    y = (np.sign((x == 7).sum(1) - (x == 3).sum(1)) + 1).astype(np.int32)
+    return x, y
+
+
+if "pretrained_lm" not in data.DATASETS:
+    data.register_dataset("pretrained_lm", lambda: {"train": _tokens(1, 600), "test": _tokens(2, 200)}, 3, vocab=32)
+    data.register_dataset("pretrained_cls", lambda: {"train": _tokens(3, 900), "test": _tokens(4, 300)}, 3, vocab=32)
+
+
+@pytest.fixture(scope="module")
+def revisions(tmp_path_factory) -> str:
+    """A directory with revisions step0 and step40: two initialisations of the tiny model, saved as transformers
+    would save them."""
+    root = str(tmp_path_factory.mktemp("pythia_tiny"))
+    model = base.build(gpt_neox.KIND, ModelConfig(kind="gpt_neox", args=ARGS), (8,), 32, per_token=True)
+    for step, key in ((0, 0), (40, 1)):
+        hf.save_gpt_neox(os.path.join(root, f"step{step}"), ARGS, jax.tree.map(np.asarray,
+                                                                                model.init(jax.random.key(key))))
+    return root
+
+
+def _config(root: str, extra=()):
+    return config.load(None, [
+        "model.kind=gpt_neox", ARGS_TOML, f'model.pretrained="{root}"', 'finetune.pretrain_revisions=["step0", "step40"]',
+        "data.pretrain_task=pretrained_lm", "data.pretrain_labels=next_token", "data.finetune_task=pretrained_cls",
+        "data.finetune_labels=identity", "data.ood_task=''", "data.train_eval_size=200", "data.validation_size=100",
+        "finetune.lrs=[0.001, 0.01]", 'finetune.heads=["per_seed"]', "finetune.seeds=3", "finetune.steps=30",
+        "finetune.warmup_steps=0", "finetune.batch_size=50", "finetune.scratch=true", "run.chunk_steps=15",
+        "run.checkpoint_every=15", "barriers.alphas=5", "barriers.align=true", "barriers.noise_resamples=20",
+        "study.sharpness_iterations=0", "study.similarity_examples=100", "study.fit_margin=-1", *extra])
+
+
+def test_config_derives_the_starts_from_the_revisions_and_refuses_what_does_not_fit(revisions):
+    cfg = _config(revisions)
+    assert cfg.finetune.pretrain_steps == [0, 40]
+    assert (cfg.pretrain.save_steps, cfg.pretrain.steps) == ([0, 40], 40)
+    for extra, message in [(['finetune.pretrain_revisions=["main"]'], "'main' is not named step<N>"),
+                           (["finetune.pretrain_revisions=[]"], "model.pretrained needs finetune.pretrain_revisions"),
+                           (["finetune.pretrain_steps=[0, 100]"], r"finetune.pretrain_steps \[0, 100\] disagree")]:
+        with pytest.raises(config.ConfigError, match=message):
+            _config(revisions, extra)
+    with pytest.raises(config.ConfigError, match="model.kind 'mlp' reads no released checkpoints"):
+        config.load(None, [f'model.pretrained="{revisions}"', 'finetune.pretrain_revisions=["step0"]'])
+    with pytest.raises(config.ConfigError, match="finetune.pretrain_revisions needs model.pretrained"):
+        config.load(None, ['finetune.pretrain_revisions=["step0"]'])
+
+
+def test_mismatched_arguments_are_refused_before_the_run_directory_exists(revisions, tmp_path):
+    cfg = _config(revisions, [ARGS_TOML.replace("intermediate_size = 32", "intermediate_size = 48")])
+    out = str(tmp_path / "run")
+    with pytest.raises(config.ConfigError, match=r"model.args differ from revision step0's config: intermediate_size "
+                                                 r"48 \(checkpoint: 32\)"):
+        api.pretrain(cfg, out)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.slow  # a whole study
+def test_a_study_starts_from_released_revisions(revisions, tmp_path):
+    out = str(tmp_path / "run")
+    api.study(_config(revisions), out)
+    run = api.RunDir(out)
+    pretrain_rows = run.read_csv(rundir.PRETRAIN)
+    assert [(r["step"], r["revision"]) for r in pretrain_rows] == [(0, "step0"), (40, "step40")]
+    # The imported checkpoints are the released weights, bit for bit.
+    _, step40 = hf.load_gpt_neox(os.path.join(revisions, "step40"))
+    saved = run.restore_params(rundir.PRETRAIN_CHECKPOINTS, 40)
+    for a, b in zip(jax.tree.leaves(step40), jax.tree.leaves(jax.tree.map(lambda x: x[0], saved))):
+        np.testing.assert_array_equal(a, b)
+    members = run.read_csv(rundir.MEMBERS)
+    assert sorted({m["pretrain_step"] for m in members}) == [-1, 0, 40] and len(members) == 18
+    summary = run.read_csv(rundir.SUMMARY)
+    assert {"error_barrier_test_mean", "error_barrier_test_aligned_mean"} <= set(summary[0])
+    assert run.exists(rundir.CRITICAL) and os.path.exists(os.path.join(out, "report.html"))
