@@ -48,9 +48,9 @@ def _config(root: str, extra=()):
         "model.kind=gpt_neox", ARGS_TOML, f'model.pretrained="{root}"', 'finetune.pretrain_revisions=["step0", "step40"]',
         "data.pretrain_task=pretrained_lm", "data.pretrain_labels=next_token", "data.finetune_task=pretrained_cls",
         "data.finetune_labels=identity", "data.ood_task=''", "data.train_eval_size=200", "data.validation_size=100",
-        "finetune.lrs=[0.001, 0.01]", 'finetune.heads=["per_seed"]', "finetune.seeds=3", "finetune.steps=30",
-        "finetune.warmup_steps=0", "finetune.batch_size=50", "finetune.scratch=true", "run.chunk_steps=15",
-        "run.checkpoint_every=15", "barriers.alphas=5", "barriers.align=true", "barriers.noise_resamples=20",
+        "finetune.lrs=[0.001, 0.01]", 'finetune.heads=["per_seed"]', "finetune.seeds=3", "finetune.steps=20",
+        "finetune.warmup_steps=0", "finetune.batch_size=50", "finetune.scratch=true", "run.chunk_steps=10",
+        "run.checkpoint_every=10", "barriers.alphas=5", "barriers.align=true", "barriers.noise_resamples=20",
         "study.sharpness_iterations=0", "study.similarity_examples=100", "study.fit_margin=-1", *extra])
 
 
