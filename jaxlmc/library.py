@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, ckpt, data, files, grid, interpolation, layout, loop, models, optimizers, shard, train
+from jaxlmc import (barriers, ckpt, data, files, grid, interpolation, layout, loop, models, optimizers, shard,
+                    stats, train)
 from jaxlmc.settings import FinetuneConfig
 
 # The per-member hyperparameters `fit` takes, in the grid's nesting order (seeds innermost), with their members.csv
@@ -257,6 +258,7 @@ class Barriers:
     pairs: list[dict]
     to_start: list[dict]
     curves: interpolation.Curves
+    layers: list[dict] = dataclasses.field(default_factory=list)  # per pair and layer group (layerwise=True)
 
     def summary(self, bootstrap: int = 1000) -> list[dict]:
         """One row per cell (barriers/summary.csv's columns): each measure's mean and std over the cell's pairs, and
@@ -272,7 +274,8 @@ class Barriers:
 
 def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | None = None, align_x=None,
                   repair_x=None, num_alphas: int = 11, noise_resamples: int = 100, to_start: bool = False,
-                  chunk_pairs: int = 0, eval_batch_size: int = 1000, status=None) -> Barriers:
+                  layerwise: bool = False, chunk_pairs: int = 0, eval_batch_size: int = 1000,
+                  status=None) -> Barriers:
     """Interpolate between members: loss and error along θ(α) = (1 − α)·θᵢ + α·θⱼ on `num_alphas` points, for every
     pair in one compiled pass (docs/science.md defines both barrier forms and the noise floor).
 
@@ -281,7 +284,9 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
     "weights" (weight matching; the model needs a permutation spec) or "activations" (activation matching on
     `align_x`; the module needs `unit_activations`) adds the `_aligned` columns; `repair_x` (examples) the `_repair`
     columns (REPAIR, on the aligned pairs when aligning); `noise_resamples` bootstrap resamplings of each evaluation
-    set give every barrier a noise floor (`_floor`); `to_start` adds each member's curve to its own start.
+    set give every barrier a noise floor (`_floor`); `to_start` adds each member's curve to its own start;
+    `layerwise` the layer-wise barriers (Adilova et al. 2024: one top-level parameter group interpolated at a time,
+    aligned too when aligning) in `Barriers.layers`.
     """
     named = {"test": eval_data} if isinstance(eval_data, tuple) else dict(eval_data)
     if not named:
@@ -326,7 +331,36 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
             start_rows.append({"member": m, **cell(table[m]), "seed": table[m]["seed"],
                                **{key: float(v[k]) for key, v in start_columns.items()},
                                "dist": float(curves.dist_K[k])})
-    return Barriers(members, pair_rows, start_rows, curves)
+    layer_rows = _layer_rows(members, sub(members.params), kept, [(position[i], position[j]) for i, j in kept],
+                             named, curves, eval_batch_size) if layerwise and kept else []
+    return Barriers(members, pair_rows, start_rows, curves, layer_rows)
+
+
+def _layer_rows(members: Members, params_K: dict, kept, pairs_K, named: dict, curves: interpolation.Curves,
+                eval_batch_size: int) -> list[dict]:
+    """One row per pair and layer group: both barrier forms of loss and error on every set, naive and aligned."""
+    model = members.model
+    groups = model.layer_groups(jax.tree.map(lambda a: a[0], params_K))
+    mesh = shard.device_mesh()
+    fn = barriers.make_layer_curves(model, curves.alphas, curves.chunk, groups, mesh=mesh)
+    args = (params_K, jnp.asarray(pairs_K, jnp.int32), interpolation.eval_sets(named, eval_batch_size))
+    variants = {"": fn(*shard.replicate(args, mesh))}
+    if curves.perms is not None:
+        variants["_aligned"] = fn(*shard.replicate(args + ([jnp.asarray(p) for p in curves.perms],), mesh))
+    variants = jax.tree.map(shard.to_host, variants)
+    rows = []
+    for p, (i, j) in enumerate(kept):
+        for g, name in enumerate(groups):
+            row = {"i": i, "j": j, **{k: members.table[i][k] for k in members.cell_keys}, "layer": name,
+                   "layer_index": g}
+            for suffix, by_set in variants.items():
+                for split, (loss, err) in by_set.items():
+                    for metric, curve in (("loss", loss), ("error", err)):
+                        for form in stats.FORMS:
+                            row[f"{metric}_barrier_{split}{form}{suffix}"] = float(
+                                stats.barrier(curve[p, g][None], curves.alphas, form)[0])
+            rows.append(row)
+    return rows
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None, digits: int = 4) -> str:

@@ -227,3 +227,21 @@ def test_a_registered_pair_measure_reaches_the_rows_the_summary_and_the_report()
     assert {"loss_barrier_test_half", "error_barrier_test_lin_half", "loss_barrier_test_half_floor",
             "loss_mid_test_half"} <= set(row)
     assert "error_barrier_test_half_mean" in result.summary(bootstrap=50)[0]
+
+
+def test_layer_wise_barriers_match_the_reference_loop():
+    x, y = _data()
+    members = jaxlmc.fit(Nested, (x[:400], y[:400]), lr=1e-2, seeds=3, steps=40, batch_size=50,
+                         permutation_spec=NESTED_SPEC)
+    result = jaxlmc.pair_barriers(members, (x[400:], y[400:]), num_alphas=5, noise_resamples=0, layerwise=True,
+                                  align="weights")
+    assert [(r["i"], r["j"], r["layer"]) for r in result.layers[:3]] == [(0, 1, "blocks"), (0, 1, "embed"),
+                                                                         (0, 1, "head")]
+    assert len(result.layers) == 3 * 3 and "error_barrier_test_aligned" in result.layers[0]
+    groups = {name: [name] for name in ("blocks", "embed", "head")}
+    loss, _ = barriers.reference_layer_curves(members.model, members.params, [(1, 2)], barriers.alpha_grid(5),
+                                              groups, x[400:], y[400:])
+    for g, row in enumerate(result.layers[6:]):
+        assert row["layer"] == list(groups)[g]
+        np.testing.assert_allclose(row["loss_barrier_test"], loss[0, g].max() - (loss[0, g, 0] + loss[0, g, -1]) / 2,
+                                   atol=2e-5)
