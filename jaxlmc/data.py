@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tokenizers
 
 from jaxlmc import builders  # noqa: F401  (registers the embedded MNIST-1D and TinyLang builders with TFDS)
 from jaxlmc.labels import LABEL_MAPS
@@ -38,6 +39,7 @@ DEFAULT_DATA_DIR = os.path.expanduser(os.environ.get("JAXLMC_DATA_DIR", "~/tenso
 # (NUL, absent from text) pads sequences shorter than the window.
 TEXT_VOCAB = 256
 TEXT_PAD = 0
+TOKEN_PAD = -1  # padding of tokenized text (data.tokenizer): a model kind that reads it masks negative ids
 TEXT_FEATURES = ("text", "sentence")  # the names TFDS text datasets give their text feature
 
 
@@ -56,6 +58,37 @@ def text_windows(texts, window: int) -> np.ndarray:
     corpus = np.frombuffer(b"\n".join(_as_bytes(t) for t in texts), dtype=np.uint8)
     n = len(corpus) // window
     return corpus[:n * window].reshape(n, window).astype(np.int32)
+
+
+@functools.cache
+def tokenizer(path: str) -> tokenizers.Tokenizer:
+    """A tokenizer.json (a released checkpoint's own), read once by the `tokenizers` library."""
+    try:
+        return tokenizers.Tokenizer.from_file(path)
+    except Exception as err:  # the library's own error types: one line naming the file
+        raise ValueError(f"{path} is not a tokenizer.json the tokenizers library reads: {err}") from None
+
+
+def _encode(texts, tok: tokenizers.Tokenizer) -> list[list[int]]:
+    return [e.ids for e in tok.encode_batch([_as_bytes(t).decode("utf-8", "replace") for t in texts],
+                                           add_special_tokens=False)]
+
+
+def token_windows(texts, tok: tokenizers.Tokenizer, window: int) -> np.ndarray:
+    """A corpus tokenized: every text's tokens in turn, cut into consecutive windows of `window` tokens (a last
+    partial window is dropped) — no padding, every position a real token."""
+    stream = np.asarray([i for ids in _encode(texts, tok) for i in ids], np.int32)
+    n = len(stream) // window
+    return stream[:n * window].reshape(n, window)
+
+
+def token_sequences(texts, tok: tokenizers.Tokenizer, window: int) -> np.ndarray:
+    """Labelled texts tokenized, one sequence per text: its first `window` tokens, right-padded with TOKEN_PAD (a
+    kind that reads padding attends to real tokens only and classifies from the last real one)."""
+    out = np.full((len(texts), window), TOKEN_PAD, np.int32)
+    for row, ids in enumerate(_encode(texts, tok)):
+        out[row, :min(len(ids), window)] = ids[:window]
+    return out
 
 
 def text_sequences(texts, window: int) -> np.ndarray:
@@ -152,11 +185,11 @@ def prepare(name: str, data_dir: str | None = None):
     return builder
 
 
-def _read_all(name: str, split: str, data_dir: str | None,
-              context_length: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
-    """(x, y, number of classes) of one split. A text dataset becomes byte sequences of context_length + 1 (the
-    context and, for language modelling, its next byte): a corpus without labels is cut into windows (y all 0 and
-    no classes), a labelled set gives one sequence per example."""
+def _read_all(name: str, split: str, data_dir: str | None, context_length: int = 0,
+              tokenizer_path: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+    """(x, y, number of classes) of one split. A text dataset becomes sequences of context_length + 1 bytes (the
+    context and, for language modelling, its next byte) — or tokens of `tokenizer_path`: a corpus without labels is
+    cut into windows (y all 0 and no classes), a labelled set gives one sequence per example."""
     if name in DATASETS:
         x, y = DATASETS[name].split(name, split)
         return x, y, DATASETS[name].num_classes
@@ -172,7 +205,11 @@ def _read_all(name: str, split: str, data_dir: str | None,
     if text_key is not None:
         texts = [ex[text_key] for ex in examples]
         window = context_length + 1
-        x = text_sequences(texts, window) if labelled else text_windows(texts, window)
+        if tokenizer_path:
+            tok = tokenizer(tokenizer_path)
+            x = token_sequences(texts, tok, window) if labelled else token_windows(texts, tok, window)
+        else:
+            x = text_sequences(texts, window) if labelled else text_windows(texts, window)
         if not len(x):
             raise ValueError(f"{name}:{split} holds fewer than {window} bytes of text: no sequence of "
                              f"context_length {context_length} + 1")
@@ -185,14 +222,14 @@ def _read_all(name: str, split: str, data_dir: str | None,
     return x, y, features["label"].num_classes
 
 
-def vocab_size(name: str, data_dir: str | None = None) -> int:
-    """The vocabulary of a token dataset (its "tokens" feature's classes, or TEXT_VOCAB bytes for a text dataset); 0
-    for a dataset of signals or images."""
+def vocab_size(name: str, data_dir: str | None = None, tokenizer_path: str = "") -> int:
+    """The vocabulary of a token dataset (its "tokens" feature's classes; for a text dataset TEXT_VOCAB bytes, or
+    the tokenizer's vocabulary); 0 for a dataset of signals or images."""
     if name in DATASETS:
         return DATASETS[name].vocab
     features = _builder(name, data_dir).info.features
     if text_feature(features) is not None:
-        return TEXT_VOCAB
+        return tokenizer(tokenizer_path).get_vocab_size() if tokenizer_path else TEXT_VOCAB
     return int(features["tokens"].feature.num_classes) if "tokens" in features else 0
 
 
@@ -236,7 +273,8 @@ def _keep_classes(x: np.ndarray, y: np.ndarray, classes: list[int], what: str) -
 
 def load_task(name: str, label_map: str = "identity", data_dir: str | None = None,
               splits: tuple[str, ...] = ("train", "test"), stats_from: str | None = None,
-              classes: tuple[int, ...] | list[int] = (), context_length: int = 0) -> dict[str, Split]:
+              classes: tuple[int, ...] | list[int] = (), context_length: int = 0,
+              tokenizer_path: str = "") -> dict[str, Split]:
     """Load the splits of a task as float32 inputs and int32 labels.
 
     A text dataset is read as UTF-8 byte sequences of `context_length` + 1 (required, and only allowed, for text):
@@ -248,7 +286,8 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
     Images are scaled to [0, 1] and standardised per channel with the statistics of the first split requested, or,
     with `stats_from`, of that task's train split (restricted to the same classes): an OOD set must be normalised like
     the task it shifts, or the normalisation would undo part of the shift. MNIST-1D signals are stored standardised
-    with the default distribution's statistics and are not rescaled here.
+    with the default distribution's statistics and are not rescaled here. With `tokenizer_path` (a tokenizer.json)
+    text is read as its tokens instead of bytes (`token_windows`, `token_sequences`).
     """
     if label_map not in LABEL_MAPS:
         raise ValueError(f"unknown label map {label_map!r}; choose one of {sorted(LABEL_MAPS)}")
@@ -268,7 +307,7 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
         classes = [int(c) for c in classes]
 
     def read(task: str, split: str):
-        x, y, c = _read_all(task, split, data_dir, context_length)
+        x, y, c = _read_all(task, split, data_dir, context_length, tokenizer_path)
         if classes:
             x, y = _keep_classes(x, y, classes, f"{task}:{split}")
             c = len(classes)
@@ -276,11 +315,11 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
 
     raw = {split: read(name, split) for split in splits}
     if label_map == "next_token":  # language modelling: the context is every token but the last, the label its next
-        vocab = vocab_size(name, data_dir)
+        vocab = vocab_size(name, data_dir, tokenizer_path)
         if not vocab:
             raise ValueError(f"label map 'next_token' needs a token dataset; {name!r} has no tokens")
         raw = {split: (x[:, :-1], x[:, 1:].astype(np.int32), vocab) for split, (x, y, n) in raw.items()}
-    elif raw[splits[0]][0].dtype.kind in "iu" and vocab_size(name, data_dir):
+    elif raw[splits[0]][0].dtype.kind in "iu" and vocab_size(name, data_dir, tokenizer_path):
         # Sequence classification: the same context as the language model (the last token dropped).
         raw = {split: (x[:, :-1], y, n) for split, (x, y, n) in raw.items()}
     out = {}

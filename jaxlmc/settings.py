@@ -61,6 +61,9 @@ class DataConfig:
     # Text datasets (tiny_shakespeare, imdb_reviews, …) only: bytes of context per sequence (the window read is one
     # longer, for the next-byte targets of language modelling); 0 for datasets of fixed-size inputs.
     context_length: int = 0
+    # Text as tokens instead of bytes: "" (bytes), the path of a tokenizer.json, or "pretrained" (model.pretrained's
+    # own). Labelled texts are right-padded (token id -1), for model kinds that read padding (gpt_neox).
+    tokenizer: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,9 @@ of TFDS), the validation split held out of fine-tuning, and the evaluation sets 
 from __future__ import annotations
 
 import dataclasses
+import os
 
-from jaxlmc import data, train
+from jaxlmc import data, hf, train
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.models import resolve_kind
 
@@ -26,12 +27,40 @@ class Task:
         return self.train.y.ndim > 1
 
 
+def tokenizer_of(cfg: Config) -> str:
+    """The tokenizer.json that data.tokenizer names ("" for bytes): a path, or "pretrained" for model.pretrained's
+    own (beside its config.json: the first revision's directory, or the hub's snapshot of it)."""
+    name = cfg.data.tokenizer
+    if name != "pretrained":
+        if name and not os.path.isfile(name):
+            raise ConfigError(f"data.tokenizer: {name} is not a file (a tokenizer.json, or \"pretrained\")")
+        return name
+    if not cfg.model.pretrained:
+        raise ConfigError('data.tokenizer = "pretrained" needs model.pretrained (whose tokenizer.json it reads)')
+    revision = cfg.finetune.pretrain_revisions[0]
+    local = os.path.join(cfg.model.pretrained, revision)
+    directory = local if os.path.isdir(local) else cfg.model.pretrained
+    try:
+        directory = hf.snapshot(directory, None if os.path.isdir(directory) else revision)
+    except hf.CheckpointError as err:
+        raise ConfigError(f"data.tokenizer: {err}") from None
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"data.tokenizer: model.pretrained's revision {revision} has no tokenizer.json ({path})")
+    return path
+
+
 def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "test"), stats_from=None,
           classes: tuple[str, list[int]] = ("", [])) -> dict:
     """Load a task; a bad dataset, label map or class list is a config error naming the key (the classes' key for a
     class list the dataset does not have), raised before anything is written."""
     classes_key, class_list = classes
     data_dir = cfg.data.data_dir
+    kind = resolve_kind(cfg.model.kind)
+    tokenizer_path = tokenizer_of(cfg)
+    if tokenizer_path and not kind.pads:
+        raise ConfigError(f"data.tokenizer: model.kind {kind.name!r} does not read padding (negative token ids), which "
+                          "tokenized text has; use a kind that does (gpt_neox)")
     try:
         if class_list:
             n_classes = data.num_classes(name, data_dir or None)
@@ -40,13 +69,13 @@ def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "te
             except ValueError as err:
                 raise ConfigError(f"{classes_key}: {err} ({key} = {name!r})") from None
         loaded = data.load_task(name, label_map, data_dir or None, splits=splits, stats_from=stats_from,
-                                classes=class_list, context_length=cfg.data.context_length)
+                                classes=class_list, context_length=cfg.data.context_length,
+                                tokenizer_path=tokenizer_path)
     except ConfigError:
         raise
     except ValueError as err:  # an unknown dataset or label map is a config error: name the key
         raise ConfigError(f"{key}: {err}") from None
-    kind = resolve_kind(cfg.model.kind)
-    vocab = data.vocab_size(name, data_dir or None)
+    vocab = data.vocab_size(name, data_dir or None, tokenizer_path)
     if kind.sequence and not vocab:
         # Real values used as token ids would be cast and gathered silently: refuse instead.
         raise ConfigError(f"model.kind {kind.name!r} reads integer token ids, but {key} {name!r} has no tokens "

@@ -132,6 +132,7 @@ class ModelKind:
     # REPAIR does not apply.
     repair_points: Callable[..., list[tuple[str, str]]] | None = None
     dropout: bool = True  # its module's call takes a second argument, `drop` (per-member dropout while training)
+    pads: bool = False  # it reads negative token ids as padding (never attended to): tokenized text
     # The dataclass of its own hyperparameters, read from [model.args] (cfg.args is then an instance); None: none.
     args: type | None = None
 

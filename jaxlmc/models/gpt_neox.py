@@ -180,4 +180,4 @@ def permutation_spec(cfg, input_shape) -> PermutationSpec:
 
 
 KIND = ModelKind("gpt_neox", GPTNeoX, layers, permutation_spec, min_depth=0, sequence=True,
-                 layer_groups=layer_groups, args=GPTNeoXArgs)
+                 layer_groups=layer_groups, args=GPTNeoXArgs, pads=True)
