@@ -1,4 +1,5 @@
 import dataclasses
+import glob
 import json
 import os
 import subprocess
@@ -109,3 +110,10 @@ def test_registries_refuse_a_taken_name_and_configs_name_what_is_registered():
     assert task["train"].x.shape == (4, 3) and task["test"].num_classes == 2 and data.num_classes("arrays_for_a_test") == 2
     with pytest.raises(ValueError, match="has no split 'ood'"):
         data.load_task("arrays_for_a_test", splits=("ood",))
+
+
+def test_every_shipped_config_validates():
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.toml")))
+    assert any(p.endswith("pythia_noreturn.toml") for p in paths) and len(paths) >= 10
+    for path in paths:
+        config.load(path)
