@@ -19,6 +19,7 @@ import huggingface_hub
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from jaxlmc.models.bert import BertArgs
 from jaxlmc.models.gpt_neox import GPTNeoXArgs
 
 CONFIG = "config.json"
@@ -198,3 +199,77 @@ def register_loader(kind: str, load: Callable[[str, str | None], tuple]) -> None
     if kind in LOADERS:
         raise ValueError(f"model kind {kind!r} already has a checkpoint loader")
     LOADERS[kind] = load
+
+
+def bert_args(config: dict, where: str = "config.json") -> BertArgs:
+    """The bert kind's arguments from a Hugging Face BertConfig (config.json)."""
+    if config.get("model_type") != "bert":
+        raise CheckpointError(f"{where}: model_type {config.get('model_type')!r} is not 'bert' (architectures "
+                              f"{config.get('architectures')})")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"{where}: position_embedding_type {config['position_embedding_type']!r} is not "
+                              "supported (only 'absolute')")
+    return BertArgs(vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
+                    num_hidden_layers=int(config["num_hidden_layers"]),
+                    num_attention_heads=int(config["num_attention_heads"]),
+                    intermediate_size=int(config["intermediate_size"]),
+                    max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+                    type_vocab_size=int(config.get("type_vocab_size", 2)),
+                    layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)))
+
+
+# Tensors of BERT checkpoints the encoder does not use: the pretraining heads, a fine-tuned classifier, buffers.
+_BERT_UNUSED = ("cls.", "classifier.", "embeddings.position_ids")
+
+
+def bert_params(state: dict[str, np.ndarray], a: BertArgs, where: str = "checkpoint") -> dict:
+    """The bert kind's parameters without a head (a fine-tuning task draws its own) from a BertModel or
+    BertFor* state dict ("bert." prefixed or not; LayerNorm as weight/bias or, in converted TensorFlow checkpoints,
+    gamma/beta). Linear weights (out × in) become kernels (in × out), query/key/value D × H × d."""
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+             for k, v in state.items() if not k.startswith(_BERT_UNUSED)}
+    d, heads, inner = a.hidden_size, a.num_attention_heads, a.intermediate_size
+    hd = d // heads
+    take = lambda name, *shape: _take(state, name, shape, where)  # noqa: E731
+
+    def norm(prefix):
+        return {"scale": take(f"{prefix}.weight", d), "bias": take(f"{prefix}.bias", d)}
+
+    def dense(prefix, n_in, n_out):
+        return {"kernel": take(f"{prefix}.weight", n_out, n_in).T, "bias": take(f"{prefix}.bias", n_out)}
+
+    params = {"embed": {"embedding": take("embeddings.word_embeddings.weight", a.vocab_size, d)},
+              "pos": {"embedding": take("embeddings.position_embeddings.weight", a.max_position_embeddings, d)},
+              "token_type": {"embedding": take("embeddings.token_type_embeddings.weight", a.type_vocab_size, d)},
+              "ln_embed": norm("embeddings.LayerNorm"), "blocks": {}}
+    for b in range(a.num_hidden_layers):
+        p = f"encoder.layer.{b}"
+        block = {}
+        for name, torch_name in (("q", "query"), ("k", "key"), ("v", "value")):
+            block[name] = {"kernel": take(f"{p}.attention.self.{torch_name}.weight", d, d).T.reshape(d, heads, hd),
+                           "bias": take(f"{p}.attention.self.{torch_name}.bias", d).reshape(heads, hd)}
+        block["o"] = {"kernel": take(f"{p}.attention.output.dense.weight", d, d).T.reshape(heads, hd, d),
+                      "bias": take(f"{p}.attention.output.dense.bias", d)}
+        block["ln1"] = norm(f"{p}.attention.output.LayerNorm")
+        block["fc_in"] = dense(f"{p}.intermediate.dense", d, inner)
+        block["fc_out"] = dense(f"{p}.output.dense", inner, d)
+        block["ln2"] = norm(f"{p}.output.LayerNorm")
+        params["blocks"][b] = block
+    if a.pooler:
+        params["pooler"] = dense("pooler.dense", d, d)
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+    if state:
+        raise CheckpointError(f"{where}: tensors the bert kind does not have: {', '.join(sorted(state)[:4])}")
+    return params
+
+
+def load_bert(source: str, revision: str | None = None) -> tuple[BertArgs, dict]:
+    """(arguments, encoder parameters without a head) of a BERT checkpoint: a local directory or a hub repository at
+    a revision (MultiBERTs: google/multiberts-seed_0-step_20k)."""
+    directory = snapshot(source, revision)
+    args = bert_args(read_config(directory), os.path.join(directory, CONFIG))
+    return args, bert_params(read_state_dict(directory), args, directory)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from jaxlmc.models import base, cnn, gpt_neox, mlp, transformer
+from jaxlmc.models import base, bert, cnn, gpt_neox, mlp, transformer
 from jaxlmc.models.base import (Classifier, Dropout, Model, ModelKind, PermutationSpec, UnitAxis, dropout, from_module,
                                 get_path, param_count, set_path, tree_l2)
 from jaxlmc.models.cnn import PatchConv
 
-KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (mlp.KIND, cnn.KIND, transformer.KIND, gpt_neox.KIND)}
+KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (mlp.KIND, cnn.KIND, transformer.KIND, gpt_neox.KIND,
+                                                                 bert.KIND)}
 
 __all__ = ["KINDS", "Classifier", "Dropout", "Model", "ModelKind", "PatchConv", "PermutationSpec", "UnitAxis", "build",
            "dropout", "from_module", "get_path", "param_count", "set_path", "register_kind", "resolve_kind",

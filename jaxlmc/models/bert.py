@@ -1,0 +1,170 @@
+"""The bert kind: the BERT encoder (Devlin et al. 2019) of the MultiBERTs suite (Sellam et al. 2022), in NNX,
+computing what Hugging Face's `BertModel` computes from the same weights (jaxlmc.hf reads them), with a new
+classification head on the [CLS] position.
+
+    tokens → LN(word + position + token-type embedding) → layers × block → [CLS] → pooler (tanh dense) → head
+    block:  y = LN₁(x + Attn(x));  LN₂(y + MLP(y))          (post-LayerNorm)
+
+Attention: bidirectional, `num_attention_heads` heads of d = hidden/heads dimensions, scaled by 1/√d, padded keys
+masked; MLP: exact GELU. Every token has token type 0 (one-segment inputs). No dropout. A negative token id is
+padding: embedded as token 0 and never attended to. BERT is not a causal language model, so the kind reads one
+label per sequence only (no `per_token` task).
+
+The permutation spec: the residual stream (every embedding's hidden axis, every LayerNorm, every projection that reads
+or writes the stream, the pooler's input), each block's MLP units, each block's whole heads, and the pooler's units.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis
+
+
+@dataclasses.dataclass(frozen=True)
+class BertArgs:
+    """[model.args] of the bert kind (the names of Hugging Face's BertConfig)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pooler: bool = True  # the tanh pooler on [CLS] (BertForSequenceClassification's); false: [CLS]'s state itself
+
+
+def _args(cfg) -> BertArgs:
+    return cfg.args if isinstance(cfg.args, BertArgs) else BertArgs(**dict(cfg.args))
+
+
+class Block(nnx.Module):
+    def __init__(self, a: BertArgs, rngs: nnx.Rngs):
+        d, heads = a.hidden_size, a.num_attention_heads
+        hd = d // heads
+        self.q = nnx.LinearGeneral(d, (heads, hd), rngs=rngs)
+        self.k = nnx.LinearGeneral(d, (heads, hd), rngs=rngs)
+        self.v = nnx.LinearGeneral(d, (heads, hd), rngs=rngs)
+        self.o = nnx.LinearGeneral((heads, hd), d, axis=(-2, -1), rngs=rngs)
+        self.ln1 = nnx.LayerNorm(d, epsilon=a.layer_norm_eps, rngs=rngs)
+        self.fc_in = nnx.Linear(d, a.intermediate_size, rngs=rngs)
+        self.fc_out = nnx.Linear(a.intermediate_size, d, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, epsilon=a.layer_norm_eps, rngs=rngs)
+
+    def __call__(self, x, real_BxT):
+        """(new stream, MLP units after the GELU, head outputs B×T×H×d)."""
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        scores = jnp.where(real_BxT[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
+        heads = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        y = self.ln1(x + self.o(heads))
+        units = jax.nn.gelu(self.fc_in(y), approximate=False)
+        return self.ln2(y + self.fc_out(units)), units, heads
+
+
+class Bert(Classifier):
+    def __init__(self, cfg, input_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs, per_token: bool = False):
+        a = _args(cfg)
+        if per_token:
+            raise ValueError("model.kind 'bert' is a bidirectional encoder: it classifies sequences, it does not "
+                             "predict a next token per position")
+        if a.hidden_size % a.num_attention_heads:
+            raise ValueError(f"model.args.hidden_size {a.hidden_size} is not a multiple of num_attention_heads "
+                             f"{a.num_attention_heads}")
+        if input_shape and input_shape[0] > a.max_position_embeddings:
+            raise ValueError(f"sequences of {input_shape[0]} tokens exceed model.args.max_position_embeddings "
+                             f"{a.max_position_embeddings}")
+        d = a.hidden_size
+        self.embed = nnx.Embed(a.vocab_size, d, rngs=rngs)
+        self.pos = nnx.Embed(a.max_position_embeddings, d, rngs=rngs)
+        self.token_type = nnx.Embed(a.type_vocab_size, d, rngs=rngs)
+        self.ln_embed = nnx.LayerNorm(d, epsilon=a.layer_norm_eps, rngs=rngs)
+        self.blocks = nnx.List([Block(a, rngs) for _ in range(a.num_hidden_layers)])
+        self.pooler = nnx.Linear(d, d, rngs=rngs) if a.pooler else None
+        self.head = nnx.Linear(d, num_classes, rngs=rngs)
+
+    def _run(self, x):
+        tokens = x.astype(jnp.int32)
+        real = tokens >= 0
+        t = tokens.shape[1]
+        h = (self.embed(jnp.maximum(tokens, 0)) + self.pos.embedding[...][:t][None]
+             + self.token_type.embedding[...][0][None, None])
+        h = self.ln_embed(h)
+        stream, blocks = [h], []
+        for block in self.blocks:
+            h, units, heads = block(h, real)
+            stream.append(h)
+            blocks.append((units, heads))
+        return h, stream, blocks
+
+    def hidden(self, x):
+        """The final hidden states B×T×D (BertModel's last_hidden_state)."""
+        return self._run(x)[0]
+
+    def pooled(self, h_BxTxD):
+        cls = h_BxTxD[:, 0]
+        return cls if self.pooler is None else jnp.tanh(self.pooler(cls))
+
+    def features(self, x, drop: Dropout = None):
+        if drop is not None:
+            raise ValueError("model.kind 'bert' has no dropout")
+        return self.pooled(self.hidden(x))
+
+    def unit_activations(self, x) -> list[jax.Array]:
+        """The residual stream after the embedding LayerNorm and after each block, N × D × sites (every position an
+        example); per block its MLP units N × I and its heads N × H × d; the pooler's units on [CLS], B × D (each
+        example's row repeated over its positions, so that every group has the same rows)."""
+        h, stream, blocks = self._run(x)
+        n = x.shape[0] * x.shape[1]
+        acts = [jnp.stack(stream, axis=-1).reshape(n, stream[0].shape[-1], len(stream))]
+        for units, heads in blocks:
+            acts += [units.reshape(n, units.shape[-1]), heads.reshape(n, *heads.shape[2:])]
+        if self.pooler is not None:
+            acts.append(jnp.repeat(self.pooled(h), x.shape[1], axis=0))
+        return acts
+
+
+def _depth(cfg) -> int:
+    return _args(cfg).num_hidden_layers
+
+
+def layers(cfg) -> list[str]:
+    names = ["embed"] + [name for b in range(_depth(cfg)) for name in (f"blocks.{b}.fc_in", f"blocks.{b}.q")]
+    return names + (["pooler"] if _args(cfg).pooler else [])
+
+
+def layer_groups(cfg) -> dict[str, list[str]]:
+    """Top-level parameter groups: the embeddings, all blocks, the output (pooler and head)."""
+    out = ["pooler", "head"] if _args(cfg).pooler else ["head"]
+    return {"embed": ["embed", "pos", "token_type", "ln_embed"], "blocks": ["blocks"], "out": out}
+
+
+def permutation_spec(cfg, input_shape) -> PermutationSpec:
+    a = _args(cfg)
+    residual = [UnitAxis(name, "embedding", 1) for name in ("embed", "pos", "token_type")]
+    residual += [UnitAxis("ln_embed", "scale", 0), UnitAxis("ln_embed", "bias", 0)]
+    residual.append(UnitAxis("pooler" if a.pooler else "head", "kernel", 0))
+    spec = []
+    for b in range(a.num_hidden_layers):
+        block = f"blocks.{b}"
+        residual += [UnitAxis(f"{block}.{ln}", p, 0) for ln in ("ln1", "ln2") for p in ("scale", "bias")]
+        residual += [UnitAxis(f"{block}.{name}", "kernel", 0) for name in ("q", "k", "v", "fc_in")]
+        residual += [UnitAxis(f"{block}.o", "kernel", 2), UnitAxis(f"{block}.o", "bias", 0),
+                     UnitAxis(f"{block}.fc_out", "kernel", 1), UnitAxis(f"{block}.fc_out", "bias", 0)]
+        spec.append([UnitAxis(f"{block}.fc_in", "kernel", 1), UnitAxis(f"{block}.fc_in", "bias", 0),
+                     UnitAxis(f"{block}.fc_out", "kernel", 0)])
+        spec.append([UnitAxis(f"{block}.{name}", p, 1 if p == "kernel" else 0) for name in "qkv"
+                     for p in ("kernel", "bias")] + [UnitAxis(f"{block}.o", "kernel", 0)])
+    if a.pooler:
+        spec.append([UnitAxis("pooler", "kernel", 1), UnitAxis("pooler", "bias", 0), UnitAxis("head", "kernel", 0)])
+    return [residual] + spec
+
+
+KIND = ModelKind("bert", Bert, layers, permutation_spec, min_depth=0, sequence=True, layer_groups=layer_groups,
+                 args=BertArgs, pads=True)

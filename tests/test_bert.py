@@ -1,0 +1,85 @@
+"""The bert kind against Hugging Face's BertModel: final hidden states and pooled [CLS] output equal to
+transformers' on a padded batch (a committed fixture made by tests/fixtures/make_bert.py; live as well when
+transformers is installed); a checkpoint that does not fit is one line; a permuted model computes the same function
+and weight and activation matching find the permutation back."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlmc import hf, permute
+from jaxlmc.models import base, bert
+from jaxlmc.settings import ModelConfig
+
+DIRECTORY = os.path.join(os.path.dirname(__file__), "fixtures", "bert")
+
+
+def _loaded(num_classes: int = 3):
+    args, body = hf.load_bert(DIRECTORY)
+    model = base.build(bert.KIND, ModelConfig(kind="bert", args=args), (10,), num_classes)
+    head = jax.tree.map(np.asarray, model.init(jax.random.key(0))["head"])
+    return model, {**body, "head": head}
+
+
+def test_hidden_states_and_pooled_output_equal_transformers():
+    model, params = _loaded()
+    reference = np.load(os.path.join(DIRECTORY, "reference.npz"))
+    tokens = reference["tokens"]
+    assert (tokens < 0).any()
+    hidden = np.asarray(nnx.merge(model.graphdef, params).hidden(tokens))
+    real = tokens >= 0
+    np.testing.assert_allclose(hidden[real], reference["hidden"][real], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(model.features(params, tokens), reference["pooled"], atol=1e-4, rtol=0)
+    assert model.apply(params, tokens).shape == (3, 3)
+
+
+def test_hidden_states_equal_transformers_live():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.BertModel.from_pretrained(DIRECTORY).eval()
+    tokens = np.random.default_rng(1).integers(0, 64, (2, 8))
+    tokens[1, 5:] = -1
+    with torch.no_grad():
+        out = reference(input_ids=torch.as_tensor(np.maximum(tokens, 0)),
+                        attention_mask=torch.as_tensor((tokens >= 0).astype(np.int64)))
+    model, params = _loaded()
+    np.testing.assert_allclose(model.features(params, tokens), out.pooler_output.numpy(), atol=1e-4, rtol=0)
+
+
+def test_checkpoint_problems_are_one_line(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    shutil.copytree(DIRECTORY, directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({**config, "position_embedding_type": "relative_key"}, f)
+    with pytest.raises(hf.CheckpointError, match="position_embedding_type 'relative_key' is not supported"):
+        hf.load_bert(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({**config, "num_hidden_layers": 3}, f)
+    with pytest.raises(hf.CheckpointError, match="tensor encoder.layer.2.attention.self.query.weight is missing"):
+        hf.load_bert(directory)
+    with pytest.raises(hf.CheckpointError, match="model_type 'bert' is not 'gpt_neox'"):
+        hf.load_gpt_neox(DIRECTORY)
+
+
+def test_a_permuted_bert_computes_the_same_function_and_matching_finds_it_back():
+    model, params = _loaded()
+    tokens = np.random.default_rng(2).integers(0, 64, (16, 10))
+    spec = model.permutation_spec()
+    rng = np.random.default_rng(3)
+    widths = [permute._width(params, entries) for entries in spec]
+    assert widths == [16, 40, 4, 40, 4, 16]  # residual stream, MLP units and heads per block, the pooler
+    perms = [jnp.asarray(rng.permutation(w)) for w in widths]
+    shuffled = permute.permute(params, perms, spec)
+    np.testing.assert_allclose(model.apply(shuffled, tokens), model.apply(params, tokens), atol=1e-5)
+    both = jax.tree.map(lambda a, b: jnp.stack([jnp.asarray(a), jnp.asarray(b)]), params, shuffled)
+    for found in (permute.match_pairs(model, both, [(0, 1)]), permute.match_activations(model, both, [(0, 1)], tokens)):
+        aligned = permute.permute(shuffled, [jnp.asarray(p[0]) for p in found], spec)
+        for x, y in zip(jax.tree.leaves(aligned), jax.tree.leaves(params)):
+            np.testing.assert_allclose(x, y, atol=1e-6)
