@@ -43,7 +43,7 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
     consts = grid.member_consts(f, rows)
     n_train = len(task.train.y)
     chunk_fn = train.make_train_chunk(model, f.optimizer, f.momentum, f.batch_size, n_train, cfg.run.chunk_steps,
-                                      member_group=cfg.run.member_group)
+                                      member_group=cfg.run.member_group, compute_dtype=cfg.run.compute_dtype)
     device_data = {"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}
     num_members = len(rows)
     fit = members_per_program(cfg, chunk_fn, params_M, consts, device_data, n_train)

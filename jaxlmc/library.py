@@ -135,11 +135,12 @@ def _optimizer(optimizer, rows: list[dict]):
 
 
 def _settings(model: models.Model, rows, steps, batch_size, warmup_steps, optimizer, momentum, seed_offset, x, y,
-              start_M) -> dict:
+              start_M, compute_dtype: str) -> dict:
     """What a checkpointed `fit` must find unchanged to resume: everything that decides the members' training."""
     name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__qualname__", repr(optimizer))
     return {"model": model.kind.name, "members": rows, "steps": steps, "batch_size": batch_size,
             "warmup_steps": warmup_steps, "optimizer": name, "momentum": momentum, "seed_offset": seed_offset,
+            "compute_dtype": compute_dtype,
             "train": {"x": list(x.shape), "y": list(y.shape)},
             "params": {jax.tree_util.keystr(k): list(v.shape[1:]) for k, v in jax.tree_util.tree_leaves_with_path(
                 start_M)}}
@@ -164,7 +165,7 @@ def fit(model, train_data, *, steps: int, batch_size: int, lr, seeds=1, weight_d
         init: str = "per_seed", num_classes: int | None = None, permutation_spec=None, directory: str | None = None,
         checkpoint_every: int = 0, chunk_steps: int = 100, seed_offset: int = 0, train_eval_size: int = 1000,
         fit_margin: float = 0.05, label_map: str = "identity", data_dir: str | None = None,
-        progress: loop.Progress | None = None) -> Members:
+        compute_dtype: str = "float32", progress: loop.Progress | None = None) -> Members:
     """Train every member — each combination of `lr`, `weight_decay`, `schedule` and `dropout` (a scalar: one value;
     a list: an axis) × `seeds` — of one model simultaneously, in one compiled program (`jax.vmap` over the members,
     `lax.scan` over steps, sharded over the devices).
@@ -181,10 +182,13 @@ def fit(model, train_data, *, steps: int, batch_size: int, lr, seeds=1, weight_d
     the most frequent label plus `fit_margin` is flagged `unfit`: neither enters barriers. With `directory` the
     training is checkpointed (Orbax) at the end and every `checkpoint_every` steps, and a rerun with the same
     arguments resumes from the last checkpoint (bit for bit as if never stopped); without, nothing is written.
+    `compute_dtype="bfloat16"`: the training pass in bfloat16, parameters and optimiser state in float32.
     """
     x, y = _arrays(train_data, label_map, data_dir)
     rows = member_rows(seeds, lr=lr, weight_decay=weight_decay, schedule=schedule, dropout=dropout)
     _check_rows(rows, len(y), batch_size, steps)
+    if compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f'compute_dtype: {compute_dtype!r} is neither "float32" nor "bfloat16"')
     model, instance_params = _model(model, x, y, num_classes, permutation_spec)
     if any(r["dropout"] for r in rows) and not model.kind.dropout:
         raise ValueError(f"dropout: model {model.kind.name!r} is called with a batch alone; per-member dropout needs "
@@ -195,7 +199,8 @@ def fit(model, train_data, *, steps: int, batch_size: int, lr, seeds=1, weight_d
     n_train = len(y)
     mesh = shard.member_mesh(len(rows))
     state = shard.shard_members(train.init_state(jax.tree.map(jnp.copy, start_M), opt, momentum, n_train), mesh)
-    chunk_fn = train.make_train_chunk(model, opt, momentum, batch_size, n_train, chunk_steps)
+    chunk_fn = train.make_train_chunk(model, opt, momentum, batch_size, n_train, chunk_steps,
+                                      compute_dtype=compute_dtype)
     device_data = shard.replicate({"x": jnp.asarray(x), "y": jnp.asarray(y)}, mesh)
     consts = shard.shard_members(consts, mesh)
     save_at = set(range(checkpoint_every, steps, checkpoint_every)) if checkpoint_every else set()
@@ -206,7 +211,7 @@ def fit(model, train_data, *, steps: int, batch_size: int, lr, seeds=1, weight_d
         curves_arrays = curves.arrays(len(rows))
     else:
         _open_directory(directory, _settings(model, rows, steps, batch_size, warmup_steps, optimizer, momentum,
-                                             seed_offset, x, y, start_M))
+                                             seed_offset, x, y, start_M, compute_dtype))
         root = os.path.abspath(directory)
         curves_path = os.path.join(root, layout.FIT_CURVES)
         with ckpt.Checkpoints(os.path.join(root, layout.FIT_CHECKPOINTS), root=root) as manager:

@@ -62,7 +62,7 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
 
         save_at = set(p.save_steps) | set(range(cfg.run.checkpoint_every, p.steps, cfg.run.checkpoint_every))
         chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps,
-                                          member_group=cfg.run.member_group)
+                                          member_group=cfg.run.member_group, compute_dtype=cfg.run.compute_dtype)
         device_data = shard.replicate({"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}, mesh)
         abstract = shard.abstract(state)
         try:

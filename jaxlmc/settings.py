@@ -147,6 +147,10 @@ class RunConfig:
     # Members trained together, all steps of a chunk, before the next group (jaxlmc.train.member_group_size); the
     # results do not depend on it. 0: automatic (8 on a CPU, fewer for a large model; all on an accelerator).
     member_group: int = 0
+    # The training step's arithmetic: "float32", or "bfloat16" (the forward and backward pass on bfloat16 copies of
+    # the parameters; parameters, optimiser state and every evaluation stay float32). Halves activation memory and
+    # speeds up accelerators' matrix units; on a CPU it is slower.
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

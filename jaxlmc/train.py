@@ -151,7 +151,7 @@ def group_of(state: dict, requested: int = 0) -> int:
 
 
 def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: int, n_train: int,
-                     chunk_steps: int, member_group: int = 0):
+                     chunk_steps: int, member_group: int = 0, compute_dtype: str = "float32"):
     """jit(state, consts, data, n_active) -> (state, loss_LxM, acc_LxM): up to `chunk_steps` steps of every member.
 
     Steps past `n_active` are skipped (a real cond on the shared step index), so chunks of any length up to
@@ -160,6 +160,12 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
     hidden units at its own rate, with masks from its own key stream folded with the step; without it (no member
     uses dropout) the program draws no masks at all. The pytree's structure is static, so this is decided at trace
     time.
+
+    `compute_dtype` "bfloat16" runs the training pass on bfloat16 copies of the parameters; the parameters and the
+    optimiser state stay float32 (mixed precision with float32 master weights).
+
+    `compute_dtype` "bfloat16" runs the training pass on bfloat16 copies of the parameters; the parameters and the
+    optimiser state stay float32 (mixed precision with float32 master weights).
 
     Members are independent, so a chunk may run group after group of them (`member_group_size`: G members, all
     `chunk_steps` steps, then the next G) instead of all M members step after step: on a CPU a group's state then
@@ -171,8 +177,14 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {batch_size} exceeds the {n_train} training examples")
 
+    dtype = jnp.dtype(compute_dtype)
+
     def loss_fn(params, x_BxF, y_B, drop):
-        logits_BxC = model.apply(params, x_BxF, drop)
+        # Mixed precision: the pass on low-precision copies (the cast is differentiated, so gradients arrive in
+        # float32 for float32 parameters), the loss in float32. Inputs are not cast: token ids stay exact.
+        if dtype != jnp.float32:
+            params = jax.tree.map(lambda a: a.astype(dtype), params)
+        logits_BxC = model.apply(params, x_BxF, drop).astype(jnp.float32)
         loss = cross_entropy(logits_BxC, y_B).mean()
         return loss, (jnp.argmax(logits_BxC, -1) == y_B).mean()
 

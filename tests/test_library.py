@@ -245,3 +245,17 @@ def test_layer_wise_barriers_match_the_reference_loop():
         assert row["layer"] == list(groups)[g]
         np.testing.assert_allclose(row["loss_barrier_test"], loss[0, g].max() - (loss[0, g, 0] + loss[0, g, -1]) / 2,
                                    atol=2e-5)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_and_trains():
+    x, y = _data()
+    args = dict(lr=1e-2, seeds=2, steps=80, batch_size=50)
+    full = jaxlmc.fit(Nested, (x, y), **args)
+    mixed = jaxlmc.fit(Nested, (x, y), compute_dtype="bfloat16", **args)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(mixed.params))
+    assert all(r["train_acc"] > 0.8 for r in mixed.table)
+    # The same members up to bfloat16 rounding: close, not equal.
+    a, b = mixed.params["head"]["kernel"], full.params["head"]["kernel"]
+    assert not np.array_equal(a, b) and np.abs(np.asarray(a) - np.asarray(b)).max() < 0.1
+    with pytest.raises(ValueError, match="compute_dtype: 'float16'"):
+        jaxlmc.fit(Nested, (x, y), compute_dtype="float16", **args)
