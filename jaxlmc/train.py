@@ -164,9 +164,6 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
     `compute_dtype` "bfloat16" runs the training pass on bfloat16 copies of the parameters; the parameters and the
     optimiser state stay float32 (mixed precision with float32 master weights).
 
-    `compute_dtype` "bfloat16" runs the training pass on bfloat16 copies of the parameters; the parameters and the
-    optimiser state stay float32 (mixed precision with float32 master weights).
-
     Members are independent, so a chunk may run group after group of them (`member_group_size`: G members, all
     `chunk_steps` steps, then the next G) instead of all M members step after step: on a CPU a group's state then
     stays in the cache for the whole chunk. A member does the same arithmetic in any grouping, but XLA may pick
