@@ -109,6 +109,7 @@ def import_revisions(cfg: Config, run: rundir.RunDir, model: models.Model, task:
             args, params = hf.LOADERS[cfg.model.kind](source, branch)
         except hf.CheckpointError as err:
             raise ConfigError(f"model.pretrained, revision {revision}: {err}") from None
+        args = dataclasses.replace(args, remat=cfg.model.args.remat)  # a memory setting, not the architecture
         if args != cfg.model.args:
             differ = [f"{f.name} {getattr(cfg.model.args, f.name)!r} (checkpoint: {getattr(args, f.name)!r})"
                       for f in dataclasses.fields(args) if getattr(args, f.name) != getattr(cfg.model.args, f.name)]

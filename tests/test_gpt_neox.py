@@ -2,6 +2,7 @@
 fixtures made by tests/fixtures/make_gpt_neox.py; live as well when transformers is installed), one-line errors for
 checkpoints that do not fit, and the permutation spec: a permuted model computes the same function, and weight and
 activation matching find the permutation back."""
+import dataclasses
 import json
 import os
 import shutil
@@ -128,3 +129,16 @@ def test_a_permuted_model_computes_the_same_function_and_matching_finds_it_back(
         aligned = permute.permute(shuffled, [jnp.asarray(p[0]) for p in found], spec)
         for x, y in zip(jax.tree.leaves(aligned), jax.tree.leaves(params)):
             np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    args, params = hf.load_gpt_neox(os.path.join(FIXTURES, NAMES[0]))
+    tokens = np.load(os.path.join(FIXTURES, NAMES[0], "reference.npz"))["tokens"]
+    grads = {}
+    for remat in (False, True):
+        model = _model(dataclasses.replace(args, remat=remat), args.vocab_size, True)
+        loss = lambda p: jnp.mean(model.apply(p, tokens) ** 2)  # noqa: E731
+        grads[remat] = jax.grad(loss)(params)
+        assert ("remat" in str(jax.make_jaxpr(jax.grad(loss))(params))) == remat
+    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis
+from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis, remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,7 @@ class GPTNeoXArgs:
     rotary_emb_base: float = 10000.0
     use_parallel_residual: bool = True
     layer_norm_eps: float = 1e-5
+    remat: bool = False  # recompute each block's activations in the backward pass (less memory, ~⅓ more compute)
 
 
 def _args(cfg) -> GPTNeoXArgs:
@@ -110,6 +111,7 @@ class GPTNeoX(Classifier):
                              f"{a.num_attention_heads}")
         self.per_token = per_token
         self.embed = nnx.Embed(a.vocab_size, a.hidden_size, rngs=rngs)
+        self.remat = a.remat
         self.blocks = nnx.List([Block(a, rngs) for _ in range(a.num_hidden_layers)])
         self.ln_f = nnx.LayerNorm(a.hidden_size, epsilon=a.layer_norm_eps, rngs=rngs)
         self.head = nnx.Linear(a.hidden_size, num_classes, use_bias=not per_token, rngs=rngs)
@@ -120,7 +122,7 @@ class GPTNeoX(Classifier):
         h = self.embed(jnp.maximum(tokens, 0))
         stream, blocks = [h], []
         for block in self.blocks:
-            h, units, heads, pre = block(h, real)
+            h, units, heads, pre = remat(block, self.remat)(h, real)
             stream.append(h)
             blocks.append((units, heads, pre))
         return self.ln_f(h), real, stream, blocks
