@@ -55,21 +55,62 @@ def _quiet_logs():
         absl.setLevel(level)
 
 
+_NOISE = "RuntimeError: Event loop is closed"
+
+
+class _TracebackFilter(io.TextIOBase):
+    """A text stream that passes everything through to `target` at once, except tracebacks that end in
+    `RuntimeError: Event loop is closed`: a traceback is held until its last line says which it is."""
+
+    def __init__(self, target):
+        self.target, self.block, self.partial = target, [], ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        lines = (self.partial + text).split("\n")
+        self.partial = lines.pop()
+        for line in lines:
+            if self.block:
+                self.block.append(line)
+                if line and not line[0].isspace():  # the exception's own line ends the traceback
+                    if line.strip() != _NOISE:
+                        self.target.write("\n".join(self.block) + "\n")
+                    self.block = []
+            elif line.startswith("Traceback (most recent call last):"):
+                self.block = [line]
+            else:
+                self.target.write(line + "\n")
+        # An unfinished line (a progress bar's redraw) goes out at once, unless it may be a traceback's first line.
+        if self.partial and not self.block and not "Traceback (most recent call last):".startswith(self.partial):
+            self.target.write(self.partial)
+            self.partial = ""
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
 @contextlib.contextmanager
-def _quiet_event_loop_noise():
-    """When a write fails, tensorstore's callbacks into Orbax's already-closed asyncio loop print one
-    "RuntimeError: Event loop is closed" traceback each (dozens, through sys.stderr); they say nothing about the
-    failure, which is reported in one line. Everything else printed meanwhile is passed on."""
-    real, buffer = sys.stderr, io.StringIO()
-    sys.stderr = buffer
+def quiet_event_loop_noise():
+    """While a command (or one of jaxlmc's Orbax calls) runs: when a write fails, tensorstore's callbacks into Orbax's
+    already-closed asyncio loop print one "RuntimeError: Event loop is closed" traceback each (dozens, through
+    sys.stderr, from other threads, some after the call returned); they say nothing about the failure, which is
+    reported in one line. Everything else written meanwhile passes straight through. sys.stderr is as it was
+    afterwards."""
+    real = sys.stderr
+    if isinstance(real, _TracebackFilter):  # (already filtered by an enclosing call)
+        yield
+        return
+    sys.stderr = _TracebackFilter(real)
     try:
         yield
     finally:
+        held = sys.stderr
         sys.stderr = real
-        blocks = re.split(r"(?m)^(?=Traceback \(most recent call last\):)", buffer.getvalue())
-        kept = "".join(b for b in blocks if not b.rstrip().endswith("RuntimeError: Event loop is closed"))
-        if kept:
-            real.write(kept)
+        if isinstance(held, _TracebackFilter) and (held.block or held.partial):
+            real.write("\n".join(held.block + [held.partial]) if held.block else held.partial)
             real.flush()
 
 
@@ -130,7 +171,7 @@ class Checkpoints:
     # Writing.
     def save(self, step: int, state) -> None:
         try:
-            with _quiet_logs(), _quiet_event_loop_noise():
+            with _quiet_logs(), quiet_event_loop_noise():
                 self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
                 self._manager.wait_until_finished()
         except BaseException as err:  # (an interrupt too: no half-written step may stay behind)

@@ -11,7 +11,7 @@ import traceback
 
 import jax
 
-from jaxlmc import api, config, faults, rundir, ui
+from jaxlmc import api, ckpt, config, faults, rundir, ui
 from jaxlmc.config import ConfigError
 
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     # code of its own. (The library leaves the process's logging alone.)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
-        with faults.handle_signals():
+        with faults.handle_signals(), ckpt.quiet_event_loop_noise():
             return _run(args)
     except faults.Interrupted as err:
         return _fail(args, err, str(err), err.exit_code)

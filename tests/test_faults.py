@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import io
 import sys
 import time
 
@@ -609,3 +610,23 @@ def test_repretraining_a_deleted_checkpoint_says_what_and_why(reference, data_di
     assert proc.stderr.strip() == (f"jaxlmc: pretraining checkpoint(s) at step(s) 60 missing from {directory}; "
                                    "pretraining again from step 20 to recreate them"), proc.stderr
     assert_same_final(out, reference)
+
+
+def test_event_loop_noise_is_dropped_and_everything_else_passes_straight_through():
+    """The stderr filter of a command: tracebacks ending in "Event loop is closed" (written in pieces, as threads
+    do) vanish; other tracebacks, progress redraws and lines pass through, the latter at once."""
+    target = io.StringIO()
+    stream = ckpt._TracebackFilter(target)
+    stream.write("step 1/10\r")
+    assert target.getvalue() == "step 1/10\r"
+    noise = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nRuntimeError: Event loop is closed\n'
+    for piece in (noise[:7], noise[7:40], noise[40:]):
+        stream.write(piece)
+    real = "Traceback (most recent call last):\n  File \"y.py\", line 2\nValueError: real\n"
+    stream.write(real)
+    stream.write("jaxlmc: error: cannot write x: No space left on device\n")
+    assert target.getvalue() == "step 1/10\r" + real + "jaxlmc: error: cannot write x: No space left on device\n"
+    before = sys.stderr
+    with ckpt.quiet_event_loop_noise():
+        assert isinstance(sys.stderr, ckpt._TracebackFilter)
+    assert sys.stderr is before

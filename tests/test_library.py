@@ -202,6 +202,14 @@ def test_errors_name_what_is_wrong():
         jaxlmc.fit(Nested, (x, y), lr=1e-3, steps=5, batch_size=1000)
 
 
+@pytest.fixture(scope="module")
+def nested_members():
+    """Three seeds of the nested module, weight-matchable, for the tests that measure rather than train."""
+    x, y = _data()
+    return jaxlmc.fit(Nested, (x[:400], y[:400]), lr=1e-2, seeds=3, steps=40, batch_size=50,
+                      permutation_spec=NESTED_SPEC)
+
+
 def _half_line(model, params_K, pairs_Px2, eval_sets, alphas, chunk_pairs, mesh, perms):
     """A pair measure of one's own: the straight line from member i to the midpoint of i and j."""
     half = paths.Path("half", lambda p_i, p_j, extra: (p_i, p_j), lambda ctx, v, a: paths.lerp(*ctx, 0.5 * a),
@@ -209,9 +217,9 @@ def _half_line(model, params_K, pairs_Px2, eval_sets, alphas, chunk_pairs, mesh,
     return paths.make_path_eval(model, half, alphas, chunk_pairs, mesh)(params_K, pairs_Px2, eval_sets, perms)
 
 
-def test_a_registered_pair_measure_reaches_the_rows_the_summary_and_the_report():
+def test_a_registered_pair_measure_reaches_the_rows_the_summary_and_the_report(nested_members):
     x, y = _data()
-    members = jaxlmc.fit(Nested, (x[:400], y[:400]), lr=1e-2, seeds=3, steps=40, batch_size=50)
+    members = nested_members
     measures.register_pair_measure(measures.PairMeasure("_half", "half line", compute=_half_line))
     try:
         with pytest.raises(ValueError, match="already registered"):
@@ -229,10 +237,9 @@ def test_a_registered_pair_measure_reaches_the_rows_the_summary_and_the_report()
     assert "error_barrier_test_half_mean" in result.summary(bootstrap=50)[0]
 
 
-def test_layer_wise_barriers_match_the_reference_loop():
+def test_layer_wise_barriers_match_the_reference_loop(nested_members):
     x, y = _data()
-    members = jaxlmc.fit(Nested, (x[:400], y[:400]), lr=1e-2, seeds=3, steps=40, batch_size=50,
-                         permutation_spec=NESTED_SPEC)
+    members = nested_members
     result = jaxlmc.pair_barriers(members, (x[400:], y[400:]), num_alphas=5, noise_resamples=0, layerwise=True,
                                   align="weights")
     assert [(r["i"], r["j"], r["layer"]) for r in result.layers[:3]] == [(0, 1, "blocks"), (0, 1, "embed"),
@@ -249,7 +256,7 @@ def test_layer_wise_barriers_match_the_reference_loop():
 
 def test_bfloat16_compute_keeps_float32_master_weights_and_trains():
     x, y = _data()
-    args = dict(lr=1e-2, seeds=2, steps=80, batch_size=50)
+    args = dict(lr=1e-2, seeds=2, steps=60, batch_size=50)
     full = jaxlmc.fit(Nested, (x, y), **args)
     mixed = jaxlmc.fit(Nested, (x, y), compute_dtype="bfloat16", **args)
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(mixed.params))
