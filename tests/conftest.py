@@ -6,6 +6,14 @@ import shutil
 # Strict JAX: implicit rank promotion is a bug in this code base, not a convenience.
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole session, shared by both xdist workers and every CLI subprocess
+# (which inherit the environment): the suite compiles the same small programs many times over; a cached executable is
+# the same program, so every bit-for-bit comparison still holds. Outside every run directory the tests inspect.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("PYTEST_XDIST_TESTRUNUID") and f"/tmp/jaxlmc-xla-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
+    or f"/tmp/jaxlmc-xla-{os.getpid()}", "cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
