@@ -68,6 +68,7 @@ def test_checkpoint_problems_are_one_line(tmp_path):
         hf.load_gpt_neox(DIRECTORY)
 
 
+@pytest.mark.slow
 def test_a_permuted_bert_computes_the_same_function_and_matching_finds_it_back():
     model, params = _loaded()
     tokens = np.random.default_rng(2).integers(0, 64, (16, 10))

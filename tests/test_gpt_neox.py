@@ -114,6 +114,7 @@ def _random_perms(model, params, seed):
     return [jnp.asarray(rng.permutation(w)) for w in widths], spec
 
 
+@pytest.mark.slow
 def test_a_permuted_model_computes_the_same_function_and_matching_finds_it_back():
     args, params = hf.load_gpt_neox(os.path.join(FIXTURES, NAMES[0]))
     model = _model(args, args.vocab_size, True)
@@ -131,6 +132,7 @@ def test_a_permuted_model_computes_the_same_function_and_matching_finds_it_back(
             np.testing.assert_allclose(x, y, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients():
     args, params = hf.load_gpt_neox(os.path.join(FIXTURES, NAMES[0]))
     tokens = np.load(os.path.join(FIXTURES, NAMES[0], "reference.npz"))["tokens"]

@@ -55,6 +55,7 @@ def _data(n=600, seed=0):
     return x, y
 
 
+@pytest.mark.slow
 def test_readme_example_runs_and_prints_the_barrier_table():
     """examples/seeds_and_rates.py is the README's example, line for line; it prints one row per learning rate with
     its 496 within-cell pairs, a seed-bootstrap interval around the mean, and the weight-matched barrier, which is
@@ -104,6 +105,7 @@ def test_fit_trains_members_like_the_engine_and_barriers_match_the_reference_loo
                                                                             for r in result.pairs[:3]]))
 
 
+@pytest.mark.slow
 def test_key_path_spec_aligns_a_nested_module():
     """A member against a copy of itself with every block's hidden units shuffled: the same function, so weight
     matching through the nested key paths must find the shuffle back (aligned barrier 0), while the naive
@@ -160,6 +162,7 @@ def _stop_at_step_30(name, total_steps, num_members, start_step):
     yield Bar()
 
 
+@pytest.mark.slow
 def test_a_checkpointed_fit_resumes_bit_for_bit(tmp_path):
     x, y = _data()
     args = dict(lr=[3e-3, 1e-2], seeds=2, steps=50, batch_size=40, chunk_steps=10)
@@ -217,6 +220,7 @@ def _half_line(model, params_K, pairs_Px2, eval_sets, alphas, chunk_pairs, mesh,
     return paths.make_path_eval(model, half, alphas, chunk_pairs, mesh)(params_K, pairs_Px2, eval_sets, perms)
 
 
+@pytest.mark.slow
 def test_a_registered_pair_measure_reaches_the_rows_the_summary_and_the_report(nested_members):
     x, y = _data()
     members = nested_members
@@ -237,6 +241,7 @@ def test_a_registered_pair_measure_reaches_the_rows_the_summary_and_the_report(n
     assert "error_barrier_test_half_mean" in result.summary(bootstrap=50)[0]
 
 
+@pytest.mark.slow
 def test_layer_wise_barriers_match_the_reference_loop(nested_members):
     x, y = _data()
     members = nested_members
@@ -254,6 +259,7 @@ def test_layer_wise_barriers_match_the_reference_loop(nested_members):
                                    atol=2e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights_and_trains():
     x, y = _data()
     args = dict(lr=1e-2, seeds=2, steps=60, batch_size=50)
