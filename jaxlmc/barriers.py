@@ -26,7 +26,7 @@ from jax import lax
 from jaxlmc import memory, paths
 from jaxlmc.models import Model
 from jaxlmc.paths import lerp, pair_endpoints
-from jaxlmc.train import cross_entropy
+from jaxlmc.train import mean_accuracy, mean_loss
 
 __all__ = ["alpha_grid", "auto_chunk_pairs", "barrier_endpoint_mean", "barrier_linear", "lerp", "make_curves",
            "make_layer_curves", "midpoint", "pair_endpoints", "pair_geometry", "pairs_all", "pairs_within",
@@ -77,8 +77,8 @@ def reference_layer_curves(model: Model, params_M, pairs, alphas, groups: dict[s
             for k, alpha in enumerate(alphas):
                 params = {key: lerp(p_i[key], p_j[key], float(alpha)) if key in keys else p_i[key] for key in p_i}
                 logits = forward(params, x)
-                loss[p, g, k] = float(cross_entropy(logits, y).mean())
-                err[p, g, k] = float((jnp.argmax(logits, -1) != y).mean())
+                loss[p, g, k] = float(mean_loss(logits, y))
+                err[p, g, k] = 1.0 - float(mean_accuracy(logits, y))
     return loss, err
 
 
@@ -114,8 +114,8 @@ def reference_curves(model: Model, params_M, pairs, alphas, x, y):
         p_j = jax.tree.map(lambda a: a[j], params_M)
         for k, alpha in enumerate(alphas):
             logits = forward(lerp(p_i, p_j, float(alpha)), x)
-            loss[p, k] = float(cross_entropy(logits, y).mean())
-            err[p, k] = float((jnp.argmax(logits, -1) != y).mean())
+            loss[p, k] = float(mean_loss(logits, y))
+            err[p, k] = 1.0 - float(mean_accuracy(logits, y))
     return loss, err
 
 

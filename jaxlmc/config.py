@@ -103,12 +103,13 @@ def from_dict(raw: dict) -> Config:
 
 
 def revision_step(revision: str) -> int:
-    """N of a revision named step<N> (Pythia's branch names)."""
-    match = re.fullmatch(r"step(\d+)", revision)
+    """The pretraining step a revision stands for: N of step<N> (Pythia's branch names) or of step_<N> / step_<N>k
+    (thousands: MultiBERTs' step_20k)."""
+    match = re.fullmatch(r"step_?(\d+)(k?)", revision)
     if match is None:
-        raise ConfigError(f"finetune.pretrain_revisions: {revision!r} is not named step<N> (the pretraining step it "
-                          "stands for, as Pythia's revisions are)")
-    return int(match.group(1))
+        raise ConfigError(f"finetune.pretrain_revisions: {revision!r} is not named step<N> or step_<N>k (the "
+                          "pretraining step it stands for, as Pythia's and MultiBERTs' revisions are)")
+    return int(match.group(1)) * (1000 if match.group(2) else 1)
 
 
 def _with_revisions(parsed: dict, raw_finetune: dict) -> dict:

@@ -43,7 +43,7 @@ from jax import lax
 from jaxlmc import paths
 from jaxlmc.models import Model
 from jaxlmc.paths import bezier, pair_endpoints
-from jaxlmc.train import cross_entropy
+from jaxlmc.train import mean_loss
 
 
 def midpoint(p_i, p_j):
@@ -73,7 +73,7 @@ def _step_fn(model: Model, tx: optax.GradientTransformation, batch_size: int, n_
     """One pair's training step: (p_i, p_j, bend, opt, x, y, pair_key, step) -> (bend, opt, loss)."""
 
     def loss_fn(bend, p_i, p_j, t, x_B, y_B):
-        return cross_entropy(model.apply(bezier(p_i, bend, p_j, t), x_B), y_B).mean()
+        return mean_loss(model.apply(bezier(p_i, bend, p_j, t), x_B), y_B)
 
     def step_fn(p_i, p_j, bend, opt, x, y, pair_key, step):
         t, idx_B = draws(pair_key, step, batch_size, n_train)

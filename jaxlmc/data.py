@@ -24,10 +24,10 @@ from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tokenizers
 
 from jaxlmc import builders  # noqa: F401  (registers the embedded MNIST-1D and TinyLang builders with TFDS)
-from jaxlmc.labels import LABEL_MAPS
+from jaxlmc import tokens
+from jaxlmc.labels import LABEL_MAPS, LANGUAGE_MODELLING
 
 DEFAULT_DATA_DIR = os.path.expanduser(os.environ.get("JAXLMC_DATA_DIR", "~/tensorflow_datasets"))
 
@@ -39,7 +39,6 @@ DEFAULT_DATA_DIR = os.path.expanduser(os.environ.get("JAXLMC_DATA_DIR", "~/tenso
 # (NUL, absent from text) pads sequences shorter than the window.
 TEXT_VOCAB = 256
 TEXT_PAD = 0
-TOKEN_PAD = -1  # padding of tokenized text (data.tokenizer): a model kind that reads it masks negative ids
 TEXT_FEATURES = ("text", "sentence")  # the names TFDS text datasets give their text feature
 
 
@@ -58,37 +57,6 @@ def text_windows(texts, window: int) -> np.ndarray:
     corpus = np.frombuffer(b"\n".join(_as_bytes(t) for t in texts), dtype=np.uint8)
     n = len(corpus) // window
     return corpus[:n * window].reshape(n, window).astype(np.int32)
-
-
-@functools.cache
-def tokenizer(path: str) -> tokenizers.Tokenizer:
-    """A tokenizer.json (a released checkpoint's own), read once by the `tokenizers` library."""
-    try:
-        return tokenizers.Tokenizer.from_file(path)
-    except Exception as err:  # the library's own error types: one line naming the file
-        raise ValueError(f"{path} is not a tokenizer.json the tokenizers library reads: {err}") from None
-
-
-def _encode(texts, tok: tokenizers.Tokenizer) -> list[list[int]]:
-    return [e.ids for e in tok.encode_batch([_as_bytes(t).decode("utf-8", "replace") for t in texts],
-                                           add_special_tokens=False)]
-
-
-def token_windows(texts, tok: tokenizers.Tokenizer, window: int) -> np.ndarray:
-    """A corpus tokenized: every text's tokens in turn, cut into consecutive windows of `window` tokens (a last
-    partial window is dropped) — no padding, every position a real token."""
-    stream = np.asarray([i for ids in _encode(texts, tok) for i in ids], np.int32)
-    n = len(stream) // window
-    return stream[:n * window].reshape(n, window)
-
-
-def token_sequences(texts, tok: tokenizers.Tokenizer, window: int) -> np.ndarray:
-    """Labelled texts tokenized, one sequence per text: its first `window` tokens, right-padded with TOKEN_PAD (a
-    kind that reads padding attends to real tokens only and classifies from the last real one)."""
-    out = np.full((len(texts), window), TOKEN_PAD, np.int32)
-    for row, ids in enumerate(_encode(texts, tok)):
-        out[row, :min(len(ids), window)] = ids[:window]
-    return out
 
 
 def text_sequences(texts, window: int) -> np.ndarray:
@@ -186,10 +154,11 @@ def prepare(name: str, data_dir: str | None = None):
 
 
 def _read_all(name: str, split: str, data_dir: str | None, context_length: int = 0,
-              tokenizer_path: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+              tokenizer_path: str = "", as_corpus: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """(x, y, number of classes) of one split. A text dataset becomes sequences of context_length + 1 bytes (the
-    context and, for language modelling, its next byte) — or tokens of `tokenizer_path`: a corpus without labels is
-    cut into windows (y all 0 and no classes), a labelled set gives one sequence per example."""
+    context and, for language modelling, its next byte) — or tokens of `tokenizer_path`: a corpus without labels (or
+    any text, `as_corpus`) is cut into windows (y all 0 and no classes), a labelled set gives one sequence per
+    example."""
     if name in DATASETS:
         x, y = DATASETS[name].split(name, split)
         return x, y, DATASETS[name].num_classes
@@ -205,9 +174,13 @@ def _read_all(name: str, split: str, data_dir: str | None, context_length: int =
     if text_key is not None:
         texts = [ex[text_key] for ex in examples]
         window = context_length + 1
-        if tokenizer_path:
-            tok = tokenizer(tokenizer_path)
-            x = token_sequences(texts, tok, window) if labelled else token_windows(texts, tok, window)
+        if tokenizer_path and (as_corpus or not labelled):
+            x = tokens.token_windows(texts, tokens.tokenizer(tokenizer_path), window)
+        elif tokenizer_path:
+            # The context itself, closed by the tokenizer's special tokens ([SEP] kept however long the text); one
+            # padding column stands for the next token that sequence classification drops.
+            x = np.pad(tokens.token_sequences(texts, tokens.tokenizer(tokenizer_path), context_length),
+                       ((0, 0), (0, 1)), constant_values=tokens.TOKEN_PAD)
         else:
             x = text_sequences(texts, window) if labelled else text_windows(texts, window)
         if not len(x):
@@ -229,7 +202,7 @@ def vocab_size(name: str, data_dir: str | None = None, tokenizer_path: str = "")
         return DATASETS[name].vocab
     features = _builder(name, data_dir).info.features
     if text_feature(features) is not None:
-        return tokenizer(tokenizer_path).get_vocab_size() if tokenizer_path else TEXT_VOCAB
+        return tokens.tokenizer(tokenizer_path).get_vocab_size() if tokenizer_path else TEXT_VOCAB
     return int(features["tokens"].feature.num_classes) if "tokens" in features else 0
 
 
@@ -297,8 +270,13 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
     if not text and context_length:
         raise ValueError(f"data.context_length ({context_length}) applies to text datasets only; {name} has "
                          "sequences or arrays of a fixed size")
-    if label_map != "next_token" and not num_classes(name, data_dir):
-        raise ValueError(f"{name} has no labels: it can only be a language-modelling task (label map 'next_token')")
+    if label_map not in LANGUAGE_MODELLING and not num_classes(name, data_dir):
+        raise ValueError(f"{name} has no labels: it can only be a language-modelling task (label map 'next_token' "
+                         "or 'masked_token')")
+    masked = label_map == "masked_token"
+    if masked and not (text and tokenizer_path):
+        raise ValueError(f"label map 'masked_token' needs text read by a tokenizer with a mask token "
+                         f"(data.tokenizer); {name} is {'text read as bytes' if text else 'not text'}")
     classes = list(classes)
     if classes:
         if label_map != "identity":
@@ -307,7 +285,8 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
         classes = [int(c) for c in classes]
 
     def read(task: str, split: str):
-        x, y, c = _read_all(task, split, data_dir, context_length, tokenizer_path)
+        # Masked language modelling reads windows of the context itself (nothing beyond it to predict).
+        x, y, c = _read_all(task, split, data_dir, context_length - masked, tokenizer_path, as_corpus=masked)
         if classes:
             x, y = _keep_classes(x, y, classes, f"{task}:{split}")
             c = len(classes)
@@ -319,6 +298,9 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
         if not vocab:
             raise ValueError(f"label map 'next_token' needs a token dataset; {name!r} has no tokens")
         raw = {split: (x[:, :-1], x[:, 1:].astype(np.int32), vocab) for split, (x, y, n) in raw.items()}
+    elif masked:  # the same positions of a split masked in every run (jaxlmc.tokens.mask_tokens)
+        tok, vocab = tokens.tokenizer(tokenizer_path), vocab_size(name, data_dir, tokenizer_path)
+        raw = {split: (*tokens.mask_tokens(x, tok, f"{name}:{split}"), vocab) for split, (x, y, n) in raw.items()}
     elif raw[splits[0]][0].dtype.kind in "iu" and vocab_size(name, data_dir, tokenizer_path):
         # Sequence classification: the same context as the language model (the last token dropped).
         raw = {split: (x[:, :-1], y, n) for split, (x, y, n) in raw.items()}

@@ -2,8 +2,9 @@
 
 A checkpoint is a directory (a local snapshot, or the hub's cached download of a repository at a pinned revision)
 holding `config.json` and the weights as safetensors (`model.safetensors`, or shards listed in
-`model.safetensors.index.json`), read with the `safetensors` package into numpy — no PyTorch at run time, and never a
-pickle. `gpt_neox_params` maps a GPT-NeoX (Pythia) state dict onto the gpt_neox kind's parameters
+`model.safetensors.index.json`), read with the `safetensors` package into numpy — no PyTorch at run time. A
+checkpoint released only as PyTorch `pytorch_model.bin` (MultiBERTs) is read with `torch.load(weights_only=True)` when
+torch is installed, and refused otherwise: never unpickled by anything else. `gpt_neox_params` maps a GPT-NeoX (Pythia) state dict onto the gpt_neox kind's parameters
 (jaxlmc.models.gpt_neox), which then compute what `transformers`' GPTNeoXForCausalLM computes (tested against
 its logits). Every problem — a missing file, an unsupported architecture, a name or shape that does not match — is
 one line naming what and where.
@@ -11,6 +12,8 @@ one line naming what and where.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import os
 from typing import Callable
@@ -25,6 +28,9 @@ from jaxlmc.models.gpt_neox import GPTNeoXArgs
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS, TORCH_WEIGHTS_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # a tokenizers tokenizer, or BERT's WordPiece vocabulary
+_METADATA = [CONFIG, *TOKENIZER_FILES, "tokenizer_config.json"]
 # Buffers some GPT-NeoX checkpoints carry that are not parameters (recomputed from the config).
 _GPT_NEOX_BUFFERS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
 
@@ -40,12 +46,36 @@ def snapshot(source: str, revision: str | None = None) -> str:
     if os.path.isdir(source):
         return source
     try:
-        return huggingface_hub.snapshot_download(source, revision=revision,
-                                                 allow_patterns=[CONFIG, "*.safetensors", WEIGHTS_INDEX,
-                                                                 "tokenizer.json"])
+        directory = huggingface_hub.snapshot_download(source, revision=revision,
+                                                      allow_patterns=[*_METADATA, "*.safetensors", WEIGHTS_INDEX])
+        if not _has_safetensors(directory) and _torch_installed():  # released as PyTorch weights only
+            directory = huggingface_hub.snapshot_download(source, revision=revision,
+                                                          allow_patterns=[*_METADATA, "pytorch_model*.bin",
+                                                                          TORCH_WEIGHTS_INDEX])
+        return directory
     except Exception as err:  # the hub's many errors (offline, unknown repository or revision): one line
         raise CheckpointError(f"{source} (revision {revision or 'main'}) is neither a local directory nor reachable "
                               f"on the Hugging Face hub: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def revision_source(pretrained: str, revision: str) -> tuple[str, str | None]:
+    """(source, hub revision) of one released revision of `model.pretrained`: a local directory's subdirectory
+    `revision`; a name with "{revision}" in it filled in (suites released as one repository per checkpoint:
+    "google/multiberts-seed_0-{revision}"), at its main branch; else the hub repository's branch `revision`
+    (Pythia's "step512")."""
+    if "{revision}" in pretrained:
+        return pretrained.replace("{revision}", revision), None
+    if os.path.isdir(pretrained):
+        return os.path.join(pretrained, revision), None
+    return pretrained, revision
+
+
+def _has_safetensors(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, name)) for name in (WEIGHTS, WEIGHTS_INDEX))
+
+
+def _torch_installed() -> bool:
+    return importlib.util.find_spec("torch") is not None
 
 
 def read_config(directory: str) -> dict:
@@ -60,33 +90,67 @@ def read_config(directory: str) -> dict:
 
 
 def read_state_dict(directory: str) -> dict[str, np.ndarray]:
-    """Every tensor of the checkpoint's safetensors file(s), by name, as numpy arrays."""
-    single, index = os.path.join(directory, WEIGHTS), os.path.join(directory, WEIGHTS_INDEX)
-    if os.path.exists(single):
-        names = [WEIGHTS]
-    elif os.path.exists(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
+    """Every tensor of the checkpoint's weight file(s), by name, as numpy arrays: safetensors where the checkpoint
+    has them, else PyTorch .bin files through torch.load(weights_only=True) when torch is installed."""
+    if _has_safetensors(directory):
+        read, names = _read_safetensors, _shards(directory, WEIGHTS, WEIGHTS_INDEX)
+    elif any(os.path.exists(os.path.join(directory, n)) for n in (TORCH_WEIGHTS, TORCH_WEIGHTS_INDEX)):
+        if not _torch_installed():
+            raise CheckpointError(f"{directory} holds PyTorch .bin weights only: reading them needs torch (loaded with "
+                                  "weights_only=True, never as an arbitrary pickle); install torch, or convert the "
+                                  "checkpoint to safetensors")
+        read, names = _read_torch, _shards(directory, TORCH_WEIGHTS, TORCH_WEIGHTS_INDEX)
     else:
-        raise CheckpointError(f"{directory} holds neither {WEIGHTS} nor {WEIGHTS_INDEX} (only safetensors weights are "
-                              "read: convert a PyTorch .bin checkpoint with transformers' save_pretrained)")
+        raise CheckpointError(f"{directory} holds no weights ({WEIGHTS}, {WEIGHTS_INDEX}, {TORCH_WEIGHTS} or "
+                              f"{TORCH_WEIGHTS_INDEX})")
     state = {}
     for name in names:
-        path = os.path.join(directory, name)
-        try:
-            state.update(load_file(path))
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{path} cannot be read as safetensors: {err}") from None
+        state.update(read(os.path.join(directory, name)))
     return state
+
+
+def _shards(directory: str, single: str, index: str) -> list[str]:
+    if os.path.exists(os.path.join(directory, single)):
+        return [single]
+    path = os.path.join(directory, index)
+    try:
+        with open(path) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{path} is not a weight index (a JSON weight_map): {err}") from None
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read as safetensors: {err}") from None
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    # torch is optional (gigabytes, and seconds to import): loaded only for a checkpoint that needs it.
+    torch = importlib.import_module("torch")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch's unpickler refuses anything but tensors and containers: one line
+        raise CheckpointError(f"{path} cannot be read as a PyTorch state dict (weights only): "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors")
+    return {name: tensor.float().numpy() for name, tensor in state.items()}
+
+
+def _check_architecture(config: dict, model_type: str, where: str) -> None:
+    if config.get("model_type") != model_type:
+        raise CheckpointError(f"{where}: model_type {config.get('model_type')!r} is not {model_type!r} (architectures "
+                              f"{config.get('architectures')})")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
 
 
 def gpt_neox_args(config: dict, where: str = "config.json") -> GPTNeoXArgs:
     """The gpt_neox kind's arguments from a Hugging Face GPTNeoXConfig (config.json)."""
-    if config.get("model_type") != "gpt_neox":
-        raise CheckpointError(f"{where}: model_type {config.get('model_type')!r} is not 'gpt_neox' (architectures "
-                              f"{config.get('architectures')})")
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
+    _check_architecture(config, "gpt_neox", where)
     rope = config.get("rope_parameters") or {}
     return GPTNeoXArgs(
         vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
@@ -189,25 +253,9 @@ def save_gpt_neox(directory: str, a: GPTNeoXArgs, params: dict) -> None:
     save_file(gpt_neox_state_dict(params, a), os.path.join(directory, WEIGHTS))
 
 
-# Per model kind, the reader of its released checkpoints: (source, revision) -> (its [model.args], parameters).
-LOADERS: dict[str, Callable[[str, str | None], tuple]] = {"gpt_neox": lambda source, revision: load_gpt_neox(
-    source, revision)}
-
-
-def register_loader(kind: str, load: Callable[[str, str | None], tuple]) -> None:
-    """Let model.pretrained name checkpoints of `kind`: `load(source, revision)` returns (args, parameters)."""
-    if kind in LOADERS:
-        raise ValueError(f"model kind {kind!r} already has a checkpoint loader")
-    LOADERS[kind] = load
-
-
 def bert_args(config: dict, where: str = "config.json") -> BertArgs:
     """The bert kind's arguments from a Hugging Face BertConfig (config.json)."""
-    if config.get("model_type") != "bert":
-        raise CheckpointError(f"{where}: model_type {config.get('model_type')!r} is not 'bert' (architectures "
-                              f"{config.get('architectures')})")
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
+    _check_architecture(config, "bert", where)
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(f"{where}: position_embedding_type {config['position_embedding_type']!r} is not "
                               "supported (only 'absolute')")
@@ -220,17 +268,19 @@ def bert_args(config: dict, where: str = "config.json") -> BertArgs:
                     layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)))
 
 
-# Tensors of BERT checkpoints the encoder does not use: the pretraining heads, a fine-tuned classifier, buffers.
-_BERT_UNUSED = ("cls.", "classifier.", "embeddings.position_ids")
+# Tensors of BERT checkpoints the encoder does not use: next-sentence prediction, a fine-tuned classifier, buffers.
+_BERT_UNUSED = ("cls.seq_relationship.", "classifier.", "embeddings.position_ids")
+_MLM = "cls.predictions."
 
 
-def bert_params(state: dict[str, np.ndarray], a: BertArgs, where: str = "checkpoint") -> dict:
-    """The bert kind's parameters without a head (a fine-tuning task draws its own) from a BertModel or
-    BertFor* state dict ("bert." prefixed or not; LayerNorm as weight/bias or, in converted TensorFlow checkpoints,
-    gamma/beta). Linear weights (out × in) become kernels (in × out), query/key/value D × H × d."""
+def bert_params(state: dict[str, np.ndarray], a: BertArgs, where: str = "checkpoint", mlm_head: bool = False) -> dict:
+    """The bert kind's parameters from a BertModel or BertFor* state dict ("bert." prefixed or not; LayerNorm as
+    weight/bias or, in converted TensorFlow checkpoints, gamma/beta): without a head (a fine-tuning task draws its
+    own), or with `mlm_head` the pretraining masked-LM head (jaxlmc.models.bert.MaskedLMHead; its decoder must be the
+    word embeddings, tied). Linear weights (out × in) become kernels (in × out), query/key/value D × H × d."""
     state = {k.removeprefix("bert."): v for k, v in state.items()}
     state = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
-             for k, v in state.items() if not k.startswith(_BERT_UNUSED)}
+             for k, v in state.items() if not k.startswith(_BERT_UNUSED) and (mlm_head or not k.startswith(_MLM))}
     d, heads, inner = a.hidden_size, a.num_attention_heads, a.intermediate_size
     hd = d // heads
     take = lambda name, *shape: _take(state, name, shape, where)  # noqa: E731
@@ -262,14 +312,103 @@ def bert_params(state: dict[str, np.ndarray], a: BertArgs, where: str = "checkpo
         params["pooler"] = dense("pooler.dense", d, d)
     else:
         state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+    if mlm_head:
+        params["head"] = _mlm_head(state, a, where, params["embed"]["embedding"])
     if state:
         raise CheckpointError(f"{where}: tensors the bert kind does not have: {', '.join(sorted(state)[:4])}")
     return params
 
 
-def load_bert(source: str, revision: str | None = None) -> tuple[BertArgs, dict]:
-    """(arguments, encoder parameters without a head) of a BERT checkpoint: a local directory or a hub repository at
-    a revision (MultiBERTs: google/multiberts-seed_0-step_20k)."""
+def _mlm_head(state: dict, a: BertArgs, where: str, embedding_VxD: np.ndarray) -> dict:
+    """BertForMaskedLM's cls.predictions (taken out of `state`), its decoder checked to be the word embeddings."""
+    d, vocab = a.hidden_size, a.vocab_size
+    if f"{_MLM}transform.dense.weight" not in state:
+        raise CheckpointError(f"{where}: no masked-LM head ({_MLM}*): a BertModel without its pretraining heads cannot "
+                              "be evaluated on a masked-token task")
+    head = {"transform": {"kernel": _take(state, f"{_MLM}transform.dense.weight", (d, d), where).T,
+                          "bias": _take(state, f"{_MLM}transform.dense.bias", (d,), where)},
+            "ln": {"scale": _take(state, f"{_MLM}transform.LayerNorm.weight", (d,), where),
+                   "bias": _take(state, f"{_MLM}transform.LayerNorm.bias", (d,), where)},
+            "bias": _take(state, f"{_MLM}bias", (vocab,), where)}
+    # Tied copies, where a checkpoint stores them: they must be what the head reads.
+    tied = {f"{_MLM}decoder.weight": ("embeddings.word_embeddings.weight", embedding_VxD),
+            f"{_MLM}decoder.bias": (f"{_MLM}bias", head["bias"])}
+    for name, (source, value) in tied.items():
+        if name in state and not np.array_equal(np.asarray(state.pop(name), np.float32), value):
+            raise CheckpointError(f"{where}: {name} differs from {source} (an untied masked-LM decoder is not "
+                                  "supported)")
+    return head
+
+
+def load_bert(source: str, revision: str | None = None, mlm_head: bool = False) -> tuple[BertArgs, dict]:
+    """(arguments, parameters) of a BERT checkpoint — the encoder, and with `mlm_head` its masked-LM head — from a
+    local directory or a hub repository at a revision (MultiBERTs: google/multiberts-seed_0-step_20k)."""
     directory = snapshot(source, revision)
     args = bert_args(read_config(directory), os.path.join(directory, CONFIG))
-    return args, bert_params(read_state_dict(directory), args, directory)
+    state = read_state_dict(directory)
+    # The pooler is the checkpoint's when it has one (BertForMaskedLM has none).
+    args = dataclasses.replace(args, pooler=any(k.removeprefix("bert.").startswith("pooler.") for k in state))
+    return args, bert_params(state, args, directory, mlm_head=mlm_head)
+
+
+def bert_state_dict(params: dict, a: BertArgs) -> dict[str, np.ndarray]:
+    """The inverse of `bert_params`: a BertForMaskedLM-style state dict ("bert." prefixed) of the bert kind's
+    parameters — with a masked-LM head, its cls.predictions; a classification head is not written."""
+    d = a.hidden_size
+    arr = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
+
+    def dense(prefix, p):
+        kernel = np.asarray(p["kernel"])  # in × out (q, k, v: D × H × d)
+        return {f"{prefix}.weight": arr(kernel.reshape(kernel.shape[0], -1).T),
+                f"{prefix}.bias": arr(np.asarray(p["bias"]).reshape(-1))}
+
+    def norm(prefix, p):
+        return {f"{prefix}.weight": arr(p["scale"]), f"{prefix}.bias": arr(p["bias"])}
+
+    e = "bert.embeddings"
+    state = {f"{e}.word_embeddings.weight": arr(params["embed"]["embedding"]),
+             f"{e}.position_embeddings.weight": arr(params["pos"]["embedding"]),
+             f"{e}.token_type_embeddings.weight": arr(params["token_type"]["embedding"]),
+             **norm(f"{e}.LayerNorm", params["ln_embed"])}
+    for b, block in params["blocks"].items():
+        p = f"bert.encoder.layer.{b}"
+        for name, torch_name in (("q", "query"), ("k", "key"), ("v", "value")):
+            state.update(dense(f"{p}.attention.self.{torch_name}", block[name]))
+        state[f"{p}.attention.output.dense.weight"] = arr(np.asarray(block["o"]["kernel"]).reshape(d, d).T)
+        state[f"{p}.attention.output.dense.bias"] = arr(block["o"]["bias"])
+        state.update({**norm(f"{p}.attention.output.LayerNorm", block["ln1"]),
+                      **dense(f"{p}.intermediate.dense", block["fc_in"]), **dense(f"{p}.output.dense", block["fc_out"]),
+                      **norm(f"{p}.output.LayerNorm", block["ln2"])})
+    if "pooler" in params:
+        state.update(dense("bert.pooler.dense", params["pooler"]))
+    head = params.get("head", {})
+    if "transform" in head:
+        state.update({**dense(f"{_MLM}transform.dense", head["transform"]),
+                      **norm(f"{_MLM}transform.LayerNorm", head["ln"]), f"{_MLM}bias": arr(head["bias"])})
+    return state
+
+
+def save_bert(directory: str, a: BertArgs, params: dict) -> None:
+    """Write a Hugging Face checkpoint (config.json, model.safetensors) of bert parameters, readable by `load_bert`
+    and by transformers' BertForMaskedLM / BertModel.from_pretrained."""
+    os.makedirs(directory, exist_ok=True)
+    config = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_act": "gelu",
+              "position_embedding_type": "absolute",
+              **{k: v for k, v in dataclasses.asdict(a).items() if k not in ("remat", "pooler")}}
+    with open(os.path.join(directory, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(bert_state_dict(params, a), os.path.join(directory, WEIGHTS))
+
+
+# Per model kind, the reader of its released checkpoints: (source, revision) -> (its [model.args], parameters).
+# The head is the pretraining task's: Pythia's next-token head, BERT's masked-LM head.
+LOADERS: dict[str, Callable[[str, str | None], tuple]] = {
+    "gpt_neox": lambda source, revision: load_gpt_neox(source, revision),
+    "bert": lambda source, revision: load_bert(source, revision, mlm_head=True)}
+
+
+def register_loader(kind: str, load: Callable[[str, str | None], tuple]) -> None:
+    """Let model.pretrained name checkpoints of `kind`: `load(source, revision)` returns (args, parameters)."""
+    if kind in LOADERS:
+        raise ValueError(f"model kind {kind!r} already has a checkpoint loader")
+    LOADERS[kind] = load

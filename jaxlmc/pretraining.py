@@ -3,7 +3,6 @@ points of the fine-tuning grid) and a table of their loss and accuracy."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -87,14 +86,6 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
     return rows
 
 
-def _source(cfg: Config, revision: str) -> tuple[str, str | None]:
-    """(where, revision) of one released revision: a local directory's subdirectory, or the hub repository's
-    branch."""
-    if os.path.isdir(cfg.model.pretrained):
-        return os.path.join(cfg.model.pretrained, revision), None
-    return cfg.model.pretrained, revision
-
-
 def import_revisions(cfg: Config, run: rundir.RunDir, model: models.Model, task: tasks.Task) -> list[dict]:
     """The released revisions (model.pretrained, finetune.pretrain_revisions) as the pretraining checkpoints at the
     steps they stand for, so that everything downstream starts from them as from jaxlmc's own; their evaluation on
@@ -104,7 +95,7 @@ def import_revisions(cfg: Config, run: rundir.RunDir, model: models.Model, task:
     revisions = dict(zip(cfg.finetune.pretrain_steps, cfg.finetune.pretrain_revisions))
     loaded = {}
     for step, revision in revisions.items():  # every revision is checked before the run directory is touched
-        source, branch = _source(cfg, revision)
+        source, branch = hf.revision_source(cfg.model.pretrained, revision)
         try:
             args, params = hf.LOADERS[cfg.model.kind](source, branch)
         except hf.CheckpointError as err:

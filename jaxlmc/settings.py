@@ -52,6 +52,10 @@ class DataConfig:
     finetune_labels: LabelMap = "mod5"  # how the fine-tuning task's labels are mapped
     ood_task: str = "mnist1d/noisy"  # "" for none; read with the fine-tuning label map
     data_dir: str = ""  # "" means $JAXLMC_DATA_DIR or ~/tensorflow_datasets
+    # The splits the fine-tuning task and the OOD set are tested on, in TFDS's split syntax: "validation" where test
+    # labels are hidden (GLUE), "test[:5000]" for a fixed subset of a large test set (barriers cost in proportion).
+    test_split: str = "test"
+    ood_split: str = "test"
     train_eval_size: int = 1000  # fixed subset of the training split used for train loss / accuracy
     validation_size: int = 500  # held out from the end of the fine-tuning train split (greedy soups, best member)
     # Class splits: keep only the examples of these original classes, relabelled 0 .. k-1 in this order ([]: all).

@@ -40,7 +40,7 @@ from jaxlmc import finetuning, grid, rundir
 from jaxlmc.config import Config
 from jaxlmc.measure import load_run
 from jaxlmc.models import Model
-from jaxlmc.train import batch_eval_set, cross_entropy, loss_and_error
+from jaxlmc.train import batch_eval_set, loss_and_error, mean_loss
 
 
 def power_iteration(hvp_fn: Callable[[jax.Array], jax.Array], v0_P: jax.Array, iterations: int):
@@ -120,7 +120,7 @@ def _dense_hessian(model: Model, params: dict, x, y) -> jax.Array:
     # Compiled once per model and shapes (the model is static): run eagerly, jax.hessian of even a tiny
     # transformer takes seconds per member.
     flat_P, unravel = ravel_pytree(params)
-    return jax.hessian(lambda f_P: cross_entropy(model.apply(unravel(f_P), x), y).mean())(flat_P)
+    return jax.hessian(lambda f_P: mean_loss(model.apply(unravel(f_P), x), y))(flat_P)
 
 
 # --------------------------------------------------------------------------------------------- the study's stage

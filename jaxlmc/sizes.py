@@ -92,7 +92,7 @@ def footprint(model: models.Model, members: int, batch_size: int, eval_batch_siz
     label_shape = model.input_shape if model.per_token else ()
 
     def loss(p, x, y):
-        return train.cross_entropy(model.apply(p, x), y).mean()
+        return train.mean_loss(model.apply(p, x), y)
 
     def batch(n):
         return (jax.ShapeDtypeStruct((n, *model.input_shape), jnp.float32),  # (jaxlmc.data's inputs, tokens too)

@@ -28,8 +28,9 @@ class Task:
 
 
 def tokenizer_of(cfg: Config) -> str:
-    """The tokenizer.json that data.tokenizer names ("" for bytes): a path, or "pretrained" for model.pretrained's
-    own (beside its config.json: the first revision's directory, or the hub's snapshot of it)."""
+    """The tokenizer file that data.tokenizer names ("" for bytes): a path, or "pretrained" for model.pretrained's
+    own (beside its config.json: the first revision's directory, or the hub's snapshot of it): its tokenizer.json,
+    or BERT's vocab.txt."""
     name = cfg.data.tokenizer
     if name != "pretrained":
         if name and not os.path.isfile(name):
@@ -38,16 +39,15 @@ def tokenizer_of(cfg: Config) -> str:
     if not cfg.model.pretrained:
         raise ConfigError('data.tokenizer = "pretrained" needs model.pretrained (whose tokenizer.json it reads)')
     revision = cfg.finetune.pretrain_revisions[0]
-    local = os.path.join(cfg.model.pretrained, revision)
-    directory = local if os.path.isdir(local) else cfg.model.pretrained
     try:
-        directory = hf.snapshot(directory, None if os.path.isdir(directory) else revision)
+        directory = hf.snapshot(*hf.revision_source(cfg.model.pretrained, revision))
     except hf.CheckpointError as err:
         raise ConfigError(f"data.tokenizer: {err}") from None
-    path = os.path.join(directory, "tokenizer.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"data.tokenizer: model.pretrained's revision {revision} has no tokenizer.json ({path})")
-    return path
+    for name in hf.TOKENIZER_FILES:  # a tokenizer.json, or BERT's vocab.txt (jaxlmc.tokens.tokenizer)
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise ConfigError(f"data.tokenizer: model.pretrained's revision {revision} has no {' or '.join(hf.TOKENIZER_FILES)} "
+                      f"({directory})")
 
 
 def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "test"), stats_from=None,
@@ -100,11 +100,12 @@ def load_pretrain_task(cfg: Config) -> Task:
 def load_finetune_task(cfg: Config) -> Task:
     d = cfg.data
     classes = ("data.finetune_classes", d.finetune_classes)
-    splits = _load(cfg, "data.finetune_task", d.finetune_task, d.finetune_labels, classes=classes)
+    splits = _load(cfg, "data.finetune_task", d.finetune_task, d.finetune_labels, splits=("train", d.test_split),
+                   classes=classes)
     ood = None
     if d.ood_task:
-        ood = _load(cfg, "data.ood_task", d.ood_task, d.finetune_labels, splits=("test",),
-                    stats_from=d.finetune_task, classes=classes)["test"]
+        ood = _load(cfg, "data.ood_task", d.ood_task, d.finetune_labels, splits=(d.ood_split,),
+                    stats_from=d.finetune_task, classes=classes)[d.ood_split]
         if ood.x.shape[1:] != splits["train"].x.shape[1:]:
             raise ConfigError(f"data.ood_task {d.ood_task} has inputs {ood.x.shape[1:]}, the fine-tuning task "
                               f"{splits['train'].x.shape[1:]}")
@@ -117,7 +118,7 @@ def load_finetune_task(cfg: Config) -> Task:
     cut = len(full.y) - n_val
     train_split = dataclasses.replace(full, x=full.x[:cut], y=full.y[:cut])
     val = dataclasses.replace(full, x=full.x[cut:], y=full.y[cut:], name=full.name + "[validation]") if n_val else None
-    return Task(train_split, splits["test"], ood, val)
+    return Task(train_split, splits[d.test_split], ood, val)
 
 
 def eval_sets(cfg: Config, task: Task, validation: bool = False, resamples: int = 0) -> dict[str, tuple]:

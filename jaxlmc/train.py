@@ -96,7 +96,37 @@ def init_state(params_M: dict, opt_kind: str, momentum: float, n_train: int) -> 
 
 
 def cross_entropy(logits_BxC, y_B):
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, y_B)
+    """Cross-entropy per label; a per-position label below 0 (jaxlmc.tokens.IGNORED: a masked language model's
+    unmasked positions) contributes 0."""
+    if y_B.ndim < 2:  # one class per example: always a real one (and the computation stays what it always was)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, y_B)
+    return jnp.where(y_B >= 0, optax.softmax_cross_entropy_with_integer_labels(logits_BxC, jnp.maximum(y_B, 0)), 0.0)
+
+
+def per_example(value_BxT, y_BxT):
+    """A per-position value (loss, error) as each example's mean over its counted positions (labels ≥ 0); an example
+    without any scores 0. Per-example values pass through."""
+    if y_BxT.ndim < 2:
+        return value_BxT
+    counted = (y_BxT >= 0).reshape(y_BxT.shape[0], -1)
+    total = jnp.where(counted, value_BxT.reshape(counted.shape), 0.0).sum(axis=1)
+    return total / jnp.maximum(counted.sum(axis=1), 1)
+
+
+def mean_loss(logits_BxC, y_B):
+    """The mean cross-entropy over counted labels (every class label; per-position labels ≥ 0)."""
+    if y_B.ndim < 2:
+        return cross_entropy(logits_BxC, y_B).mean()
+    counted = y_B >= 0
+    return cross_entropy(logits_BxC, y_B).sum() / jnp.maximum(counted.sum(), 1)
+
+
+def mean_accuracy(logits_BxC, y_B):
+    hit = jnp.argmax(logits_BxC, -1) == y_B
+    if y_B.ndim < 2:
+        return hit.mean()
+    counted = y_B >= 0
+    return (hit & counted).sum() / jnp.maximum(counted.sum(), 1)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -182,8 +212,7 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
         if dtype != jnp.float32:
             params = jax.tree.map(lambda a: a.astype(dtype), params)
         logits_BxC = model.apply(params, x_BxF, drop).astype(jnp.float32)
-        loss = cross_entropy(logits_BxC, y_B).mean()
-        return loss, (jnp.argmax(logits_BxC, -1) == y_B).mean()
+        return mean_loss(logits_BxC, y_B), mean_accuracy(logits_BxC, y_B)
 
     def member_update(params, opt, perm_N, diverged, hp, step, x_all, y_all):
         """One member's step; `hp` is its slice of the per-member constants."""
@@ -294,11 +323,11 @@ def loss_and_error(model: Model, params: dict, eval_set: tuple):
     def batch_sums(args):
         x_BxF, y_B, mask_B, *weights = args
         logits_BxC = model.apply(params, x_BxF)
-        # A per-token task (labels B×T, logits B×T×C) scores each sequence by its mean over positions: every
-        # sequence has T of them, so the mean over sequences is the mean per token, and resampling draws sequences.
-        per_example = lambda v: v.reshape(v.shape[0], -1).mean(axis=1)  # noqa: E731
-        loss_B = jnp.where(mask_B, per_example(cross_entropy(logits_BxC, y_B)), 0.0)
-        wrong_B = jnp.where(mask_B, per_example((jnp.argmax(logits_BxC, -1) != y_B).astype(jnp.float32)), 0.0)
+        # A per-token task (labels B×T, logits B×T×C) scores each sequence by its mean over counted positions: every
+        # sequence has as many (all T; a masked-LM set masks the same number in each), so the mean over sequences is
+        # the mean per token, and resampling draws sequences.
+        loss_B = jnp.where(mask_B, per_example(cross_entropy(logits_BxC, y_B), y_B), 0.0)
+        wrong_B = jnp.where(mask_B, per_example((jnp.argmax(logits_BxC, -1) != y_B).astype(jnp.float32), y_B), 0.0)
         if not weights:
             return loss_B.sum(), wrong_B.sum()
         return (jnp.concatenate([loss_B.sum()[None], loss_B @ weights[0]]),

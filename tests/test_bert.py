@@ -1,7 +1,9 @@
-"""The bert kind against Hugging Face's BertModel: final hidden states and pooled [CLS] output equal to
-transformers' on a padded batch (a committed fixture made by tests/fixtures/make_bert.py; live as well when
-transformers is installed); a checkpoint that does not fit is one line; a permuted model computes the same function
-and weight and activation matching find the permutation back."""
+"""The bert kind against Hugging Face's BertForPreTraining: final hidden states, pooled [CLS] output and masked-LM
+logits equal to transformers' on a padded batch (a committed fixture made by tests/fixtures/make_bert.py; live as
+well when transformers is installed), from safetensors and from a PyTorch state dict (with torch; refused in one line
+without); a checkpoint that does not fit is one line; a permuted model computes the same function and weight and
+activation matching find the permutation back."""
+import importlib.util
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ from jaxlmc.models import base, bert
 from jaxlmc.settings import ModelConfig
 
 DIRECTORY = os.path.join(os.path.dirname(__file__), "fixtures", "bert")
+BIN_DIRECTORY = os.path.join(os.path.dirname(__file__), "fixtures", "bert_bin")
 
 
 def _loaded(num_classes: int = 3):
@@ -38,6 +41,55 @@ def test_hidden_states_and_pooled_output_equal_transformers():
     assert model.apply(params, tokens).shape == (3, 3)
 
 
+def _masked_lm():
+    args, params = hf.load_bert(DIRECTORY, mlm_head=True)
+    return base.build(bert.KIND, ModelConfig(kind="bert", args=args), (10,), args.vocab_size, per_token=True), params
+
+
+def test_masked_lm_logits_equal_transformers():
+    model, params = _masked_lm()
+    reference = np.load(os.path.join(DIRECTORY, "reference.npz"))
+    tokens = reference["tokens"]
+    real = tokens >= 0
+    logits = np.asarray(model.apply(params, tokens))
+    assert logits.shape == (3, 10, 64)
+    np.testing.assert_allclose(logits[real], reference["mlm_logits"][real], atol=1e-4, rtol=0)
+    # The head's parameters are the checkpoint's: a saved copy reads back bit for bit.
+    assert set(params["head"]) == {"transform", "ln", "bias"}
+
+
+def test_saved_checkpoints_read_back_bit_for_bit(tmp_path):
+    args, params = hf.load_bert(DIRECTORY, mlm_head=True)
+    hf.save_bert(str(tmp_path / "copy"), args, params)
+    args_copy, params_copy = hf.load_bert(str(tmp_path / "copy"), mlm_head=True)
+    assert args_copy == args
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_copy)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pytorch_state_dicts_need_torch_and_read_like_safetensors():
+    if importlib.util.find_spec("torch") is None:
+        with pytest.raises(hf.CheckpointError, match=r"PyTorch \.bin weights only: reading them needs torch"):
+            hf.load_bert(BIN_DIRECTORY, mlm_head=True)
+        return
+    _, from_bin = hf.load_bert(BIN_DIRECTORY, mlm_head=True)  # its tied decoder copies are checked, then dropped
+    _, from_safetensors = hf.load_bert(DIRECTORY, mlm_head=True)
+    for a, b in zip(jax.tree.leaves(from_bin), jax.tree.leaves(from_safetensors)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_untied_or_missing_masked_lm_head_is_one_line():
+    args, _ = hf.load_bert(DIRECTORY)
+    state = hf.read_state_dict(DIRECTORY)
+    untied = {**state, "cls.predictions.decoder.weight": state["bert.embeddings.word_embeddings.weight"] + 1}
+    with pytest.raises(hf.CheckpointError, match="cls.predictions.decoder.weight differs from embeddings"):
+        hf.bert_params(untied, args, mlm_head=True)
+    headless = {k: v for k, v in state.items() if not k.startswith("cls.predictions")}
+    with pytest.raises(hf.CheckpointError, match="no masked-LM head"):
+        hf.bert_params(headless, args, mlm_head=True)
+    hf.bert_params(headless, args)  # the encoder alone reads
+
+
 def test_hidden_states_equal_transformers_live():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -49,6 +101,12 @@ def test_hidden_states_equal_transformers_live():
                         attention_mask=torch.as_tensor((tokens >= 0).astype(np.int64)))
     model, params = _loaded()
     np.testing.assert_allclose(model.features(params, tokens), out.pooler_output.numpy(), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        logits = transformers.BertForMaskedLM.from_pretrained(BIN_DIRECTORY).eval()(
+            input_ids=torch.as_tensor(np.maximum(tokens, 0)),
+            attention_mask=torch.as_tensor((tokens >= 0).astype(np.int64))).logits.numpy()
+    model, params = _masked_lm()
+    np.testing.assert_allclose(np.asarray(model.apply(params, tokens))[tokens >= 0], logits[tokens >= 0], atol=1e-4)
 
 
 def test_checkpoint_problems_are_one_line(tmp_path):

@@ -208,3 +208,13 @@ def test_classes_the_dataset_lacks_are_a_config_error_before_anything_is_written
     with tfds.testing.mock_data(num_examples=8), \
             pytest.raises(ValueError, match=r"classes \[10\] are not classes of the dataset \(0 .. 9\)"):
             data.load_task("mnist", data_dir=str(tmp_path), classes=[1, 10])
+
+
+def test_the_test_split_is_chosen_in_tfds_split_syntax():
+    """data.test_split: a fixed subset of the fine-tuning task's test split (or another split, where its test labels
+    are hidden); the OOD set's own split likewise."""
+    cfg = config.load(None, ['data.test_split="test[:100]"', 'data.ood_split="test[:50]"'])
+    task = tasks.load_finetune_task(cfg)
+    full = tasks.load_finetune_task(config.load(None, []))
+    assert len(task.test.y) == 100 and len(task.ood.y) == 50
+    np.testing.assert_array_equal(task.test.x, full.test.x[:100])

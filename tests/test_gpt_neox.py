@@ -94,7 +94,7 @@ def test_checkpoint_problems_are_one_line_naming_what_and_where(tmp_path):
         with open(path, "w") as f:
             json.dump({**config, "intermediate_size": 48}, f)
 
-    cases = [(lambda d: os.remove(os.path.join(d, "model.safetensors")), "holds neither model.safetensors"),
+    cases = [(lambda d: os.remove(os.path.join(d, "model.safetensors")), "holds no weights \\(model.safetensors"),
              (lambda d: os.remove(os.path.join(d, "config.json")), r"config.json is missing"),
              (retype, "model_type 'llama' is not 'gpt_neox'"),
              (widen, r"tensor gpt_neox.layers.0.mlp.dense_h_to_4h.weight has shape \(40, 16\), the config implies "

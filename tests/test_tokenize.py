@@ -3,13 +3,16 @@ saved as tokenizer.json round-trips TFDS mock text; labelled texts become right-
 corpus becomes windows without padding; the config refuses what cannot work."""
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 import tokenizers
 from tokenizers import models, pre_tokenizers, trainers
 
-from jaxlmc import config, data, tasks
+from jaxlmc import config, data, tasks, tokens, train
 
 WORDS = "the a small model learns fine tuning basin path seed rate loss barrier".split()
 
@@ -28,13 +31,13 @@ def tokenizer_json(tmp_path_factory) -> str:
 
 
 def test_token_sequences_and_windows(tokenizer_json):
-    tok = data.tokenizer(tokenizer_json)
+    tok = tokens.tokenizer(tokenizer_json)
     texts = ["the small model", "a basin path seed rate loss barrier the a small", ""]
-    x = data.token_sequences(texts, tok, 5)
+    x = tokens.token_sequences(texts, tok, 5)
     assert x.shape == (3, 5) and x.dtype == np.int32
     assert tok.decode([int(i) for i in x[0] if i >= 0]) == "the small model"
-    assert list(x[0, 3:]) == [data.TOKEN_PAD] * 2 and (x[1] >= 0).all() and (x[2] == data.TOKEN_PAD).all()
-    windows = data.token_windows(texts, tok, 4)
+    assert list(x[0, 3:]) == [tokens.TOKEN_PAD] * 2 and (x[1] >= 0).all() and (x[2] == tokens.TOKEN_PAD).all()
+    windows = tokens.token_windows(texts, tok, 4)
     stream = [i for t in texts for i in tok.encode(t).ids]
     assert windows.shape == (len(stream) // 4, 4)
     np.testing.assert_array_equal(windows.ravel(), stream[:windows.size])
@@ -49,12 +52,12 @@ def test_tfds_mock_text_round_trips_through_the_tokenizer(tokenizer_json, tmp_pa
         split = data.load_task("imdb_reviews", data_dir=str(tmp_path), splits=("train",), context_length=16,
                                tokenizer_path=tokenizer_json)["train"]
         assert data.vocab_size("imdb_reviews", str(tmp_path), tokenizer_json) == len(WORDS) + 1
-    tok = data.tokenizer(tokenizer_json)
+    tok = tokens.tokenizer(tokenizer_json)
     assert split.x.shape == (12, 16)  # context_length + 1 tokens, the last dropped for classification
     for row, text in zip(split.x.astype(np.int64), texts):
         ids = tok.encode(text.decode("utf-8") if isinstance(text, bytes) else text, add_special_tokens=False).ids
         real = row[row >= 0]
-        assert list(real) == ids[:len(real)] and (row[len(real):] == data.TOKEN_PAD).all()
+        assert list(real) == ids[:len(real)] and (row[len(real):] == tokens.TOKEN_PAD).all()
 
 
 def test_the_config_refuses_tokenized_text_where_it_cannot_work(tokenizer_json, tmp_path):
@@ -67,3 +70,71 @@ def test_the_config_refuses_tokenized_text_where_it_cannot_work(tokenizer_json, 
     with pytest.raises(config.ConfigError, match='"pretrained" needs model.pretrained'):
         tasks.load_pretrain_task(config.load(None, ['data.tokenizer="pretrained"', "model.kind=gpt_neox"]))
     assert os.path.exists(tokenizer_json)
+
+
+@pytest.fixture(scope="module")
+def bert_vocab(tmp_path_factory) -> str:
+    """A BERT-style WordPiece vocabulary (vocab.txt, as MultiBERTs ship it): [CLS] … [SEP] around every text."""
+    path = tmp_path_factory.mktemp("bert_tok") / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return str(path)
+
+
+def test_sequences_and_windows_carry_the_tokenizers_special_tokens(bert_vocab):
+    tok = tokens.tokenizer(bert_vocab)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    x = tokens.token_sequences(["The small model", "a basin path seed rate loss barrier the a small"], tok, 6)
+    assert list(x[0]) == [cls, *tok.encode("the small model", add_special_tokens=False).ids, sep,
+                          tokens.TOKEN_PAD]  # lower-cased, as uncased BERT
+    assert x[1, 0] == cls and x[1, -1] == sep  # a long text is cut inside its frame: [SEP] stays
+    windows = tokens.token_windows(["the small model learns fine tuning basin path seed rate"], tok, 5)
+    assert windows.shape == (3, 5) and (windows[:, 0] == cls).all() and (windows[:, -1] == sep).all()
+    np.testing.assert_array_equal(windows[:, 1:-1].ravel(), tok.encode(
+        "the small model learns fine tuning basin path seed", add_special_tokens=False).ids)
+    with pytest.raises(ValueError, match="leave no room for text"):
+        tokens.token_sequences(["the"], tok, 2)
+
+
+def test_masking_predicts_the_same_number_of_ordinary_positions_in_every_window(bert_vocab):
+    tok = tokens.tokenizer(bert_vocab)
+    rng = np.random.default_rng(0)
+    windows = tokens.token_windows([" ".join(rng.choice(WORDS, 4000))], tok, 42)
+    inputs, labels = tokens.mask_tokens(windows, tok, "corpus:train")
+    counted = labels >= 0
+    assert (counted.sum(axis=1) == 6).all()  # 15% of the 40 ordinary positions
+    assert not counted[:, [0, -1]].any()  # never [CLS] or [SEP]
+    np.testing.assert_array_equal(labels[counted], windows[counted])
+    np.testing.assert_array_equal(inputs[~counted], windows[~counted])
+    mask_id = tok.token_to_id("[MASK]")
+    as_mask, as_self = (inputs[counted] == mask_id).mean(), (inputs[counted] == windows[counted]).mean()
+    assert 0.75 < as_mask < 0.85 and 0.08 < as_self < 0.2  # 80% [MASK]; 10% unchanged, plus random draws of itself
+    again = tokens.mask_tokens(windows, tok, "corpus:train")
+    np.testing.assert_array_equal(again[0], inputs)  # one fixed draw per split
+    assert not np.array_equal(tokens.mask_tokens(windows, tok, "corpus:test")[1], labels)
+
+
+def test_masked_token_task_reads_tfds_text_as_a_corpus(bert_vocab, tmp_path):
+    with tfds.testing.mock_data(num_examples=20):
+        task = data.load_task("imdb_reviews", "masked_token", data_dir=str(tmp_path), context_length=12,
+                              tokenizer_path=bert_vocab)
+    train = task["train"]
+    assert train.x.shape[1:] == (12,) and train.y.shape == train.x.shape and train.num_classes == len(WORDS) + 5
+    assert ((train.y >= 0).sum(axis=1) == 2).all()  # 15% of 10 ordinary tokens, rounded
+    with pytest.raises(ValueError, match="'masked_token' needs text read by a tokenizer"):
+        with tfds.testing.mock_data(num_examples=4):
+            data.load_task("imdb_reviews", "masked_token", data_dir=str(tmp_path), context_length=12)
+
+
+def test_losses_count_only_labelled_positions():
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    y = np.array([[1, -1, 4], [-1, -1, 2]])
+    full = optax.softmax_cross_entropy_with_integer_labels(logits, np.maximum(y, 0))
+    counted = y >= 0
+    np.testing.assert_allclose(train.mean_loss(logits, y), full[counted].mean(), rtol=1e-6)
+    np.testing.assert_allclose(train.per_example(train.cross_entropy(logits, y), y),
+                               [full[0, [0, 2]].mean(), full[1, 2]], rtol=1e-6)
+    hits = np.asarray(jnp.argmax(logits, -1) == y)
+    np.testing.assert_allclose(train.mean_accuracy(logits, y), hits[counted].mean(), rtol=1e-6)
+    # Class labels (one per example) are all counted, as before.
+    np.testing.assert_allclose(train.mean_loss(logits[:, 0], y[:, 2]),
+                               optax.softmax_cross_entropy_with_integer_labels(logits[:, 0], y[:, 2]).mean())

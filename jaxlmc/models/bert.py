@@ -7,8 +7,10 @@ classification head on the [CLS] position.
 
 Attention: bidirectional, `num_attention_heads` heads of d = hidden/heads dimensions, scaled by 1/√d, padded keys
 masked; MLP: exact GELU. Every token has token type 0 (one-segment inputs). No dropout. A negative token id is
-padding: embedded as token 0 and never attended to. BERT is not a causal language model, so the kind reads one
-label per sequence only (no `per_token` task).
+padding: embedded as token 0 and never attended to. With a label per position (`per_token`: masked language
+modelling, the label map "masked_token") the head is BERT's pretraining MLM head (`MaskedLMHead`, BertForMaskedLM's),
+which reads every position; its permutation spec is the classifier's (a masked language model is evaluated, not
+weight-matched).
 
 The permutation spec: the residual stream (every embedding's hidden axis, every LayerNorm, every projection that reads
 or writes the stream, the pooler's input), each block's MLP units, each block's whole heads, and the pooler's units.
@@ -69,12 +71,26 @@ class Block(nnx.Module):
         return self.ln2(y + self.fc_out(units)), units, heads
 
 
+class MaskedLMHead(nnx.Module):
+    """BERT's masked-language-modelling head (BertForMaskedLM's cls.predictions): dense → GELU → LayerNorm, then
+    the word embeddings' transpose (tied, as in BERT's pretraining) and a bias per token."""
+
+    def __init__(self, a: BertArgs, rngs: nnx.Rngs):
+        self.transform = nnx.Linear(a.hidden_size, a.hidden_size, rngs=rngs)
+        self.ln = nnx.LayerNorm(a.hidden_size, epsilon=a.layer_norm_eps, rngs=rngs)
+        self.bias = nnx.Param(jnp.zeros((a.vocab_size,)))
+
+    def __call__(self, h_BxTxD, embedding_VxD):
+        t = self.ln(jax.nn.gelu(self.transform(h_BxTxD), approximate=False))
+        return t @ embedding_VxD.T + self.bias[...][None, None]
+
+
 class Bert(Classifier):
     def __init__(self, cfg, input_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs, per_token: bool = False):
         a = _args(cfg)
-        if per_token:
-            raise ValueError("model.kind 'bert' is a bidirectional encoder: it classifies sequences, it does not "
-                             "predict a next token per position")
+        if per_token and num_classes != a.vocab_size:
+            raise ValueError(f"model.kind 'bert' predicts masked tokens of its own vocabulary "
+                             f"(model.args.vocab_size {a.vocab_size}), not {num_classes} classes per position")
         if a.hidden_size % a.num_attention_heads:
             raise ValueError(f"model.args.hidden_size {a.hidden_size} is not a multiple of num_attention_heads "
                              f"{a.num_attention_heads}")
@@ -89,7 +105,13 @@ class Bert(Classifier):
         self.remat = a.remat
         self.blocks = nnx.List([Block(a, rngs) for _ in range(a.num_hidden_layers)])
         self.pooler = nnx.Linear(d, d, rngs=rngs) if a.pooler else None
-        self.head = nnx.Linear(d, num_classes, rngs=rngs)
+        self.per_token = per_token
+        self.head = MaskedLMHead(a, rngs) if per_token else nnx.Linear(d, num_classes, rngs=rngs)
+
+    def __call__(self, x, drop: Dropout = None):
+        if not self.per_token:
+            return super().__call__(x, drop)
+        return self.head(self.features(x, drop), self.embed.embedding[...])
 
     def _run(self, x):
         tokens = x.astype(jnp.int32)
@@ -116,7 +138,8 @@ class Bert(Classifier):
     def features(self, x, drop: Dropout = None):
         if drop is not None:
             raise ValueError("model.kind 'bert' has no dropout")
-        return self.pooled(self.hidden(x))
+        h = self.hidden(x)
+        return h if self.per_token else self.pooled(h)
 
     def unit_activations(self, x) -> list[jax.Array]:
         """The residual stream after the embedding LayerNorm and after each block, N × D × sites (every position an

@@ -1,0 +1,131 @@
+"""Text as a released checkpoint's tokens (data.tokenizer), through the `tokenizers` library: labelled texts as
+right-padded sequences, a corpus as windows, and masked language modelling's inputs and labels.
+
+Every sequence carries the tokenizer's own special tokens — BERT's `[CLS] … [SEP]`, none for Pythia's — around as
+much of its text as leaves room for them, so that a classifier reading BERT's position 0 reads `[CLS]`, as in its
+pretraining.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import zlib
+
+import numpy as np
+import tokenizers
+
+TOKEN_PAD = -1  # padding of tokenized text: a model kind that reads it masks negative ids
+IGNORED = -1  # a per-position label that no loss or error counts (jaxlmc.train): the positions not masked
+MASK_TOKENS = ("[MASK]", "<mask>")  # BERT's, RoBERTa's
+# BERT's masking (Devlin et al. 2019): 15% of the positions are predicted; of those 80% read the mask token, 10% a
+# random token, 10% themselves.
+MASK_RATE, MASK_AS_MASK, MASK_AS_RANDOM = 0.15, 0.8, 0.1
+
+
+@functools.cache
+def tokenizer(path: str) -> tokenizers.Tokenizer:
+    """A tokenizer.json (a released checkpoint's own), read once; a BERT checkpoint's vocab.txt (MultiBERTs ship no
+    tokenizer.json) becomes its WordPiece tokenizer, lower-casing as its tokenizer_config.json says (default: yes,
+    as the uncased models do)."""
+    try:
+        if os.path.basename(path) == "vocab.txt":
+            return tokenizers.Tokenizer.from_str(tokenizers.BertWordPieceTokenizer(
+                path, lowercase=_lower_case(os.path.dirname(path))).to_str())
+        return tokenizers.Tokenizer.from_file(path)
+    except Exception as err:  # the library's own error types: one line naming the file
+        raise ValueError(f"{path} is not a tokenizer the tokenizers library reads: {err}") from None
+
+
+def _lower_case(directory: str) -> bool:
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return True
+    with open(path) as f:
+        return bool(json.load(f).get("do_lower_case", True))
+
+
+def _as_text(text) -> str:
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+
+
+def _room(tok: tokenizers.Tokenizer, length: int) -> int:
+    room = length - tok.num_special_tokens_to_add(False)
+    if room < 1:
+        raise ValueError(f"sequences of {length} tokens leave no room for text beside the tokenizer's "
+                         f"{tok.num_special_tokens_to_add(False)} special tokens")
+    return room
+
+
+def token_sequences(texts, tok: tokenizers.Tokenizer, length: int) -> np.ndarray:
+    """Labelled texts tokenized, one sequence per text: its first tokens closed by the tokenizer's special tokens,
+    `length` in all at most, right-padded with TOKEN_PAD (a kind that reads padding attends to real tokens only)."""
+    room = _room(tok, length)
+    out = np.full((len(texts), length), TOKEN_PAD, np.int32)
+    for row, encoding in enumerate(tok.encode_batch([_as_text(t) for t in texts], add_special_tokens=False)):
+        encoding.truncate(room)
+        ids = tok.post_process(encoding).ids
+        out[row, :len(ids)] = ids
+    return out
+
+
+def token_windows(texts, tok: tokenizers.Tokenizer, length: int) -> np.ndarray:
+    """A corpus tokenized: every text's tokens in turn, cut into consecutive pieces that the tokenizer's special
+    tokens close into windows of `length` (a last partial piece is dropped) — no padding."""
+    encodings = tok.encode_batch([_as_text(t) for t in texts], add_special_tokens=False)
+    stream = np.asarray([i for e in encodings for i in e.ids], np.int32)
+    room = _room(tok, length)
+    pieces = stream[:len(stream) // room * room].reshape(-1, room)
+    before, after = _special_frame(tok)
+    frame = lambda ids: np.broadcast_to(np.asarray(ids, np.int32), (len(pieces), len(ids)))  # noqa: E731
+    return np.concatenate([frame(before), pieces, frame(after)], axis=1)
+
+
+def _special_frame(tok: tokenizers.Tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text's tokens (BERT: [CLS], [SEP])."""
+    probe = tok.encode("x", add_special_tokens=False)
+    probe.truncate(1)
+    closed = tok.post_process(probe)
+    content = [k for k, s in enumerate(closed.sequence_ids) if s is not None]
+    if not content:  # nothing of the text survived: no frame can be told apart
+        return [], []
+    return closed.ids[:content[0]], closed.ids[content[-1] + 1:]
+
+
+def special_ids(tok: tokenizers.Tokenizer) -> list[int]:
+    return sorted(i for i, token in tok.get_added_tokens_decoder().items() if token.special)
+
+
+def mask_token_id(tok: tokenizers.Tokenizer) -> int:
+    for name in MASK_TOKENS:
+        if tok.token_to_id(name) is not None:
+            return tok.token_to_id(name)
+    raise ValueError(f"the tokenizer has no mask token ({' or '.join(MASK_TOKENS)}): label map 'masked_token' "
+                     "needs one")
+
+
+def mask_tokens(windows_NxT: np.ndarray, tok: tokenizers.Tokenizer, seed: str) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of masked language modelling on `token_windows`' windows: in every window the same number of
+    its text positions (MASK_RATE of them, at least one; never the special tokens framing it) are predicted — labels
+    there are the original tokens, IGNORED elsewhere — and read the mask token, a random ordinary token or themselves
+    (BERT's 80/10/10). One fixed draw per `seed` (the split's name): the same set is scored alike in every run."""
+    before, after = _special_frame(tok)
+    n, length = windows_NxT.shape
+    text_columns = np.arange(len(before), length - len(after))
+    if not n or not len(text_columns):
+        raise ValueError("no tokens to mask: no windows, or windows of special tokens only")
+    rng = np.random.default_rng(zlib.crc32(seed.encode()))
+    per_window = max(1, round(MASK_RATE * len(text_columns)))
+    # Each window's own random choice of text positions.
+    chosen_NxK = text_columns[np.argsort(rng.random((n, len(text_columns))), axis=1)[:, :per_window]]
+    rows = np.arange(n)[:, None]
+    original_NxK = windows_NxT[rows, chosen_NxK]
+    labels = np.full(windows_NxT.shape, IGNORED, np.int32)
+    labels[rows, chosen_NxK] = original_NxK
+    fate = rng.random(chosen_NxK.shape)
+    ordinary = np.setdiff1d(np.arange(tok.get_vocab_size()), special_ids(tok))
+    random_NxK = rng.choice(ordinary, size=chosen_NxK.shape)
+    inputs = windows_NxT.astype(np.int32).copy()
+    inputs[rows, chosen_NxK] = np.where(fate < MASK_AS_MASK, mask_token_id(tok),
+                                        np.where(fate < MASK_AS_MASK + MASK_AS_RANDOM, random_NxK, original_NxK))
+    return inputs, labels
