@@ -286,7 +286,8 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
 
     def read(task: str, split: str):
         # Masked language modelling reads windows of the context itself (nothing beyond it to predict).
-        x, y, c = _read_all(task, split, data_dir, context_length - masked, tokenizer_path, as_corpus=masked)
+        x, y, c = _read_all(task, split, data_dir, context_length - masked, tokenizer_path,
+                            as_corpus=label_map in LANGUAGE_MODELLING)
         if classes:
             x, y = _keep_classes(x, y, classes, f"{task}:{split}")
             c = len(classes)

@@ -23,11 +23,11 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
     p = cfg.pretrain
     run = rundir.RunDir(out)
     task = task or tasks.load_pretrain_task(cfg)  # before the run directory: bad data leaves nothing behind
+    model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
+    if cfg.model.pretrained:  # released revisions: nothing is trained
+        return import_revisions(cfg, run, model, task)
     if p.batch_size > len(task.train.y):
         raise ConfigError(f"pretrain.batch_size {p.batch_size} exceeds the {len(task.train.y)} training examples")
-    model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
-    if cfg.model.pretrained:
-        return import_revisions(cfg, run, model, task)
     sizes.check_pretraining(cfg, model, task)
     run.open(cfg)
     keys = train.stream_keys("pretrain", [p.seed])

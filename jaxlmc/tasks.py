@@ -7,6 +7,7 @@ import os
 
 from jaxlmc import data, hf, train
 from jaxlmc.config import Config, ConfigError
+from jaxlmc.labels import LANGUAGE_MODELLING
 from jaxlmc.models import resolve_kind
 
 
@@ -87,6 +88,10 @@ def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "te
     if kind.sequence and vocab > model_vocab:
         # Token ids past the embedding table would be silently clamped by the gather: refuse instead.
         raise ConfigError(f"{vocab_key} {model_vocab} is smaller than {key} {name!r}'s vocabulary ({vocab} tokens)")
+    if kind.sequence and label_map in LANGUAGE_MODELLING and vocab < model_vocab:
+        # A language model's logits cover its whole embedding table (Pythia pads its tokenizer's 50,277 tokens to
+        # 50,304 rows): the task's classes are the model's tokens.
+        loaded = {split: dataclasses.replace(s, num_classes=model_vocab) for split, s in loaded.items()}
     return loaded
 
 
