@@ -263,6 +263,33 @@ def from_module(module_or_make, input_shape, num_classes: int, permutation_spec:
     return model, (nnx.to_pure_dict(state) if make is None else None)
 
 
+def block_spec(prefix: str, fc_in: str = "fc_in", fc_out: str = "fc_out") -> tuple[list[UnitAxis], list[list[UnitAxis]]]:
+    """One transformer block's part of a permutation spec, its modules named `{prefix}{name}` (LayerNorms ln1, ln2;
+    q, k, v projecting D → H × d; o projecting H × d → D; the MLP `fc_in`, `fc_out`): (its axes on the residual
+    stream, [its MLP units, its whole heads]). Heads are permuted as wholes, so rotary dimensions stay in place."""
+    def at(name):
+        return f"{prefix}{name}"
+    residual = [UnitAxis(at(ln), p, 0) for ln in ("ln1", "ln2") for p in ("scale", "bias")]
+    residual += [UnitAxis(at(name), "kernel", 0) for name in ("q", "k", "v", fc_in)]
+    residual += [UnitAxis(at("o"), "kernel", 2), UnitAxis(at("o"), "bias", 0),
+                 UnitAxis(at(fc_out), "kernel", 1), UnitAxis(at(fc_out), "bias", 0)]
+    mlp = [UnitAxis(at(fc_in), "kernel", 1), UnitAxis(at(fc_in), "bias", 0), UnitAxis(at(fc_out), "kernel", 0)]
+    heads = [UnitAxis(at(name), p, 1 if p == "kernel" else 0) for name in "qkv" for p in ("kernel", "bias")]
+    return residual, [mlp, heads + [UnitAxis(at("o"), "kernel", 0)]]
+
+
+def block_activations(stream: list[jax.Array], blocks: list[tuple[jax.Array, jax.Array]]) -> list[jax.Array]:
+    """The activations of `block_spec`'s groups, every position an example (N = B·T): the residual stream at each of
+    its sites (B × T × D each), N × D × sites — one feature per site, so that activation matching sums per-site
+    correlations rather than pooling sites of different scales — then per block its MLP units N × I and its heads
+    N × H × d (`blocks`: each block's (units B × T × I, heads B × T × H × d))."""
+    n = stream[0].shape[0] * stream[0].shape[1]
+    acts = [jnp.stack(stream, axis=-1).reshape(n, stream[0].shape[-1], len(stream))]
+    for units, heads in blocks:
+        acts += [units.reshape(n, units.shape[-1]), heads.reshape(n, *heads.shape[2:])]
+    return acts
+
+
 def remat(block: Callable, enabled: bool) -> Callable:
     """`block`'s call, its activations recomputed in the backward pass when `enabled` (gradient checkpointing: a
     block's memory for about a third more compute)."""

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis, remat
+from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis, block_activations, block_spec, remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +146,7 @@ class Bert(Classifier):
         example); per block its MLP units N × I and its heads N × H × d; the pooler's units on [CLS], B × D (each
         example's row repeated over its positions, so that every group has the same rows)."""
         h, stream, blocks = self._run(x)
-        n = x.shape[0] * x.shape[1]
-        acts = [jnp.stack(stream, axis=-1).reshape(n, stream[0].shape[-1], len(stream))]
-        for units, heads in blocks:
-            acts += [units.reshape(n, units.shape[-1]), heads.reshape(n, *heads.shape[2:])]
+        acts = block_activations(stream, blocks)
         if self.pooler is not None:
             acts.append(jnp.repeat(self.pooled(h), x.shape[1], axis=0))
         return acts
@@ -177,15 +174,9 @@ def permutation_spec(cfg, input_shape) -> PermutationSpec:
     residual.append(UnitAxis("pooler" if a.pooler else "head", "kernel", 0))
     spec = []
     for b in range(a.num_hidden_layers):
-        block = f"blocks.{b}"
-        residual += [UnitAxis(f"{block}.{ln}", p, 0) for ln in ("ln1", "ln2") for p in ("scale", "bias")]
-        residual += [UnitAxis(f"{block}.{name}", "kernel", 0) for name in ("q", "k", "v", "fc_in")]
-        residual += [UnitAxis(f"{block}.o", "kernel", 2), UnitAxis(f"{block}.o", "bias", 0),
-                     UnitAxis(f"{block}.fc_out", "kernel", 1), UnitAxis(f"{block}.fc_out", "bias", 0)]
-        spec.append([UnitAxis(f"{block}.fc_in", "kernel", 1), UnitAxis(f"{block}.fc_in", "bias", 0),
-                     UnitAxis(f"{block}.fc_out", "kernel", 0)])
-        spec.append([UnitAxis(f"{block}.{name}", p, 1 if p == "kernel" else 0) for name in "qkv"
-                     for p in ("kernel", "bias")] + [UnitAxis(f"{block}.o", "kernel", 0)])
+        block_residual, groups = block_spec(f"blocks.{b}.")
+        residual += block_residual
+        spec += groups
     if a.pooler:
         spec.append([UnitAxis("pooler", "kernel", 1), UnitAxis("pooler", "bias", 0), UnitAxis("head", "kernel", 0)])
     return [residual] + spec

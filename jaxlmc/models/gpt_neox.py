@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis, remat
+from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis, block_activations, block_spec, remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +143,7 @@ class GPTNeoX(Classifier):
         """As the transformer kind's, real positions weighted like padded ones (pass unpadded batches): the residual
         stream at every site N × D × sites, then per block its MLP units N × I and its heads N × H × d."""
         _, _, stream, blocks = self._run(x)
-        n = x.shape[0] * x.shape[1]
-        acts = [jnp.stack(stream, axis=-1).reshape(n, stream[0].shape[-1], len(stream))]
-        for units, heads, _ in blocks:
-            acts += [units.reshape(n, units.shape[-1]), heads.reshape(n, *heads.shape[2:])]
-        return acts
+        return block_activations(stream, [(units, heads) for units, heads, _ in blocks])
 
 
 def _depth(cfg) -> int:
@@ -169,15 +165,9 @@ def permutation_spec(cfg, input_shape) -> PermutationSpec:
                 UnitAxis("head", "kernel", 0)]
     spec = []
     for b in range(_depth(cfg)):
-        block = f"blocks.{b}"
-        residual += [UnitAxis(f"{block}.{ln}", p, 0) for ln in ("ln1", "ln2") for p in ("scale", "bias")]
-        residual += [UnitAxis(f"{block}.{name}", "kernel", 0) for name in ("q", "k", "v", "fc_in")]
-        residual += [UnitAxis(f"{block}.o", "kernel", 2), UnitAxis(f"{block}.o", "bias", 0),
-                     UnitAxis(f"{block}.fc_out", "kernel", 1), UnitAxis(f"{block}.fc_out", "bias", 0)]
-        spec.append([UnitAxis(f"{block}.fc_in", "kernel", 1), UnitAxis(f"{block}.fc_in", "bias", 0),
-                     UnitAxis(f"{block}.fc_out", "kernel", 0)])
-        spec.append([UnitAxis(f"{block}.{name}", p, 1 if p == "kernel" else 0) for name in "qkv"
-                     for p in ("kernel", "bias")] + [UnitAxis(f"{block}.o", "kernel", 0)])
+        block_residual, groups = block_spec(f"blocks.{b}.")
+        residual += block_residual
+        spec += groups
     return [residual] + spec
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis
+from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis, block_activations, block_spec
 
 MLP_RATIO = 4
 
@@ -117,11 +117,7 @@ class Transformer(Classifier):
           permuted whole, so its d dimensions are its features.
         """
         _, stream, blocks = self._run(x)
-        n = x.shape[0] * x.shape[1]
-        acts = [jnp.stack(stream, axis=-1).reshape(n, stream[0].shape[-1], len(stream))]
-        for units, heads, _ in blocks:
-            acts += [units.reshape(n, units.shape[-1]), heads.reshape(n, *heads.shape[2:])]
-        return acts
+        return block_activations(stream, [(units, heads) for units, heads, _ in blocks])
 
     def preactivations(self, x) -> list[jax.Array]:
         """Per block, its MLP's input to the GELU, B × T × 4·D: what REPAIR renormalises (per unit over examples and
@@ -140,14 +136,9 @@ def permutation_spec(cfg, input_shape) -> PermutationSpec:
                 UnitAxis("ln_f", "scale", 0), UnitAxis("ln_f", "bias", 0), UnitAxis("head", "kernel", 0)]
     spec = []
     for b in range(cfg.depth):
-        residual += [UnitAxis(f"b{b}_{ln}", p, 0) for ln in ("ln1", "ln2") for p in ("scale", "bias")]
-        residual += [UnitAxis(f"b{b}_{name}", "kernel", 0) for name in ("q", "k", "v", "fc1")]
-        residual += [UnitAxis(f"b{b}_o", "kernel", 2), UnitAxis(f"b{b}_o", "bias", 0),
-                     UnitAxis(f"b{b}_fc2", "kernel", 1), UnitAxis(f"b{b}_fc2", "bias", 0)]
-        spec.append([UnitAxis(f"b{b}_fc1", "kernel", 1), UnitAxis(f"b{b}_fc1", "bias", 0),
-                     UnitAxis(f"b{b}_fc2", "kernel", 0)])
-        spec.append([UnitAxis(f"b{b}_{name}", p, 1 if p == "kernel" else 0) for name in "qkv"
-                     for p in ("kernel", "bias")] + [UnitAxis(f"b{b}_o", "kernel", 0)])
+        block_residual, groups = block_spec(f"b{b}_", "fc1", "fc2")
+        residual += block_residual
+        spec += groups
     return [residual] + spec
 
 
