@@ -127,8 +127,9 @@ def test_checkpoint_problems_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_permuted_bert_computes_the_same_function_and_matching_finds_it_back():
-    model, params = _loaded()
+@pytest.mark.parametrize("masked_lm", [False, True], ids=["classifier", "masked_lm"])
+def test_a_permuted_bert_computes_the_same_function_and_matching_finds_it_back(masked_lm):
+    model, params = _masked_lm() if masked_lm else _loaded()
     tokens = np.random.default_rng(2).integers(0, 64, (16, 10))
     spec = model.permutation_spec()
     rng = np.random.default_rng(3)

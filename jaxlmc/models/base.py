@@ -114,7 +114,7 @@ class ModelKind:
     """A registered model kind: its module, the order of its hidden layers and its permutation spec.
 
     `layers(cfg)` names the hidden layers in order. `permutation_spec(cfg, input_shape)` says which parameter axes
-    each hidden layer's units index; a kind without one (None) cannot be weight-matched, and `barriers.align` on it is
+    each hidden layer's units index (a `sequence` kind's also takes `per_token`, as its module does); a kind without one (None) cannot be weight-matched, and `barriers.align` on it is
     a config error, never a silent wrong alignment.
     """
 
@@ -198,7 +198,9 @@ class Model:
         if self.kind.permutation_spec is None:
             raise ValueError(f"model kind {self.kind.name!r} declares no permutation spec: its members cannot be "
                              "weight-matched (set barriers.align = false)")
-        return self.kind.permutation_spec(self.cfg, self.input_shape)
+        # As the module is built: a sequence kind is told whether its head predicts a label per position.
+        extra = {"per_token": self.per_token} if self.kind.sequence else {}
+        return self.kind.permutation_spec(self.cfg, self.input_shape, **extra)
 
 
 def _module(kind: ModelKind, cfg, shape, num_classes: int, rngs: nnx.Rngs, per_token: bool) -> Classifier:

@@ -9,8 +9,7 @@ Attention: bidirectional, `num_attention_heads` heads of d = hidden/heads dimens
 masked; MLP: exact GELU. Every token has token type 0 (one-segment inputs). No dropout. A negative token id is
 padding: embedded as token 0 and never attended to. With a label per position (`per_token`: masked language
 modelling, the label map "masked_token") the head is BERT's pretraining MLM head (`MaskedLMHead`, BertForMaskedLM's),
-which reads every position; its permutation spec is the classifier's (a masked language model is evaluated, not
-weight-matched).
+which reads every position; its transform and LayerNorm join the residual stream in the permutation spec.
 
 The permutation spec: the residual stream (every embedding's hidden axis, every LayerNorm, every projection that reads
 or writes the stream, the pooler's input), each block's MLP units, each block's whole heads, and the pooler's units.
@@ -167,18 +166,28 @@ def layer_groups(cfg) -> dict[str, list[str]]:
     return {"embed": ["embed", "pos", "token_type", "ln_embed"], "blocks": ["blocks"], "out": out}
 
 
-def permutation_spec(cfg, input_shape) -> PermutationSpec:
+def permutation_spec(cfg, input_shape, per_token: bool = False) -> PermutationSpec:
+    """With the masked-LM head (`per_token`), its transform, LayerNorm and tied decoder all live in the residual
+    stream's space: both axes of the transform's kernel follow the stream's permutation."""
     a = _args(cfg)
     residual = [UnitAxis(name, "embedding", 1) for name in ("embed", "pos", "token_type")]
     residual += [UnitAxis("ln_embed", "scale", 0), UnitAxis("ln_embed", "bias", 0)]
-    residual.append(UnitAxis("pooler" if a.pooler else "head", "kernel", 0))
+    if per_token:
+        residual += [UnitAxis("head.transform", "kernel", 0), UnitAxis("head.transform", "kernel", 1),
+                     UnitAxis("head.transform", "bias", 0), UnitAxis("head.ln", "scale", 0),
+                     UnitAxis("head.ln", "bias", 0)]
+    if a.pooler:
+        residual.append(UnitAxis("pooler", "kernel", 0))
+    elif not per_token:
+        residual.append(UnitAxis("head", "kernel", 0))
     spec = []
     for b in range(a.num_hidden_layers):
         block_residual, groups = block_spec(f"blocks.{b}.")
         residual += block_residual
         spec += groups
-    if a.pooler:
-        spec.append([UnitAxis("pooler", "kernel", 1), UnitAxis("pooler", "bias", 0), UnitAxis("head", "kernel", 0)])
+    if a.pooler:  # the pooler's units feed the classifier's head (a masked language model leaves them unread)
+        spec.append([UnitAxis("pooler", "kernel", 1), UnitAxis("pooler", "bias", 0)]
+                    + ([] if per_token else [UnitAxis("head", "kernel", 0)]))
     return [residual] + spec
 
 

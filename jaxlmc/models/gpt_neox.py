@@ -160,7 +160,8 @@ def layer_groups(cfg) -> dict[str, list[str]]:
     return {"embed": ["embed"], "blocks": ["blocks"], "out": ["ln_f", "head"]}
 
 
-def permutation_spec(cfg, input_shape) -> PermutationSpec:
+def permutation_spec(cfg, input_shape, per_token: bool = False) -> PermutationSpec:
+    """The same for a classifier and a language model: either head is one linear layer reading the stream."""
     residual = [UnitAxis("embed", "embedding", 1), UnitAxis("ln_f", "scale", 0), UnitAxis("ln_f", "bias", 0),
                 UnitAxis("head", "kernel", 0)]
     spec = []

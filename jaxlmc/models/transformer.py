@@ -131,7 +131,8 @@ class Transformer(Classifier):
         return h if self.per_token else h[:, -1]
 
 
-def permutation_spec(cfg, input_shape) -> PermutationSpec:
+def permutation_spec(cfg, input_shape, per_token: bool = False) -> PermutationSpec:
+    """The same for a classifier and a language model: either head is one linear layer reading the stream."""
     residual = [UnitAxis("embed", "embedding", 1), UnitAxis("pos", "embedding", 1),
                 UnitAxis("ln_f", "scale", 0), UnitAxis("ln_f", "bias", 0), UnitAxis("head", "kernel", 0)]
     spec = []
