@@ -99,3 +99,16 @@ def test_fine_tuning_starts_from_released_revisions(revisions, tmp_path):
     assert sorted({m["pretrain_step"] for m in members}) == [0, 40] and len(members) == 12
     summary = run.read_csv(rundir.BARRIER_SUMMARY)
     assert len(summary) == 4 and all(np.isfinite(r["error_barrier_test_aligned_mean"]) for r in summary)
+
+
+def test_revision_names_and_sources(tmp_path):
+    """step<N> (Pythia's branches), step_<N>k (MultiBERTs' repositories); a local directory's subdirectory, a
+    "{revision}" name filled in (one repository per checkpoint), else the hub repository's branch."""
+    assert [config.revision_step(r) for r in ("step0", "step143000", "step_20k", "step_2000k", "step_512")] == [
+        0, 143000, 20000, 2000000, 512]
+    with pytest.raises(config.ConfigError, match="'20k' is not named step<N> or step_<N>k"):
+        config.revision_step("20k")
+    assert hf.revision_source(str(tmp_path), "step0") == (os.path.join(str(tmp_path), "step0"), None)
+    assert hf.revision_source("google/multiberts-seed_0-{revision}", "step_20k") == (
+        "google/multiberts-seed_0-step_20k", None)
+    assert hf.revision_source("EleutherAI/pythia-14m", "step512") == ("EleutherAI/pythia-14m", "step512")
