@@ -16,10 +16,12 @@ classes (a class split: pretrain on some digits, fine-tune on the others), relab
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import os
+import sys
 from typing import Callable
 
 import numpy as np
@@ -148,7 +150,9 @@ def prepare(name: str, data_dir: str | None = None):
     builder = _builder(name, data_dir)
     if not builder.is_prepared():
         tfds.display_progress_bar(False)  # jaxlmc shows its own progress; TFDS's bars would interleave
-        builder.download_and_prepare(file_format="array_record")
+        # TFDS announces the preparation on stdout; it is progress, not a result: stdout stays the caller's.
+        with contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare(file_format="array_record")
         builder = _builder(name, data_dir)  # a fresh builder reads the split info just written
     return builder
 

@@ -218,3 +218,10 @@ def test_the_test_split_is_chosen_in_tfds_split_syntax():
     full = tasks.load_finetune_task(config.load(None, []))
     assert len(task.test.y) == 100 and len(task.ood.y) == 50
     np.testing.assert_array_equal(task.test.x, full.test.x[:100])
+
+
+def test_preparing_a_dataset_leaves_stdout_to_the_caller(tmp_path, capsys):
+    """TFDS announces a preparation on stdout: jaxlmc sends it to stderr, so a script's printed results stay clean."""
+    data.prepare("mnist1d", str(tmp_path))
+    captured = capsys.readouterr()
+    assert captured.out == "" and "mnist1d" in captured.err
