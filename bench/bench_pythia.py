@@ -3,8 +3,8 @@
 The model is the gpt_neox kind with the shapes of a Pythia checkpoint (70m: hidden 512, 6 blocks, 8 heads, MLP 2048,
 vocabulary 50,304, rotary on a quarter of each head; 14m; or "tiny" to rehearse on a CPU), randomly initialised (the
 cost does not depend on the values; no hub, no TFDS), fine-tuned as a sequence classifier (a new 2-class head on the
-last token in place of the language-modelling head: 44.7M parameters for 70m's shapes) with AdamW on random token sequences — the study's fine-tuning program (`train.make_train_chunk`). For
-each N, side by side in this one run:
+last token in place of the language-modelling head: 44.7M parameters for 70m's shapes) with AdamW on random token
+sequences — the study's fine-tuning program (`train.make_train_chunk`). For each N, side by side in this one run:
 
 * vmapped — N members in one compiled chunk (`lax.scan` over steps, state donated);
 * one — the same program for a single member, whose member-steps/s the vmapped ones are compared against;

@@ -2,12 +2,12 @@
 
 A checkpoint is a directory (a local snapshot, or the hub's cached download of a repository at a pinned revision)
 holding `config.json` and the weights as safetensors (`model.safetensors`, or shards listed in
-`model.safetensors.index.json`), read with the `safetensors` package into numpy — no PyTorch at run time. A
-checkpoint released only as PyTorch `pytorch_model.bin` (MultiBERTs) is read with `torch.load(weights_only=True)` when
-torch is installed, and refused otherwise: never unpickled by anything else. `gpt_neox_params` maps a GPT-NeoX (Pythia) state dict onto the gpt_neox kind's parameters
-(jaxlmc.models.gpt_neox), which then compute what `transformers`' GPTNeoXForCausalLM computes (tested against
-its logits). Every problem — a missing file, an unsupported architecture, a name or shape that does not match — is
-one line naming what and where.
+`model.safetensors.index.json`), read with the `safetensors` package into numpy — no PyTorch at run time. A checkpoint
+released only as PyTorch `pytorch_model.bin` (MultiBERTs) is read with `torch.load(weights_only=True)` when torch is
+installed, and refused otherwise: never unpickled by anything else. `gpt_neox_params` maps a GPT-NeoX (Pythia) state
+dict onto the gpt_neox kind's parameters (jaxlmc.models.gpt_neox), which then compute what `transformers`'
+GPTNeoXForCausalLM computes (tested against its logits). Every problem — a missing file, an unsupported architecture, a
+name or shape that does not match — is one line naming what and where.
 """
 from __future__ import annotations
 

@@ -47,8 +47,8 @@ def tokenizer_of(cfg: Config) -> str:
     for name in hf.TOKENIZER_FILES:  # a tokenizer.json, or BERT's vocab.txt (jaxlmc.tokens.tokenizer)
         if os.path.exists(os.path.join(directory, name)):
             return os.path.join(directory, name)
-    raise ConfigError(f"data.tokenizer: model.pretrained's revision {revision} has no {' or '.join(hf.TOKENIZER_FILES)} "
-                      f"({directory})")
+    raise ConfigError(f"data.tokenizer: model.pretrained's revision {revision} has no "
+                      f"{' or '.join(hf.TOKENIZER_FILES)} ({directory})")
 
 
 def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "test"), stats_from=None,

@@ -113,9 +113,9 @@ PermutationSpec = list[list[UnitAxis]]
 class ModelKind:
     """A registered model kind: its module, the order of its hidden layers and its permutation spec.
 
-    `layers(cfg)` names the hidden layers in order. `permutation_spec(cfg, input_shape)` says which parameter axes
-    each hidden layer's units index (a `sequence` kind's also takes `per_token`, as its module does); a kind without one (None) cannot be weight-matched, and `barriers.align` on it is
-    a config error, never a silent wrong alignment.
+    `layers(cfg)` names the hidden layers in order. `permutation_spec(cfg, input_shape)` says which parameter axes each
+    hidden layer's units index (a `sequence` kind's also takes `per_token`, as its module does); a kind without one
+    (None) cannot be weight-matched, and `barriers.align` on it is a config error, never a silent wrong alignment.
     """
 
     name: str

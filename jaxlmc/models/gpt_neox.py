@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis, block_activations, block_spec, remat
+from jaxlmc.models.base import (Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis, block_activations,
+                                block_spec, remat)
 
 
 @dataclasses.dataclass(frozen=True)
