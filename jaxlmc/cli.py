@@ -11,7 +11,7 @@ import traceback
 
 import jax
 
-from jaxlmc import api, ckpt, config, faults, rundir, ui
+from jaxlmc import api, ckpt, config, faults, rundir, spec_check, ui
 from jaxlmc.config import ConfigError
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
     except faults.Interrupted as err:
         return _fail(args, err, str(err), err.exit_code)
-    except ConfigError as err:
+    except (ConfigError, spec_check.SpecError) as err:
         return _fail(args, err, f"error: {err}", 2)
     except faults.RunFault as err:
         return _fail(args, err, f"error: {err}", err.exit_code)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, memory, models, permute, shard, stats, train
+from jaxlmc import barriers, memory, models, permute, shard, spec_check, stats, train
 from jaxlmc.curves import make_curve_eval, make_train_bends
 from jaxlmc.measures import PAIR_MEASURES
 
@@ -63,6 +63,11 @@ def eval_sets(named: dict[str, tuple], batch_size: int = 1000, resamples: int = 
     return {name: train.batch_eval_set(x, y, batch_size,
                                        train.resample_counts(len(y), resamples, seed=k) if resamples else None)
             for k, (name, (x, y)) in enumerate(named.items())}
+
+
+def _probe_examples(eval_sets: dict, count: int = 4):
+    """A few examples of the first evaluation set (its first batch's first rows)."""
+    return next(iter(eval_sets.values()))[0][0][:count]
 
 
 def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]], eval_sets: dict, *,
@@ -115,6 +120,8 @@ def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]
     aligned, align_seconds, perms = {}, 0.0, None
     if align and pairs:
         start_time = time.perf_counter()
+        # A spec that is not a symmetry of the network would "align" pairs into other functions: checked first.
+        spec_check.check_spec(model, jax.tree.map(lambda a: a[0], params_K), _probe_examples(eval_sets))
         if align == "activations":
             perms = permute.match_activations(model, params_K, pairs, align_x)
         else:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlmc import (barriers, ckpt, data, files, grid, interpolation, layout, loop, models, optimizers, shard,
-                    stats, train)
+                    spec_check, stats, train)
 from jaxlmc.settings import FinetuneConfig
 
 # The per-member hyperparameters `fit` takes, in the grid's nesting order (seeds innermost), with their members.csv
@@ -195,6 +195,8 @@ def fit(model, train_data, *, steps: int, batch_size: int, lr, seeds=1, weight_d
                          "a call (x, drop) that passes `drop` to jaxlmc.models.dropout")
     opt = _optimizer(optimizer, rows)
     start_M = _start(model, instance_params if params is None else params, rows, init, seed_offset)
+    if model.kind.permutation_spec is not None:  # a spec that changes the function is refused before training
+        spec_check.check_spec(model, jax.tree.map(lambda a: a[0], start_M), x[:4])
     consts = grid.member_consts(FinetuneConfig(steps=steps, warmup_steps=warmup_steps, seed_offset=seed_offset), rows)
     n_train = len(y)
     mesh = shard.member_mesh(len(rows))
