@@ -10,7 +10,8 @@ What happens to a checkpoint after it was written is checked too. Each step dire
 with it: a truncated, deleted or changed file is found before Orbax reads it (Orbax itself does not notice a flipped
 bit). A step that fails is reported in one line, moved aside (never deleted) to the `aside` directory, and resuming
 falls back to the newest intact step (`Checkpoints.resume`). A step without a file list (a kill between Orbax's
-commit and the list) is trusted as Orbax committed it, and a read error from Orbax marks it corrupt as well.
+commit and the list, or a deleted list) is not trusted: it is set aside and recomputed like a corrupt one. A read
+error from Orbax marks a step corrupt as well.
 
 A save that fails (disk full, permission denied, read-only filesystem) removes its temporary directory and raises
 `faults.WriteFailed` naming the file and the operating system's error; the steps saved before stay intact.

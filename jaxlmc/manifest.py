@@ -41,11 +41,12 @@ def write(directory: str, root: str) -> None:
 
 
 def problem(directory: str) -> str | None:
-    """What is wrong with the files of a step directory, compared with its file list; None when nothing is, or when
-    it has no list (a kill between Orbax's commit and the list: trusted as Orbax committed it)."""
+    """What is wrong with the files of a step directory, compared with its file list; None when nothing is. A step
+    without a list is not trusted (a kill between Orbax's commit and the list, or a deleted list: nothing would check
+    its bytes), so it is set aside and recomputed like a corrupt one."""
     path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
-        return None
+    if not os.path.lexists(path):
+        return f"it has no file list {MANIFEST} (an unfinished save, or a deleted list): its files cannot be checked"
     try:
         with open(path) as f:
             listing = json.load(f)

@@ -16,8 +16,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from jaxlmc import api, ckpt, config, faults, figures, figures_trends, models, rundir, sizes
+import jaxlmc
+
+from jaxlmc import api, ckpt, config, faults, figures, figures_trends, layout, models, rundir, sizes
 
 from conftest import TINY
 
@@ -630,3 +633,22 @@ def test_event_loop_noise_is_dropped_and_everything_else_passes_straight_through
     with ckpt.quiet_event_loop_noise():
         assert isinstance(sys.stderr, ckpt._TracebackFilter)
     assert sys.stderr is before
+
+
+def test_a_step_without_its_file_list_is_set_aside_and_recomputed(tmp_path, capfd):
+    """Deleting a checkpoint's jaxlmc_files.json must not switch its check off: a checkpointed `fit` whose final step
+    lost its list sets that step aside (one line) and trains again, to the same parameters."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    kwargs = dict(steps=20, batch_size=16, lr=1e-2, seeds=2, directory=str(tmp_path / "fit"), chunk_steps=10)
+    first = jaxlmc.fit(lambda rngs: nnx.Linear(5, 2, rngs=rngs), (x, y), **kwargs)
+    step_dir = tmp_path / "fit" / layout.FIT_CHECKPOINTS / "20"
+    os.remove(step_dir / ckpt.MANIFEST)
+    again = jaxlmc.fit(lambda rngs: nnx.Linear(5, 2, rngs=rngs), (x, y), **kwargs)
+    err = capfd.readouterr().err
+    assert f"checkpoint step 20 in {step_dir.parent} is corrupt: it has no file list {ckpt.MANIFEST}" in err, err
+    assert os.listdir(tmp_path / "fit" / "corrupt" / layout.FIT_CHECKPOINTS) == ["20"]
+    assert os.path.exists(step_dir / ckpt.MANIFEST)  # trained and saved again, with its list
+    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(again.params)):
+        np.testing.assert_array_equal(a, b)
