@@ -169,13 +169,27 @@ def read_pairs(path: str, num_members: int) -> list[tuple[int, int]]:
             pair = (int(i), int(j))
         except (TypeError, ValueError):
             raise ValueError(f"pair file {path}, pair {number}: {i!r}, {j!r} are not member indices") from None
-        bad = [m for m in pair if not 0 <= m < num_members]
-        if bad:
-            raise ValueError(f"pair file {path}, pair {number}: member {bad[0]} out of range (the run has "
-                             f"{num_members} members)")
         pairs.append(pair)
     if not pairs:
         raise ValueError(f"pair file {path} lists no pairs")
+    return check_pairs(pairs, num_members, f"pair file {path}, ")
+
+
+def check_pairs(pairs: list[tuple[int, int]], num_members: int, where: str = "") -> list[tuple[int, int]]:
+    """`pairs`, refused in one line (ValueError; `where` prefixes it) when one names a member out of range, pairs a
+    member with itself, or repeats an earlier pair (either way round: (i, j) and (j, i) have the same barrier)."""
+    seen: dict = {}
+    for number, pair in enumerate(pairs, 1):
+        bad = [m for m in pair if not 0 <= m < num_members]
+        if bad:
+            raise ValueError(f"{where}pair {number}: member {bad[0]} out of range (there are {num_members} members)")
+        if pair[0] == pair[1]:
+            raise ValueError(f"{where}pair {number}: {pair} pairs member {pair[0]} with itself")
+        key = tuple(sorted(pair))
+        if key in seen:
+            raise ValueError(f"{where}pair {number}: {pair} repeats pair {seen[key]} (a pair's barrier is the same "
+                             "either way round)")
+        seen[key] = number
     return pairs
 
 

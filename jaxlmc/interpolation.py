@@ -16,6 +16,7 @@ import numpy as np
 from jaxlmc import barriers, memory, models, permute, shard, spec_check, stats, train
 from jaxlmc.curves import make_curve_eval, make_train_bends
 from jaxlmc.measures import PAIR_MEASURES
+from jaxlmc.settings import DEFAULT_ALPHAS
 
 ALIGN_METHODS = ("weights", "activations")
 
@@ -71,7 +72,7 @@ def _probe_examples(eval_sets: dict, count: int = 4):
 
 
 def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]], eval_sets: dict, *,
-                num_alphas: int = 11, start_K: dict | None = None, reference_K: dict | None = None,
+                num_alphas: int = DEFAULT_ALPHAS, start_K: dict | None = None, reference_K: dict | None = None,
                 chunk_pairs: int = 0, memory_fraction: float = 0.5, align: str | None = None, align_x=None,
                 repair_x=None, bezier: BezierSettings | None = None, status=None) -> Curves:
     """The curves of `pairs` (indices into the member axis of `params_K`) on `eval_sets` (`eval_sets`), and of each

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxlmc import (barriers, ckpt, data, files, grid, interpolation, layout, loop, models, optimizers, shard,
                     spec_check, stats, train)
-from jaxlmc.settings import FinetuneConfig
+from jaxlmc.settings import DEFAULT_ALPHAS, FinetuneConfig
 
 # The per-member hyperparameters `fit` takes, in the grid's nesting order (seeds innermost), with their members.csv
 # column names.
@@ -280,7 +280,7 @@ class Barriers:
 
 
 def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | None = None, align_x=None,
-                  repair_x=None, num_alphas: int = 11, noise_resamples: int = 100, to_start: bool = False,
+                  repair_x=None, num_alphas: int = DEFAULT_ALPHAS, noise_resamples: int = 100, to_start: bool = False,
                   layerwise: bool = False, chunk_pairs: int = 0, eval_batch_size: int = 1000,
                   status=None) -> Barriers:
     """Interpolate between members: loss and error along θ(α) = (1 − α)·θᵢ + α·θⱼ on `num_alphas` points, for every
@@ -302,6 +302,13 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
                     np.asarray(y, np.int32)) for name, (x, y) in named.items()}
     table = members.table
     used = [r["member"] for r in table if grid.usable(r)]
+    if not used:
+        raise ValueError(f"pair_barriers: every one of the {len(table)} members diverged or is unfit (members.table's "
+                         "diverged and unfit columns): there is nothing to interpolate")
+    if align is not None and members.model.kind.permutation_spec is None:
+        raise ValueError(f"align={align!r}: model {members.model.kind.name!r} has no permutation spec; pass "
+                         "permutation_spec=[[jaxlmc.UnitAxis(layer, name, axis), …], …] (per hidden layer, every "
+                         "parameter axis its units index) to jaxlmc.fit, or align=None")
     if pairs == "within":
         cells: dict = {}
         for r in table:
@@ -310,10 +317,7 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
     elif pairs == "all":
         requested = barriers.pairs_all(range(len(table)))
     else:
-        requested = [(int(i), int(j)) for i, j in pairs]
-        bad = [p for p in requested if not all(0 <= m < len(table) for m in p)]
-        if bad:
-            raise IndexError(f"pairs: {bad[0]} names a member out of range (there are {len(table)})")
+        requested = barriers.check_pairs([(int(i), int(j)) for i, j in pairs], len(table), "pairs: ")
     usable = set(used)
     kept = [p for p in requested if p[0] in usable and p[1] in usable]
     position = {m: k for k, m in enumerate(used)}

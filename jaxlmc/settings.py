@@ -8,6 +8,9 @@ import dataclasses
 import json
 from typing import Callable, Literal
 
+# The α grid's points, ends included, wherever none is given: the study, the CLI and the library alike.
+DEFAULT_ALPHAS = 25
+
 Schedule = Literal["constant", "cosine", "linear"]
 # Registered names, checked by `validate`: jaxlmc.optimizers.OPTIMIZERS and jaxlmc.labels.LABEL_MAPS (built-ins and
 # whatever a plugin module registers).
@@ -159,7 +162,7 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BarrierConfig:
-    alphas: int = 25  # points on the α grid, ends included (Git Re-Basin uses 25)
+    alphas: int = DEFAULT_ALPHAS  # points on the α grid, ends included (Git Re-Basin uses 25)
     pairs: str = "within"  # "within" (pairs inside each grid cell), "all", or a file of pairs (columns i, j)
     chunk_pairs: int = 0  # pairs evaluated together; 0 picks the largest that fits memory_fraction of free memory
     memory_fraction: float = 0.5  # of free device memory the automatic chunk_pairs may use

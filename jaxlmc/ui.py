@@ -142,7 +142,8 @@ def print_barriers(result: dict) -> None:
     axes = grid.shown(summary, cells_only=True)
     key_headers = [a.header for a in axes]
 
-    splits = [s for s in ("test", "ood") if f"error_barrier_{s}_mean" in summary[0]]
+    # (a cell that got no pair, as with a cross-cell pair file, has no pair columns: shown as –)
+    splits = [s for s in ("test", "ood") if any(f"error_barrier_{s}_mean" in row for row in summary)]
     for metric in ("error", "loss"):
         table = Table(title=f"{metric} barrier between seeds (endpoint-mean form): mean ± std and 95% bootstrap CI "
                             "over pairs", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -152,8 +153,8 @@ def print_barriers(result: dict) -> None:
             cells = cell_values(row, axes) + [str(row["pairs"])]
             for split in splits:
                 name = f"{metric}_barrier_{split}"
-                cells += [f"{_num(row[name + '_mean'])}±{_num(row[name + '_std'])}",
-                          f"{_num(row[name + '_ci_lo'])}–{_num(row[name + '_ci_hi'])}"]
+                cells += [f"{_num(row.get(name + '_mean'))}±{_num(row.get(name + '_std'))}",
+                          f"{_num(row.get(name + '_ci_lo'))}–{_num(row.get(name + '_ci_hi'))}"]
             table.add_row(*cells)
         console.print(table)
 
@@ -165,7 +166,7 @@ def print_barriers(result: dict) -> None:
         table.add_column(header, justify="right")
     for row in summary:
         def ms(metric, digits=3):
-            return f"{_num(row[f'{metric}_mean'], digits)}±{_num(row[f'{metric}_std'], digits)}"
+            return f"{_num(row.get(f'{metric}_mean'), digits)}±{_num(row.get(f'{metric}_std'), digits)}"
 
         table.add_row(*cell_values(row, axes), str(row["members_used"]), ms("start_error_barrier_test"),
                       _num(row.get("start_error_barrier_test_floor_mean")), ms("start_dist", 2), ms("dist", 2),
@@ -174,6 +175,10 @@ def print_barriers(result: dict) -> None:
     if settings["diverged_members"] or settings.get("unfit_members"):
         console.print(f"[yellow]{settings['diverged_members']} diverged and {settings.get('unfit_members', 0)} unfit "
                       f"members left out ({settings['left_out_pairs']} pairs)[/yellow]")
+    across = sum(not p["same_cell"] for p in result["pairs"])
+    if across:
+        console.print(f"{across} pair{'s' * (across > 1)} join members of different cells: not in the per-cell tables, "
+                      "each in barriers/pairs.csv")
     console.print(f"{settings['member_pairs']} member pairs and {settings['start_pairs']} to-start pairs × "
                   f"{len(settings['alphas'])} α on {', '.join(settings['splits'])} in {settings['seconds']:.1f} s "
                   f"(chunks of {settings['chunk_pairs']} pair{'s' * (settings['chunk_pairs'] > 1)}, compilation included)")

@@ -14,6 +14,7 @@ from flax import nnx
 
 import jaxlmc
 from jaxlmc import barriers, measures, paths, permute, report
+from jaxlmc.settings import BarrierConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -272,3 +273,23 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_trains():
     assert not np.array_equal(a, b) and np.abs(np.asarray(a) - np.asarray(b)).max() < 0.1
     with pytest.raises(ValueError, match="compute_dtype: 'float16'"):
         jaxlmc.fit(Nested, (x, y), compute_dtype="float16", **args)
+
+
+def test_pair_barriers_errors_and_defaults_are_the_command_lines():
+    """One α grid for library and CLI; a pair list that pairs a member with itself or repeats a pair, members none of
+    which can be interpolated, and aligning without a spec: each one line saying what to pass."""
+    x, y = _data(200)
+    members = jaxlmc.fit(Nested, (x, y), lr=1e-2, seeds=3, steps=5, batch_size=50, fit_margin=-1)
+    result = jaxlmc.pair_barriers(members, (x, y), noise_resamples=0)
+    assert len(result.curves.alphas) == BarrierConfig().alphas == 25
+    for pairs, message in [([(0, 1), (1, 1)], r"pairs: pair 2: \(1, 1\) pairs member 1 with itself"),
+                           ([(0, 1), (2, 0), (1, 0)], r"pairs: pair 3: \(1, 0\) repeats pair 1"),
+                           ([(0, 7)], "pairs: pair 1: member 7 out of range")]:
+        with pytest.raises(ValueError, match=message):
+            jaxlmc.pair_barriers(members, (x, y), pairs=pairs)
+    with pytest.raises(ValueError, match=r"align='weights': model 'Nested' has no permutation spec; pass "
+                                         r"permutation_spec=\[\[jaxlmc.UnitAxis"):
+        jaxlmc.pair_barriers(members, (x, y), align="weights")
+    members.table = [{**r, "unfit": True} for r in members.table]
+    with pytest.raises(ValueError, match="every one of the 3 members diverged or is unfit"):
+        jaxlmc.pair_barriers(members, (x, y))

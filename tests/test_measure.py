@@ -139,6 +139,14 @@ def test_cli_prints_the_summary_and_refuses_training_overrides(run, tmp_path):
     assert "error barrier between seeds" in done.stdout and "to the probed start" in done.stdout
     refused = subprocess.run(cli + ["--set", "finetune.lrs=[0.1]"], capture_output=True, text=True)
     assert refused.returncode == 2 and "finetune.lrs decides how the members" in refused.stderr
+    (tmp_path / "across.csv").write_text("i,j\n0,6\n1,7\n")  # every pair joins two cells: no cell gets a pair
+    across = subprocess.run(cli + ["--alphas", "3", "--pairs", str(tmp_path / "across.csv")], capture_output=True,
+                            text=True)
+    assert across.returncode == 0, across.stderr
+    assert "2 pairs join members of different cells" in across.stdout
+    (tmp_path / "self.csv").write_text("i,j\n0,1\n2,2\n")
+    itself = subprocess.run(cli + ["--pairs", str(tmp_path / "self.csv")], capture_output=True, text=True)
+    assert itself.returncode == 2 and itself.stderr.strip().endswith("pair 2: (2, 2) pairs member 2 with itself")
     missing = subprocess.run(cli + ["--pairs", str(tmp_path / "nope.csv")], capture_output=True, text=True)
     assert missing.returncode == 2 and "nope.csv" in missing.stderr
     not_a_run = subprocess.run([sys.executable, "-m", "jaxlmc.cli", "barriers", str(tmp_path)], capture_output=True,
