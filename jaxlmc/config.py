@@ -145,7 +145,13 @@ def _with_kind_args(model):
             raise ConfigError(f"model.args: model.kind {model.kind!r} takes no arguments of its own, got "
                               f"{', '.join(sorted(raw))}")
         return model
-    return dataclasses.replace(model, args=_section(kind.args, raw, "model.args"))
+    args = _section(kind.args, raw, "model.args")
+    # A kind's arguments may say what makes them unbuildable (an odd rotary dimension): a config error, not a crash.
+    problem = getattr(args, "problem", None)
+    found = problem() if callable(problem) else None
+    if found:
+        raise ConfigError(f"model.args: {found}")
+    return dataclasses.replace(model, args=args)
 
 
 def import_plugins(modules: typing.Sequence[str]) -> None:

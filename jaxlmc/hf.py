@@ -3,32 +3,38 @@
 A checkpoint is a directory (a local snapshot, or the hub's cached download of a repository at a pinned revision)
 holding `config.json` and the weights as safetensors (`model.safetensors`, or shards listed in
 `model.safetensors.index.json`), read with the `safetensors` package into numpy — no PyTorch at run time. A checkpoint
-released only as PyTorch `pytorch_model.bin` (MultiBERTs) is read with `torch.load(weights_only=True)` when torch is
-installed, and refused otherwise: never unpickled by anything else. `gpt_neox_params` maps a GPT-NeoX (Pythia) state
-dict onto the gpt_neox kind's parameters (jaxlmc.models.gpt_neox), which then compute what `transformers`'
-GPTNeoXForCausalLM computes (tested against its logits). Every problem — a missing file, an unsupported architecture, a
-name or shape that does not match — is one line naming what and where.
+released only as PyTorch `pytorch_model.bin` (MultiBERTs) is read with `torch.load(weights_only=True)` when torch ≥ 2.6
+is installed (before 2.6 a crafted file can bypass weights_only), and refused otherwise: never unpickled by anything
+else. `gpt_neox_params` maps a GPT-NeoX (Pythia) state dict onto the gpt_neox kind's parameters
+(jaxlmc.models.gpt_neox), which then compute what `transformers`' GPTNeoXForCausalLM computes (tested against its
+logits). Every problem — a missing file, an unsupported architecture or setting, a name or shape that does not match —
+is one line naming what and where.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 from typing import Callable
 
 import huggingface_hub
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from jaxlmc.models.bert import BertArgs
-from jaxlmc.models.gpt_neox import GPTNeoXArgs
+from jaxlmc.models.gpt_neox import GPTNeoXArgs, args_problem as gpt_neox_args_problem
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS, TORCH_WEIGHTS_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# torch.load(weights_only=True) can be made to run code by a crafted file before torch 2.6 (CVE-2025-32434).
+TORCH_MIN = (2, 6)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # a tokenizers tokenizer, or BERT's WordPiece vocabulary
 _METADATA = [CONFIG, *TOKENIZER_FILES, "tokenizer_config.json"]
 # Buffers some GPT-NeoX checkpoints carry that are not parameters (recomputed from the config).
@@ -45,17 +51,30 @@ def snapshot(source: str, revision: str | None = None) -> str:
     huggingface_hub (offline: only what the cache holds)."""
     if os.path.isdir(source):
         return source
-    try:
-        directory = huggingface_hub.snapshot_download(source, revision=revision,
-                                                      allow_patterns=[*_METADATA, "*.safetensors", WEIGHTS_INDEX])
-        if not _has_safetensors(directory) and _torch_installed():  # released as PyTorch weights only
-            directory = huggingface_hub.snapshot_download(source, revision=revision,
-                                                          allow_patterns=[*_METADATA, "pytorch_model*.bin",
-                                                                          TORCH_WEIGHTS_INDEX])
+    where = f"{source} (revision {revision or 'main'})"
+    directory = _download(source, revision, [*_METADATA, "*.safetensors", WEIGHTS_INDEX], where)
+    if _has_safetensors(directory) or _has_torch_weights(directory):
         return directory
+    refusal = _torch_refusal(where)
+    if refusal is None:  # released as PyTorch weights only, and a torch that reads them safely
+        return _download(source, revision, [*_METADATA, "pytorch_model*.bin", TORCH_WEIGHTS_INDEX], where)
+    # Without such a torch, .bin weights are not downloaded (gigabytes, to be refused): say so where the hub lists
+    # them. Offline (no listing) the snapshot is returned as it is, and read_state_dict says it holds no weights.
+    try:
+        files = huggingface_hub.list_repo_files(source, revision=revision)
+    except Exception:  # offline, or the hub refuses the listing
+        files = []
+    if any(re.fullmatch(r"pytorch_model.*\.bin(\.index\.json)?", name) for name in files):
+        raise CheckpointError(refusal)
+    return directory
+
+
+def _download(source: str, revision: str | None, patterns: list[str], where: str) -> str:
+    try:
+        return huggingface_hub.snapshot_download(source, revision=revision, allow_patterns=patterns)
     except Exception as err:  # the hub's many errors (offline, unknown repository or revision): one line
-        raise CheckpointError(f"{source} (revision {revision or 'main'}) is neither a local directory nor reachable "
-                              f"on the Hugging Face hub: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"{where} is neither a local directory nor reachable on the Hugging Face hub: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
 
 
 def revision_source(pretrained: str, revision: str) -> tuple[str, str | None]:
@@ -74,8 +93,33 @@ def _has_safetensors(directory: str) -> bool:
     return any(os.path.exists(os.path.join(directory, name)) for name in (WEIGHTS, WEIGHTS_INDEX))
 
 
-def _torch_installed() -> bool:
-    return importlib.util.find_spec("torch") is not None
+def _has_torch_weights(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, name)) for name in (TORCH_WEIGHTS, TORCH_WEIGHTS_INDEX))
+
+
+def _torch_version() -> str | None:
+    """The installed torch's version (None: no torch), read without importing it (seconds)."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        if importlib.util.find_spec("torch") is None:
+            return None
+        return str(importlib.import_module("torch").__version__)  # importable, but not an installed distribution
+
+
+def _torch_refusal(where: str) -> str | None:
+    """Why the PyTorch .bin weights at `where` cannot be read here (None: they can): no torch, or one older than
+    2.6, whose weights-only loading a crafted file can bypass."""
+    version = _torch_version()
+    if version is None:
+        return (f"{where} holds PyTorch .bin weights only: reading them needs torch ≥ 2.6 (loaded with "
+                "weights_only=True, never as an arbitrary pickle): install torch ≥ 2.6, or convert the checkpoint "
+                "to safetensors")
+    release = tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:2])
+    if release < TORCH_MIN:
+        return (f"{where} holds PyTorch .bin weights only: reading them needs torch ≥ 2.6 (weights_only loading is "
+                f"unsafe before it; found {version}): upgrade torch, or convert the checkpoint to safetensors")
+    return None
 
 
 def read_config(directory: str) -> dict:
@@ -91,14 +135,13 @@ def read_config(directory: str) -> dict:
 
 def read_state_dict(directory: str) -> dict[str, np.ndarray]:
     """Every tensor of the checkpoint's weight file(s), by name, as numpy arrays: safetensors where the checkpoint
-    has them, else PyTorch .bin files through torch.load(weights_only=True) when torch is installed."""
+    has them, else PyTorch .bin files through torch.load(weights_only=True) when torch ≥ 2.6 is installed."""
     if _has_safetensors(directory):
         read, names = _read_safetensors, _shards(directory, WEIGHTS, WEIGHTS_INDEX)
-    elif any(os.path.exists(os.path.join(directory, n)) for n in (TORCH_WEIGHTS, TORCH_WEIGHTS_INDEX)):
-        if not _torch_installed():
-            raise CheckpointError(f"{directory} holds PyTorch .bin weights only: reading them needs torch (loaded with "
-                                  "weights_only=True, never as an arbitrary pickle); install torch, or convert the "
-                                  "checkpoint to safetensors")
+    elif _has_torch_weights(directory):
+        refusal = _torch_refusal(directory)
+        if refusal is not None:
+            raise CheckpointError(refusal)
         read, names = _read_torch, _shards(directory, TORCH_WEIGHTS, TORCH_WEIGHTS_INDEX)
     else:
         raise CheckpointError(f"{directory} holds no weights ({WEIGHTS}, {WEIGHTS_INDEX}, {TORCH_WEIGHTS} or "
@@ -123,13 +166,19 @@ def _shards(directory: str, single: str, index: str) -> list[str]:
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
+    except SafetensorError as err:  # a truncated or corrupt file: its header does not describe its bytes
+        raise CheckpointError(f"{path} cannot be read as safetensors (truncated, or not a safetensors file): "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} cannot be read as safetensors: {err}") from None
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
     # torch is optional (gigabytes, and seconds to import): loaded only for a checkpoint that needs it.
-    torch = importlib.import_module("torch")
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError as err:  # installed (its version was read) but broken
+        raise CheckpointError(f"{path} needs torch, which cannot be imported: {type(err).__name__}: {err}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch's unpickler refuses anything but tensors and containers: one line
@@ -148,19 +197,50 @@ def _check_architecture(config: dict, model_type: str, where: str) -> None:
         raise CheckpointError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
 
 
+def _first(config: dict, rope: dict, rope_key: str, keys: tuple[str, ...], default: float) -> tuple[float, str]:
+    """(value, the key it was read from) of a rotary setting: the RoPE table's (transformers 5's rope_parameters, or
+    an older rope_scaling), else the first top-level key present, else transformers' default."""
+    if rope.get(keys[-1]) is not None:
+        return rope[keys[-1]], f"{rope_key}.{keys[-1]}"
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key], key
+    return default, keys[0]
+
+
 def gpt_neox_args(config: dict, where: str = "config.json") -> GPTNeoXArgs:
-    """The gpt_neox kind's arguments from a Hugging Face GPTNeoXConfig (config.json)."""
+    """The gpt_neox kind's arguments from a Hugging Face GPTNeoXConfig (config.json): the rotary settings as
+    transformers reads them (rope_parameters, or an older rope_scaling, before rotary_pct / rotary_emb_base; defaults
+    0.25 and 10000). Settings the kind does not implement are refused, each naming its key: scaled RoPE (a rope_type
+    other than "default"), tied input and output embeddings, attention projections without biases."""
     _check_architecture(config, "gpt_neox", where)
-    rope = config.get("rope_parameters") or {}
-    return GPTNeoXArgs(
+    rope_key = "rope_scaling" if config.get("rope_scaling") is not None else "rope_parameters"
+    rope = config.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{where}: {rope_key} {rope!r} is not a table of RoPE settings")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"{where}: {rope_key} with rope_type {rope_type!r} is not supported (only 'default': "
+                              "unscaled rotary embeddings)")
+    if config.get("tie_word_embeddings", False):
+        raise CheckpointError(f"{where}: tie_word_embeddings {json.dumps(config['tie_word_embeddings'])} is not "
+                              "supported (the gpt_neox kind's output layer embed_out is its own matrix, not the input "
+                              "embedding)")
+    if not config.get("attention_bias", True):
+        raise CheckpointError(f"{where}: attention_bias {json.dumps(config['attention_bias'])} is not supported (the "
+                              "gpt_neox kind's attention projections have biases)")
+    rotary_pct, rotary_key = _first(config, rope, rope_key, ("rotary_pct", "partial_rotary_factor"), 0.25)
+    rotary_base, _ = _first(config, rope, rope_key, ("rotary_emb_base", "rope_theta"), 1e4)
+    args = GPTNeoXArgs(
         vocab_size=int(config["vocab_size"]), hidden_size=int(config["hidden_size"]),
         num_hidden_layers=int(config["num_hidden_layers"]), num_attention_heads=int(config["num_attention_heads"]),
-        intermediate_size=int(config["intermediate_size"]),
-        rotary_pct=float(config.get("rotary_pct", config.get("partial_rotary_factor",
-                                                             rope.get("partial_rotary_factor", 1.0)))),
-        rotary_emb_base=float(config.get("rotary_emb_base", config.get("rope_theta", rope.get("rope_theta", 1e4)))),
-        use_parallel_residual=bool(config.get("use_parallel_residual", True)),
+        intermediate_size=int(config["intermediate_size"]), rotary_pct=float(rotary_pct),
+        rotary_emb_base=float(rotary_base), use_parallel_residual=bool(config.get("use_parallel_residual", True)),
         layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)))
+    problem = gpt_neox_args_problem(args, rotary_key)
+    if problem is not None:
+        raise CheckpointError(f"{where}: {problem}")
+    return args
 
 
 def _take(state: dict, name: str, shape: tuple[int, ...], where: str) -> np.ndarray:

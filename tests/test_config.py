@@ -117,3 +117,10 @@ def test_every_shipped_config_validates():
     assert any(p.endswith("pythia_noreturn.toml") for p in paths) and len(paths) >= 10
     for path in paths:
         config.load(path)
+
+
+def test_a_kinds_arguments_that_build_no_model_are_a_config_error():
+    """An odd rotary dimension (rotary_pct 0.25 of a 12-dimensional head) names the key instead of crashing."""
+    with pytest.raises(config.ConfigError, match="model.args: rotary_pct 0.25 of head dimension 12 gives 3 rotary "
+                                                 "dimensions, an odd number"):
+        config.load("configs/tinylm.toml", ['model.kind="gpt_neox"', "model.args={rotary_pct=0.25, hidden_size=48}"])

@@ -46,6 +46,26 @@ class GPTNeoXArgs:
     layer_norm_eps: float = 1e-5
     remat: bool = False  # recompute each block's activations in the backward pass (less memory, ~⅓ more compute)
 
+    def problem(self) -> str | None:
+        """What makes these arguments describe no buildable model (jaxlmc.config refuses them naming it)."""
+        return args_problem(self)
+
+
+def args_problem(a: GPTNeoXArgs, rotary_name: str = "rotary_pct") -> str | None:
+    """What makes these arguments describe no model this kind can build, as one line naming the field (None: they
+    are sound); `rotary_name` is what the line calls rotary_pct (a checkpoint's config.json may spell it otherwise).
+    Rotary embeddings rotate pairs of dimensions: ⌊d·rotary_pct⌋ must be even."""
+    if a.num_attention_heads < 1 or a.hidden_size % a.num_attention_heads:
+        return f"hidden_size {a.hidden_size} is not a multiple of num_attention_heads {a.num_attention_heads}"
+    head = a.hidden_size // a.num_attention_heads
+    if not 0 <= a.rotary_pct <= 1:
+        return f"{rotary_name} {a.rotary_pct} is not between 0 and 1"
+    dims = int(head * a.rotary_pct)
+    if dims % 2:
+        return (f"{rotary_name} {a.rotary_pct} of head dimension {head} gives {dims} rotary dimensions, an odd number: "
+                "rotary embeddings rotate pairs of dimensions")
+    return None
+
 
 def _args(cfg) -> GPTNeoXArgs:
     return cfg.args if isinstance(cfg.args, GPTNeoXArgs) else GPTNeoXArgs(**dict(cfg.args))
@@ -107,9 +127,9 @@ class Block(nnx.Module):
 class GPTNeoX(Classifier):
     def __init__(self, cfg, input_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs, per_token: bool = False):
         a = _args(cfg)
-        if a.hidden_size % a.num_attention_heads:
-            raise ValueError(f"model.args.hidden_size {a.hidden_size} is not a multiple of num_attention_heads "
-                             f"{a.num_attention_heads}")
+        problem = args_problem(a)
+        if problem is not None:
+            raise ValueError(f"model.args.{problem}")
         self.per_token = per_token
         self.embed = nnx.Embed(a.vocab_size, a.hidden_size, rngs=rngs)
         self.remat = a.remat
