@@ -127,9 +127,10 @@ BY_STEP = (STEP_MEMBERS, STEP_PAIRS, STEP_TO_START, STEP_SUMMARY)
 CRITICAL = Table("critical.csv", (*((a.column, a.type) for a in grid.AXES if a.cell and a.column != "lr"),
                                   ("finetune_step", int)), rest=float)
 
-# The refinement rounds (jaxlmc.refine): the rates each added and why, its members and time.
+# The refinement rounds (jaxlmc.refine): the rates each added and why, its members (and how many diverged or are
+# unfit) and time.
 REFINE_ROUNDS = Table("refine/rounds.csv", (("round", int), ("lrs", str), ("reasons", str), ("members", int),
-                                            ("seconds", float)))
+                                            ("seconds", float), ("unusable", int)))  # diverged or unfit members
 
 # Other files, relative to the run directory.
 CONFIG = "config.json"

@@ -145,22 +145,28 @@ def write_barriers(run: rundir.RunDir, pairs, used, curves: Curves, pair_rows, s
 
 
 @rundir.exclusive
-def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
+def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = False) -> dict:
     """Evaluate the requested member pairs and every member-to-start pair of a finished fine-tuning run in one
     compiled pass; write barriers/. With finetune.save_steps, the same at each saved fine-tuning step (one pass per
-    step), in barriers/by_step/ beside the final step's rows. Returns {"pairs", "to_start", "summary", "settings"}."""
+    step), in barriers/by_step/ beside the final step's rows. Returns {"pairs", "to_start", "summary", "settings"}.
+
+    A run none of whose members can be interpolated (every one diverged or unfit) is a ConfigError, unless
+    `allow_unusable` (a refinement round: its failing rates are data, they bracket the trainability edge); its tables
+    then hold its members and no pairs."""
     b = cfg.barriers
     directory = rundir.RunDir(out)
     members = directory.members()
     pairs, left_out = select_pairs(b.pairs, members)  # a bad pair file is refused before any loading
     run = load_run(cfg, out)
-    if not run.used:
+    if not run.used and not allow_unusable:
         raise ConfigError(f"every member of {out} diverged or is unfit: there is nothing to interpolate")
     # The start every member's barrier to the start is measured against: its body with the probe head (a head that
     # works; a fresh random head sits at chance and would make that barrier meaningless). For probe-head members this
     # is exactly where they started.
     start_M = finetuning.start_params(cfg, out, run.model, members, run.task.train)
     probe_M = finetuning.start_params(cfg, out, run.model, members, run.task.train, heads="probe")
+    if not run.used:
+        return _without_pairs(cfg, out, run, start_M, probe_M)
     curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M)
     pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
     summary = summarize(members, pair_rows, start_rows, b.bootstrap, cfg.finetune.seeds)
@@ -197,6 +203,27 @@ def barriers_of_run(cfg: Config, out: str, status=None) -> dict:
     directory.write_by_step({step: by_step[step] for step in sorted(by_step)})
     return {"pairs": pair_rows, "to_start": start_rows, "summary": summary, "settings": settings,
             "layerwise": layer_rows, "layerwise_summary": layer_summary}
+
+
+def _without_pairs(cfg: Config, out: str, run: FinishedRun, start_M: dict, probe_M: dict) -> dict:
+    """barriers/ of a run none of whose final members can be interpolated: its members, no pairs (at a saved step
+    where some members were still usable, their barriers as usual)."""
+    directory = rundir.RunDir(out)
+    summary = summarize(run.members, [], [], cfg.barriers.bootstrap, cfg.finetune.seeds)
+    by_step = {cfg.finetune.steps: (run.members, [], [], summary)}
+    for step in cfg.finetune.save_steps:
+        by_step[step] = _barriers_at_step(cfg, out, run, step, start_M, probe_M, None)
+    settings = {"barriers": dataclasses.asdict(cfg.barriers), "member_pairs": 0, "start_pairs": 0,
+                "left_out_pairs": 0, "diverged_members": sum(m["diverged"] for m in run.members),
+                "unfit_members": sum(bool(m.get("unfit")) for m in run.members), "usable_members": 0,
+                "finetune_steps": sorted(by_step)}
+    directory.write_csv(rundir.PAIRS, [])
+    directory.write_csv(rundir.TO_START, [])
+    directory.write_csv(rundir.BARRIER_SUMMARY, summary)
+    directory.write_json(rundir.BARRIER_SETTINGS, settings)
+    directory.write_by_step({step: by_step[step] for step in sorted(by_step)})
+    return {"pairs": [], "to_start": [], "summary": summary, "settings": settings, "layerwise": None,
+            "layerwise_summary": None}
 
 
 def members_at_step(cfg: Config, out: str, run: FinishedRun, step: int, start_M: dict) -> tuple[list[dict], dict]:

@@ -92,7 +92,7 @@ def refine_run(cfg: Config, out: str, progress: loop.Progress | None = None) -> 
             marker = _train_round(cfg, run, one, lrs, wanted, progress)
         done.append({"round": k, "lrs": " ".join(f"{lr:g}" for lr in lrs), "reasons": "; ".join(
             f"{lr:g}: {', '.join(why)}" for lr, why in wanted.items()), "members": marker["members"],
-                     "seconds": marker["seconds"]})
+                     "unusable": marker.get("unusable", 0), "seconds": marker["seconds"]})
     run.write_csv(rundir.REFINE_ROUNDS, done)
     return done
 
@@ -104,8 +104,9 @@ def _train_round(cfg: Config, run: rundir.RunDir, one: rundir.RunDir, lrs: list[
     one_cfg = round_config(cfg, lrs)
     run.share_pretraining(one)
     rows = finetuning.finetune(one_cfg, one.root, progress=progress)
-    measure.barriers_of_run(one_cfg, one.root)
+    measure.barriers_of_run(one_cfg, one.root, allow_unusable=True)  # rates where nothing trains bracket the edge
     marker = {"lrs": lrs, "reasons": {f"{lr:g}": why for lr, why in wanted.items()}, "members": len(rows),
+              "unusable": sum(bool(r["diverged"] or r.get("unfit")) for r in rows),
               "seconds": time.perf_counter() - started}
     one.write_marker(rundir.REFINE, marker)
     return marker

@@ -92,13 +92,22 @@ def draw_figures(run: rundir.RunDir, summary: list[dict], members: list[dict]) -
 # --------------------------------------------------------------------------------------------- the page
 
 
+def _unusable(round_row: dict) -> str:
+    """How many of a round's members diverged or are unfit, when any did (those rates bracket the trainability edge;
+    every one of them: the round adds members but no pairs)."""
+    count, total = round_row.get("unusable") or 0, round_row["members"]
+    if not count:
+        return ""
+    return f"{'all' if count == total else count} diverged or unfit{' — no pairs' if count == total else ''}, "
+
+
 def _refinement(run: rundir.RunDir) -> str:
     """What the refinement rounds (jaxlmc.refine) added to the grid's rates, and why."""
     rounds = run.read_csv(rundir.REFINE_ROUNDS) if run.exists(rundir.REFINE_ROUNDS) else []
     if not rounds:
         return ""
     items = "".join(f"<li>round {r['round']}: rates {html.escape(r['lrs'])} ({r['members']} members, "
-                    f"{r['seconds']:.0f} s) — {html.escape(r['reasons'])}</li>" for r in rounds)
+                    f"{_unusable(r)}{r['seconds']:.0f} s) — {html.escape(r['reasons'])}</li>" for r in rounds)
     return ("<p>The brackets above include the refinement rounds' rates: each round added, for every start, the "
             f"log-midpoint of every bracket wider than ×{stats.BRACKET_FACTOR:g} (<code>refine/rounds.csv</code>):"
             f"</p><ul>{items}</ul>")

@@ -132,6 +132,24 @@ def test_rerun_skips_every_stage_and_study_settings_rerun_only_later_stages(refe
     assert len(read_csv(os.path.join(copy, "similarity.csv"))) == len(read_csv(os.path.join(out, "similarity.csv")))
 
 
+def test_a_round_whose_members_all_fail_is_data_and_the_study_finishes(reference, data_dir, tmp_path, monkeypatch):
+    """A refinement round at a rate where every member diverges (it brackets the trainability edge): the study finishes,
+    the round's members join the critical-rate tables as failing, and the report says every one failed."""
+    cfg, ref_out, _ = reference
+    out = str(tmp_path / "failing")
+    shutil.copytree(ref_out, out)
+    monkeypatch.setattr(refine, "proposals", lambda critical: {1e30: ["step 0 per_seed: 0.01 → inf (trainability)"]})
+    assert study.study(tiny(data_dir, "study.refine_rounds=1"), out, progress=False) == ["refine", "report"]
+    run = rundir.RunDir(out)
+    [row] = run.read_csv(rundir.REFINE_ROUNDS)
+    assert row["lrs"] == "1e+30" and row["unusable"] == row["members"] == 9
+    members, pairs, _ = run.step_tables()
+    failing = [m for m in members if m["lr"] == 1e30 and m["finetune_step"] == cfg.finetune.steps]
+    assert len(failing) == 9 and all(m["diverged"] or m["unfit"] for m in failing)
+    assert not [p for p in pairs if p["lr"] == 1e30 and p["finetune_step"] == cfg.finetune.steps]
+    assert "9 members, all diverged or unfit — no pairs" in open(run.path(rundir.REPORT)).read()
+
+
 def test_refinement_adds_the_midpoints_of_wide_brackets_for_every_start_and_resumes(reference, data_dir, tmp_path,
                                                                                    monkeypatch):
     """One round on the tiny grid (rates ×10 apart): the log-midpoints of its wide brackets, trained for every start in
