@@ -21,6 +21,8 @@ from jaxlmc import faults
 
 _NOT_REGULAR = "is not a regular file; jaxlmc writes only regular files inside a run directory (remove it)"
 _LINK = "is a symbolic link; jaxlmc never writes through links inside a run directory (remove it)"
+_HARD_LINK = ("has {} hard links (it is another file too); jaxlmc never writes through links inside a run directory "
+              "(remove it)")
 
 
 def _below(path: str, root: str) -> list[str]:
@@ -99,7 +101,11 @@ def open_regular(path: str, root: str, mode: int = 0o644) -> int:
         if err.errno in (errno.ENXIO, errno.EISDIR):
             raise faults.WriteFailed(path, _NOT_REGULAR) from None
         raise faults.WriteFailed(path, err.strerror or str(err)) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise faults.WriteFailed(path, _NOT_REGULAR)
+    if info.st_nlink != 1:  # a hard link: writing it would write the file it is also, wherever that lies
+        os.close(fd)
+        raise faults.WriteFailed(path, _HARD_LINK.format(info.st_nlink))
     return fd

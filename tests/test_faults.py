@@ -445,6 +445,21 @@ def test_no_write_follows_a_link_below_the_run_directory(tmp_path):
     assert json.loads((root / "settings.json").read_text()) == {"ok": True}
 
 
+@pytest.mark.parametrize("content", ["", '{"pid": 1, "host": "h", "started": 0, "command": "jaxlmc"}'])
+def test_a_lock_hard_linked_to_a_file_outside_is_refused_and_the_file_untouched(tmp_path, content):
+    """RUN/.lock as a second name of a file elsewhere (empty, or holding a record that would be taken over): writing
+    the lock would write that file, so it is refused in one line and the file keeps its content."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text(content)
+    root = tmp_path / "run"
+    root.mkdir()
+    os.link(outside, root / ".lock")
+    with pytest.raises(faults.WriteFailed, match=rf"^cannot write {re.escape(str(root))}/\.lock: has 2 hard links "):
+        with rundir.RunDir(str(root)).writing():
+            pass
+    assert outside.read_text() == content and os.listdir(root) == [".lock"]
+
+
 @pytest.mark.parametrize("content", ["[1]", '{"pid": "abc"}', "not json", '{"pid": 5, "host": 3}'])
 def test_a_malformed_lock_is_one_line_that_says_how_to_clear_it(tmp_path, content):
     root = tmp_path / "run"
