@@ -173,7 +173,7 @@ def _barriers(args) -> int:
         overrides.append(f"barriers.pairs={json.dumps(args.pairs)}")
     if args.alphas is not None:
         overrides.append(f"barriers.alphas={args.alphas}")
-    cfg = rundir.RunDir(args.run_dir).config(overrides)
+    cfg = rundir.RunDir(args.run_dir).config(overrides, imports=args.imports)
     with ui.console.status("barriers") as status:
         result = api.barriers_of_run(cfg, args.run_dir,
                                      status=None if args.quiet else lambda text: status.update(text))

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 from importlib import metadata
 
@@ -293,11 +294,22 @@ class RunDir:
         shard.sync(f"superseded {self.root}")
         return target
 
-    def config(self, overrides=()) -> Config:
-        """The config the directory was trained with, with overrides of the measuring sections only."""
+    def config(self, overrides=(), imports=()) -> Config:
+        """The config the directory was trained with, with overrides of the measuring sections only.
+
+        A run directory may have come from someone else, so it does not choose what code runs: the plugin modules
+        its config names (plugins.modules, a model.kind "module:attribute") must be imported already or be among
+        `imports` (the command's --import), else a ConfigError names them."""
         if not self.exists(CONFIG):
             raise ConfigError(f"{self.root} is not a run directory (no config.json); run `jaxlmc finetune` first")
         raw = self.read_json(CONFIG)["config"]
+        kind = str(raw.get("model", {}).get("kind", ""))
+        named = [*raw.get("plugins", {}).get("modules", []), *([kind.partition(":")[0]] if ":" in kind else [])]
+        unallowed = [m for m in dict.fromkeys(named) if m not in sys.modules and m not in imports]
+        if unallowed:
+            raise ConfigError(f"{self.root} was made with plugin module(s) {', '.join(unallowed)}, whose code a run "
+                              "directory cannot choose to run: allow it with "
+                              f"{' '.join('--import ' + m for m in unallowed)}")
         for text in overrides:
             section, key, value = parse_override(text)
             if section in TRAINING_SECTIONS and (section, key) != ("data", "data_dir"):

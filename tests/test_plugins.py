@@ -50,11 +50,17 @@ def test_a_model_kind_and_datasets_from_a_plugin_run_the_whole_study(tmp_path):
     assert len(norms) == 2 * 2 * 3 and all(float(r["norm"]) > 0 for r in norms)
     assert os.path.exists(os.path.join(out, "stages", "weight_norms.json"))
     with open(os.path.join(out, "config.json")) as f:
-        assert '"lmc_plugin"' in f.read()  # the run remembers its plugin: a later command imports it itself
-    again = jaxlmc("barriers", out, "--quiet", "--set", "barriers.align=false")  # reads the run's own config
+        assert '"lmc_plugin"' in f.read()  # the run remembers its plugin, and names it
+    # A run directory does not choose what code runs: its plugin is imported only when the command allows it.
+    refused = jaxlmc("barriers", out, "--quiet")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"jaxlmc: error: {out} was made with plugin module(s) lmc_plugin, whose code a run directory cannot choose "
+        "to run: allow it with --import lmc_plugin"), refused.stderr
+    again = jaxlmc("barriers", out, "--quiet", "--import", "lmc_plugin", "--set", "barriers.align=false")
     assert again.returncode == 0, again.stderr[-2000:]
-    # Without the plugin importable, a command on the run says so in one line.
-    missing = subprocess.run([sys.executable, "-m", "jaxlmc.cli", "barriers", out], capture_output=True, text=True,
+    # Allowed but not importable: one line.
+    missing = subprocess.run([sys.executable, "-m", "jaxlmc.cli", "barriers", out, "--import", "lmc_plugin"],
+                             capture_output=True, text=True,
                              env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert missing.returncode == 2, missing.stderr
     assert missing.stderr.strip().splitlines()[-1].startswith(
@@ -93,3 +99,20 @@ def test_a_kind_named_by_import_path_reads_its_own_arguments(tmp_path, monkeypat
         config.load(None, ["model.kind=no_such_module:KIND"])
     with pytest.raises(config.ConfigError, match="does not expose its units' activations"):
         config.load(None, kind + ["barriers.align='activations'"])
+
+
+def test_a_received_run_directory_imports_nothing_it_names(tmp_path, monkeypatch):
+    """A run directory's config.json naming plugin modules (and a model kind by import path) imports none of them
+    unless the caller allows each: one line lists what the run needs and how to allow it."""
+    monkeypatch.syspath_prepend(PLUGINS)
+    raw = config.load("configs/mnist1d.toml").to_dict()
+    raw["plugins"]["modules"] = ["lmc_plugin"]
+    raw["model"]["kind"] = "lmc_models:SCALED_TANH"
+    run = rundir.RunDir(str(tmp_path))
+    run.write_json(rundir.CONFIG, {"config": raw})
+    for name in ("lmc_plugin", "lmc_models"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(config.ConfigError, match=r"was made with plugin module\(s\) lmc_plugin, lmc_models, whose "
+                                                 r"code .* allow it with --import lmc_plugin --import lmc_models$"):
+        run.config()
+    assert "lmc_plugin" not in sys.modules and "lmc_models" not in sys.modules
