@@ -8,7 +8,9 @@ distribution shifts of the default (more noise, shear, scaling) used as fine-tun
 draw of the default distribution for pretraining; all are standardised with the default's statistics, so a shift in
 amplitude or noise is not normalised away. TinyLang, a synthetic language, is a second embedded builder (token
 sequences: language modelling with the `next_token` label map, or sequence classification). Real TFDS text datasets
-(tiny_shakespeare, imdb_reviews, …) are read through the same loader, tokenized as UTF-8 bytes (see TEXT_VOCAB).
+(tiny_shakespeare, imdb_reviews, …) are read through the same loader, tokenized as UTF-8 bytes (see TEXT_VOCAB), or
+as a checkpoint's tokens (jaxlmc.tokens). A dataset of text pairs (GLUE's MRPC, RTE, MNLI, QQP, QNLI; SNLI: see
+TEXT_PAIRS) is read as token ids and token types, N×T×2, for a model kind that reads token types (bert).
 
 A *task* is a dataset name (``name`` or ``name/config``) plus a label map or a class list; a label map that changes
 the label set (``mod5``, ``parity``) defines a fine-tuning task with a new head, and a class list keeps only some
@@ -42,11 +44,31 @@ DEFAULT_DATA_DIR = os.path.expanduser(os.environ.get("JAXLMC_DATA_DIR", "~/tenso
 TEXT_VOCAB = 256
 TEXT_PAD = 0
 TEXT_FEATURES = ("text", "sentence")  # the names TFDS text datasets give their text feature
+# The names TFDS sentence-pair datasets give their two texts, first segment first (GLUE's MRPC, RTE, WNLI, STS-B and
+# PAWS; MNLI, SNLI; QQP; QNLI): chosen before a single text feature, so QNLI is its question and sentence.
+TEXT_PAIRS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
+              ("question", "sentence"))
+ARRAY_FEATURES = ("signal", "image", "tokens")  # the names of the array features read as they are
 
 
-def text_feature(features) -> str | None:
-    """The name of a dataset's text feature (a tfds.features.Text), or None for a dataset of arrays."""
-    return next((k for k in TEXT_FEATURES if k in features and isinstance(features[k], tfds.features.Text)), None)
+def text_features(features) -> tuple[str, ...]:
+    """The text features (tfds.features.Text) a dataset's examples are read from: a pair's two names (sentence pairs,
+    read as token ids and types), one name, or () for a dataset of arrays."""
+    texts = {k for k in features if isinstance(features[k], tfds.features.Text)}
+    pair = next((p for p in TEXT_PAIRS if set(p) <= texts), None)
+    if pair is not None:
+        return pair
+    return tuple(k for k in TEXT_FEATURES if k in texts)[:1]
+
+
+def _input_features(name: str, features) -> tuple[str, ...]:
+    """`text_features`, or () for a dataset of arrays; a dataset of neither is one line naming what it holds."""
+    keys = text_features(features)
+    if keys or any(k in features for k in ARRAY_FEATURES):
+        return keys
+    raise ValueError(f"{name} has no input feature jaxlmc reads (it has {', '.join(sorted(features))}): text "
+                     f"({' or '.join(TEXT_FEATURES)}), a text pair ({', '.join(' + '.join(p) for p in TEXT_PAIRS)}) "
+                     f"or arrays ({', '.join(ARRAY_FEATURES)})")
 
 
 def _as_bytes(text) -> bytes:
@@ -81,6 +103,7 @@ class Split:
     y: np.ndarray
     num_classes: int
     name: str
+    token_types: bool = False  # x is N×T×2: token ids and token types (text pairs, jaxlmc.tokens.token_pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +151,7 @@ def register_dataset(name: str, splits, num_classes: int, vocab: int = 0) -> Non
 def _builder(name: str, data_dir: str | None):
     base, _, config = name.partition("/")
     try:
-        return tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
+        return _tfds_builder(name, data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         # TFDS's own message lists its whole catalogue (hundreds of lines): name the closest few instead.
         close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=3, cutoff=0.6)
@@ -143,6 +166,15 @@ def _builder(name: str, data_dir: str | None):
         close = difflib.get_close_matches(config, configs, n=3, cutoff=0.5) or configs
         raise ValueError(f"unknown TFDS dataset {name!r}: {base} has no config {config!r}; closest: "
                          f"{', '.join(f'{base}/{c}' for c in close)}") from None
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+    try:
+        return tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError:
+        # TFDS imports its older text builders (GLUE among them) lazily: they are registered only once imported.
+        import tensorflow_datasets.text  # noqa: F401
+        return tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
 
 
 def prepare(name: str, data_dir: str | None = None):
@@ -174,9 +206,15 @@ def _read_all(name: str, split: str, data_dir: str | None, context_length: int =
         examples = [source[i] for i in range(len(source))]
     features = builder.info.features
     labelled = "label" in features
-    text_key = text_feature(features)
-    if text_key is not None:
-        texts = [ex[text_key] for ex in examples]
+    text_keys = _input_features(name, features)
+    if len(text_keys) == 2:  # labelled pairs (load_task refuses them as a corpus, or without a tokenizer)
+        first, second = ([ex[k] for ex in examples] for k in text_keys)
+        pairs = tokens.token_pairs(first, second, tokens.tokenizer(tokenizer_path), context_length)
+        # As for one text: a padding column (token type 0) for the next token that sequence classification drops.
+        column = np.broadcast_to(np.asarray([tokens.TOKEN_PAD, tokens.TYPE_PAD], np.int32), (len(pairs), 1, 2))
+        x = np.concatenate([pairs, column], axis=1)
+    elif text_keys:
+        texts = [ex[text_keys[0]] for ex in examples]
         window = context_length + 1
         if tokenizer_path and (as_corpus or not labelled):
             x = tokens.token_windows(texts, tokens.tokenizer(tokenizer_path), window)
@@ -191,7 +229,7 @@ def _read_all(name: str, split: str, data_dir: str | None, context_length: int =
             raise ValueError(f"{name}:{split} holds fewer than {window} bytes of text: no sequence of "
                              f"context_length {context_length} + 1")
     else:
-        x_key = next(k for k in ("signal", "image", "tokens") if k in features)
+        x_key = next(k for k in ARRAY_FEATURES if k in features)
         x = np.stack([np.asarray(ex[x_key]) for ex in examples])
     if not labelled:
         return x, np.zeros(len(x), np.int32), 0
@@ -205,16 +243,24 @@ def vocab_size(name: str, data_dir: str | None = None, tokenizer_path: str = "")
     if name in DATASETS:
         return DATASETS[name].vocab
     features = _builder(name, data_dir).info.features
-    if text_feature(features) is not None:
+    if text_features(features):
         return tokens.tokenizer(tokenizer_path).get_vocab_size() if tokenizer_path else TEXT_VOCAB
     return int(features["tokens"].feature.num_classes) if "tokens" in features else 0
 
 
 def is_text(name: str, data_dir: str | None = None) -> bool:
-    """Whether a dataset holds text (tokenized here as bytes, in windows of a chosen context length)."""
+    """Whether a dataset holds text (tokenized here as bytes, in windows of a chosen context length), or text pairs;
+    a dataset of neither text nor arrays jaxlmc reads is one line naming its features."""
     if name in DATASETS:
         return False
-    return text_feature(_builder(name, data_dir).info.features) is not None
+    return bool(_input_features(name, _builder(name, data_dir).info.features))
+
+
+def is_pair(name: str, data_dir: str | None = None) -> bool:
+    """Whether a dataset holds text pairs (TEXT_PAIRS): read as token ids and token types, N×T×2."""
+    if name in DATASETS:
+        return False
+    return len(text_features(_builder(name, data_dir).info.features)) == 2
 
 
 def num_classes(name: str, data_dir: str | None = None) -> int:
@@ -264,7 +310,8 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
     with `stats_from`, of that task's train split (restricted to the same classes): an OOD set must be normalised like
     the task it shifts, or the normalisation would undo part of the shift. MNIST-1D signals are stored standardised
     with the default distribution's statistics and are not rescaled here. With `tokenizer_path` (a tokenizer.json)
-    text is read as its tokens instead of bytes (`token_windows`, `token_sequences`).
+    text is read as its tokens instead of bytes (`token_windows`, `token_sequences`), and a dataset of text pairs
+    (TEXT_PAIRS; a tokenizer needed) as token ids and token types N×`context_length`×2 (`token_pairs`).
     """
     if label_map not in LABEL_MAPS:
         raise ValueError(f"unknown label map {label_map!r}; choose one of {sorted(LABEL_MAPS)}")
@@ -278,6 +325,14 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
         raise ValueError(f"{name} has no labels: it can only be a language-modelling task (label map 'next_token' "
                          "or 'masked_token')")
     masked = label_map == "masked_token"
+    pairs = text and is_pair(name, data_dir)
+    if pairs and not tokenizer_path:
+        first, second = text_features(_builder(name, data_dir).info.features)
+        raise ValueError(f"{name} holds text pairs ({first} and {second}): read them with a tokenizer "
+                         "(data.tokenizer), as token ids and token types")
+    if pairs and label_map in LANGUAGE_MODELLING:
+        raise ValueError(f"{name} holds labelled text pairs, not a corpus: label map {label_map!r} (language "
+                         "modelling) cannot read it")
     if masked and not (text and tokenizer_path):
         raise ValueError(f"label map 'masked_token' needs text read by a tokenizer with a mask token "
                          f"(data.tokenizer); {name} is {'text read as bytes' if text else 'not text'}")
@@ -329,5 +384,5 @@ def load_task(name: str, label_map: str = "identity", data_dir: str | None = Non
         if mapping is not None:
             y, n = mapping(y, n)
         result[split] = Split(x=x.astype(np.float32), y=y.astype(np.int32), num_classes=int(n),
-                              name=f"{name}:{split}{suffix}")
+                              name=f"{name}:{split}{suffix}", token_types=bool(pairs))
     return result

@@ -23,6 +23,12 @@ class Task:
         return self.train.x.shape[1:]
 
     @property
+    def token_shape(self):
+        """The input shape without the token-type channel of text pairs (inputs N×T×2): the shape a task of single
+        texts (N×T) shares with it, so that a model pretrained on one fine-tunes on the other."""
+        return self.input_shape[:-1] if self.train.token_types else self.input_shape
+
+    @property
     def per_token(self) -> bool:
         """A label per position (language modelling): labels N×T instead of N."""
         return self.train.y.ndim > 1
@@ -63,6 +69,9 @@ def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "te
         raise ConfigError(f"data.tokenizer: model.kind {kind.name!r} does not read padding (negative token ids), which "
                           "tokenized text has; use a kind that does (gpt_neox)")
     try:
+        if data.is_pair(name, data_dir or None) and not kind.token_types:
+            raise ConfigError(f"{key} {name!r} holds text pairs, read as token ids and token types; model.kind "
+                              f"{kind.name!r} reads one segment (bert reads token types)")
         if class_list:
             n_classes = data.num_classes(name, data_dir or None)
             try:
@@ -95,7 +104,18 @@ def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "te
     return loaded
 
 
+def check_pretrained(cfg: Config) -> None:
+    """Every released revision model.pretrained names is there — a local directory, or the hub's snapshot of it —
+    checked before any dataset is prepared: one ConfigError line naming the revision and what is missing."""
+    for revision in cfg.finetune.pretrain_revisions if cfg.model.pretrained else []:
+        try:
+            hf.snapshot(*hf.revision_source(cfg.model.pretrained, revision))
+        except hf.CheckpointError as err:
+            raise ConfigError(f"model.pretrained, revision {revision}: {err}") from None
+
+
 def load_pretrain_task(cfg: Config) -> Task:
+    check_pretrained(cfg)
     d = cfg.data
     splits = _load(cfg, "data.pretrain_task", d.pretrain_task, d.pretrain_labels,
                    classes=("data.pretrain_classes", d.pretrain_classes))
@@ -103,6 +123,7 @@ def load_pretrain_task(cfg: Config) -> Task:
 
 
 def load_finetune_task(cfg: Config) -> Task:
+    check_pretrained(cfg)
     d = cfg.data
     classes = ("data.finetune_classes", d.finetune_classes)
     splits = _load(cfg, "data.finetune_task", d.finetune_task, d.finetune_labels, splits=("train", d.test_split),

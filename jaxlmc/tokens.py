@@ -3,7 +3,8 @@ right-padded sequences, a corpus as windows, and masked language modelling's inp
 
 Every sequence carries the tokenizer's own special tokens — BERT's `[CLS] … [SEP]`, none for Pythia's — around as
 much of its text as leaves room for them, so that a classifier reading BERT's position 0 reads `[CLS]`, as in its
-pretraining.
+pretraining. A sentence pair (`token_pairs`: GLUE's MRPC, RTE, MNLI, …) is `[CLS] a [SEP] b [SEP]` with its token
+types beside the ids, as BERT's tokenizer makes it.
 """
 from __future__ import annotations
 
@@ -49,11 +50,14 @@ def _as_text(text) -> str:
     return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 
 
-def _room(tok: tokenizers.Tokenizer, length: int) -> int:
-    room = length - tok.num_special_tokens_to_add(False)
-    if room < 1:
-        raise ValueError(f"sequences of {length} tokens leave no room for text beside the tokenizer's "
-                         f"{tok.num_special_tokens_to_add(False)} special tokens")
+def _room(tok: tokenizers.Tokenizer, length: int, pair: bool = False) -> int:
+    """The tokens of text a sequence of `length` holds beside the tokenizer's special tokens (of a pair: at least one
+    per text)."""
+    special = tok.num_special_tokens_to_add(pair)
+    room = length - special
+    if room < 1 + pair:
+        raise ValueError(f"sequences of {length} tokens leave no room for {'two texts' if pair else 'text'} beside "
+                         f"the tokenizer's {special} special tokens")
     return room
 
 
@@ -66,6 +70,32 @@ def token_sequences(texts, tok: tokenizers.Tokenizer, length: int) -> np.ndarray
         encoding.truncate(room)
         ids = tok.post_process(encoding).ids
         out[row, :len(ids)] = ids
+    return out
+
+
+TYPE_PAD = 0  # the token type of padding (never attended to, as BERT's tokenizer pads types)
+
+
+def token_pairs(firsts, seconds, tok: tokenizers.Tokenizer, length: int) -> np.ndarray:
+    """Labelled text pairs tokenized, one sequence per pair, N×`length`×2: [..., 0] the token ids, right-padded with
+    TOKEN_PAD; [..., 1] their token types, TYPE_PAD on padding. Both come from the tokenizer's own pair encoding —
+    BERT's `[CLS] a [SEP] b [SEP]`, types 0 for `[CLS] a [SEP]` and 1 for `b [SEP]` (its post-processor's type ids) —
+    and a pair too long is cut as transformers' BertTokenizer cuts it with truncation="longest_first" (the library's
+    own truncation, special tokens counted): the longer text loses its last tokens, down to half the room when the
+    shorter needs its half too (an odd token to the longer; of two as long, to the second). An empty second text is
+    no second segment (`[CLS] a [SEP]`, all type 0), as there and in BERT's own run_classifier."""
+    if len(firsts) != len(seconds):
+        raise ValueError(f"{len(firsts)} first texts and {len(seconds)} second texts do not pair up")
+    _room(tok, length, pair=True)
+    cutter = tokenizers.Tokenizer.from_str(tok.to_str())  # a copy: the shared tokenizer is left without truncation
+    cutter.no_padding()
+    cutter.enable_truncation(length, strategy="longest_first")
+    out = np.full((len(firsts), length, 2), TYPE_PAD, np.int32)
+    out[..., 0] = TOKEN_PAD
+    inputs = [(_as_text(a), _as_text(b)) if _as_text(b) else _as_text(a) for a, b in zip(firsts, seconds)]
+    for row, encoding in enumerate(cutter.encode_batch(inputs, add_special_tokens=True)):
+        out[row, :len(encoding.ids), 0] = encoding.ids
+        out[row, :len(encoding.ids), 1] = encoding.type_ids
     return out
 
 

@@ -1,6 +1,7 @@
 """The bert kind against Hugging Face's BertForPreTraining: final hidden states, pooled [CLS] output and masked-LM
-logits equal to transformers' on a padded batch (a committed fixture made by tests/fixtures/make_bert.py; live as
-well when transformers is installed), from safetensors and from a PyTorch state dict (with torch; refused in one line
+logits equal to transformers' on a padded batch, and on a padded batch of sentence pairs with token types (inputs
+B×T×2), where one-segment inputs B×T are exactly token type 0 (a committed fixture made by
+tests/fixtures/make_bert.py; live as well when transformers is installed), from safetensors and from a PyTorch state dict (with torch; refused in one line
 without); a checkpoint that does not fit is one line; a permuted model computes the same function and weight and
 activation matching find the permutation back."""
 import importlib.util
@@ -39,6 +40,45 @@ def test_hidden_states_and_pooled_output_equal_transformers():
     np.testing.assert_allclose(hidden[real], reference["hidden"][real], atol=1e-4, rtol=0)
     np.testing.assert_allclose(model.features(params, tokens), reference["pooled"], atol=1e-4, rtol=0)
     assert model.apply(params, tokens).shape == (3, 3)
+
+
+def _pairs(reference) -> np.ndarray:
+    """The fixture's sentence pairs as the bert kind reads them: B×T×2, token ids and token types."""
+    return np.stack([reference["pair_tokens"], reference["pair_types"]], axis=-1)
+
+
+def test_sentence_pairs_with_token_types_equal_transformers():
+    model, params = _loaded()
+    reference = np.load(os.path.join(DIRECTORY, "reference.npz"))
+    x, real = _pairs(reference), reference["pair_tokens"] >= 0
+    assert (reference["pair_types"] == 1).any() and not real.all()
+    module = nnx.merge(model.graphdef, params)
+    hidden = np.asarray(module.hidden(x))
+    np.testing.assert_allclose(hidden[real], reference["pair_hidden"][real], atol=1e-5, rtol=0)  # measured 7e-7
+    np.testing.assert_allclose(model.features(params, x), reference["pair_pooled"], atol=1e-5, rtol=0)
+    assert model.apply(params, x).shape == (3, 3)
+    # Read as one segment (every type 0), the same tokens are a different function: the types are what matched.
+    assert np.abs(np.asarray(module.hidden(x[..., 0]))[real] - reference["pair_hidden"][real]).max() > 0.1
+    masked_lm, mlm_params = _masked_lm()
+    logits = np.asarray(masked_lm.apply(mlm_params, x))
+    np.testing.assert_allclose(logits[real], reference["pair_mlm_logits"][real], atol=1e-5, rtol=0)
+
+
+def test_one_segment_inputs_are_token_type_0_exactly():
+    """B×T token ids compute exactly what B×T×2 with every type 0 does (the one-segment path is the one jaxlmc has
+    always taken: its own expression, kept), down to unit activations; padding's type is never read."""
+    model, params = _loaded()
+    reference = np.load(os.path.join(DIRECTORY, "reference.npz"))
+    tokens = reference["tokens"].astype(np.float32)
+    typed = np.stack([tokens, np.zeros_like(tokens)], axis=-1)
+    np.testing.assert_array_equal(model.apply(params, tokens), model.apply(params, typed))
+    for a, b in zip(model.unit_activations(params, tokens), model.unit_activations(params, typed)):
+        np.testing.assert_array_equal(a, b)
+    padding_typed = typed.copy()
+    padding_typed[..., 1] = np.where(tokens < 0, 1, 0)
+    np.testing.assert_array_equal(model.apply(params, tokens), model.apply(params, padding_typed))
+    with pytest.raises(ValueError, match=r"token ids T or token ids and types T×2, not inputs of shape \(10, 3\)"):
+        base.build(bert.KIND, ModelConfig(kind="bert", args=model.cfg.args), (10, 3), 3)
 
 
 def _masked_lm():
@@ -101,6 +141,14 @@ def test_hidden_states_equal_transformers_live():
                         attention_mask=torch.as_tensor((tokens >= 0).astype(np.int64)))
     model, params = _loaded()
     np.testing.assert_allclose(model.features(params, tokens), out.pooler_output.numpy(), atol=1e-4, rtol=0)
+    types = np.zeros_like(tokens)
+    types[0, 3:], types[1, 2:5] = 1, 1  # second segments; padding type 0
+    with torch.no_grad():
+        typed = reference(input_ids=torch.as_tensor(np.maximum(tokens, 0)),
+                          attention_mask=torch.as_tensor((tokens >= 0).astype(np.int64)),
+                          token_type_ids=torch.as_tensor(types))
+    np.testing.assert_allclose(model.features(params, np.stack([tokens, types], axis=-1)),
+                               typed.pooler_output.numpy(), atol=1e-5, rtol=0)
     with torch.no_grad():
         logits = transformers.BertForMaskedLM.from_pretrained(BIN_DIRECTORY).eval()(
             input_ids=torch.as_tensor(np.maximum(tokens, 0)),

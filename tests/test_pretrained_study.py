@@ -1,7 +1,8 @@
 """The whole study on released revisions: two local "revisions" of a tiny random GPT-NeoX (next-token pretraining
 task, a tokenizer.json) and of a tiny random BERT (masked-token pretraining task, a WordPiece vocab.txt as
-MultiBERTs ship it), each saved in Hugging Face's format with its tokenizer beside it, on TFDS mock text: import,
-the scratch control, fine-tuning, barriers, the critical rate and the report, through the unchanged study."""
+MultiBERTs ship it), each saved in Hugging Face's format with its tokenizer beside it, on TFDS mock text (for BERT
+also fine-tuned on sentence pairs, GLUE's MRPC with RTE as the OOD set: token ids and token types): import, the
+scratch control, fine-tuning, barriers, the critical rate and the report, through the unchanged study."""
 import os
 
 import jax
@@ -50,20 +51,27 @@ def _bert_revisions(root: str) -> tuple[list[str], list[str]]:
     return revisions, ["model.kind=bert", args_toml, "data.pretrain_labels=masked_token"]
 
 
-@pytest.mark.slow  # two whole studies
-@pytest.mark.parametrize("make", [_gpt_neox_revisions, _bert_revisions], ids=["gpt_neox", "bert"])
+def _bert_pair_revisions(root: str) -> tuple[list[str], list[str]]:
+    revisions, keys = _bert_revisions(root)
+    return revisions, [*keys, 'data.finetune_task="glue/mrpc"', 'data.test_split="validation"',
+                       'data.ood_task="glue/rte"', 'data.ood_split="validation"']
+
+
+@pytest.mark.slow  # three whole studies
+@pytest.mark.parametrize("make", [_gpt_neox_revisions, _bert_revisions, _bert_pair_revisions],
+                         ids=["gpt_neox", "bert", "bert_pairs"])
 def test_a_whole_study_from_released_revisions(make, tmp_path):
     root = str(tmp_path / "suite")
     revisions, kind_keys = make(root)
     cfg = config.load(None, [
-        *kind_keys, f'model.pretrained="{root}"', f"finetune.pretrain_revisions={revisions}",
+        f'model.pretrained="{root}"', f"finetune.pretrain_revisions={revisions}",
         'data.tokenizer="pretrained"', f'data.data_dir="{tmp_path / "tfds"}"', "data.context_length=8",
         'data.pretrain_task="tiny_shakespeare"', 'data.finetune_task="imdb_reviews"', 'data.finetune_labels="identity"',
         'data.ood_task=""', "data.train_eval_size=32", "data.validation_size=16", "finetune.lrs=[0.001, 0.1]",
         'finetune.heads=["per_seed"]', "finetune.seeds=2", "finetune.steps=10", "finetune.warmup_steps=0",
         "finetune.batch_size=16", "run.chunk_steps=5", "run.checkpoint_every=10", "barriers.alphas=3",
         "barriers.noise_resamples=10", "study.sharpness_iterations=0", "study.similarity_examples=32",
-        "study.fit_margin=-1", "study.refine_rounds=0", "finetune.scratch=true", "barriers.align=true"])
+        "study.fit_margin=-1", "study.refine_rounds=0", "finetune.scratch=true", "barriers.align=true", *kind_keys])
     out = str(tmp_path / "run")
     with tfds.testing.mock_data(num_examples=64):
         assert study.study(cfg, out, progress=False) == study.STAGE_NAMES

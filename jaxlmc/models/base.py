@@ -133,6 +133,7 @@ class ModelKind:
     repair_points: Callable[..., list[tuple[str, str]]] | None = None
     dropout: bool = True  # its module's call takes a second argument, `drop` (per-member dropout while training)
     pads: bool = False  # it reads negative token ids as padding (never attended to): tokenized text
+    token_types: bool = False  # it also reads inputs B×T×2, token ids and token types (sentence pairs)
     # The dataclass of its own hyperparameters, read from [model.args] (cfg.args is then an instance); None: none.
     args: type | None = None
 

@@ -6,10 +6,16 @@ classification head on the [CLS] position.
     block:  y = LN₁(x + Attn(x));  LN₂(y + MLP(y))          (post-LayerNorm)
 
 Attention: bidirectional, `num_attention_heads` heads of d = hidden/heads dimensions, scaled by 1/√d, padded keys
-masked; MLP: exact GELU. Every token has token type 0 (one-segment inputs). No dropout. A negative token id is
-padding: embedded as token 0 and never attended to. With a label per position (`per_token`: masked language
-modelling, the label map "masked_token") the head is BERT's pretraining MLM head (`MaskedLMHead`, BertForMaskedLM's),
-which reads every position; its transform and LayerNorm join the residual stream in the permutation spec.
+masked; MLP: exact GELU. No dropout. A negative token id is padding: embedded as token 0 and never attended to.
+With a label per position (`per_token`: masked language modelling, the label map "masked_token") the head is BERT's
+pretraining MLM head (`MaskedLMHead`, BertForMaskedLM's), which reads every position; its transform and LayerNorm
+join the residual stream in the permutation spec.
+
+Inputs: token ids B×T (one segment: every token has token type 0), or B×T×2 — [..., 0] the token ids, [..., 1] each
+position's token type — for sentence pairs, which jaxlmc.tokens.token_pairs encodes as BERT's tokenizer does:
+`[CLS] a [SEP]` type 0, `b [SEP]` type 1, padding type 0 (jaxlmc.data reads a TFDS dataset of two texts so). One
+array either way, so the engine's `apply(params, x)` over members is unchanged; B×T inputs compute exactly what they
+did before token types existed (type 0's embedding broadcast, bit for bit).
 
 The permutation spec: the residual stream (every embedding's hidden axis, every LayerNorm, every projection that reads
 or writes the stream, the pooler's input), each block's MLP units, each block's whole heads, and the pooler's units.
@@ -45,6 +51,15 @@ class BertArgs:
 
 def _args(cfg) -> BertArgs:
     return cfg.args if isinstance(cfg.args, BertArgs) else BertArgs(**dict(cfg.args))
+
+
+def split_types(x) -> tuple[jax.Array, jax.Array | None]:
+    """(token ids B×T, token types B×T or None) of an input batch: B×T ids alone (one segment), or B×T×2 ids and
+    types (sentence pairs), as int32."""
+    x = jnp.asarray(x)
+    if x.ndim == 3:
+        return x[..., 0].astype(jnp.int32), x[..., 1].astype(jnp.int32)
+    return x.astype(jnp.int32), None
 
 
 class Block(nnx.Module):
@@ -94,6 +109,9 @@ class Bert(Classifier):
         if a.hidden_size % a.num_attention_heads:
             raise ValueError(f"model.args.hidden_size {a.hidden_size} is not a multiple of num_attention_heads "
                              f"{a.num_attention_heads}")
+        if len(input_shape) > 1 and tuple(input_shape[1:]) != (2,):
+            raise ValueError(f"model.kind 'bert' reads token ids T or token ids and types T×2, not inputs of shape "
+                             f"{tuple(input_shape)}")
         if input_shape and input_shape[0] > a.max_position_embeddings:
             raise ValueError(f"sequences of {input_shape[0]} tokens exceed model.args.max_position_embeddings "
                              f"{a.max_position_embeddings}")
@@ -114,11 +132,14 @@ class Bert(Classifier):
         return self.head(self.features(x, drop), self.embed.embedding[...])
 
     def _run(self, x):
-        tokens = x.astype(jnp.int32)
+        tokens, types = split_types(x)
         real = tokens >= 0
         t = tokens.shape[1]
-        h = (self.embed(jnp.maximum(tokens, 0)) + self.pos.embedding[...][:t][None]
-             + self.token_type.embedding[...][0][None, None])
+        if types is None:  # one segment: type 0 everywhere (the computation bit for bit as before token types)
+            typed = self.token_type.embedding[...][0][None, None]
+        else:
+            typed = self.token_type.embedding[...][jnp.where(real, types, 0)]
+        h = self.embed(jnp.maximum(tokens, 0)) + self.pos.embedding[...][:t][None] + typed
         h = self.ln_embed(h)
         stream, blocks = [h], []
         for block in self.blocks:
@@ -193,4 +214,4 @@ def permutation_spec(cfg, input_shape, per_token: bool = False) -> PermutationSp
 
 
 KIND = ModelKind("bert", Bert, layers, permutation_spec, min_depth=0, sequence=True, layer_groups=layer_groups,
-                 args=BertArgs, pads=True)
+                 args=BertArgs, pads=True, token_types=True)
