@@ -23,6 +23,7 @@ from typing import Callable
 
 import huggingface_hub
 import numpy as np
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
@@ -51,6 +52,13 @@ def snapshot(source: str, revision: str | None = None) -> str:
     huggingface_hub (offline: only what the cache holds)."""
     if os.path.isdir(source):
         return source
+    if os.path.lexists(source):
+        raise CheckpointError(f"{source} is not a directory (a checkpoint is a directory holding config.json)")
+    try:
+        validate_repo_id(source)
+    except HFValidationError:  # a path, not a repository name: no hub round trips for it
+        raise CheckpointError(f"{source} does not exist (a local checkpoint directory; a hub repository is named "
+                              "owner/name)") from None
     where = f"{source} (revision {revision or 'main'})"
     directory = _download(source, revision, [*_METADATA, "*.safetensors", WEIGHTS_INDEX], where)
     if _has_safetensors(directory) or _has_torch_weights(directory):

@@ -86,15 +86,12 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
     return rows
 
 
-def import_revisions(cfg: Config, run: rundir.RunDir, model: models.Model, task: tasks.Task) -> list[dict]:
-    """The released revisions (model.pretrained, finetune.pretrain_revisions) as the pretraining checkpoints at the
-    steps they stand for, so that everything downstream starts from them as from jaxlmc's own; their evaluation on
-    the pretraining task in pretrain/checkpoints.csv. A revision already imported (and intact) is not read again."""
-    p = cfg.pretrain
+def load_revisions(cfg: Config, model: models.Model, task: tasks.Task) -> dict[int, dict]:
+    """{step: parameters} of every released revision (model.pretrained, finetune.pretrain_revisions), each read and
+    checked against the config and the model the pretraining task implies: one ConfigError line naming the revision."""
     abstract = jax.eval_shape(model.init, jax.random.key(0))
-    revisions = dict(zip(cfg.finetune.pretrain_steps, cfg.finetune.pretrain_revisions))
     loaded = {}
-    for step, revision in revisions.items():  # every revision is checked before the run directory is touched
+    for step, revision in zip(cfg.finetune.pretrain_steps, cfg.finetune.pretrain_revisions):
         source, branch = hf.revision_source(cfg.model.pretrained, revision)
         try:
             args, params = hf.LOADERS[cfg.model.kind](source, branch)
@@ -110,6 +107,23 @@ def import_revisions(cfg: Config, run: rundir.RunDir, model: models.Model, task:
             raise ConfigError(f"revision {revision}'s parameters do not fit the model the pretraining task "
                               f"{cfg.data.pretrain_task!r} implies ({task.train.num_classes} classes per position)")
         loaded[step] = params
+    return loaded
+
+
+def check_revisions(cfg: Config, out: str, task: tasks.Task) -> None:
+    """Before a run directory is written: with model.pretrained and its import unfinished in `out`, read and check
+    every revision (`load_revisions`), so that a checkpoint error leaves nothing behind."""
+    if cfg.model.pretrained and not pretraining_complete(cfg, out):
+        load_revisions(cfg, models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token), task)
+
+
+def import_revisions(cfg: Config, run: rundir.RunDir, model: models.Model, task: tasks.Task) -> list[dict]:
+    """The released revisions (model.pretrained, finetune.pretrain_revisions) as the pretraining checkpoints at the
+    steps they stand for, so that everything downstream starts from them as from jaxlmc's own; their evaluation on
+    the pretraining task in pretrain/checkpoints.csv. A revision already imported (and intact) is not read again."""
+    p = cfg.pretrain
+    revisions = dict(zip(cfg.finetune.pretrain_steps, cfg.finetune.pretrain_revisions))
+    loaded = load_revisions(cfg, model, task)  # every revision is checked before the run directory is touched
     run.open(cfg)
     mesh = shard.global_mesh()
     state_of = lambda params: shard.replicate(train.init_state(  # noqa: E731

@@ -119,6 +119,7 @@ def study(cfg: Config, out: str, progress: loop.Progress | None = None,
     for width in cfg.study.widths or [cfg.model.width]:
         finetuning.check_sizes(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width)),
                                pre_task, task)
+    pretraining.check_revisions(cfg, out, pre_task)  # a checkpoint error, too, leaves nothing behind
     run.open(cfg)
     if cfg.study.widths:
         ran = []

@@ -78,6 +78,45 @@ def test_mismatched_arguments_are_refused_before_the_run_directory_exists(revisi
     assert not os.path.exists(out)
 
 
+def test_checkpoint_errors_under_every_command_leave_nothing_behind(revisions, tmp_path):
+    """A revision that cannot be read (a truncated weight file), or mismatched arguments, under finetune and study as
+    under pretrain: one line, and no run directory (no config.json, no stages/)."""
+    broken = tmp_path / "broken"
+    for name in ("step0", "step40"):
+        os.makedirs(broken / name)
+        for file in os.listdir(os.path.join(revisions, name)):
+            with open(os.path.join(revisions, name, file), "rb") as f:
+                content = f.read()
+            (broken / name / file).write_bytes(content[:len(content) // 2] if file.endswith(".safetensors") and
+                                               name == "step40" else content)
+    mismatched = [ARGS_TOML.replace("intermediate_size = 32", "intermediate_size = 48")]
+    for cfg, message in [(_config(str(broken)), r"model.pretrained, revision step40: .*step40/model.safetensors "
+                                                r"cannot be read as safetensors \(truncated"),
+                         (_config(revisions, mismatched), "model.args differ from revision step0's config")]:
+        for command in (api.finetune, api.study):
+            out = str(tmp_path / "run")
+            with pytest.raises(config.ConfigError, match=message):
+                command(cfg, out)
+            assert not os.path.exists(out), command
+
+
+def test_a_missing_local_checkpoint_is_named_before_any_data_is_prepared(tmp_path, monkeypatch):
+    """A local model.pretrained path that does not exist: one line naming it, at once — no dataset is prepared and
+    no hub repository is asked for it."""
+    def no_data(*args, **kwargs):
+        raise AssertionError("data prepared before the checkpoint was checked")
+
+    monkeypatch.setattr(data, "load_task", no_data)
+    monkeypatch.setattr(hf.huggingface_hub, "snapshot_download", no_data)
+    cfg = _config(str(tmp_path / "nowhere" / "pythia"))
+    for command in (api.pretrain, api.finetune, api.study):
+        with pytest.raises(config.ConfigError, match=rf"^model.pretrained, revision step0: {tmp_path}/nowhere/pythia "
+                                                     r"does not exist \(a local checkpoint directory; a hub "
+                                                     r"repository is named owner/name\)$"):
+            command(cfg, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
 @pytest.mark.slow  # trains and measures
 def test_fine_tuning_starts_from_released_revisions(revisions, tmp_path):
     """Import, fine-tuning and barriers (aligned) from the two revisions; the stages after the barriers read only
