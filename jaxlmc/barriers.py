@@ -39,7 +39,7 @@ def alpha_grid(num_alphas: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, num_alphas, dtype=np.float32)
 
 
-def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None, repair_x=None):
+def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None, repair_x=None, tick=None):
     """jit(params_M, pairs_Px2, eval_sets[, perms]) -> {name: (loss_PxA, err_PxA)}: the straight line between the
     members of every pair on the full α grid (jaxlmc.paths.make_path_eval), member i and j themselves at the ends
     (one evaluation per member).
@@ -47,10 +47,11 @@ def make_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, mesh=None, r
     `eval_sets` maps a name to a set from `train.batch_eval_set`; with a `mesh` the pairs are split over its devices.
     Given perms (jaxlmc.permute.match_pairs: one [P, width] array per hidden layer), member j of each pair is
     permuted onto member i inside the pass before interpolating. With `repair_x` (training examples), every interior
-    point is renormalised by REPAIR (jaxlmc.repair) on those examples before it is evaluated.
+    point is renormalised by REPAIR (jaxlmc.repair) on those examples before it is evaluated. `tick()` is called once
+    per pair evaluated (a progress bar's).
     """
     path = paths.straight() if repair_x is None else paths.repaired(model, repair_x)
-    return paths.make_path_eval(model, path, alphas, chunk_pairs, mesh)
+    return paths.make_path_eval(model, path, alphas, chunk_pairs, mesh, tick)
 
 
 def make_layer_curves(model: Model, alphas: np.ndarray, chunk_pairs: int, groups: dict[str, list[str]], mesh=None):

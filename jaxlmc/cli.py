@@ -174,9 +174,8 @@ def _barriers(args) -> int:
     if args.alphas is not None:
         overrides.append(f"barriers.alphas={args.alphas}")
     cfg = rundir.RunDir(args.run_dir).config(overrides, imports=args.imports)
-    with ui.console.status("barriers") as status:
-        result = api.barriers_of_run(cfg, args.run_dir,
-                                     status=None if args.quiet else lambda text: status.update(text))
+    result = api.barriers_of_run(cfg, args.run_dir, status=None if args.quiet else ui.console.print,
+                                 progress=None if args.quiet else ui.TrainingProgress)
     if not args.quiet:
         ui.print_barriers(result)
         ui.console.print(f"results in {os.path.dirname(rundir.RunDir(args.run_dir).path(rundir.PAIRS))}")

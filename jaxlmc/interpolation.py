@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, memory, models, permute, shard, spec_check, stats, train
+from jaxlmc import barriers, loop, memory, models, permute, shard, spec_check, stats, train
 from jaxlmc.curves import make_curve_eval, make_train_bends
 from jaxlmc.measures import PAIR_MEASURES
 from jaxlmc.settings import DEFAULT_ALPHAS
@@ -74,7 +74,8 @@ def _probe_examples(eval_sets: dict, count: int = 4):
 def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]], eval_sets: dict, *,
                 num_alphas: int = DEFAULT_ALPHAS, start_K: dict | None = None, reference_K: dict | None = None,
                 chunk_pairs: int = 0, memory_fraction: float = 0.5, align: str | None = None, align_x=None,
-                repair_x=None, bezier: BezierSettings | None = None, status=None) -> Curves:
+                repair_x=None, bezier: BezierSettings | None = None, status=None,
+                progress: loop.Progress | None = None) -> Curves:
     """The curves of `pairs` (indices into the member axis of `params_K`) on `eval_sets` (`eval_sets`), and of each
     member to its `reference_K` (None: no to-start curves), in one compiled pass sharded over the devices.
 
@@ -82,7 +83,8 @@ def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]
     (weight matching) or "activations" (activation matching on `align_x`), then the same pass on the aligned pairs;
     `repair_x`: REPAIR every interior point on those examples (on the pairs as compared: aligned when aligning);
     `bezier`: train a Bezier curve per pair and evaluate along it. `chunk_pairs` 0: the largest chunk whose scratch
-    memory fits `memory_fraction` of the free memory.
+    memory fits `memory_fraction` of the free memory. `progress` shows the pairs evaluated (naive, aligned and
+    repaired passes together) as a bar named "barriers" whose steps are pairs (num_members 0: jaxlmc.loop.Progress).
     """
     if align not in (None, *ALIGN_METHODS):
         raise ValueError(f"align: {align!r} is not one of {ALIGN_METHODS} (or None)")
@@ -104,37 +106,42 @@ def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]
     if status:
         status(f"{len(pairs)} member pairs + {len(start_pairs)} to-start pairs × {len(alphas)} α × "
                f"{len(eval_sets)} sets (chunks of {chunk} pairs)")
-    mesh = shard.device_mesh()
-    curves_fn = barriers.make_curves(model, alphas, chunk, mesh=mesh)
-    host = lambda tree: jax.tree.map(lambda a: with_resamples(shard.to_host(a)), tree)  # noqa: E731
-    start_time = time.perf_counter()
-    lines = host(curves_fn(*shard.replicate((both, pairs_Px2, eval_sets), mesh))) if len(pairs_Px2) else {}
-    seconds = time.perf_counter() - start_time  # includes compilation: what the researcher waits for
-    member_pairs_Px2 = pairs_Px2[:len(pairs)]
-    if pairs:
-        geometry_start = params_K if start_K is None else start_K
-        dist_P, cos_P = map(np.asarray, barriers.pair_geometry(params_K, geometry_start, member_pairs_Px2))
-        if start_K is None:
-            cos_P = np.full_like(cos_P, np.nan)
-    else:
-        dist_P = cos_P = np.zeros((0,), np.float32)
-    aligned, align_seconds, perms = {}, 0.0, None
-    if align and pairs:
-        start_time = time.perf_counter()
-        # A spec that is not a symmetry of the network would "align" pairs into other functions: checked first.
+    if align and pairs:  # a spec that is not a symmetry of the network would "align" pairs into other functions
         spec_check.check_spec(model, jax.tree.map(lambda a: a[0], params_K), _probe_examples(eval_sets))
-        if align == "activations":
-            perms = permute.match_activations(model, params_K, pairs, align_x)
+    mesh = shard.device_mesh()
+    evaluated = len(pairs_Px2) + len(pairs) * (bool(align) + (repair_x is not None))
+    with (progress or loop.silent)("barriers", evaluated, 0, 0) as bar:
+        # Once per pair, from inside the compiled pass; none without a bar (no host callback in the program then).
+        tick = (lambda: bar.advance(1, None)) if progress else None
+        curves_fn = barriers.make_curves(model, alphas, chunk, mesh=mesh, tick=tick)
+        host = lambda tree: jax.tree.map(lambda a: with_resamples(shard.to_host(a)), tree)  # noqa: E731
+        start_time = time.perf_counter()
+        lines = host(curves_fn(*shard.replicate((both, pairs_Px2, eval_sets), mesh))) if len(pairs_Px2) else {}
+        seconds = time.perf_counter() - start_time  # includes compilation: what the researcher waits for
+        member_pairs_Px2 = pairs_Px2[:len(pairs)]
+        if pairs:
+            geometry_start = params_K if start_K is None else start_K
+            dist_P, cos_P = map(np.asarray, barriers.pair_geometry(params_K, geometry_start, member_pairs_Px2))
+            if start_K is None:
+                cos_P = np.full_like(cos_P, np.nan)
         else:
-            perms = permute.match_pairs(model, params_K, pairs)
-        align_seconds = time.perf_counter() - start_time
-        aligned = host(curves_fn(*shard.replicate((params_K, member_pairs_Px2, eval_sets,
-                                                   [jnp.asarray(p) for p in perms]), mesh)))
-    perm_args = ([jnp.asarray(p) for p in perms],) if perms is not None else ()
-    repaired = {}
-    if repair_x is not None and pairs:
-        repair_fn = barriers.make_curves(model, alphas, chunk, mesh=mesh, repair_x=jnp.asarray(repair_x))
-        repaired = host(repair_fn(*shard.replicate((params_K, member_pairs_Px2, eval_sets) + perm_args, mesh)))
+            dist_P = cos_P = np.zeros((0,), np.float32)
+        aligned, align_seconds, perms = {}, 0.0, None
+        if align and pairs:
+            start_time = time.perf_counter()
+            if align == "activations":
+                perms = permute.match_activations(model, params_K, pairs, align_x)
+            else:
+                perms = permute.match_pairs(model, params_K, pairs)
+            align_seconds = time.perf_counter() - start_time
+            aligned = host(curves_fn(*shard.replicate((params_K, member_pairs_Px2, eval_sets,
+                                                       [jnp.asarray(p) for p in perms]), mesh)))
+        perm_args = ([jnp.asarray(p) for p in perms],) if perms is not None else ()
+        repaired = {}
+        if repair_x is not None and pairs:
+            repair_fn = barriers.make_curves(model, alphas, chunk, mesh=mesh, repair_x=jnp.asarray(repair_x),
+                                             tick=tick)
+            repaired = host(repair_fn(*shard.replicate((params_K, member_pairs_Px2, eval_sets) + perm_args, mesh)))
     curved, curve_seconds = {}, 0.0
     if bezier is not None and pairs:
         start_time = time.perf_counter()

@@ -282,7 +282,7 @@ class Barriers:
 def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | None = None, align_x=None,
                   repair_x=None, num_alphas: int = DEFAULT_ALPHAS, noise_resamples: int = 100, to_start: bool = False,
                   layerwise: bool = False, chunk_pairs: int = 0, eval_batch_size: int = 1000,
-                  status=None) -> Barriers:
+                  status=None, progress: loop.Progress | None = None) -> Barriers:
     """Interpolate between members: loss and error along θ(α) = (1 − α)·θᵢ + α·θⱼ on `num_alphas` points, for every
     pair in one compiled pass (docs/science.md defines both barrier forms and the noise floor).
 
@@ -293,7 +293,8 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
     columns (REPAIR, on the aligned pairs when aligning); `noise_resamples` bootstrap resamplings of each evaluation
     set give every barrier a noise floor (`_floor`); `to_start` adds each member's curve to its own start;
     `layerwise` the layer-wise barriers (Adilova et al. 2024: one top-level parameter group interpolated at a time,
-    aligned too when aligning) in `Barriers.layers`.
+    aligned too when aligning) in `Barriers.layers`. `progress` (e.g. jaxlmc.ui.TrainingProgress) shows the pairs as
+    they are evaluated.
     """
     named = {"test": eval_data} if isinstance(eval_data, tuple) else dict(eval_data)
     if not named:
@@ -327,7 +328,7 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
         members.model, sub(members.params), [(position[i], position[j]) for i, j in kept],
         interpolation.eval_sets(named, eval_batch_size, noise_resamples), num_alphas=num_alphas,
         start_K=sub(members.start), reference_K=sub(members.start) if to_start else None, chunk_pairs=chunk_pairs,
-        align=align, align_x=align_x, repair_x=repair_x, status=status)
+        align=align, align_x=align_x, repair_x=repair_x, status=status, progress=progress)
     columns = interpolation.pair_columns(curves)
     cell = lambda r: {k: r[k] for k in members.cell_keys}  # noqa: E731
     pair_rows = []

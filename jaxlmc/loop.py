@@ -28,6 +28,9 @@ class ProgressBar(Protocol):
 
 
 class Progress(Protocol):
+    """A progress bar's factory. With num_members 0 the steps are member pairs (a barrier pass, jaxlmc.interpolation),
+    advanced one by one with no losses (`advance(1, None)`), possibly from another thread."""
+
     def __call__(self, name: str, total_steps: int, num_members: int, start_step: int) -> ContextManager[ProgressBar]:
         ...
 

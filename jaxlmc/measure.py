@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, finetuning, grid, layerwise, models, rundir, tasks
+from jaxlmc import barriers, finetuning, grid, layerwise, loop, models, rundir, tasks
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.interpolation import (BezierSettings, Curves, cell_summary, curve_columns, null_arrays, pair_columns,
                                   pair_curves)
@@ -83,7 +83,7 @@ def summarize(members: list[dict], pair_rows: list[dict], start_rows: list[dict]
 
 
 def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tuple[int, int]], status=None,
-                   reference_M: dict | None = None) -> Curves:
+                   reference_M: dict | None = None, progress: loop.Progress | None = None) -> Curves:
     """The run's requested member pairs and every member-to-start pair of its used members, as the [barriers] section
     asks (jaxlmc.interpolation.pair_curves on the used members only).
 
@@ -104,7 +104,7 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
         align={True: "weights", False: None}.get(b.align, b.align),
         align_x=train_x[:cfg.data.train_eval_size] if b.align == "activations" else None,
         repair_x=train_x[:min(b.repair_examples, cfg.data.train_eval_size)] if b.repair else None, bezier=bezier,
-        status=status)
+        status=status, progress=progress)
 
 
 def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[int], curves: Curves):
@@ -145,14 +145,15 @@ def write_barriers(run: rundir.RunDir, pairs, used, curves: Curves, pair_rows, s
 
 
 @rundir.exclusive
-def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = False) -> dict:
+def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = False,
+                    progress: loop.Progress | None = None) -> dict:
     """Evaluate the requested member pairs and every member-to-start pair of a finished fine-tuning run in one
     compiled pass; write barriers/. With finetune.save_steps, the same at each saved fine-tuning step (one pass per
     step), in barriers/by_step/ beside the final step's rows. Returns {"pairs", "to_start", "summary", "settings"}.
 
     A run none of whose members can be interpolated (every one diverged or unfit) is a ConfigError, unless
     `allow_unusable` (a refinement round: its failing rates are data, they bracket the trainability edge); its tables
-    then hold its members and no pairs."""
+    then hold its members and no pairs. `progress` shows each pass's pairs as they are evaluated."""
     b = cfg.barriers
     directory = rundir.RunDir(out)
     members = directory.members()
@@ -167,7 +168,7 @@ def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = F
     probe_M = finetuning.start_params(cfg, out, run.model, members, run.task.train, heads="probe")
     if not run.used:
         return _without_pairs(cfg, out, run, start_M, probe_M)
-    curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M)
+    curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M, progress=progress)
     pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
     summary = summarize(members, pair_rows, start_rows, b.bootstrap, cfg.finetune.seeds)
     num_used = len(run.used)
@@ -188,7 +189,7 @@ def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = F
     step_seconds = {}
     for step in cfg.finetune.save_steps:
         start_time = time.perf_counter()
-        by_step[step] = _barriers_at_step(cfg, out, run, step, start_M, probe_M, status)
+        by_step[step] = _barriers_at_step(cfg, out, run, step, start_M, probe_M, status, progress)
         step_seconds[step] = time.perf_counter() - start_time
     settings["finetune_steps"] = sorted(by_step)
     settings["seconds_per_saved_step"] = step_seconds
@@ -241,7 +242,8 @@ def members_at_step(cfg: Config, out: str, run: FinishedRun, step: int, start_M:
     return rows, params_M
 
 
-def _barriers_at_step(cfg: Config, out: str, final: FinishedRun, step: int, start_M: dict, probe_M: dict, status):
+def _barriers_at_step(cfg: Config, out: str, final: FinishedRun, step: int, start_M: dict, probe_M: dict, status,
+                      progress: loop.Progress | None = None):
     """(members, pair_rows, start_rows, summary) of the members as saved at fine-tuning step `step`."""
     members, params_M = members_at_step(cfg, out, final, step, start_M)
     run = FinishedRun(members, final.task, final.model, params_M)
@@ -250,7 +252,7 @@ def _barriers_at_step(cfg: Config, out: str, final: FinishedRun, step: int, star
         return members, [], [], summarize(members, [], [], cfg.barriers.bootstrap, cfg.finetune.seeds)
     if status:
         status(f"fine-tuning step {step}:")
-    curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M)
+    curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M, progress=progress)
     pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
     return members, pair_rows, start_rows, summarize(members, pair_rows, start_rows, cfg.barriers.bootstrap,
                                                     cfg.finetune.seeds)

@@ -112,14 +112,15 @@ def check_grid(alphas) -> np.ndarray:
     return alphas
 
 
-def make_path_eval(model: Model, path: Path, alphas, chunk_pairs: int, mesh=None):
+def make_path_eval(model: Model, path: Path, alphas, chunk_pairs: int, mesh=None, tick=None):
     """jit(params_M, pairs_Px2, eval_sets, perms=None, extra_P=None) -> {name: (loss, err)}, each P×A (P×G×A with
     variants; a trailing [1 + R] axis for a set with resample weights), on the full α grid.
 
     `eval_sets` maps a name to a set from `train.batch_eval_set`; `extra_P` is the path's per-pair argument (a
     Bezier curve's bends), `perms` (jaxlmc.permute: one [P, units] array per group) permutes member j onto member
     i before the path is built. With a `mesh` (jaxlmc.shard) the pairs are padded to a multiple of its size and
-    split over its devices; every device holds all members (no communication at all).
+    split over its devices; every device holds all members (no communication at all). `tick` (a host function) is
+    called once per pair as its evaluation finishes (padding pairs included): a progress bar's.
     """
     alphas = check_grid(alphas)
     if chunk_pairs < 1:
@@ -132,6 +133,8 @@ def make_path_eval(model: Model, path: Path, alphas, chunk_pairs: int, mesh=None
 
         def on_pair(args):
             pair_2, extra, perm_list = args
+            if tick is not None:
+                jax.debug.callback(lambda _: tick(), pair_2[0])
             p_i, p_j = pair_endpoints(model, params_M, pair_2, perm_list)
             ctx = path.prepare(p_i, p_j, extra)
             along = lambda v: jax.vmap(lambda a: evaluate(path.point(ctx, v, a)))(on_path)  # noqa: E731

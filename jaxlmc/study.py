@@ -31,7 +31,7 @@ class Stage:
     settings: tuple[str, ...] = ()  # config keys ("section" or "section.key") its results depend on
     needs: tuple[str, ...] = ()  # the stages whose results it reads: when one of them runs again, so does this one
     writes: tuple = ()  # its results: rundir tables and files
-    trains: bool = False  # it shows a training progress bar
+    trains: bool = False  # it shows a progress bar (training steps, or a barrier pass's pairs)
     complete: Callable[[Config, str], bool] | None = None  # beyond its files: e.g. its checkpoints are there
 
     def settings_of(self, cfg: Config) -> dict:
@@ -59,7 +59,7 @@ STAGES: list[Stage] = [
           complete=finetuning.finetuning_complete),
     Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size", "study.unfit_fraction",
                                                          "study.fit_margin"),
-          needs=("finetune",), writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES, rundir.NULLS,
+          needs=("finetune",), trains=True, writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES, rundir.NULLS,
                                        rundir.BARRIER_SETTINGS, *rundir.BY_STEP)),
     Stage("refine", refine.refine_run, settings=("study.refine_rounds",), needs=("barriers",),
           writes=(rundir.REFINE_ROUNDS,), trains=True, complete=refine.rounds_complete),

@@ -10,7 +10,8 @@ import numpy as np
 from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
@@ -20,30 +21,37 @@ console = Console()
 
 
 class _MemberStepsPerSecond(ProgressColumn):
-    """Steps/s of the bar times the number of members: the throughput the ensemble achieves."""
+    """Steps/s of the bar times the number of members: the throughput the ensemble achieves (pairs/s for a barrier
+    pass, whose bar counts pairs)."""
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
+        members = task.fields["members"]
+        unit = "member-steps/s" if members else "pairs/s"
         if speed is None:
-            return Text("… member-steps/s", style="progress.data.speed")
-        return Text(f"{speed * task.fields['members']:,.0f} member-steps/s", style="progress.data.speed")
+            return Text(f"… {unit}", style="progress.data.speed")
+        return Text(f"{speed * (members or 1):,.0f} {unit}", style="progress.data.speed")
 
 
 class TrainingProgress:
-    """Context manager; `advance(n_steps, loss_nxM)` after each chunk."""
+    """Context manager; `advance(n_steps, loss_nxM)` after each chunk. With num_members 0 (jaxlmc.loop.Progress) the
+    bar counts member pairs of a barrier pass: pairs/s and the time left instead of member-steps/s and a loss."""
 
     def __init__(self, name: str, total_steps: int, num_members: int, start_step: int = 0, enabled: bool = True):
         self.enabled = enabled
         self.num_members = num_members
         if not enabled:
             return
+        self.total = total_steps
+        last = TimeRemainingColumn() if num_members == 0 else TextColumn("{task.fields[loss]}")
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(bar_width=10), MofNCompleteColumn(),
-            _MemberStepsPerSecond(), TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console,
+            _MemberStepsPerSecond(), last, TimeElapsedColumn(), console=console,
         )
         resumed = f" from {start_step}" if start_step else ""
-        self._task = self._progress.add_task(f"{name} ×{num_members}{resumed}", total=total_steps,
-                                             completed=start_step, members=num_members, loss="")
+        label = f"{name} ×{num_members}{resumed}" if num_members else f"{name} (pairs)"
+        self._task = self._progress.add_task(label, total=total_steps, completed=start_step, members=num_members,
+                                             loss="")
 
     def __enter__(self):
         if self.enabled:
@@ -54,8 +62,12 @@ class TrainingProgress:
         if self.enabled:
             self._progress.stop()
 
-    def advance(self, n_steps: int, loss_nxM: np.ndarray) -> None:
+    def advance(self, n_steps: int, loss_nxM: np.ndarray | None) -> None:
         if not self.enabled:
+            return
+        if loss_nxM is None:  # pairs: never past the total (a sharded pass also evaluates its padding pairs)
+            done = self._progress.tasks[0].completed
+            self._progress.update(self._task, completed=min(done + n_steps, self.total))
             return
         finite = loss_nxM[-1][np.isfinite(loss_nxM[-1])]
         loss = f"loss {np.median(finite):.3f}" if finite.size else "loss –"

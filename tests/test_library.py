@@ -5,6 +5,7 @@ import functools
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -280,8 +281,20 @@ def test_pair_barriers_errors_and_defaults_are_the_command_lines():
     which can be interpolated, and aligning without a spec: each one line saying what to pass."""
     x, y = _data(200)
     members = jaxlmc.fit(Nested, (x, y), lr=1e-2, seeds=3, steps=5, batch_size=50, fit_margin=-1)
-    result = jaxlmc.pair_barriers(members, (x, y), noise_resamples=0)
+    bars = []
+
+    @contextlib.contextmanager
+    def recorded(name, total, num_members, start):
+        bar = types.SimpleNamespace(name=name, total=total, members=num_members, ticks=[])
+        bar.advance = lambda n, losses: bar.ticks.append((n, losses))
+        bars.append(bar)
+        yield bar
+
+    result = jaxlmc.pair_barriers(members, (x, y), noise_resamples=0, to_start=True, progress=recorded)
     assert len(result.curves.alphas) == BarrierConfig().alphas == 25
+    # The barrier pass's bar counts pairs (3 within the cell, 3 to the starts), one tick per pair from the pass.
+    [bar] = bars
+    assert (bar.name, bar.total, bar.members) == ("barriers", 6, 0) and bar.ticks == [(1, None)] * 6
     for pairs, message in [([(0, 1), (1, 1)], r"pairs: pair 2: \(1, 1\) pairs member 1 with itself"),
                            ([(0, 1), (2, 0), (1, 0)], r"pairs: pair 3: \(1, 0\) repeats pair 1"),
                            ([(0, 7)], "pairs: pair 1: member 7 out of range")]:
