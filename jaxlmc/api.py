@@ -8,6 +8,7 @@
     study(cfg, out)               all of the above, resumable, and the report     (jaxlmc.study)
     render_report(out)            the report of a finished study                  (jaxlmc.report)
     compare_runs(a, b)            which verdicts two studies (a replicate) share  (jaxlmc.verdicts)
+    config_differences(a, b)      the settings two studies differ in, beyond their seeds
     verdicts(run)                 the report's answers, hypothesis by hypothesis (jaxlmc.verdicts)
 
 `out` is a run directory (jaxlmc.rundir owns its layout); a config comes from jaxlmc.config.load, and a run
@@ -28,7 +29,8 @@ from jaxlmc.study import STAGES, study
 from jaxlmc.tasks import Task, load_finetune_task, load_pretrain_task
 
 __all__ = ["STAGES", "RunDir", "Task", "barriers_of_run", "finetune", "load_finetune_task", "load_member",
-           "load_pretrain_task", "load_run", "pretrain", "render_report", "compare_runs", "verdicts", "similarity_of_run", "soups_of_run",
+           "load_pretrain_task", "load_run", "pretrain", "render_report", "compare_runs", "config_differences", "verdicts",
+           "similarity_of_run", "soups_of_run",
            "start_params", "study"]
 
 
@@ -46,6 +48,20 @@ def compare_runs(a: str, b: str) -> list[dict]:
         if not run.exists(rundir.SUMMARY):
             raise ConfigError(f"{out} holds no finished study (no summary.csv): run `jaxlmc study` on it first")
     return _verdicts.compare(RunDir(a), RunDir(b))
+
+
+# What a replicate changes (its seed stream) and where its data lie: not differences between two studies' designs.
+_REPLICATE_KEYS = {("finetune", "seed_offset"), ("pretrain", "seed"), ("data", "data_dir")}
+
+
+def config_differences(a: str, b: str) -> list[str]:
+    """The settings ("section.key") in which two run directories' configs differ, beyond what a replicate changes
+    (finetune.seed_offset, pretrain.seed) and where the data lie: a comparison of verdicts across them compares
+    designs, not seeds."""
+    configs = [RunDir(out).read_json(rundir.CONFIG)["config"] for out in (a, b)]
+    keys = sorted({(s, k) for c in configs for s, section in c.items() if isinstance(section, dict) for k in section})
+    return [f"{s}.{k}" for s, k in keys if (s, k) not in _REPLICATE_KEYS
+            and configs[0].get(s, {}).get(k) != configs[1].get(s, {}).get(k)]
 
 
 def verdicts(run: RunDir) -> list[tuple[str, list[str]]]:

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except faults.RunFault as err:
         return _fail(args, err, f"error: {err}", err.exit_code)
     except OSError as err:
-        where = f"{err.filename}: " if err.filename else ""
+        path = faults.path_of(err)
+        where = f"{path}: " if path else ""
         return _fail(args, err, f"error: {where}{err.strerror or err}", 1)
     except Exception as err:  # a bug, not the user's doing: still one line, and how to see more
         found = faults.os_error_of(err)
@@ -121,7 +122,8 @@ def _run(args) -> int:
     if args.command == "report":
         return _report(args)
     if args.command == "compare":
-        ui.print_comparison(api.compare_runs(args.run_a, args.run_b), args.run_a, args.run_b)
+        rows = api.compare_runs(args.run_a, args.run_b)
+        ui.print_comparison(rows, args.run_a, args.run_b, api.config_differences(args.run_a, args.run_b))
         return 0
     try:
         config.import_plugins(args.imports)

@@ -18,7 +18,7 @@ from typing import Literal
 
 from jaxlmc import hf
 from jaxlmc.labels import LABEL_MAPS
-from jaxlmc.models import Classifier, resolve_kind
+from jaxlmc.models import Classifier, import_failure, resolve_kind
 from jaxlmc.optimizers import OPTIMIZERS
 # The sections, re-exported: the rest of jaxlmc (and a plugin) names them jaxlmc.config.FinetuneConfig and so on.
 from jaxlmc.settings import (BarrierConfig, Config, DataConfig, FinetuneConfig, GridAxis, HeadPolicy, LabelMap,
@@ -159,8 +159,8 @@ def import_plugins(modules: typing.Sequence[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except Exception as err:  # its own error, whatever it is, belongs to the plugin: name it in one line
-            raise ConfigError(f"plugins.modules: cannot import {name!r}: {type(err).__name__}: {err}") from None
+        except (Exception, SystemExit) as err:  # its own error (or exit) belongs to the plugin: name it in one line
+            raise ConfigError(f"plugins.modules: cannot import {name!r}: {import_failure(err)}") from None
 
 
 def parse_override(text: str) -> tuple[str, str, object]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import sys
 
@@ -76,6 +77,20 @@ class Interrupted(BaseException):
 
 _TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
 _QUOTED_PATH = re.compile(r'"(/[^"]+)"')
+
+
+def path_of(err: OSError) -> str | None:
+    """The file an OSError is about: its filename, or — for shutil's errors that carry none ("Cannot call rmtree on a
+    symbolic link") — the path shutil was working on when it raised."""
+    if err.filename:
+        return os.fsdecode(err.filename)
+    found, tb = None, err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename == shutil.__file__ and isinstance(frame.f_locals.get("path"), (str, bytes, os.PathLike)):
+            found = os.fsdecode(frame.f_locals["path"])
+        tb = tb.tb_next
+    return found
 
 
 def os_error_of(err: BaseException) -> tuple[str | None, str] | None:

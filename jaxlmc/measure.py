@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, finetuning, grid, layerwise, loop, models, rundir, tasks
+from jaxlmc import barriers, files, finetuning, grid, layerwise, loop, models, rundir, tasks
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.interpolation import (BezierSettings, Curves, cell_summary, curve_columns, null_arrays, pair_columns,
                                   pair_curves)
@@ -158,6 +158,7 @@ def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = F
     directory = rundir.RunDir(out)
     members = directory.members()
     pairs, left_out = select_pairs(b.pairs, members)  # a bad pair file is refused before any loading
+    files.check_path(os.path.dirname(directory.path(rundir.PAIRS)), directory.root)  # (a link there: before computing)
     run = load_run(cfg, out)
     if not run.used and not allow_unusable:
         raise ConfigError(f"every member of {out} diverged or is unfit: there is nothing to interpolate")

@@ -224,8 +224,12 @@ def print_study(out: str) -> None:
     console.print(f"report: {os.path.join(out, 'report.html')}")
 
 
-def print_comparison(rows: list[dict], run_a: str, run_b: str) -> None:
-    """Two studies' verdicts side by side (api.compare_runs), the disagreements marked, and how many agree."""
+def print_comparison(rows: list[dict], run_a: str, run_b: str, differences: list[str] = ()) -> None:
+    """Two studies' verdicts side by side (api.compare_runs), the disagreements marked, and how many agree; first a
+    warning when their configs differ beyond a replicate's seeds (api.config_differences)."""
+    if differences:
+        console.print(f"[yellow]warning: the two studies' configs differ beyond their seeds ({', '.join(differences)}):"
+                      " verdicts that disagree may differ by design, not by chance[/yellow]")
     table = Table(title="verdicts of two studies", box=box.SIMPLE_HEAD, pad_edge=False)
     for header in ("verdict", run_a, run_b, "agree"):
         table.add_column(escape(header))

@@ -15,8 +15,8 @@ KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (mlp.KIND, cnn.KIND, 
                                                                  bert.KIND)}
 
 __all__ = ["KINDS", "Classifier", "Dropout", "Model", "ModelKind", "PatchConv", "PermutationSpec", "UnitAxis", "build",
-           "dropout", "from_module", "get_path", "param_count", "set_path", "register_kind", "resolve_kind",
-           "tree_l2"]
+           "dropout", "from_module", "get_path", "import_failure", "param_count", "set_path", "register_kind",
+           "resolve_kind", "tree_l2"]
 
 
 def register_kind(kind: ModelKind) -> None:
@@ -24,6 +24,13 @@ def register_kind(kind: ModelKind) -> None:
     if kind.name in KINDS:
         raise ValueError(f"model kind {kind.name!r} is already registered")
     KINDS[kind.name] = kind
+
+
+def import_failure(err: BaseException) -> str:
+    """What went wrong importing a module, in a few words: its exception, or the exit it asked for."""
+    if isinstance(err, SystemExit):
+        return f"importing it called sys.exit({err.code!r})"
+    return f"{type(err).__name__}: {err}"
 
 
 def resolve_kind(name: str) -> ModelKind:
@@ -37,11 +44,16 @@ def resolve_kind(name: str) -> ModelKind:
     module_name, _, attribute = name.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:  # the module's own error, whatever it is: name it in one line
-        raise ValueError(f"model.kind: cannot import {module_name!r}: {type(err).__name__}: {err}") from None
+    except (Exception, SystemExit) as err:  # the module's own error (or exit), whatever it is: name it in one line
+        raise ValueError(f"model.kind: cannot import {module_name!r}: {import_failure(err)}") from None
     target = getattr(module, attribute, None)
     if isinstance(target, ModelKind):
         kind = dataclasses.replace(target, name=name)
+    elif target is Classifier or (isinstance(target, type) and issubclass(target, Classifier)
+                                  and not callable(getattr(target, "features", None))):
+        raise ValueError(f"model.kind: {module_name}.{attribute} does not define features(x, drop): name a "
+                         "Classifier subclass that builds its layers and a head (jaxlmc.models.Classifier is their "
+                         "abstract base)")
     elif isinstance(target, type) and issubclass(target, Classifier):
         kind = ModelKind(name, target, lambda cfg: [], getattr(target, "permutation_spec", None))
     else:
