@@ -22,12 +22,14 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import logging
 import os
 import sys
 from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tensorflow_datasets.text  # noqa: F401  (registers TFDS's older text builders, GLUE among them)
 
 from jaxlmc import builders  # noqa: F401  (registers the embedded MNIST-1D and TinyLang builders with TFDS)
 from jaxlmc import tokens
@@ -168,22 +170,39 @@ def _builder(name: str, data_dir: str | None):
                          f"{', '.join(f'{base}/{c}' for c in close)}") from None
 
 
-def _tfds_builder(name: str, data_dir: str | None):
+class _NoVariantNotice(logging.Filter):
+    """TFDS warns "Variant folder … has no dataset_info.json" for every dataset it has not prepared yet: a first
+    run's normal state, not a problem (the preparation that follows is announced on stderr)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Variant folder")
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS's notice of an unprepared dataset left out, for the duration only (the process's logging is left alone)."""
+    notice, logger = _NoVariantNotice(), logging.getLogger("absl")
+    logger.addFilter(notice)
     try:
-        return tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
-    except tfds.core.registered.DatasetNotFoundError:
-        # TFDS imports its older text builders (GLUE among them) lazily: they are registered only once imported.
-        import tensorflow_datasets.text  # noqa: F401
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+    with _quiet_tfds():
         return tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
 
 
 def prepare(name: str, data_dir: str | None = None):
     """Download (real datasets) or generate (MNIST-1D) and write the array_record files, once; return the builder."""
     builder = _builder(name, data_dir)
-    if not builder.is_prepared():
+    with _quiet_tfds():
+        prepared = builder.is_prepared()
+    if not prepared:
         tfds.display_progress_bar(False)  # jaxlmc shows its own progress; TFDS's bars would interleave
         # TFDS announces the preparation on stdout; it is progress, not a result: stdout stays the caller's.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _quiet_tfds():
             builder.download_and_prepare(file_format="array_record")
         builder = _builder(name, data_dir)  # a fresh builder reads the split info just written
     return builder

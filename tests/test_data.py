@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -220,8 +222,13 @@ def test_the_test_split_is_chosen_in_tfds_split_syntax():
     np.testing.assert_array_equal(task.test.x, full.test.x[:100])
 
 
-def test_preparing_a_dataset_leaves_stdout_to_the_caller(tmp_path, capsys):
-    """TFDS announces a preparation on stdout: jaxlmc sends it to stderr, so a script's printed results stay clean."""
-    data.prepare("mnist1d", str(tmp_path))
+def test_preparing_a_dataset_leaves_stdout_to_the_caller(tmp_path, capsys, caplog):
+    """TFDS announces a preparation on stdout: jaxlmc sends it to stderr, so a script's printed results stay clean;
+    its "Variant folder … has no dataset_info.json" warning (every first run's normal state) is left out, and the
+    absl logger is left as it was."""
+    with caplog.at_level(logging.WARNING):
+        data.prepare("mnist1d", str(tmp_path))
     captured = capsys.readouterr()
     assert captured.out == "" and "mnist1d" in captured.err
+    assert not [r for r in caplog.records if "Variant folder" in r.getMessage()], caplog.text
+    assert not logging.getLogger("absl").filters
