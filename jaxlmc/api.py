@@ -29,7 +29,8 @@ from jaxlmc.study import STAGES, study
 from jaxlmc.tasks import Task, load_finetune_task, load_pretrain_task
 
 __all__ = ["STAGES", "RunDir", "Task", "barriers_of_run", "finetune", "load_finetune_task", "load_member",
-           "load_pretrain_task", "load_run", "pretrain", "render_report", "compare_runs", "config_differences", "verdicts",
+           "load_pretrain_task", "load_run", "pretrain", "render_report", "compare_runs", "config_differences",
+           "verdicts",
            "similarity_of_run", "soups_of_run",
            "start_params", "study"]
 

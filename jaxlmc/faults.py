@@ -87,8 +87,9 @@ def path_of(err: OSError) -> str | None:
     found, tb = None, err.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code.co_filename == shutil.__file__ and isinstance(frame.f_locals.get("path"), (str, bytes, os.PathLike)):
-            found = os.fsdecode(frame.f_locals["path"])
+        path = frame.f_locals.get("path")
+        if frame.f_code.co_filename == shutil.__file__ and isinstance(path, (str, bytes, os.PathLike)):
+            found = os.fsdecode(path)
         tb = tb.tb_next
     return found
 

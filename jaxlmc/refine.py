@@ -104,7 +104,8 @@ def _train_round(cfg: Config, run: rundir.RunDir, one: rundir.RunDir, lrs: list[
     one_cfg = round_config(cfg, lrs)
     run.share_pretraining(one)
     rows = finetuning.finetune(one_cfg, one.root, progress=progress)
-    measure.barriers_of_run(one_cfg, one.root, allow_unusable=True, progress=progress)  # rates where nothing trains bracket the edge
+    # (rates at which nothing trains are data: they bracket the trainability edge)
+    measure.barriers_of_run(one_cfg, one.root, allow_unusable=True, progress=progress)
     marker = {"lrs": lrs, "reasons": {f"{lr:g}": why for lr, why in wanted.items()}, "members": len(rows),
               "unusable": sum(bool(r["diverged"] or r.get("unfit")) for r in rows),
               "seconds": time.perf_counter() - started}

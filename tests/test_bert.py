@@ -1,8 +1,8 @@
 """The bert kind against Hugging Face's BertForPreTraining: final hidden states, pooled [CLS] output and masked-LM
 logits equal to transformers' on a padded batch, and on a padded batch of sentence pairs with token types (inputs
 B×T×2), where one-segment inputs B×T are exactly token type 0 (a committed fixture made by
-tests/fixtures/make_bert.py; live as well when transformers is installed), from safetensors and from a PyTorch state dict (with torch; refused in one line
-without); a checkpoint that does not fit is one line; a permuted model computes the same function and weight and
+tests/fixtures/make_bert.py; live as well when transformers is installed), from safetensors and from a PyTorch state
+dict (with torch; refused in one line without); a checkpoint that does not fit is one line; a permuted model computes the same function and weight and
 activation matching find the permutation back."""
 import importlib.util
 import json

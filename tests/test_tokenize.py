@@ -118,7 +118,8 @@ def test_text_pairs_carry_token_types_and_are_cut_longest_first(bert_vocab):
     assert _segments(x[1]) == ([cls, ids["the"], ids["a"], ids["small"], sep],
                                [ids["model"], ids["learns"], ids["fine"], sep])
     # 6 + 2: the first text is cut to 4, the second kept whole.
-    assert _segments(x[2]) == ([cls, *[ids[w] for w in "a basin path seed".split()], sep], [ids["the"], ids["small"], sep])
+    assert _segments(x[2]) == ([cls, *[ids[w] for w in "a basin path seed".split()], sep],
+                               [ids["the"], ids["small"], sep])
     # An empty second text is no second segment, as in transformers and BERT's run_classifier.
     assert _segments(x[3]) == ([cls, ids["the"], ids["a"], sep], [])
     # Both longer than half the room (5 after [CLS], [SEP], [SEP]): half each, the odd token to the longer text, and
