@@ -56,9 +56,13 @@ def snapshot(source: str, revision: str | None = None) -> str:
         raise CheckpointError(f"{source} is not a directory (a checkpoint is a directory holding config.json)")
     try:
         validate_repo_id(source)
+        # "runs/pythia" names a repository too; where "runs" is a directory here it means a path.
+        local = os.sep in source and os.path.isdir(source.split(os.sep)[0] or os.sep)
     except HFValidationError:  # a path, not a repository name: no hub round trips for it
+        local = True
+    if local:
         raise CheckpointError(f"{source} does not exist (a local checkpoint directory; a hub repository is named "
-                              "owner/name)") from None
+                              "owner/name)")
     where = f"{source} (revision {revision or 'main'})"
     directory = _download(source, revision, [*_METADATA, "*.safetensors", WEIGHTS_INDEX], where)
     if _has_safetensors(directory) or _has_torch_weights(directory):

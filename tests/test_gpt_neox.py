@@ -103,7 +103,7 @@ def test_checkpoint_problems_are_one_line_naming_what_and_where(tmp_path):
         with pytest.raises(hf.CheckpointError, match=message) as err:
             hf.load_gpt_neox(_broken(tmp_path / str(k), edit))
         assert "\n" not in str(err.value)
-    with pytest.raises(hf.CheckpointError, match="neither a local directory nor reachable"):
+    with pytest.raises(hf.CheckpointError, match="no-such-directory does not exist \\(a local checkpoint directory"):
         hf.load_gpt_neox(str(tmp_path / "no-such-directory"))
 
 

@@ -115,6 +115,11 @@ def test_a_missing_local_checkpoint_is_named_before_any_data_is_prepared(tmp_pat
                                                      r"repository is named owner/name\)$"):
             command(cfg, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+    # A relative path that also reads as a hub name (owner/name): a path, where its first directory is here.
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(config.ConfigError, match=r"^model.pretrained, revision step0: runs/pythia does not exist"):
+        api.finetune(_config("runs/pythia"), str(tmp_path / "run"))
 
 
 @pytest.mark.slow  # trains and measures
