@@ -178,7 +178,8 @@ def read_pairs(path: str, num_members: int) -> list[tuple[int, int]]:
 
 def check_pairs(pairs: list[tuple[int, int]], num_members: int, where: str = "") -> list[tuple[int, int]]:
     """`pairs`, refused in one line (ValueError; `where` prefixes it) when one names a member out of range, pairs a
-    member with itself, or repeats an earlier pair (either way round: (i, j) and (j, i) have the same barrier)."""
+    member with itself, or repeats an earlier pair, either way round (the straight line between (i, j) is that of
+    (j, i) reversed: one barrier, and a repeated pair would count twice in a cell's mean)."""
     seen: dict = {}
     for number, pair in enumerate(pairs, 1):
         bad = [m for m in pair if not 0 <= m < num_members]
@@ -188,8 +189,8 @@ def check_pairs(pairs: list[tuple[int, int]], num_members: int, where: str = "")
             raise ValueError(f"{where}pair {number}: {pair} pairs member {pair[0]} with itself")
         key = tuple(sorted(pair))
         if key in seen:
-            raise ValueError(f"{where}pair {number}: {pair} repeats pair {seen[key]} (a pair's barrier is the same "
-                             "either way round)")
+            raise ValueError(f"{where}pair {number}: {pair} repeats pair {seen[key]} (the same two members"
+                             f"{' the other way round' if pair != pairs[seen[key] - 1] else ''})")
         seen[key] = number
     return pairs
 

@@ -105,7 +105,8 @@ def open_regular(path: str, root: str, mode: int = 0o644) -> int:
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise faults.WriteFailed(path, _NOT_REGULAR)
-    if info.st_nlink != 1:  # a hard link: writing it would write the file it is also, wherever that lies
+    if info.st_nlink > 1:  # a hard link: writing it would write the file it is also, wherever that lies
+        # (0 links: a releasing holder removed the file meanwhile; the lock's loop opens the new one)
         os.close(fd)
         raise faults.WriteFailed(path, _HARD_LINK.format(info.st_nlink))
     return fd

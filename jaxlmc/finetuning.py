@@ -12,7 +12,7 @@ from jax import lax
 
 from jaxlmc import data, faults, grid, loop, memory, models, rundir, shard, sizes, tasks, train
 from jaxlmc.config import Config, ConfigError
-from jaxlmc.pretraining import check_revisions, pretrain, pretraining_complete
+from jaxlmc.pretraining import check_revisions, check_sources, pretrain, pretraining_complete
 
 
 @rundir.exclusive
@@ -25,6 +25,7 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
     f = cfg.finetune
     run = rundir.RunDir(out)
     # Everything that can be wrong with the inputs is checked before the run directory is touched.
+    check_sources(cfg, out)
     task = tasks.load_finetune_task(cfg)
     pre_task = tasks.load_pretrain_task(cfg)
     if task.token_shape != pre_task.token_shape:  # text pairs' token types (N×T×2) aside
@@ -33,10 +34,10 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
     if f.batch_size > len(task.train.y):
         raise ConfigError(f"finetune.batch_size {f.batch_size} exceeds the {len(task.train.y)} training examples")
     model = check_sizes(cfg, pre_task, task)
-    check_revisions(cfg, out, pre_task)
+    revisions = check_revisions(cfg, out, pre_task)
     run.open(cfg)
     if not pretraining_complete(cfg, out):
-        pretrain(cfg, out, progress=progress, task=pre_task)
+        pretrain(cfg, out, progress=progress, task=pre_task, revisions=revisions)
 
     rows = grid.member_grid(cfg)
     start_M = start_params(cfg, out, model, rows, task.train)

@@ -116,7 +116,10 @@ def _torch_version() -> str | None:
     except importlib.metadata.PackageNotFoundError:
         if importlib.util.find_spec("torch") is None:
             return None
-        return str(importlib.import_module("torch").__version__)  # importable, but not an installed distribution
+        try:  # importable, but not an installed distribution
+            return str(importlib.import_module("torch").__version__)
+        except Exception as err:  # a broken install: its own error, in the refusal's words
+            return f"unimportable ({type(err).__name__})"
 
 
 def _torch_refusal(where: str) -> str | None:

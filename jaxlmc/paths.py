@@ -120,7 +120,7 @@ def make_path_eval(model: Model, path: Path, alphas, chunk_pairs: int, mesh=None
     Bezier curve's bends), `perms` (jaxlmc.permute: one [P, units] array per group) permutes member j onto member
     i before the path is built. With a `mesh` (jaxlmc.shard) the pairs are padded to a multiple of its size and
     split over its devices; every device holds all members (no communication at all). `tick` (a host function) is
-    called once per pair as its evaluation finishes (padding pairs included): a progress bar's.
+    called once per pair after its evaluation (never for padding), possibly from several threads: a progress bar's.
     """
     alphas = check_grid(alphas)
     if chunk_pairs < 1:
@@ -133,19 +133,25 @@ def make_path_eval(model: Model, path: Path, alphas, chunk_pairs: int, mesh=None
 
         def on_pair(args):
             pair_2, extra, perm_list = args
-            if tick is not None:
-                jax.debug.callback(lambda _: tick(), pair_2[0])
             p_i, p_j = pair_endpoints(model, params_M, pair_2, perm_list)
             ctx = path.prepare(p_i, p_j, extra)
             along = lambda v: jax.vmap(lambda a: evaluate(path.point(ctx, v, a)))(on_path)  # noqa: E731
             if path.variants is None:
-                return along(None)
+                return done(pair_2, along(None))
             inner = jax.vmap(along)(jnp.arange(path.variants))
             if not path.member_at_start:
-                return inner
+                return done(pair_2, inner)
             start = evaluate(p_i)
-            return jax.tree.map(lambda s0, g: jnp.concatenate(
-                [jnp.broadcast_to(s0, (path.variants, 1, *s0.shape)), g], axis=1), start, inner)
+            return done(pair_2, jax.tree.map(lambda s0, g: jnp.concatenate(
+                [jnp.broadcast_to(s0, (path.variants, 1, *s0.shape)), g], axis=1), start, inner))
+
+        def done(pair_2, result):
+            """`result`, with `tick` called once it is computed (it reads the result); never for a padding pair,
+            (0, 0): no real pair joins a member with itself."""
+            if tick is not None:
+                jax.debug.callback(lambda pair, _: None if pair[0] == pair[1] else tick(), pair_2,
+                                   jax.tree.leaves(result)[0])
+            return result
 
         inner_P = lax.map(on_pair, (pairs_Px2, extra_P, perms), batch_size=min(chunk_pairs, pairs_Px2.shape[0]))
         if not path.members_at_ends:

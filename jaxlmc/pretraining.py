@@ -14,18 +14,22 @@ from jaxlmc.config import Config, ConfigError
 
 @rundir.exclusive
 def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
-             task: tasks.Task | None = None) -> list[dict]:
+             task: tasks.Task | None = None, revisions: dict[int, dict] | None = None) -> list[dict]:
     """Pretrain one model on the pretraining task; save Orbax checkpoints at `pretrain.save_steps`.
 
     Resumes from the latest checkpoint in the run directory. Returns one row per saved checkpoint with its train/test
-    loss and accuracy (also written to pretrain/checkpoints.csv).
+    loss and accuracy (also written to pretrain/checkpoints.csv). With model.pretrained the released revisions are
+    imported instead (`revisions`: already read by check_revisions; None: read here).
     """
     p = cfg.pretrain
     run = rundir.RunDir(out)
-    task = task or tasks.load_pretrain_task(cfg)  # before the run directory: bad data leaves nothing behind
+    if task is None:
+        if cfg.model.pretrained:
+            tasks.check_pretrained(cfg)  # before any data
+        task = tasks.load_pretrain_task(cfg)  # before the run directory: bad data leaves nothing behind
     model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
     if cfg.model.pretrained:  # released revisions: nothing is trained
-        return import_revisions(cfg, run, model, task)
+        return import_revisions(cfg, run, model, task, revisions)
     if p.batch_size > len(task.train.y):
         raise ConfigError(f"pretrain.batch_size {p.batch_size} exceeds the {len(task.train.y)} training examples")
     sizes.check_pretraining(cfg, model, task)
@@ -110,20 +114,32 @@ def load_revisions(cfg: Config, model: models.Model, task: tasks.Task) -> dict[i
     return loaded
 
 
-def check_revisions(cfg: Config, out: str, task: tasks.Task) -> None:
-    """Before a run directory is written: with model.pretrained and its import unfinished in `out`, read and check
-    every revision (`load_revisions`), so that a checkpoint error leaves nothing behind."""
+def check_sources(cfg: Config, out: str) -> None:
+    """Before any data are prepared: with model.pretrained and its import unfinished in `out`, every revision is there
+    (tasks.check_pretrained). A finished run needs none of them again: its starts are its own checkpoints."""
     if cfg.model.pretrained and not pretraining_complete(cfg, out):
-        load_revisions(cfg, models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token), task)
+        tasks.check_pretrained(cfg)
 
 
-def import_revisions(cfg: Config, run: rundir.RunDir, model: models.Model, task: tasks.Task) -> list[dict]:
+def check_revisions(cfg: Config, out: str, task: tasks.Task) -> dict[int, dict] | None:
+    """Before a run directory is written: with model.pretrained and its import unfinished in `out`, every revision
+    read and checked (`load_revisions`; returned, for `pretrain` to import), so that a checkpoint error leaves nothing
+    behind. None when there is nothing to import."""
+    if cfg.model.pretrained and not pretraining_complete(cfg, out):
+        return load_revisions(cfg, models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token),
+                              task)
+    return None
+
+
+def import_revisions(cfg: Config, run: rundir.RunDir, model: models.Model, task: tasks.Task,
+                     loaded: dict[int, dict] | None = None) -> list[dict]:
     """The released revisions (model.pretrained, finetune.pretrain_revisions) as the pretraining checkpoints at the
     steps they stand for, so that everything downstream starts from them as from jaxlmc's own; their evaluation on
     the pretraining task in pretrain/checkpoints.csv. A revision already imported (and intact) is not read again."""
     p = cfg.pretrain
     revisions = dict(zip(cfg.finetune.pretrain_steps, cfg.finetune.pretrain_revisions))
-    loaded = load_revisions(cfg, model, task)  # every revision is checked before the run directory is touched
+    if loaded is None:  # (read and checked already by the caller: check_revisions)
+        loaded = load_revisions(cfg, model, task)  # every revision is checked before the run directory is touched
     run.open(cfg)
     mesh = shard.global_mesh()
     state_of = lambda params: shard.replicate(train.init_state(  # noqa: E731

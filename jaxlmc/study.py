@@ -116,6 +116,7 @@ def study(cfg: Config, out: str, progress: loop.Progress | None = None,
     """
     run = rundir.RunDir(out)
     # Bad data, and a model or grid too large for the memory, are refused before anything is written.
+    pretraining.check_sources(cfg, out)
     task, pre_task = tasks.load_finetune_task(cfg), tasks.load_pretrain_task(cfg)
     for width in cfg.study.widths or [cfg.model.width]:
         finetuning.check_sizes(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width)),

@@ -106,7 +106,8 @@ def _load(cfg: Config, key: str, name: str, label_map: str, splits=("train", "te
 
 def check_pretrained(cfg: Config) -> None:
     """Every released revision model.pretrained names is there — a local directory, or the hub's snapshot of it —
-    checked before any dataset is prepared: one ConfigError line naming the revision and what is missing."""
+    checked before any dataset is prepared (by the commands that import them: jaxlmc.pretraining.check_sources): one
+    ConfigError line naming the revision and what is missing."""
     for revision in cfg.finetune.pretrain_revisions if cfg.model.pretrained else []:
         try:
             hf.snapshot(*hf.revision_source(cfg.model.pretrained, revision))
@@ -115,7 +116,6 @@ def check_pretrained(cfg: Config) -> None:
 
 
 def load_pretrain_task(cfg: Config) -> Task:
-    check_pretrained(cfg)
     d = cfg.data
     splits = _load(cfg, "data.pretrain_task", d.pretrain_task, d.pretrain_labels,
                    classes=("data.pretrain_classes", d.pretrain_classes))
@@ -123,7 +123,6 @@ def load_pretrain_task(cfg: Config) -> Task:
 
 
 def load_finetune_task(cfg: Config) -> Task:
-    check_pretrained(cfg)
     d = cfg.data
     classes = ("data.finetune_classes", d.finetune_classes)
     splits = _load(cfg, "data.finetune_task", d.finetune_task, d.finetune_labels, splits=("train", d.test_split),

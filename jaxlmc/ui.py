@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 from rich import box
@@ -43,6 +44,7 @@ class TrainingProgress:
         if not enabled:
             return
         self.total = total_steps
+        self._lock = threading.Lock()
         last = TimeRemainingColumn() if num_members == 0 else TextColumn("{task.fields[loss]}")
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(bar_width=10), MofNCompleteColumn(),
@@ -65,9 +67,10 @@ class TrainingProgress:
     def advance(self, n_steps: int, loss_nxM: np.ndarray | None) -> None:
         if not self.enabled:
             return
-        if loss_nxM is None:  # pairs: never past the total (a sharded pass also evaluates its padding pairs)
-            done = self._progress.tasks[0].completed
-            self._progress.update(self._task, completed=min(done + n_steps, self.total))
+        if loss_nxM is None:  # pairs, ticked from the compiled pass's threads (one per device)
+            with self._lock:
+                done = self._progress.tasks[0].completed
+                self._progress.update(self._task, completed=min(done + n_steps, self.total))
             return
         finite = loss_nxM[-1][np.isfinite(loss_nxM[-1])]
         loss = f"loss {np.median(finite):.3f}" if finite.size else "loss –"

@@ -394,7 +394,9 @@ def cli(data_dir, verb, out, *sets, config_path="configs/mnist1d.toml"):
 
 
 def one_line(proc) -> str:
-    lines = proc.stderr.strip().splitlines()
+    # (TFDS announces a dataset it prepares on stderr: progress, which the first command in a worker prints)
+    lines = [line for line in proc.stderr.strip().splitlines()
+             if not re.match(r"(Downloading and preparing dataset|Dataset \S+ downloaded and prepared)", line)]
     assert len(lines) == 1, proc.stderr
     return last_line(proc)
 

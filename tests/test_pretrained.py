@@ -3,6 +3,7 @@
 fine-tuned as a sequence classifier and measured (barriers aligned by weight matching); and the config's one-line
 errors."""
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -127,8 +128,11 @@ def test_fine_tuning_starts_from_released_revisions(revisions, tmp_path):
     """Import, fine-tuning and barriers (aligned) from the two revisions; the stages after the barriers read only
     the tables, whatever the model kind (the transformer's whole study: tests/test_transformer.py)."""
     out = str(tmp_path / "run")
-    cfg = _config(revisions)
+    moved = str(tmp_path / "revisions")
+    shutil.copytree(revisions, moved)
+    cfg = _config(moved)
     api.finetune(cfg, out)  # imports the revisions first, as the study's pretrain stage does
+    shutil.rmtree(moved)  # a finished run's starts are its own checkpoints: measuring needs no revision again
     api.barriers_of_run(cfg, out)
     run = api.RunDir(out)
     pretrain_rows = run.read_csv(rundir.PRETRAIN)

@@ -78,3 +78,30 @@ def test_the_hf_kinds_specs_pass_and_a_missing_input_axis_is_named():
         dropped = next(e for e in mlp_group if e.axis == 0 and e.layer != mlp_group[0].layer)
         with pytest.raises(spec_check.SpecError, match=f"it misses {dropped.layer}.{dropped.name} axis 0"):
             spec_check.check_spec(model, params, x, spec=_without(spec, dropped))
+
+
+class Positive(nnx.Module):
+    def __init__(self, width: int):
+        self.value = nnx.Param(jax.numpy.full((width,), 3.0))
+
+
+class PositiveScale(nnx.Module):
+    """A hidden layer scaled by log(scale): a parameter that must stay positive (noise of its own size would flip
+    it and make every output NaN)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(20, 64, rngs=rngs)
+        self.scale = Positive(64)
+        self.out = nnx.Linear(64, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.hidden(x)) * jax.numpy.log(self.scale.value[...])[None])
+
+
+def test_a_correct_spec_of_a_network_with_a_positive_parameter_passes(arrays):
+    spec = [[UnitAxis("hidden", "kernel", 1), UnitAxis("hidden", "bias", 0), UnitAxis("scale", "value", 0),
+             UnitAxis("out", "kernel", 0)]]
+    model, params = jaxlmc.from_module(PositiveScale(nnx.Rngs(0)), (20,), 4, spec)
+    spec_check.check_spec(model, params, arrays[0][:4])
+    with pytest.raises(spec_check.SpecError, match="it misses scale.value axis 0"):
+        spec_check.check_spec(model, params, arrays[0][:4], spec=[[e for e in spec[0] if e.layer != "scale"]])
