@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -61,33 +62,56 @@ _NOISE = "RuntimeError: Event loop is closed"
 
 class _TracebackFilter(io.TextIOBase):
     """A text stream that passes everything through to `target` at once, except tracebacks that end in
-    `RuntimeError: Event loop is closed`: a traceback is held until its last line says which it is."""
+    `RuntimeError: Event loop is closed`: a traceback is held until its last line says which it is. Each writing
+    thread has its own held lines, since several threads print their tracebacks at once, interleaved piece by piece."""
+
+    _START = "Traceback (most recent call last):"
 
     def __init__(self, target):
-        self.target, self.block, self.partial = target, [], ""
+        self.target = target
+        self.held: dict[int, tuple[list[str], str]] = {}  # thread id -> (traceback lines held, unfinished line)
+        self.lock = threading.Lock()
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        lines = (self.partial + text).split("\n")
-        self.partial = lines.pop()
-        for line in lines:
-            if self.block:
-                self.block.append(line)
-                if line and not line[0].isspace():  # the exception's own line ends the traceback
-                    if line.strip() != _NOISE:
-                        self.target.write("\n".join(self.block) + "\n")
-                    self.block = []
-            elif line.startswith("Traceback (most recent call last):"):
-                self.block = [line]
-            else:
-                self.target.write(line + "\n")
-        # An unfinished line (a progress bar's redraw) goes out at once, unless it may be a traceback's first line.
-        if self.partial and not self.block and not "Traceback (most recent call last):".startswith(self.partial):
-            self.target.write(self.partial)
-            self.partial = ""
+        me = threading.get_ident()
+        with self.lock:
+            block, partial = self.held.pop(me, ([], ""))
+            lines = (partial + text).split("\n")
+            partial = lines.pop()
+            for line in lines:
+                if line.startswith(self._START):  # (a new traceback: one held before it was not noise)
+                    self._emit(block)
+                    block = [line]
+                elif block:
+                    block.append(line)
+                    if line and not line[0].isspace():  # the exception's own line ends the traceback
+                        if line.strip() != _NOISE:
+                            self._emit(block)
+                        block = []
+                else:
+                    self.target.write(line + "\n")
+            # An unfinished line (a progress bar's redraw) goes out at once, unless it may be a traceback's first line.
+            if partial and not block and not self._START.startswith(partial):
+                self.target.write(partial)
+                partial = ""
+            if block or partial:
+                self.held[me] = (block, partial)
         return len(text)
+
+    def _emit(self, block: list[str]) -> None:
+        if block:
+            self.target.write("\n".join(block) + "\n")
+
+    def release(self) -> None:
+        """Writes out whatever is still held (an unfinished traceback or line), thread by thread."""
+        with self.lock:
+            for block, partial in self.held.values():
+                self.target.write("\n".join(block + [partial]) if block else partial)
+            self.held.clear()
+        self.target.flush()
 
     def flush(self) -> None:
         self.target.flush()
@@ -110,9 +134,8 @@ def quiet_event_loop_noise():
     finally:
         held = sys.stderr
         sys.stderr = real
-        if isinstance(held, _TracebackFilter) and (held.block or held.partial):
-            real.write("\n".join(held.block + [held.partial]) if held.block else held.partial)
-            real.flush()
+        if isinstance(held, _TracebackFilter):
+            held.release()
 
 
 class Checkpoints:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import io
 import sys
+import threading
 import time
 
 import jax
@@ -650,6 +651,39 @@ def test_event_loop_noise_is_dropped_and_everything_else_passes_straight_through
     with ckpt.quiet_event_loop_noise():
         assert isinstance(sys.stderr, ckpt._TracebackFilter)
     assert sys.stderr is before
+
+
+def test_event_loop_noise_from_threads_writing_at_once_is_dropped():
+    """Two threads print their "Event loop is closed" tracebacks at once, piece by piece interleaved (as tensorstore's
+    callbacks did in CI): both vanish, and a real traceback interleaved with noise still comes through whole."""
+    target = io.StringIO()
+    stream = ckpt._TracebackFilter(target)
+    noise = ['Traceback (most recent call last):\n', '  File "b.py", line 806, in call_soon_threadsafe\n',
+             '    self._check_closed()\n', 'RuntimeError: Event loop is closed\n']
+    real = ['Traceback (most recent call last):\n', '  File "y.py", line 2\n', 'ValueError: real\n']
+
+    def writer(me, pieces):  # writes one piece per turn, then hands the turn to the other thread
+        for piece in pieces:
+            turns[me].acquire()
+            stream.write(piece)
+            turns[1 - me].release()
+        for _ in range(8):  # (keeps passing turns once its own pieces are written)
+            if not turns[me].acquire(timeout=1):
+                return
+            turns[1 - me].release()
+
+    for second in (noise, real):
+        turns = [threading.Semaphore(0), threading.Semaphore(0)]
+        target.seek(0)
+        target.truncate()
+        threads = [threading.Thread(target=writer, args=(0, noise)), threading.Thread(target=writer, args=(1, second))]
+        for t in threads:
+            t.start()
+        turns[0].release()
+        for t in threads:
+            t.join()
+        stream.release()
+        assert target.getvalue() == ("" if second is noise else "".join(real)), target.getvalue()
 
 
 def test_a_step_without_its_file_list_is_set_aside_and_recomputed(tmp_path, capfd):
