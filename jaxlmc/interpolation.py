@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, loop, memory, models, permute, shard, spec_check, stats, train
+from jaxlmc import barriers, decide, loop, memory, models, permute, shard, spec_check, stats, train
 from jaxlmc.curves import make_curve_eval, make_train_bends
 from jaxlmc.measures import PAIR_MEASURES
 from jaxlmc.settings import DEFAULT_ALPHAS
@@ -178,7 +178,9 @@ def curve_columns(curves: dict, alphas: np.ndarray, suffix: str = "") -> dict[st
                 name = f"{metric}_barrier_{split}{form}{suffix}"
                 columns[name] = stats.barrier(curve[..., 0], alphas, form)
                 if curve.shape[-1] > 2:
-                    columns[f"{name}_floor"] = stats.noise_floor(curve, alphas, form)
+                    null_PxR = stats.null_barriers(curve, alphas, form)
+                    columns[f"{name}_floor"] = np.quantile(null_PxR, stats.LEVEL, axis=1)
+                    columns[f"{name}_null"] = null_PxR.mean(axis=1)
             columns[f"{metric}_mid_{split}{suffix}"] = barriers.midpoint(curve[..., 0], alphas)
     return columns
 
@@ -195,23 +197,52 @@ def pair_columns(curves: Curves) -> dict[str, np.ndarray]:
 
 
 def _measures(rows: list[dict]) -> list[str]:
-    return [k for k in (rows or [{}])[0] if k.startswith(("loss_", "error_")) and not k.endswith("_floor")]
+    return [k for k in (rows or [{}])[0] if k.startswith(("loss_", "error_")) and not k.endswith(("_floor", "_null"))]
 
 
-def cell_summary(members: list[dict], pair_rows: list[dict], start_rows: list[dict], bootstrap: int, num_seeds: int,
-                 cell_keys: tuple[str, ...]) -> list[dict]:
+def _estimate(rows: list[dict], values: np.ndarray, is_pair: bool, members: list[dict], num_seeds: int):
+    if is_pair:
+        seed_pairs = [(members[p["i"]]["seed"], members[p["j"]]["seed"]) for p in rows]
+        return decide.of_pairs(stats.symmetric_matrix(num_seeds, seed_pairs, values))
+    per_seed = np.full(num_seeds, np.nan)
+    per_seed[[r["seed"] for r in rows]] = values
+    return decide.of_members(per_seed)
+
+
+def _measure_columns(label: str, values: dict, estimate) -> dict:
+    """`label`'s summary columns: mean, std, interval (and SE) of the barrier, its floor, and its excess over its
+    null mean (with the minimum detectable excess)."""
+    row = {}
+    for name, v in values.items():
+        column = label + {"floor": "_floor", "excess": "_excess"}.get(name, "")
+        finite = v[np.isfinite(v)]
+        est = estimate(v)
+        row[f"{column}_mean"] = finite.mean() if finite.size else np.nan
+        row[f"{column}_std"] = finite.std() if finite.size else np.nan
+        row[f"{column}_ci_lo"], row[f"{column}_ci_hi"] = est.interval()
+        if name != "floor" and "excess" in values:
+            row[f"{column}_se"] = est.se
+        if name == "excess":
+            row[f"{column}_min_detectable"] = est.min_detectable()
+    return row
+
+
+def cell_summary(members: list[dict], pair_rows: list[dict], start_rows: list[dict], num_seeds: int,
+                 cell_keys: tuple[str, ...], margin: float = decide.MARGIN) -> list[dict]:
     """One row per cell (the members' values of `cell_keys`, in first-seen order): for every pair measure
     (within-cell pairs) and every to-start measure (the cell's used members), its mean, std over pairs (members) and
-    seed-bootstrap CI (jaxlmc.stats: seeds are resampled, never pairs, which share members); for every barrier with a
-    noise floor, the mean floor and the mean excess (barrier − floor) with its CI. Members are rows with "member",
-    "seed" (0 .. num_seeds − 1), "diverged" and optionally "unfit"; pair rows have "i", "j", "same_cell" and the cell
-    keys of member i."""
-    draws = stats.seed_draws(num_seeds, bootstrap)
+    95 % interval over seeds (jaxlmc.decide: Student-t over the leave-one-seed-out jackknife; pairs share members,
+    so seeds are the units); for every barrier with a noise floor, the mean floor, and the excess (the barrier minus
+    its null mean) with its interval and minimum detectable value. Each cell's verdict (`verdict`, to the start
+    `start_verdict`) on the headline barrier (`decide.headline_measure`) by jaxlmc.decide's rule at `margin`, the p-values
+    of every cell adjusted together. Members are rows with "member", "seed" (0 .. num_seeds − 1), "diverged" and
+    optionally "unfit"; pair rows have "i", "j", "same_cell" and the cell keys of member i."""
     cell = lambda row: tuple(row[k] for k in cell_keys)  # noqa: E731
     groups: dict = {}
     for m in members:
         groups.setdefault(cell(m), []).append(m["member"])
-    out = []
+    headlines = {"": decide.headline_measure(pair_rows), "start_": decide.headline_measure(start_rows)}
+    out, tests = [], {}
     for key, member_ids in groups.items():
         row = dict(zip(cell_keys, key))
         cell_members = [members[m] for m in member_ids]
@@ -220,48 +251,28 @@ def cell_summary(members: list[dict], pair_rows: list[dict], start_rows: list[di
         row.update({"members": len(member_ids), "members_used": len(starts), "pairs": len(within),
                     "diverged": sum(m["diverged"] for m in cell_members),
                     "unfit": sum(bool(m.get("unfit")) for m in cell_members)})
-        seed_pairs = [(members[p["i"]]["seed"], members[p["j"]]["seed"]) for p in within]
         for prefix, rows in (("", within), ("start_", starts)):
+            estimate = lambda v, rows=rows, prefix=prefix: _estimate(rows, v, not prefix, members, num_seeds)  # noqa
             for measure in _measures(pair_rows if not prefix else start_rows) + (["dist", "update_cos"] if not prefix
                                                                                  else ["dist"]):
-                values = {name: np.array([r[name] for r in rows], np.float64)
-                          for name in (measure, f"{measure}_floor") if rows and name in rows[0]}
-                if measure not in values:
+                if not rows or measure not in rows[0]:
                     continue
-                if f"{measure}_floor" in values:
-                    values["excess"] = values[measure] - values[f"{measure}_floor"]
-                for name, v in values.items():
-                    label = f"{prefix}{measure}" + ("_excess" if name == "excess" else
-                                                    "_floor" if name.endswith("_floor") else "")
-                    finite = v[np.isfinite(v)]
-                    row[f"{label}_mean"] = finite.mean() if finite.size else np.nan
-                    row[f"{label}_std"] = finite.std() if finite.size else np.nan
-                    if prefix:
-                        per_seed = np.full(num_seeds, np.nan)
-                        per_seed[[r["seed"] for r in rows]] = v
-                        replicates = stats.member_replicates(per_seed, draws)
-                    else:
-                        replicates = stats.pair_replicates(stats.symmetric_matrix(num_seeds, seed_pairs, v), draws)
-                    row[f"{label}_ci_lo"], row[f"{label}_ci_hi"] = stats.ci(replicates) if bootstrap else (np.nan,) * 2
+                values = {"": np.array([r[measure] for r in rows], np.float64)}
+                for extra in ("floor", "null"):
+                    if f"{measure}_{extra}" in rows[0]:
+                        values[extra] = np.array([r[f"{measure}_{extra}"] for r in rows], np.float64)
+                if "null" in values:
+                    values["excess"] = values[""] - values.pop("null")
+                row.update(_measure_columns(f"{prefix}{measure}", values, estimate))
+                if measure == headlines[prefix] and "excess" in values:
+                    tests[(len(out), prefix)] = (estimate(values["excess"]), estimate(values[""]))
         out.append(row)
-    return out
-
-
-# The barriers whose per-resampling null values are kept (barriers/nulls.npz) for the calibrated cell decision
-# (stats.cell_threshold): the seeds' test error barrier, naive and aligned, and the linear-baseline one to the start.
-NULL_MEASURES = (("pairs", "error", "test", "", ""), ("pairs", "error", "test", "", "_aligned"),
-                 ("start", "error", "test", "_lin", ""))
-
-
-def null_arrays(curves: Curves) -> dict[str, np.ndarray]:
-    """{"<pairs|start>_<measure>": null_PxR} (stats.null_barriers) for NULL_MEASURES, in the row order of pairs.csv
-    and to_start.csv; float32."""
-    out = {}
-    for which, metric, split, form, suffix in NULL_MEASURES:
-        by_split = {"pairs": {"": curves.pairs, "_aligned": curves.aligned}[suffix], "start": curves.to_start}[which]
-        if split not in by_split:
-            continue
-        curve = by_split[split][0 if metric == "loss" else 1]
-        out[f"{which}_{metric}_barrier_{split}{form}{suffix}"] = stats.null_barriers(
-            curve, curves.alphas, form).astype(np.float32)
+    for (k, prefix), decision in decide.decide_all(tests, margin).items():
+        out[k].update({f"{prefix}{name}": v for name, v in decision.items()})
+    for prefix in {prefix for _, prefix in tests}:  # (a cell with too few members: no test, not resolved)
+        for row in out:
+            row["margin"] = margin
+            row.setdefault(f"{prefix}verdict", "not resolved")
+            row.setdefault(f"{prefix}p_separate", np.nan)
+            row.setdefault(f"{prefix}p_one_basin", np.nan)
     return out

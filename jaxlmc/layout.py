@@ -16,9 +16,9 @@ directory. A run directory (``--out``) holds
     members.csv                  MEMBERS: one row per fine-tuned member
     barriers/pairs.csv           PAIRS: one row per member pair (barriers, midpoints, geometry)
     barriers/to_start.csv        TO_START: one row per member, the same measures to its starting point
-    barriers/summary.csv         BARRIER_SUMMARY: per grid cell, mean, std and bootstrap CI of every measure
+    barriers/summary.csv         BARRIER_SUMMARY: per grid cell, mean, std and 95 % interval of every measure, the
+                                 excess over the null mean, the verdict and the minimum detectable excess
     barriers/curves.npz          CURVES: the interpolation curves
-    barriers/nulls.npz           NULLS: per pair (member), each verdict barrier's null value at every resampling
     barriers/settings.json       the barrier settings, chunk size, timings, pairs left out
     barriers/by_step/*.csv       STEP_*: members, pairs, to_start and summary at every kept fine-tuning step
                                  (finetune.save_steps and the last), with a finetune_step column
@@ -135,7 +135,6 @@ REFINE_ROUNDS = Table("refine/rounds.csv", (("round", int), ("lrs", str), ("reas
 # Other files, relative to the run directory.
 CONFIG = "config.json"
 CURVES = "barriers/curves.npz"
-NULLS = "barriers/nulls.npz"
 BARRIER_SETTINGS = "barriers/settings.json"
 SIMILARITY_ARRAYS = "similarity.npz"
 REPORT = "report.html"

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import (barriers, ckpt, data, files, grid, interpolation, layout, loop, models, optimizers, shard,
+from jaxlmc import (barriers, ckpt, data, decide, files, grid, interpolation, layout, loop, models, optimizers, shard,
                     spec_check, stats, train)
 from jaxlmc.settings import DEFAULT_ALPHAS, FinetuneConfig
 
@@ -267,16 +267,16 @@ class Barriers:
     curves: interpolation.Curves
     layers: list[dict] = dataclasses.field(default_factory=list)  # per pair and layer group (layerwise=True)
 
-    def summary(self, bootstrap: int = 1000) -> list[dict]:
+    def summary(self, margin: float = decide.MARGIN) -> list[dict]:
         """One row per cell (barriers/summary.csv's columns): each measure's mean and std over the cell's pairs, and
-        its 95 % interval from `bootstrap` resamplings of the seeds (pairs share members, so seeds are the
-        independent units); for every barrier with a noise floor, the floor and the excess over it."""
+        its 95 % interval over seeds (pairs share members, so seeds are the units: jaxlmc.decide); for every barrier
+        with a noise floor, the floor and the excess over its null mean; each cell's verdict ("one basin" within
+        `margin`, "separate basins", "not resolved") with the p-values of all cells adjusted together."""
         seeds = sorted({r["seed"] for r in self.members.table})
         index = {s: k for k, s in enumerate(seeds)}
         members = [{**r, "seed": index[r["seed"]]} for r in self.members.table]
         starts = [{**r, "seed": index[r["seed"]]} for r in self.to_start]
-        return interpolation.cell_summary(members, self.pairs, starts, bootstrap, len(seeds),
-                                          self.members.cell_keys)
+        return interpolation.cell_summary(members, self.pairs, starts, len(seeds), self.members.cell_keys, margin)
 
 
 def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | None = None, align_x=None,

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxlmc import barriers, files, finetuning, grid, layerwise, loop, models, rundir, tasks
 from jaxlmc.config import Config, ConfigError
-from jaxlmc.interpolation import (BezierSettings, Curves, cell_summary, curve_columns, null_arrays, pair_columns,
+from jaxlmc.interpolation import (BezierSettings, Curves, cell_summary, curve_columns, pair_columns,
                                   pair_curves)
 
 
@@ -76,10 +76,10 @@ def select_pairs(spec: str, members: list[dict]) -> tuple[list[tuple[int, int]],
     return kept, len(requested) - len(kept)
 
 
-def summarize(members: list[dict], pair_rows: list[dict], start_rows: list[dict], bootstrap: int,
-              num_seeds: int) -> list[dict]:
-    """barriers/summary.csv: one row per grid cell (jaxlmc.interpolation.cell_summary over the grid's cell keys)."""
-    return cell_summary(members, pair_rows, start_rows, bootstrap, num_seeds, grid.CELL_KEYS)
+def summarize(cfg: Config, members: list[dict], pair_rows: list[dict], start_rows: list[dict]) -> list[dict]:
+    """barriers/summary.csv: one row per grid cell (jaxlmc.interpolation.cell_summary over the grid's cell keys,
+    verdicts at the study's margin)."""
+    return cell_summary(members, pair_rows, start_rows, cfg.finetune.seeds, grid.CELL_KEYS, cfg.study.margin)
 
 
 def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tuple[int, int]], status=None,
@@ -140,7 +140,6 @@ def write_barriers(run: rundir.RunDir, pairs, used, curves: Curves, pair_rows, s
         for split, (loss, err) in by_split.items():
             arrays[f"{prefix}loss_{split}"], arrays[f"{prefix}error_{split}"] = loss[..., 0], err[..., 0]
     run.write_npz(rundir.CURVES, arrays)
-    run.write_npz(rundir.NULLS, null_arrays(curves))
     run.write_json(rundir.BARRIER_SETTINGS, settings)
 
 
@@ -171,7 +170,7 @@ def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = F
         return _without_pairs(cfg, out, run, start_M, probe_M)
     curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M, progress=progress)
     pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
-    summary = summarize(members, pair_rows, start_rows, b.bootstrap, cfg.finetune.seeds)
+    summary = summarize(cfg, members, pair_rows, start_rows)
     num_used = len(run.used)
     num_evals = (len(pairs) + num_used) * (len(curves.alphas) - 2) + 2 * num_used
     settings = {"barriers": dataclasses.asdict(b), "chunk_pairs": curves.chunk, "member_pairs": len(pairs),
@@ -185,7 +184,10 @@ def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = F
                 "form": {"<metric>_barrier_<split>": "endpoint-mean: max L(α) − (L(0) + L(1))/2",
                          "<metric>_barrier_<split>_lin": "linear-baseline: max [L(α) − ((1−α)L(0) + αL(1))]",
                          "<barrier>_floor": "noise floor: 95 % quantile of the barrier of the centred curve over "
-                                            "bootstrap resamplings of the evaluation examples"}}
+                                            "bootstrap resamplings of the evaluation examples",
+                         "<barrier>_null": "null mean: the mean of those barriers (what noise alone adds; the "
+                                           "excess is the barrier minus it)"},
+                "verdicts": {"rule": "jaxlmc.decide (docs/science.md)", "margin": cfg.study.margin}}
     by_step = {cfg.finetune.steps: (members, pair_rows, start_rows, summary)}
     step_seconds = {}
     for step in cfg.finetune.save_steps:
@@ -211,7 +213,7 @@ def _without_pairs(cfg: Config, out: str, run: FinishedRun, start_M: dict, probe
     """barriers/ of a run none of whose final members can be interpolated: its members, no pairs (at a saved step
     where some members were still usable, their barriers as usual)."""
     directory = rundir.RunDir(out)
-    summary = summarize(run.members, [], [], cfg.barriers.bootstrap, cfg.finetune.seeds)
+    summary = summarize(cfg, run.members, [], [])
     by_step = {cfg.finetune.steps: (run.members, [], [], summary)}
     for step in cfg.finetune.save_steps:
         by_step[step] = _barriers_at_step(cfg, out, run, step, start_M, probe_M, None)
@@ -250,10 +252,9 @@ def _barriers_at_step(cfg: Config, out: str, final: FinishedRun, step: int, star
     run = FinishedRun(members, final.task, final.model, params_M)
     pairs, _ = select_pairs(cfg.barriers.pairs, members)
     if not run.used:
-        return members, [], [], summarize(members, [], [], cfg.barriers.bootstrap, cfg.finetune.seeds)
+        return members, [], [], summarize(cfg, members, [], [])
     if status:
         status(f"fine-tuning step {step}:")
     curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M, progress=progress)
     pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
-    return members, pair_rows, start_rows, summarize(members, pair_rows, start_rows, cfg.barriers.bootstrap,
-                                                    cfg.finetune.seeds)
+    return members, pair_rows, start_rows, summarize(cfg, members, pair_rows, start_rows)

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from jaxlmc import figures, figures_trends, grid, noreturn, rundir, stats, verdicts
+from jaxlmc import decide, figures, figures_trends, grid, noreturn, rundir, stats, verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.figures import step_label
 from jaxlmc.measures import PAIR_MEASURES
@@ -127,17 +127,24 @@ def figure_head(summary: list[dict]) -> str | None:
     return next((h for h in FIGURE_HEADS if h in heads), None) if len(heads) > 1 else None
 
 
-def summary_table() -> list[tuple[str, str]]:
-    """The report's summary columns (key, header): every registered pair measure's barrier among them."""
+def summary_table(summary: list[dict] = ()) -> list[tuple[str, str]]:
+    """The report's summary columns (key, header): the headline barrier the verdicts use (jaxlmc.decide) with its
+    excess, interval, minimum detectable excess and verdict, then the endpoint-mean form, every registered pair
+    measure's barrier, the barrier to the start with its verdict, and the cell's accuracies."""
+    head = decide.headline_measure(summary and [{k[:-len("_mean")]: 0 for k in summary[0] if k.endswith("_mean")}])
+    head = head or "error_barrier_test_lin"
+    endpoint = head.replace("_lin", "")
     return [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"), ("members_used", "n"),
             ("unfit", "unfit"), ("diverged", "div"),
-            ("error_barrier_test_mean", "err barrier"), ("error_barrier_test_floor_mean", "floor"),
-            ("error_barrier_test_ci_lo", "CI lo"), ("error_barrier_test_ci_hi", "CI hi"),
-            ("error_barrier_test_aligned_mean", "aligned"), ("error_barrier_test_aligned_floor_mean", "floor"),
+            (f"{head}_mean", "barrier"), (f"{head}_excess_mean", "excess"), (f"{head}_excess_ci_lo", "CI lo"),
+            (f"{head}_excess_ci_hi", "CI hi"), (f"{head}_ci_hi", "barrier CI hi"),
+            (f"{head}_excess_min_detectable", "detectable"), ("verdict", "verdict"),
+            (f"{endpoint}_mean", "endpoint-mean"),
             *[(f"error_barrier_test{suffix}_mean", m.label) for suffix, m in PAIR_MEASURES.items()
               if suffix not in ("", "_aligned")],
             ("loss_barrier_test_mean", "loss barrier"), ("error_barrier_ood_mean", "OOD err barrier"),
-            ("start_error_barrier_test_mean", "to start"), ("start_error_barrier_test_floor_mean", "floor"),
+            ("start_error_barrier_test_lin_mean", "to start"), ("start_error_barrier_test_lin_excess_mean", "excess"),
+            ("start_verdict", "verdict"),
             ("basins", "basins"), ("best_test_acc", "best"), ("uniform_test_acc", "uniform soup"),
             ("greedy_test_acc", "greedy soup"), ("ensemble_test_acc", "ensemble"), ("ood_acc_std", "OOD std"),
             ("disagreement_test", "disagree"), ("cka_mean", "CKA"), ("sharpness_median", "sharpness")]
@@ -234,8 +241,9 @@ def render(out: str, stages) -> str:
         + (f", OOD <code>{html.escape(d['ood_task'])}</code>" if d["ood_task"] else "")
         + f"; {f_['seeds']} seeds per cell, {f_['steps']} fine-tuning steps. Stage times: "
         + html.escape(", ".join(timings) or "not recorded") + ".</p>",
-        "<h2>Answer</h2><p>Every interval is a 95 % bootstrap CI over seeds (the independent units; pairs share "
-        "members); a difference is stated only when its CI excludes 0. How to read each number and figure: "
+        "<h2>Answer</h2><p>Every interval is 95 % over seeds (the independent units; pairs share members): Student-t "
+        "over the leave-one-seed-out jackknife for the basin verdicts and H1/H2, the member bootstrap for H3 and H4; "
+        "a difference is stated only when its (adjusted) test rejects. How to read each number and figure: "
         "<code>docs/science.md</code> in the jaxlmc repository.</p>"
         + "".join(f"<h3>{html.escape(q)}</h3><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines) + "</ul>"
                   for q, lines in headline(run))
@@ -244,11 +252,14 @@ def render(out: str, stages) -> str:
         "<h2>Figures</h2>",
     ]
     parts += [_figure_html(run, name, caption) for name, caption in drawn]
-    parts += ["<h2>Per cell</h2><p>Test error barriers, endpoint-mean form, between seeds (CI: 95 % over seeds) and "
-              "to the probed start (the starting body with a linear-probe head), each beside its noise floor; "
-              "members left out as unfit or diverged are counted; accuracies on the test set; every column in "
+    parts += ["<h2>Per cell</h2><p>Test error barriers, linear-baseline form (after weight matching when measured), "
+              "between seeds and to the probed start (the starting body with a linear-probe head): the mean barrier, "
+              "its excess over the noise's null mean with the excess's 95 % interval over seeds, the barrier's upper "
+              "end (one basin when below the margin), the excess the cell could detect at 80 % power, and the verdict "
+              "(jaxlmc.decide; p-values of all cells adjusted together). The endpoint-mean form is shown beside it. "
+              "Members left out as unfit or diverged are counted; accuracies on the test set; every column in "
               "<code>summary.csv</code>.</p>",
-              _table(summary, summary_table())]
+              _table(summary, summary_table(summary))]
     if any("task_arithmetic_test_acc" in r for r in summary):
         parts += ["<h2>Merges</h2><p>Per cell, beside the best member and the uniform soup: task arithmetic (Ilharco "
                   "et al. 2023), TIES-Merging (Yadav et al. 2023) and Model Stock (Jang et al. 2024) of the cell's "

@@ -10,6 +10,9 @@ from typing import Callable, Literal
 
 # The α grid's points, ends included, wherever none is given: the study, the CLI and the library alike.
 DEFAULT_ALPHAS = 25
+# δ of the basin verdicts (jaxlmc.decide): "one basin" only when a cell's test error barrier is shown below it.
+# Frankle et al. (2020) call a pair stable to SGD noise when its test error barrier is below 2 %.
+DEFAULT_MARGIN = 0.02
 
 Schedule = Literal["constant", "cosine", "linear"]
 # Registered names, checked by `validate`: jaxlmc.optimizers.OPTIMIZERS and jaxlmc.labels.LABEL_MAPS (built-ins and
@@ -200,6 +203,9 @@ class StudyConfig:
     # (checkpoint and head) — a relative rule whose verdicts the report compares with the absolute one's.
     unfit_fraction: float = 0.0
     similarity_examples: int = 1000  # test examples for prediction disagreement and CKA
+    # δ of the basin verdicts (jaxlmc.decide): "one basin" only when a cell's test error barrier is shown below it
+    # (the upper end of its 95 % interval). The default is Frankle et al.'s (2020) "stable" criterion, 2 %.
+    margin: float = DEFAULT_MARGIN
     # Sharpness: the top Hessian eigenvalue of the training loss of every member and of every start, by this many
     # power-iteration steps (Hessian-vector products, all members at once) on this many training examples (the first
     # of the fixed train-evaluation subset). 0 iterations: not measured.

@@ -11,9 +11,8 @@ from resampling the evaluation examples; and verdicts that say "not resolved" wh
   (`train.batch_eval_set`). The centred resampled curve δ_r(α) = L_r(α) − L(α) is the curve's evaluation noise alone;
   the barrier of δ_r is what that noise makes of a truly flat curve, and the pair's floor is its 95 % quantile. A model
   against itself has δ_r constant in α, hence floor 0 and barrier 0.
-* **Verdicts.** A cell's excess, its mean barrier minus the calibrated null of that mean (`cell_threshold`; the mean
-  of the pairs' own floors where a run directory has no null barriers), with a member-bootstrap CI: "one basin" when
-  the whole CI lies at or below 0, "separate basins" when it lies above, otherwise "not resolved".
+* **Verdicts** are jaxlmc.decide's (the jackknife over seeds, an equivalence margin, Benjamini–Hochberg); the
+  member bootstrap here serves H3's brackets and H4's correlations.
 """
 from __future__ import annotations
 
@@ -55,17 +54,6 @@ def noise_floor(curves_PxAxR1, alphas, form: str = "", level: float = LEVEL) -> 
     if not null_PxR.shape[1]:
         return np.full(null_PxR.shape[0], np.nan)
     return np.quantile(null_PxR, level, axis=1)
-
-
-def cell_threshold(null_PxR, level: float = LEVEL) -> float:
-    """The calibrated null of a cell's *mean* barrier: the `level` quantile over the resamplings of the mean over the
-    cell's pairs (or members) of their null barriers. The resamplings are shared by every pair, so the mean keeps
-    the noise the pairs have in common; it is far tighter than the mean of the pairs' own floors, whose average of
-    95 % quantiles lets a true barrier of about one floor through as "one basin"."""
-    null = np.asarray(null_PxR, np.float64)
-    if null.size == 0 or not np.isfinite(null).any():
-        return float("nan")
-    return float(np.quantile(np.nanmean(null, axis=0), level))
 
 
 def seed_draws(num_seeds: int, num_resamples: int, seed: int = 0) -> np.ndarray:
@@ -122,15 +110,6 @@ def sign(lo: float, hi: float) -> int:
     if np.isfinite(hi) and hi < 0:
         return -1
     return 0
-
-
-def basin_verdict(excess_lo: float, excess_hi: float) -> str:
-    """A cell's verdict from the CI of its mean excess of barrier over noise floor: one basin when no barrier rises
-    above its floor (the CI lies at or below 0: a model against itself, barrier = floor = 0, is one basin), separate
-    basins when the CI lies above 0, otherwise not resolved."""
-    if np.isfinite(excess_hi) and excess_hi <= 0:
-        return "one basin"
-    return "separate basins" if np.isfinite(excess_lo) and excess_lo > 0 else "not resolved"
 
 
 def symmetric_matrix(num_seeds: int, seed_pairs, values) -> np.ndarray:

@@ -60,7 +60,7 @@ STAGES: list[Stage] = [
     Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size", "study.unfit_fraction",
                                                          "study.fit_margin"),
           needs=("finetune",), trains=True,
-          writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES, rundir.NULLS,
+          writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES,
                   rundir.BARRIER_SETTINGS, *rundir.BY_STEP)),
     Stage("refine", refine.refine_run, settings=("study.refine_rounds",), needs=("barriers",),
           writes=(rundir.REFINE_ROUNDS,), trains=True, complete=refine.rounds_complete),

@@ -1,11 +1,10 @@
-"""The report's answers to the study's hypotheses (docs/science.md), one by one, as computed sentences with member-bootstrap CIs
-(jaxlmc.stats). A difference is stated only when its 95 % CI excludes zero; otherwise the sentence says it is not
-resolved. Everything is read from the run directory's tables.
-
-The seeds' barrier is the test error barrier (endpoint-mean form) after weight matching when the barrier stage
-measured it, else the naive one; the barrier to the start is measured to the starting body with the linear-probe head
-(jaxlmc.measure) in the linear-baseline form: in the endpoint-mean form a member against a much worse start would
-show half their accuracy difference as a "barrier".
+"""The report's answers to the study's hypotheses (docs/science.md), one by one, as computed sentences. Every basin
+verdict and H1/H2 trend follows one rule (jaxlmc.decide): the linear-baseline test error barrier (after weight
+matching when the barrier stage measured it), debiased by its null mean (the excess), with a Student-t interval over
+the leave-one-seed-out jackknife; "one basin" only below the study's margin; p-values adjusted together
+(Benjamini–Hochberg). A difference is stated only when its adjusted test rejects; otherwise the sentence says it is
+not resolved. Everything is read from the run directory's tables. H4 and the sources paragraph keep the member
+bootstrap (their statistics are rank correlations and averages of differences).
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxlmc import grid, noreturn, rundir, similarity, stats
+from jaxlmc import decide, grid, noreturn, rundir, similarity, stats
 from jaxlmc.figures import step_label
 
 START_BARRIER = noreturn.START_MEASURE.format(split="test")
@@ -21,13 +20,16 @@ START_BARRIER = noreturn.START_MEASURE.format(split="test")
 
 @dataclasses.dataclass
 class Measured:
-    """Per-cell point values and member-bootstrap replicates (one shared set of seed draws) of every measure the
-    verdicts use."""
+    """Per-cell point values and member-bootstrap replicates (one shared set of seed draws) of the measures H4 uses,
+    the jackknife estimates of the headline excess (jaxlmc.decide) the trends use, and the barrier summary's rows
+    (with each cell's verdicts)."""
 
     cells: list[tuple]
     varied: set[str]  # the cell axes the grid varies (for wording)
-    barrier: str  # the seeds' barrier column
+    barrier: str  # the seeds' barrier column (the headline, jaxlmc.decide.headline_measure)
     values: dict  # {measure: ({cell: point}, {cell: replicates_R})}
+    excess: dict  # {cell: decide.Estimate} of the seeds' headline excess
+    summary: dict  # {cell: barriers/summary.csv row}
 
     def at(self, measure: str, **where) -> list[tuple]:
         """The cells whose keys match `where` (e.g. lr=1e-2, head="shared") and that have an interval: a finite point
@@ -43,45 +45,37 @@ class Measured:
     def point(self, measure: str, cell: tuple) -> float:
         return self.values[measure][0].get(cell, np.nan)
 
-    def diff(self, measure: str, a: tuple, b: tuple) -> tuple[float, float, float]:
-        points, reps = self.values[measure]
-        return stats.difference(points[a], reps[a], points[b], reps[b])
+    def judged(self, **where) -> list[tuple]:
+        """The cells matching `where` whose headline excess has an interval (at least decide.MIN_SEEDS seeds)."""
+        index = {k: i for i, k in enumerate(grid.CELL_KEYS)}
+        return [c for c in self.cells if all(c[index[k]] == v for k, v in where.items())
+                and c in self.excess and np.isfinite(self.excess[c].se)]
+
+
+def cell_estimates(members: list[dict], pair_rows: list[dict], column: str, num_seeds: int) -> dict:
+    """{cell: decide.Estimate} of the within-cell mean excess (`column` minus its `_null` column)."""
+    if not pair_rows or f"{column}_null" not in pair_rows[0]:
+        return {}
+    rows = [{**r, "excess": r[column] - r[f"{column}_null"]} for r in pair_rows]
+    return {cell: decide.of_pairs(stats.symmetric_matrix(num_seeds, pairs, values))
+            for cell, (pairs, values) in stats.cell_seed_pairs(members, rows, "excess").items()}
 
 
 def measure_run(run: rundir.RunDir) -> Measured:
     members = run.read_csv(rundir.MEMBERS)
     pairs = run.read_csv(rundir.PAIRS)
-    starts = run.read_csv(rundir.TO_START)
     num_seeds = max(m["seed"] for m in members) + 1
     draws = stats.seed_draws(num_seeds, stats.RESAMPLES)
-    barrier = similarity.basin_measure(pairs)
+    barrier = decide.headline_measure(pairs) or similarity.basin_measure(pairs)
     used = [m for m in members if grid.usable(m)]
-    nulls = run.read_npz(rundir.NULLS) if run.exists(rundir.NULLS) else {}
     values = {
         "barrier": stats.pair_cells(members, pairs, barrier, num_seeds, draws),
-        "excess": stats.pair_cells(members, with_excess(pairs, barrier, nulls.get(f"pairs_{barrier}")), "excess",
-                                   num_seeds, draws),
-        "start": stats.member_cells(starts, START_BARRIER, num_seeds, draws),
-        "start_excess": stats.member_cells(with_excess(starts, START_BARRIER, nulls.get(f"start_{START_BARRIER}")),
-                                           "excess", num_seeds, draws),
         "test_acc": stats.member_cells(used, "test_acc", num_seeds, draws),
         "ood_spread": stats.member_cells(used, "ood_acc", num_seeds, draws, reduce="std"),
     }
-    return Measured(list(grid.cell_groups(members)), varied_axes(members), barrier, values)
-
-
-def with_excess(rows: list[dict], column: str, null_NxR: np.ndarray | None) -> list[dict]:
-    """The rows (pairs or to-start rows, in the order their null values were stored) with "excess": the barrier minus
-    its cell's calibrated null of the mean (stats.cell_threshold over the cell's within-cell pairs or members); minus
-    the row's own floor where no null values were stored (an older run directory)."""
-    if null_NxR is None or len(null_NxR) != len(rows) or not np.size(null_NxR):
-        return [{**r, "excess": r[column] - r.get(f"{column}_floor", np.nan)} for r in rows]
-    by_cell: dict = {}
-    for k, r in enumerate(rows):
-        if r.get("same_cell", True):
-            by_cell.setdefault(grid.cell(r), []).append(k)
-    threshold = {c: stats.cell_threshold(null_NxR[idx]) for c, idx in by_cell.items()}
-    return [{**r, "excess": r[column] - threshold.get(grid.cell(r), np.nan)} for r in rows]
+    summary = {grid.cell(r): r for r in run.read_csv(rundir.BARRIER_SUMMARY)}
+    return Measured(list(grid.cell_groups(members)), varied_axes(members), barrier, values,
+                    cell_estimates(members, pairs, barrier, num_seeds), summary)
 
 
 def _ci(lo: float, hi: float) -> str:
@@ -117,56 +111,74 @@ def _ends(m: Measured, axis: str) -> list[tuple[tuple, tuple]]:
     checkpoint (the scratch row is not a checkpoint), H2's lowest and highest rate."""
     ends = []
     for where in _others(m, (axis,)):
-        cells = [c for c in m.at("barrier", **where) if axis != "pretrain_step" or c[0] >= 0]
+        cells = [c for c in m.judged(**where) if axis != "pretrain_step" or c[0] >= 0]
         if len(cells) >= 2:
             ends.append((cells[0], cells[-1]))
     return ends
 
 
-def _trend_word(m: Measured, first: tuple, last: tuple) -> tuple[str, float, float, float]:
-    delta, lo, hi = m.diff("barrier", first, last)
-    return {1: "rises", -1: "falls", 0: "not resolved"}[stats.sign(lo, hi)], delta, lo, hi
+def trends(m: Measured) -> dict[tuple, tuple[str, decide.Estimate]]:
+    """{(axis, first, last): (word, difference)} for H1 (along the checkpoints) and H2 (along the rates): the paired
+    jackknife difference of the headline excess, last − first, its two-sided p-values adjusted together
+    (Benjamini–Hochberg) across every trend the study states."""
+    keys = [(axis, a, b) for axis in ("pretrain_step", "lr") for a, b in _ends(m, axis)]
+    diffs = [m.excess[b].minus(m.excess[a]) for _, a, b in keys]
+    adjusted = decide.adjust([d.p_two_sided() for d in diffs])
+    alpha = 1 - decide.LEVEL
+    return {k: ("not resolved" if not adjusted[i] < alpha else "rises" if d.point > 0 else "falls", d)
+            for i, (k, d) in enumerate(zip(keys, diffs))}
+
+
+def _trend_lines(m: Measured, axis: str) -> list[str]:
+    lines = []
+    for (along, first, last), (word, d) in trends(m).items():
+        if along != axis:
+            continue
+        lo, hi = d.interval()
+        at = (lambda c: f"step {c[0]}") if axis == "pretrain_step" else (lambda c: f"LR {c[1]:g}")
+        lines.append(f"{m.where(first, (axis,))}: excess {m.excess[first].point:+.3f} at {at(first)} → "
+                     f"{m.excess[last].point:+.3f} at {at(last)} (barrier {m.point('barrier', first):.3f} → "
+                     f"{m.point('barrier', last):.3f}): {word} ({d.point:+.3f}, 95 % CI {_ci(lo, hi)}).")
+    return lines
 
 
 def pretraining(m: Measured) -> list[str]:
     """H1: does the seeds' barrier fall with pretraining (first vs last checkpoint), per LR and every other axis?"""
-    lines = []
-    for first, last in _ends(m, "pretrain_step"):
-        word, delta, lo, hi = _trend_word(m, first, last)
-        lines.append(f"{m.where(first, ('pretrain_step',))}: {m.point('barrier', first):.3f} at step {first[0]} → "
-                     f"{m.point('barrier', last):.3f} at step {last[0]}: {word} ({delta:+.3f}, 95 % CI "
-                     f"{_ci(lo, hi)}).")
-    return lines
+    return _trend_lines(m, "pretrain_step")
 
 
 def learning_rate(m: Measured) -> list[str]:
     """H2: does the seeds' barrier rise with the fine-tuning LR (lowest vs highest LR with usable members)?"""
-    lines = []
-    for low, high in _ends(m, "lr"):
-        word, delta, lo, hi = _trend_word(m, low, high)
-        lines.append(f"{m.where(low, ('lr',))}: {m.point('barrier', low):.3f} at LR {low[1]:g} → "
-                     f"{m.point('barrier', high):.3f} at LR {high[1]:g}: {word} ({delta:+.3f}, 95 % CI "
-                     f"{_ci(lo, hi)}).")
-    return lines
+    return _trend_lines(m, "lr")
 
 
-def _basin_verdicts(m: Measured, measure: str) -> dict[tuple, str]:
-    """{cell: "one basin" | "separate basins" | "not resolved"} for the cells with an interval."""
-    return {c: stats.basin_verdict(*stats.ci(m.values[measure][1][c])) for c in m.at(measure)}
+def _basin_verdicts(m: Measured, prefix: str) -> dict[tuple, str]:
+    """{cell: "one basin" | "separate basins" | "not resolved"} from barriers/summary.csv (jaxlmc.decide), for the
+    cells with an interval."""
+    column = f"{prefix}verdict"
+    measure = f"{prefix}{m.barrier if not prefix else 'error_barrier_test_lin'}_excess_se"
+    return {c: r[column] for c, r in m.summary.items() if column in r and np.isfinite(r.get(measure, np.nan))}
 
 
-def basins(m: Measured, measure: str, label: str) -> list[str]:
-    """Per cell, against the noise floor: one basin, separate basins, or not resolved; counted, then listed."""
-    verdicts: dict[str, list[tuple]] = {"one basin": [], "separate basins": [], "not resolved": []}
-    judged = _basin_verdicts(m, measure)
+def basins(m: Measured, prefix: str, label: str) -> list[str]:
+    """Per cell, the verdict of jaxlmc.decide's rule; counted, then listed, with the median minimum detectable
+    excess of the unresolved cells."""
+    judged = _basin_verdicts(m, prefix)
+    if not judged:
+        return [f"{label}: no cell has a verdict (barriers measured before verdicts existed: rerun `jaxlmc barriers`)."]
+    verdicts: dict[str, list[tuple]] = {v: [] for v in decide.VERDICTS}
     for c, verdict in judged.items():
         verdicts[verdict].append(c)
+    measure = m.barrier if not prefix else "start_error_barrier_test_lin"
+    mde = [m.summary[c].get(f"{measure}_excess_min_detectable", np.nan) for c in verdicts["not resolved"]]
+    margin = m.summary[next(iter(judged))].get("margin", decide.MARGIN)
     too_few = len(m.cells) - len(judged)
-    lines = [f"{label}: of {len(judged)} cells with at least {stats.MIN_MEMBERS} usable members ({too_few} have "
-             "fewer), " + ", ".join(
-        f"{len(v)} {k}" for k, v in verdicts.items()) + " (the cell's mean barrier against the calibrated null of that "
-        "mean — its 95 % quantile under evaluation noise alone —; 95 % member-bootstrap CI of the difference at or "
-        "below 0, above 0, or across 0)."]
+    lines = [f"{label}: of {len(judged)} cells with at least {decide.MIN_SEEDS} usable seeds ({too_few} have "
+             "fewer), " + ", ".join(f"{len(v)} {k}" for k, v in verdicts.items())
+             + f" (one basin: the barrier's 95 % interval below the margin {margin:g}; separate: the excess over the "
+             "noise's null mean above 0; p-values of every cell adjusted together, Benjamini–Hochberg)"
+             + (f"; the unresolved cells could detect an excess of {np.nanmedian(mde):.3f} (median, 80 % power)"
+                if verdicts["not resolved"] and np.isfinite(mde).any() else "") + "."]
     for verdict in ("one basin", "separate basins"):
         if verdicts[verdict]:
             lines.append(f"{verdict.capitalize()}: " + "; ".join(m.where(c) for c in verdicts[verdict]) + ".")
@@ -174,29 +186,29 @@ def basins(m: Measured, measure: str, label: str) -> list[str]:
 
 
 def sources(m: Measured) -> list[str]:
-    """How much of the seeds' barrier is the head's initialisation and how much the data order: per_seed − shared,
-    per (checkpoint, LR, …) and on average over them (the average of the paired replicates)."""
+    """How much of the seeds' barrier is the head's initialisation and how much the data order: per_seed − shared
+    excess, per (checkpoint, LR, …) and on average over them (jackknife over the seeds they share)."""
     heads = {c[grid.CELL_KEYS.index("head")] for c in m.cells}
     if not {"per_seed", "shared"} <= heads:
         return []
     h = grid.CELL_KEYS.index("head")
-    pairs = [(c, c[:h] + ("shared",) + c[h + 1:]) for c in m.at("barrier", head="per_seed")]
-    pairs = [(a, b) for a, b in pairs if b in m.at("barrier", head="shared")]
+    shared_cells = set(m.judged(head="shared"))
+    pairs = [(c, c[:h] + ("shared",) + c[h + 1:]) for c in m.judged(head="per_seed")]
+    pairs = [(a, b) for a, b in pairs if b in shared_cells]
     if not pairs:
         return []
-    points, reps = m.values["barrier"]
-    delta_each = [stats.difference(points[b], reps[b], points[a], reps[a]) for a, b in pairs]
-    mean_delta = float(np.mean([d[0] for d in delta_each]))
-    lo, hi = stats.ci(np.mean([reps[a] - reps[b] for a, b in pairs], axis=0))
-    shared = float(np.mean([points[b] for _, b in pairs]))
-    resolved = sum(stats.sign(d[1], d[2]) == 1 for d in delta_each)
-    return [f"With one shared head (only the data order differs between seeds) the seeds' barrier averages "
-            f"{shared:.3f} over {len(pairs)} cells; a new random head per seed adds {mean_delta:+.3f} on average "
+    each = [m.excess[a].minus(m.excess[b]) for a, b in pairs]
+    mean = decide.mean_of(each)
+    lo, hi = mean.interval()
+    shared = float(np.mean([m.excess[b].point for _, b in pairs]))
+    adjusted = decide.adjust([d.p_above(0.0) for d in each])
+    resolved = int(np.sum(adjusted < (1 - decide.LEVEL) / 2))
+    return [f"With one shared head (only the data order differs between seeds) the seeds' excess averages "
+            f"{shared:+.3f} over {len(pairs)} cells; a new random head per seed adds {mean.point:+.3f} on average "
             f"(95 % CI {_ci(lo, hi)}): "
             + ("the head's initialisation is a resolved part of the path dependence" if lo > 0 else
-               "its contribution is not resolved" if stats.sign(lo, hi) == 0 else
-               "per-seed heads give smaller barriers")
-            + f"; the difference is resolved above 0 in {resolved} of {len(pairs)} cells."]
+               "per-seed heads give smaller barriers" if hi < 0 else "its contribution is not resolved")
+            + f"; the difference is resolved above 0 in {resolved} of {len(pairs)} cells (adjusted together)."]
 
 
 def moves_together(m: Measured, soups: list[dict], sim_rows: list[dict]) -> list[str]:
@@ -315,8 +327,8 @@ def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
          learning_rate(m)),
         ("Sources of randomness — head initialisation vs data order", sources(m)),
         ("Same basin? Seeds against each other, and each member against its start", [
-            *basins(m, "excess", f"Between seeds ({name})"),
-            *basins(m, "start_excess", "To the start (pretrained body + linear-probe head, linear-baseline test error "
+            *basins(m, "", f"Between seeds ({name})"),
+            *basins(m, "start_", "To the start (pretrained body + linear-probe head, linear-baseline test error "
                                        "barrier)")]),
         ("H4 — do OOD spread, accuracy, soups and similarity move with the barrier?", moves_together(m, soups,
                                                                                                      sim_rows)),
@@ -330,12 +342,10 @@ def decisions(run: rundir.RunDir) -> dict[str, str]:
     between seeds and to the start, and H3's critical-rate and trainability brackets per start and length."""
     m = measure_run(run)
     out = {}
-    for first, last in _ends(m, "pretrain_step"):
-        out[f"H1 {m.where(first, ('pretrain_step',))}"] = _trend_word(m, first, last)[0]
-    for low, high in _ends(m, "lr"):
-        out[f"H2 {m.where(low, ('lr',))}"] = _trend_word(m, low, high)[0]
-    for measure, label in (("excess", "seeds"), ("start_excess", "start")):
-        out.update({f"basin ({label}) {m.where(c)}": v for c, v in _basin_verdicts(m, measure).items()})
+    for (axis, first, _), (word, _) in trends(m).items():
+        out[f"{'H1' if axis == 'pretrain_step' else 'H2'} {m.where(first, (axis,))}"] = word
+    for prefix, label in (("", "seeds"), ("start_", "start")):
+        out.update({f"basin ({label}) {m.where(c)}": v for c, v in _basin_verdicts(m, prefix).items()})
     if noreturn.has_steps(run) and len({r["lr"] for r in run.read_csv(rundir.MEMBERS)}) > 1:
         for row in noreturn.analyse(run)[0]:
             where = f"{noreturn.start_label(row['pretrain_step'])}, {row['head']} heads, {row['finetune_step']} steps"

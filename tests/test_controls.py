@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import (api, calibration, config, finetuning, grid, measure, models, rundir, stats, study, tasks, train,
+from jaxlmc import (api, config, decide, finetuning, grid, measure, models, rundir, stats, study, tasks, train,
                     verdicts)
 from conftest import TINY
 
@@ -239,22 +239,8 @@ def test_noise_floor_is_calibrated_and_a_model_against_itself_is_one_basin():
     counts = train.resample_counts(400, 50)
     curve = np.broadcast_to(np.concatenate([[wrong.mean()], counts @ wrong / 400]), (1, 11, 51))
     assert stats.barrier(curve[..., 0], alphas)[0] == 0 and stats.noise_floor(curve, alphas)[0] == 0
-    excess = stats.barrier(curve[..., 0], alphas) - stats.noise_floor(curve, alphas)
-    assert stats.basin_verdict(*stats.ci(np.full(100, excess[0]))) == "one basin"
-    assert stats.basin_verdict(0.01, 0.05) == "separate basins" and stats.basin_verdict(-0.01, 0.02) == "not resolved"
+    null = stats.null_barriers(curve, alphas, "_lin").mean(axis=1)
+    assert null[0] == 0 and stats.barrier(curve[..., 0], alphas, "_lin")[0] == 0
+    self_cell = decide.Estimate(0.0, np.zeros(8))  # eight members each against itself: excess and barrier 0
+    assert decide.verdict(*decide.p_values(self_cell, self_cell)) == "one basin"
 
-
-def test_the_calibrated_cell_decision_keeps_its_false_positive_rate_and_gains_power():
-    """Synthetic cells with a known barrier (jaxlmc.calibration): with no barrier neither rule calls a cell separate
-    (false-positive rate ≤ 10 %); at a true barrier of 0.01 the calibrated null of the cell mean finds it far more
-    often than the mean of the pairs' own floors, which calls a barrier of 0.005 "one basin" in most cells."""
-    zero, small, real = calibration.rates([0.0, 0.005, 0.01], cells=30, seed=1)
-    assert zero["calibrated_separate"] <= 0.1 and zero["floor_separate"] <= 0.1
-    assert real["calibrated_separate"] >= real["floor_separate"] + 0.3, real
-    assert small["floor_one"] >= 0.3 and small["calibrated_one"] <= 0.1, small
-    # The null of the mean: a cell's pairs with flat curves sit below it in ~95 % of resamplings, by construction.
-    rng = np.random.default_rng(0)
-    cell = calibration.synthetic_cell(0.0, rng)
-    threshold = stats.cell_threshold(cell["null_PxR"])
-    assert np.mean(cell["null_PxR"].mean(axis=0) <= threshold) >= 0.94
-    assert threshold < np.mean(cell["floor_P"])  # tighter than the mean of the pairs' floors

@@ -101,7 +101,7 @@ def test_fit_trains_members_like_the_engine_and_barriers_match_the_reference_loo
         np.testing.assert_allclose(row["error_barrier_test"], ref_err.max() - (ref_err[0] + ref_err[-1]) / 2,
                                    atol=1e-6)
         assert row["loss_barrier_test_floor"] >= 0
-    summary = result.summary(bootstrap=200)
+    summary = result.summary()
     assert [(r["lr"], r["pairs"], r["members_used"]) for r in summary] == [(3e-3, 3, 0), (1e-2, 3, 0)]
     assert summary[0]["error_barrier_test_mean"] == pytest.approx(np.mean([r["error_barrier_test"]
                                                                             for r in result.pairs[:3]]))
@@ -240,7 +240,7 @@ def test_a_registered_pair_measure_reaches_the_rows_the_summary_and_the_report(n
     row = result.pairs[0]
     assert {"loss_barrier_test_half", "error_barrier_test_lin_half", "loss_barrier_test_half_floor",
             "loss_mid_test_half"} <= set(row)
-    assert "error_barrier_test_half_mean" in result.summary(bootstrap=50)[0]
+    assert "error_barrier_test_half_mean" in result.summary()[0]
 
 
 @pytest.mark.slow
