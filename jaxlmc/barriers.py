@@ -152,6 +152,33 @@ def pairs_within(groups: dict) -> list[tuple[int, int]]:
     return [pair for members in groups.values() for pair in pairs_all(members)]
 
 
+def pairs_ring(groups: dict, k: int) -> list[tuple[int, int]]:
+    """Inside each group ({key: [member, ...]}, in seed order), each member with its next k, cyclically: every member
+    sits in 2k pairs (all pairs once k ≥ (n − 1)/2), so seeds stay the units at O(n·k) pairs instead of O(n²)."""
+    out = []
+    for members in groups.values():
+        n = len(members)
+        ring = {tuple(sorted((members[s], members[(s + d) % n]))) for s in range(n) for d in range(1, min(k, n - 1) + 1)}
+        out += sorted(ring)
+    return out
+
+
+def pair_design(spec: str, groups: dict, num_members: int) -> list[tuple[int, int]] | None:
+    """The pairs of a named design — "within" (all pairs inside each group), "ring:K" (`pairs_ring`) or "all" —, or
+    None when `spec` names none."""
+    if spec == "within":
+        return pairs_within(groups)
+    if spec == "all":
+        return pairs_all(range(num_members))
+    if spec.startswith("ring:"):
+        k = spec[len("ring:"):]
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f'pairs: {spec!r}: a ring design is "ring:K" with K a positive integer (each member paired '
+                             "with its next K seeds in its cell)")
+        return pairs_ring(groups, int(k))
+    return None
+
+
 def read_pairs(path: str, num_members: int) -> list[tuple[int, int]]:
     """An explicit pair list: a CSV file with columns i and j, or two integers per line (comma or space separated)."""
     with open(path, newline="") as f:

@@ -308,7 +308,10 @@ def validate(cfg: Config) -> None:
     if not 0 < b.memory_fraction <= 1:
         raise ConfigError(f"barriers.memory_fraction must lie in (0, 1], got {b.memory_fraction}")
     if not b.pairs:
-        raise ConfigError('barriers.pairs must be "within", "all" or the path of a pair file')
+        raise ConfigError('barriers.pairs must be "within", "ring:K", "all" or the path of a pair file')
+    if b.pairs.startswith("ring:") and not (b.pairs[5:].isdigit() and int(b.pairs[5:]) >= 1):
+        raise ConfigError(f'barriers.pairs: {b.pairs!r}: a ring design is "ring:K" with K a positive integer (each '
+                          "member paired with its next K seeds in its cell)")
     if f.save_steps != sorted(set(f.save_steps)) or any(not 0 < s < f.steps for s in f.save_steps):
         raise ConfigError(f"finetune.save_steps must increase strictly and lie strictly between 0 and finetune.steps "
                           f"({f.steps}; the last step is always kept), got {f.save_steps}")

@@ -234,8 +234,8 @@ def cell_summary(members: list[dict], pair_rows: list[dict], start_rows: list[di
     95 % interval over seeds (jaxlmc.decide: Student-t over the leave-one-seed-out jackknife; pairs share members,
     so seeds are the units); for every barrier with a noise floor, the mean floor, and the excess (the barrier minus
     its null mean) with its interval and minimum detectable value. Each cell's verdict (`verdict`, to the start
-    `start_verdict`) on the headline barrier (`decide.headline_measure`) by jaxlmc.decide's rule at `margin`, the p-values
-    of every cell adjusted together. Members are rows with "member", "seed" (0 .. num_seeds − 1), "diverged" and
+    `start_verdict`) on the headline barrier (`decide.headline_measure`) by jaxlmc.decide's rule at `margin`, the
+    p-values of every cell adjusted together. Members are rows with "member", "seed" (0 .. num_seeds − 1), "diverged" and
     optionally "unfit"; pair rows have "i", "j", "same_cell" and the cell keys of member i."""
     cell = lambda row: tuple(row[k] for k in cell_keys)  # noqa: E731
     groups: dict = {}

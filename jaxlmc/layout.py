@@ -78,7 +78,8 @@ PAIRS = Table("barriers/pairs.csv", (("i", int), ("j", int), *_cells(), ("same_c
                                      ("lr_j", float), ("dist", float), ("update_cos", float)), rest=float)
 TO_START = Table("barriers/to_start.csv", (("member", int), *_cells(), ("seed", int), ("dist", float)), rest=float)
 _COUNTS = (("members", int), ("members_used", int), ("pairs", int))
-BARRIER_SUMMARY = Table("barriers/summary.csv", _cells(*_COUNTS), rest=float)
+_VERDICTS = (("verdict", str), ("start_verdict", str))  # jaxlmc.decide's verdict of each cell
+BARRIER_SUMMARY = Table("barriers/summary.csv", _cells(*_COUNTS, *_VERDICTS), rest=float)
 # Layer-wise barriers (barriers.layerwise): one row per member pair and layer group, and their per-cell summary.
 LAYERWISE = Table("barriers/layerwise.csv", (("i", int), ("j", int), *_cells(), ("layer", str), ("layer_index", int)),
                   rest=float)
@@ -108,7 +109,7 @@ SHARPNESS = Table("sharpness/members.csv", (("member", int), *_cells(), ("seed",
 START_SHARPNESS = Table("sharpness/starts.csv", (("pretrain_step", int), ("seed", int), ("sharpness", float),
                                                  ("sharpness_residual", float)))
 BASINS = Table("basins.csv", (("member", int), *_cells(), ("basin", int)))
-SUMMARY = Table("summary.csv", _cells(*_COUNTS, ("basins", int), ("basin_sizes", str), ("best_member", int),
+SUMMARY = Table("summary.csv", _cells(*_COUNTS, *_VERDICTS, ("basins", int), ("basin_sizes", str), ("best_member", int),
                                       ("greedy_size", int), ("greedy_members", str)), rest=float)
 SCALING = Table("scaling.csv", (("width", int), *_cells()), rest=float)
 

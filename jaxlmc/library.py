@@ -310,14 +310,13 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
         raise ValueError(f"align={align!r}: model {members.model.kind.name!r} has no permutation spec; pass "
                          "permutation_spec=[[jaxlmc.UnitAxis(layer, name, axis), …], …] (per hidden layer, every "
                          "parameter axis its units index) to jaxlmc.fit, or align=None")
-    if pairs == "within":
-        cells: dict = {}
-        for r in table:
-            cells.setdefault(tuple(r[k] for k in members.cell_keys), []).append(r["member"])
-        requested = barriers.pairs_within(cells)
-    elif pairs == "all":
-        requested = barriers.pairs_all(range(len(table)))
-    else:
+    cells: dict = {}
+    for r in sorted(table, key=lambda r: r.get("seed", 0)):
+        cells.setdefault(tuple(r[k] for k in members.cell_keys), []).append(r["member"])
+    requested = barriers.pair_design(pairs, cells, len(table)) if isinstance(pairs, str) else None
+    if isinstance(pairs, str) and requested is None:
+        raise ValueError(f'pairs: {pairs!r} is neither "within", "ring:K", "all" nor a list of (i, j)')
+    if requested is None:
         requested = barriers.check_pairs([(int(i), int(j)) for i, j in pairs], len(table), "pairs: ")
     usable = set(used)
     kept = [p for p in requested if p[0] in usable and p[1] in usable]

@@ -61,17 +61,15 @@ def load_run(cfg: Config, out: str) -> FinishedRun:
 def select_pairs(spec: str, members: list[dict]) -> tuple[list[tuple[int, int]], int]:
     """The requested pairs among used members, and how many requested pairs were left out (a member diverged or
     unfit)."""
-    if spec == "all":
-        requested = barriers.pairs_all(range(len(members)))
-    elif spec == "within":
-        requested = barriers.pairs_within(grid.cell_groups(members))
-    elif not os.path.isfile(spec):
-        raise ConfigError(f'barriers.pairs: {spec!r} is neither "within", "all" nor an existing pair file')
-    else:
-        try:
+    by_seed = sorted(members, key=lambda m: m["seed"])
+    try:
+        requested = barriers.pair_design(spec, grid.cell_groups(by_seed), len(members))
+        if requested is None and not os.path.isfile(spec):
+            raise ValueError(f'pairs: {spec!r} is neither "within", "ring:K", "all" nor an existing pair file')
+        if requested is None:
             requested = barriers.read_pairs(spec, len(members))
-        except ValueError as err:
-            raise ConfigError(f"barriers.pairs: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"barriers.{err}" if str(err).startswith("pairs:") else f"barriers.pairs: {err}") from None
     kept = [p for p in requested if grid.usable(members[p[0]]) and grid.usable(members[p[1]])]
     return kept, len(requested) - len(kept)
 

@@ -35,10 +35,11 @@ def build_summary(run: rundir.RunDir) -> list[dict]:
     for b in run.read_csv(rundir.BARRIER_SUMMARY):
         key = grid.cell(b)
         row = dict(zip(grid.CELL_KEYS, key))
-        row.update({k: b.get(k) for k in ("members", "members_used", "pairs", "diverged", "unfit")})
+        row.update({k: b.get(k) for k in ("members", "members_used", "pairs", "diverged", "unfit", "verdict",
+                                           "start_verdict", "margin") if k in b})
         for k, v in b.items():
-            if k.endswith(("_mean", "_std", "_ci_lo", "_ci_hi")) and ("barrier" in k or k.startswith(("dist", "upd",
-                                                                                                          "start_dist"))):
+            if k.endswith(("_mean", "_std", "_ci_lo", "_ci_hi", "_min_detectable")) and (
+                    "barrier" in k or k.startswith(("dist", "upd", "start_dist"))):
                 row[k] = v
         for source in (soups.get(key, {}), similarity.get(key, {}), merged.get(key, {})):
             row.update({k: v for k, v in source.items() if k not in grid.CELL_KEYS and k not in row})

@@ -166,7 +166,9 @@ class RunConfig:
 @dataclasses.dataclass(frozen=True)
 class BarrierConfig:
     alphas: int = DEFAULT_ALPHAS  # points on the α grid, ends included (Git Re-Basin uses 25)
-    pairs: str = "within"  # "within" (pairs inside each grid cell), "all", or a file of pairs (columns i, j)
+    # "within" (all pairs inside each grid cell), "ring:K" (inside each cell, each member with its next K seeds,
+    # cyclically: 2K pairs per member instead of seeds − 1, seeds still the units), "all", or a file of pairs (i, j).
+    pairs: str = "within"
     chunk_pairs: int = 0  # pairs evaluated together; 0 picks the largest that fits memory_fraction of free memory
     memory_fraction: float = 0.5  # of free device memory the automatic chunk_pairs may use
     bootstrap: int = 1000  # seed resamples for the member-bootstrap CIs of the per-cell means (jaxlmc.stats); 0: none

@@ -1,10 +1,13 @@
 """The one decision rule (jaxlmc.decide): the jackknife interval over seeds, its coverage, the equivalence verdict,
 the Benjamini–Hochberg adjustment, and the summary's verdict columns; its calibration (jaxlmc.calibration)."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from flax import nnx
 
-from jaxlmc import calibration, decide, interpolation, stats
+import jaxlmc
+from jaxlmc import calibration, config, decide, interpolation, stats
 
 
 def _cell(rng, seeds, member_sd, pair_sd, mean=0.0):
@@ -142,3 +145,26 @@ def test_calibration_no_barrier_is_rarely_called_separate(scenario):
 def test_calibration_a_uniform_barrier_of_one_percent_is_found():
     (row,) = calibration.rates("uniform", [0.01], cells=30, seed=8)
     assert row["separate"] >= 0.8 and row["one_basin"] == 0.0, row
+
+
+def test_a_ring_design_through_the_library_and_its_bad_spellings(tmp_path):
+    """pair_barriers(pairs="ring:1") on 5 seeds: each member with its next seed in its cell (5 pairs per cell, every
+    seed in two); a malformed ring is one line, in the library and in a config."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    members = jaxlmc.fit(lambda rngs: nnx.Linear(4, 2, rngs=rngs), (x, y), steps=5, batch_size=16, lr=[1e-2, 3e-2],
+                         seeds=5)
+    result = jaxlmc.pair_barriers(members, (x, y), pairs="ring:1", num_alphas=5, noise_resamples=0)
+    by_lr = {}
+    for p in result.pairs:
+        by_lr.setdefault(p["lr"], []).append((members.table[p["i"]]["seed"], members.table[p["j"]]["seed"]))
+    for seed_pairs in by_lr.values():
+        assert sorted(seed_pairs) == [(0, 1), (0, 4), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(ValueError, match=r'"ring:K" with K a positive integer'):
+        jaxlmc.pair_barriers(members, (x, y), pairs="ring:0")
+    path = tmp_path / "c.toml"
+    path.write_text('[barriers]\npairs = "ring:two"\n')
+    with pytest.raises(config.ConfigError, match=r"barriers.pairs: 'ring:two'"):
+        config.load(str(path))
+    assert jnp.isfinite(jnp.asarray([p["error_barrier_test"] for p in result.pairs])).all()

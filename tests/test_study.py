@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxlmc import api, ckpt, cli, config, data, measure, noreturn, refine, rundir, study, tasks
+from jaxlmc import api, ckpt, cli, config, data, decide, measure, noreturn, refine, rundir, study, tasks
 
 from conftest import TINY
 
@@ -58,7 +58,12 @@ def test_a_tiny_study_end_to_end(reference):
             assert row[key] not in ("", "nan"), key
         assert 0.0 <= float(row["cka_mean"]) <= 1.0 + 1e-6
         assert 1 <= int(row["basins"]) <= 3
+        # Every cell's verdict by jaxlmc.decide, with what it could have detected.
+        assert row["verdict"] in decide.VERDICTS and row["start_verdict"] in decide.VERDICTS
+        assert float(row["error_barrier_test_lin_excess_min_detectable"]) > 0 and float(row["margin"]) == 0.02
     page = open(os.path.join(out, "report.html")).read()
+    verdicts_in_table = page[page.index("<h2>Per cell</h2>"):]
+    assert sum(verdicts_in_table.count(f"<td>{v}</td>") for v in decide.VERDICTS) == 2 * len(summary)
     assert page.count("<img src='data:image/png;base64,") == len(FIGURES) and "<script" not in page
     for section in ("H3 — is there a point of no return?", "Failed fits", "H1 — does the seeds", "Same basin?",
                     "95 % CI", "Critical learning rate"):
