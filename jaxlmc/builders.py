@@ -27,6 +27,10 @@ MNIST1D_VARIANTS: dict[str, dict] = {
     "sheared": {"shear_scale": 2.0, "seed": 2042},
     "scaled": {"scale_coeff": 1.0, "seed": 3042},
     "shifted": {"scale_coeff": 0.8, "shear_scale": 1.25, "corr_noise_scale": 0.35, "seed": 4042},
+    # The same shift with enough draws that fine-tuning adapts instead of memorising, and a test set whose noise
+    # floor is below the barriers that matter.
+    "shifted_large": {"scale_coeff": 0.8, "shear_scale": 1.25, "corr_noise_scale": 0.35, "seed": 4043,
+                      "num_samples": 22000, "test_size": 2000},
     # Far from the pretraining distribution: one fixed permutation of the 40 positions destroys the spatial
     # structure pretrained features rely on (an MLP can still learn it). Jaxlmc applies the permutation itself (not
     # mnist1d's shuffle_seq, whose permutation depends on the seed) so both permuted configs share it.
@@ -40,6 +44,7 @@ MNIST1D_DESCRIPTIONS = {
     "sheared": "Stronger shear (OOD).",
     "scaled": "Stronger amplitude scaling (OOD).",
     "shifted": "Moderately more scaling, shear and noise: a fine-tuning distribution near the default.",
+    "shifted_large": "The shifted variant with more draws: 20000 train / 2000 test signals.",
     "permuted": "The default's generator with the 40 positions in one fixed random order: far from the default.",
     "permuted_noisy": "The noisy variant with the permuted variant's position order (OOD for permuted).",
 }

@@ -9,9 +9,10 @@
   leave-one-seed-out jackknife: θ₍ᵢ₎ is the estimate without seed i (its pairs dropped), SE² = (n−1)/n Σ(θ₍ᵢ₎ − θ̄)²,
   df = n − 1. It works for any pair design (all pairs, a ring) and, unlike the percentile bootstrap over 8 seeds, it
   covers (measured in docs/science.md); it is deterministic, so no Monte-Carlo error moves a verdict.
-* **Verdict.** "separate basins" when the excess is above 0 (one-sided test at (1 − level)/2: the interval's lower end
-  above 0); "one basin" only as an equivalence claim, when the barrier itself — not debiased, which only makes the
-  claim harder — is below the margin δ (the interval's upper end below δ); otherwise "not resolved". Each comes with
+* **Verdict.** "one basin" only as an equivalence claim, when the barrier itself — not debiased, which only makes the
+  claim harder — is below the margin δ (one-sided test at (1 − level)/2: the interval's upper end below δ);
+  otherwise "separate basins" when the excess is above 0 (the interval's lower end above 0); otherwise "not
+  resolved". Each comes with
   its minimum detectable excess at 80 % power: (t₁₋ₐ + t_power)·SE.
 * **Multiplicity.** The one-sided p-values of every verdict a study states (two per cell: separate, one basin) are
   adjusted together by Benjamini–Hochberg (false discovery rate at (1 − level)/2): a cell map is many discoveries
@@ -149,12 +150,14 @@ def adjust(p_values_N) -> np.ndarray:
 
 
 def verdict(p_separate: float, p_one_basin: float, level: float = LEVEL) -> str:
-    """The verdict from (adjusted) one-sided p-values at (1 − level)/2."""
+    """The verdict from (adjusted) one-sided p-values at (1 − level)/2. A barrier shown below the margin is one basin
+    even when its excess is also shown above 0: a barrier smaller than the margin is, by the margin's definition, one
+    that does not matter."""
     alpha = (1 - level) / 2
-    if np.isfinite(p_separate) and p_separate < alpha:
-        return "separate basins"
     if np.isfinite(p_one_basin) and p_one_basin < alpha:
         return "one basin"
+    if np.isfinite(p_separate) and p_separate < alpha:
+        return "separate basins"
     return "not resolved"
 
 

@@ -2,6 +2,7 @@
 program (or in as few parts as memory allows); members.csv; and reading members back."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import jax
@@ -273,9 +274,35 @@ def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict], t
     return start_M
 
 
+# The probes a process has fitted, by a digest of everything they depend on: a study's barrier and sharpness stages
+# ask for the same probes, and on a large fine-tuning split fitting them is a sizeable share of a stage.
+_PROBES: dict[str, dict] = {}
+_PROBES_KEPT = 4
+
+
+def _probe_key(model: models.Model, params_U: dict, split: data.Split, steps: int, l2: float) -> str:
+    digest = hashlib.sha256(repr((model.kind, model.cfg, model.input_shape, model.num_classes, model.per_token,
+                                  jax.tree.structure(params_U), steps, l2, split.num_classes)).encode())
+    for leaf in (*jax.tree.leaves(params_U), split.x, split.y):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(repr((array.dtype, array.shape)).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def fit_probe_heads(model: models.Model, params_U: dict, split: data.Split, steps: int, l2: float) -> dict:
     """head_U: for each of U bodies, the linear head (kernel D×C, bias C) minimising the mean cross-entropy on the
-    split's features of the frozen body plus l2·‖kernel‖², by `steps` full-batch L-BFGS iterations from zero."""
+    split's features of the frozen body plus l2·‖kernel‖², by `steps` full-batch L-BFGS iterations from zero. The
+    same bodies, split and settings again in one process return the heads fitted the first time."""
+    key = _probe_key(model, params_U, split, steps, l2)
+    if key not in _PROBES:
+        if len(_PROBES) >= _PROBES_KEPT:
+            _PROBES.pop(next(iter(_PROBES)))
+        _PROBES[key] = jax.tree.map(np.asarray, _fit_probe_heads(model, params_U, split, steps, l2))
+    return jax.tree.map(jnp.asarray, _PROBES[key])
+
+
+def _fit_probe_heads(model: models.Model, params_U: dict, split: data.Split, steps: int, l2: float) -> dict:
     if set(jax.eval_shape(model.init, jax.random.key(0))["head"]) != {"kernel", "bias"}:
         raise TypeError(f"model kind {model.kind.name!r}: its head is not a linear layer (kernel, bias)")
     x, y = jnp.asarray(split.x), jnp.asarray(split.y)

@@ -30,6 +30,7 @@ def data_dir(tmp_path_factory):
 
 TINY = [
     "data.pretrain_task=mnist1d", "pretrain.weight_decay=0.0",  # the 4000-signal default, not the study's 50,000
+    "data.finetune_task=mnist1d/shifted",  # 4000 signals, not the study's 20,000
     'finetune.heads=["per_seed"]',  # one head policy (the controls are tested in test_controls)
     "model.width=32", "pretrain.steps=60", "pretrain.save_steps=[0, 20, 60]", "pretrain.batch_size=50",
     "finetune.pretrain_steps=[0, 60]", "finetune.lrs=[0.001, 0.01]", "finetune.seeds=2", "finetune.steps=40",

@@ -136,7 +136,8 @@ def test_bad_data_is_refused_before_the_run_directory_exists(data_dir, tmp_path,
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "jaxlmc.cli", "finetune", "configs/mnist1d.toml", "--out", str(out),
                            "--set", f'data.data_dir="{data_dir}"', "--set", "data.pretrain_task=mnist1d",  # (not 50,000)
-                           "--set", override], capture_output=True, text=True)
+                           "--set", "data.finetune_task=mnist1d/shifted", "--set", override], capture_output=True,
+                          text=True)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert not out.exists()

@@ -1,5 +1,6 @@
 """The one decision rule (jaxlmc.decide): the jackknife interval over seeds, its coverage, the equivalence verdict,
 the Benjamini–Hochberg adjustment, and the summary's verdict columns; its calibration (jaxlmc.calibration)."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import scipy.stats
 from flax import nnx
 
 import jaxlmc
-from jaxlmc import calibration, config, decide, interpolation, stats
+from jaxlmc import calibration, config, data, decide, finetuning, interpolation, models, stats
+from jaxlmc.settings import ModelConfig
 
 
 def _cell(rng, seeds, member_sd, pair_sd, mean=0.0):
@@ -65,10 +67,12 @@ def test_verdicts_one_basin_only_below_the_margin_separate_only_above_zero():
     cases = {"clearly small": (estimate(0.0, 0.001), estimate(0.005, 0.002)),
              "barrier near the margin": (estimate(0.0, 0.001), estimate(0.019, 0.002)),
              "excess above 0": (estimate(0.03, 0.005), estimate(0.035, 0.005)),
-             "wide": (estimate(0.004, 0.004), estimate(0.01, 0.006))}
+             "wide": (estimate(0.004, 0.004), estimate(0.01, 0.006)),
+             "detectable but below the margin": (estimate(0.006, 0.001), estimate(0.011, 0.001))}
     found = {k: decide.verdict(*decide.p_values(*v, margin=0.02)) for k, v in cases.items()}
     assert found == {"clearly small": "one basin", "barrier near the margin": "not resolved",
-                     "excess above 0": "separate basins", "wide": "not resolved"}
+                     "excess above 0": "separate basins", "wide": "not resolved",
+                     "detectable but below the margin": "one basin"}
     # The margin is the researcher's: at 0.05 the barrier near 0.02 is within it.
     assert decide.verdict(*decide.p_values(*cases["barrier near the margin"], margin=0.05)) == "one basin"
 
@@ -142,9 +146,12 @@ def test_calibration_no_barrier_is_rarely_called_separate(scenario):
     assert row["separate"] <= 0.05, row
 
 
-def test_calibration_a_uniform_barrier_of_one_percent_is_found():
-    (row,) = calibration.rates("uniform", [0.01], cells=30, seed=8)
-    assert row["separate"] >= 0.8 and row["one_basin"] == 0.0, row
+def test_calibration_a_barrier_above_the_margin_is_found_and_one_far_below_it_is_within():
+    """A uniform barrier of 0.03 (above the margin 0.02) is called separate in ≥ 80 % of synthetic cells and never one
+    basin; one of 0.005 is called one basin in ≥ 80 %."""
+    above, below = calibration.rates("uniform", [0.03, 0.005], cells=30, seed=8)
+    assert above["separate"] >= 0.8 and above["one_basin"] == 0.0, above
+    assert below["one_basin"] >= 0.8, below
 
 
 def test_a_ring_design_through_the_library_and_its_bad_spellings(tmp_path):
@@ -168,3 +175,23 @@ def test_a_ring_design_through_the_library_and_its_bad_spellings(tmp_path):
     with pytest.raises(config.ConfigError, match=r"barriers.pairs: 'ring:two'"):
         config.load(str(path))
     assert jnp.isfinite(jnp.asarray([p["error_barrier_test"] for p in result.pairs])).all()
+
+
+def test_probe_heads_are_fitted_once_per_process(monkeypatch):
+    """The barrier and sharpness stages ask for the same probes: the second request returns the first fit, and a
+    change of the bodies or the settings fits again."""
+    model = models.build(ModelConfig(kind="mlp", width=8, depth=1), (6,), 3)
+    rng = np.random.default_rng(0)
+    split = data.Split(rng.normal(size=(40, 6)).astype(np.float32), rng.integers(0, 3, 40).astype(np.int32), 3, "train")
+    params_U = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 2))
+    fits = []
+    real = finetuning._fit_probe_heads
+    monkeypatch.setattr(finetuning, "_fit_probe_heads", lambda *a: fits.append(1) or real(*a))
+    first = finetuning.fit_probe_heads(model, params_U, split, 5, 1e-3)
+    again = finetuning.fit_probe_heads(model, jax.tree.map(np.array, params_U), split, 5, 1e-3)
+    assert len(fits) == 1
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    finetuning.fit_probe_heads(model, params_U, split, 6, 1e-3)
+    finetuning.fit_probe_heads(model, jax.tree.map(lambda a: a + 1, params_U), split, 5, 1e-3)
+    assert len(fits) == 3
