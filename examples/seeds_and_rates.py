@@ -24,4 +24,4 @@ members = jaxlmc.fit(Net, (x[:2000], y[:2000]), lr=[1e-3, 1e-2], seeds=32, steps
                      permutation_spec=spec)
 result = jaxlmc.pair_barriers(members, {"test": (x[2000:], y[2000:])}, align="weights")
 print(jaxlmc.format_table(result.summary(), ["lr", "pairs", "error_barrier_test_mean", "error_barrier_test_ci_lo",
-                                             "error_barrier_test_ci_hi", "error_barrier_test_aligned_mean"]))
+                                             "error_barrier_test_ci_hi", "error_barrier_test_aligned_mean", "verdict"]))

@@ -117,28 +117,29 @@ def _ends(m: Measured, axis: str) -> list[tuple[tuple, tuple]]:
     return ends
 
 
-def trends(m: Measured) -> dict[tuple, tuple[str, decide.Estimate]]:
-    """{(axis, first, last): (word, difference)} for H1 (along the checkpoints) and H2 (along the rates): the paired
+def trends(m: Measured) -> dict[tuple, tuple[str, decide.Estimate, float]]:
+    """{(axis, first, last): (word, difference, adjusted p)} for H1 (along the checkpoints) and H2 (along the rates): the paired
     jackknife difference of the headline excess, last − first, its two-sided p-values adjusted together
     (Benjamini–Hochberg) across every trend the study states."""
     keys = [(axis, a, b) for axis in ("pretrain_step", "lr") for a, b in _ends(m, axis)]
     diffs = [m.excess[b].minus(m.excess[a]) for _, a, b in keys]
     adjusted = decide.adjust([d.p_two_sided() for d in diffs])
     alpha = 1 - decide.LEVEL
-    return {k: ("not resolved" if not adjusted[i] < alpha else "rises" if d.point > 0 else "falls", d)
+    return {k: ("not resolved" if not adjusted[i] < alpha else "rises" if d.point > 0 else "falls", d, adjusted[i])
             for i, (k, d) in enumerate(zip(keys, diffs))}
 
 
 def _trend_lines(m: Measured, axis: str) -> list[str]:
     lines = []
-    for (along, first, last), (word, d) in trends(m).items():
+    for (along, first, last), (word, d, p) in trends(m).items():
         if along != axis:
             continue
         lo, hi = d.interval()
         at = (lambda c: f"step {c[0]}") if axis == "pretrain_step" else (lambda c: f"LR {c[1]:g}")
         lines.append(f"{m.where(first, (axis,))}: excess {m.excess[first].point:+.3f} at {at(first)} → "
                      f"{m.excess[last].point:+.3f} at {at(last)} (barrier {m.point('barrier', first):.3f} → "
-                     f"{m.point('barrier', last):.3f}): {word} ({d.point:+.3f}, 95 % CI {_ci(lo, hi)}).")
+                     f"{m.point('barrier', last):.3f}): {word} ({d.point:+.3f}, 95 % CI {_ci(lo, hi)}, "
+                     f"adjusted p {p:.2g}).")
     return lines
 
 
@@ -342,7 +343,7 @@ def decisions(run: rundir.RunDir) -> dict[str, str]:
     between seeds and to the start, and H3's critical-rate and trainability brackets per start and length."""
     m = measure_run(run)
     out = {}
-    for (axis, first, _), (word, _) in trends(m).items():
+    for (axis, first, _), (word, *_) in trends(m).items():
         out[f"{'H1' if axis == 'pretrain_step' else 'H2'} {m.where(first, (axis,))}"] = word
     for prefix, label in (("", "seeds"), ("start_", "start")):
         out.update({f"basin ({label}) {m.where(c)}": v for c, v in _basin_verdicts(m, prefix).items()})

@@ -8,7 +8,7 @@ import scipy.stats
 from flax import nnx
 
 import jaxlmc
-from jaxlmc import calibration, config, data, decide, finetuning, interpolation, models, stats
+from jaxlmc import calibration, config, data, decide, finetuning, interpolation, models, stats, verdicts
 from jaxlmc.settings import ModelConfig
 
 
@@ -195,3 +195,27 @@ def test_probe_heads_are_fitted_once_per_process(monkeypatch):
     finetuning.fit_probe_heads(model, params_U, split, 6, 1e-3)
     finetuning.fit_probe_heads(model, jax.tree.map(lambda a: a + 1, params_U), split, 5, 1e-3)
     assert len(fits) == 3
+
+
+def test_trends_use_the_paired_jackknife_and_are_adjusted_together():
+    """H1's difference is the paired jackknife of the excess (last − first checkpoint over the same seeds), its
+    p-value adjusted with H2's as one family (Benjamini–Hochberg); a difference within the noise is not resolved."""
+    rng = np.random.default_rng(9)
+    cells = [(step, lr, 0.0, "cosine", 0.0, "shared") for lr in (1e-3, 1e-2) for step in (0, 100)]
+    base = rng.normal(0, 0.002, 8)
+    jack = {c: base + rng.normal(0, 0.0005, 8) for c in cells}
+    points = {cells[0]: 0.03, cells[1]: 0.0, cells[2]: 0.01, cells[3]: 0.0097}
+    excess = {c: decide.Estimate(points[c], points[c] + jack[c] - jack[c].mean()) for c in cells}
+    m = verdicts.Measured(cells, {"pretrain_step", "lr"}, "error_barrier_test_lin", {"barrier": ({}, {})}, excess,
+                          {})
+    found = verdicts.trends(m)
+    (word_big, d_big, p_big), (word_small, d_small, _) = [found[("pretrain_step", a, b)]
+                                                          for a, b in ((cells[0], cells[1]), (cells[2], cells[3]))]
+    paired = excess[cells[1]].jack_S - excess[cells[0]].jack_S
+    assert d_big.point == pytest.approx(-0.03) and np.allclose(d_big.jack_S, paired)
+    assert word_big == "falls" and p_big < 0.05
+    assert word_small == "not resolved"
+    h2 = [k for k in found if k[0] == "lr"]
+    assert len(h2) == 2 and len(found) == 4
+    raw = [d.p_two_sided() for _, d, _ in found.values()]
+    np.testing.assert_allclose([p for *_, p in found.values()], decide.adjust(raw))
