@@ -598,6 +598,7 @@ def test_a_token_model_on_signals_is_refused(data_dir, tmp_path):
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow  # (10 s: keeps the quick subset under 3 minutes)
 def test_paths_of_the_wrong_kind_are_input_errors(data_dir, tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("mine")

@@ -277,6 +277,7 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_trains():
         jaxlmc.fit(Nested, (x, y), compute_dtype="float16", **args)
 
 
+@pytest.mark.slow  # (10 s: keeps the quick subset under 3 minutes)
 def test_pair_barriers_errors_and_defaults_are_the_command_lines():
     """One α grid for library and CLI; a pair list that pairs a member with itself or repeats a pair, members none of
     which can be interpolated, and aligning without a spec: each one line saying what to pass."""
