@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     text = "loss and error barriers between fine-tuned members and to their starting points; writes RUN_DIR/barriers/"
     sub = commands.add_parser("barriers", help=text, description=text, parents=[debug])
     sub.add_argument("run_dir", help="a fine-tuning run directory")
-    sub.add_argument("--pairs", help='"within" (pairs inside each grid cell; the default), "all", or a CSV file '
-                                     "with columns i, j")
+    sub.add_argument("--pairs", help='"within" (pairs inside each grid cell; the default), "ring:K" (each member '
+                                     'with its next K seeds in its cell), "all", or a CSV file with columns i, j')
     sub.add_argument("--alphas", type=int, help="points on the interpolation grid, ends included (default 25)")
     _add_common(sub, "override a [barriers] or [run] value; repeatable", "no tables")
     text = "re-render RUN_DIR/report.html, figures/ and summary.csv from a finished study"

@@ -103,15 +103,6 @@ def ci(replicates_R, level: float = LEVEL) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def sign(lo: float, hi: float) -> int:
-    """+1 when an interval lies above 0, −1 below, 0 when it contains 0 or is undefined (not resolved)."""
-    if np.isfinite(lo) and lo > 0:
-        return 1
-    if np.isfinite(hi) and hi < 0:
-        return -1
-    return 0
-
-
 def symmetric_matrix(num_seeds: int, seed_pairs, values) -> np.ndarray:
     """matrix_SxS with values[k] at (a, b) and (b, a) for seed_pairs[k] = (a, b); NaN elsewhere."""
     matrix = np.full((num_seeds, num_seeds), np.nan)
@@ -165,11 +156,6 @@ def member_cells(rows: list[dict], column: str, num_seeds: int, draws_RxS, reduc
             reps[key] = np.where(count > 1, np.sqrt(var), np.nan) if finite.size >= MIN_MEMBERS else \
                 np.full(len(draws_RxS), np.nan)
     return points, reps
-
-
-def difference(point_a: float, reps_a, point_b: float, reps_b) -> tuple[float, float, float]:
-    """(b − a, CI lo, CI hi): the paired member-bootstrap difference of two cells (the same seed draws)."""
-    return point_b - point_a, *ci(np.asarray(reps_b) - np.asarray(reps_a))
 
 
 def spearman_replicates(x_CxR, y_CxR) -> np.ndarray:

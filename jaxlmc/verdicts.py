@@ -15,8 +15,6 @@ import numpy as np
 from jaxlmc import decide, grid, noreturn, rundir, similarity, stats
 from jaxlmc.figures import step_label
 
-START_BARRIER = noreturn.START_MEASURE.format(split="test")
-
 
 @dataclasses.dataclass
 class Measured:
@@ -247,7 +245,7 @@ RELATIVE_FRACTION = 0.8
 
 def failures(members: list[dict], starts: list[dict] = ()) -> list[str]:
     """Diverged and unfit members (failed: left out, counted), and the fitted members that ended below their probed
-    start's test accuracy (they lost what pretraining gave: they left, and count as leaving)."""
+    start's test accuracy (they lost what pretraining gave; counted here, not as failed, and not used by any verdict)."""
     diverged = [m for m in members if m["diverged"]]
     unfit = [m for m in members if m.get("unfit")]
     if not diverged and not unfit:
@@ -270,7 +268,7 @@ def failures(members: list[dict], starts: list[dict] = ()) -> list[str]:
             by_cell[grid.cell(m)] = by_cell.get(grid.cell(m), 0) + 1
         worst = sorted(by_cell.items(), key=lambda kv: -kv[1])[:6]
         lines.append(f"{len(lost)} members trained but ended below their probed start's test accuracy: they lost what "
-                     "pretraining gave — they left, and count as leaving, not as failed. Most at: "
+                     "pretraining gave; they are not failed fits (their barriers count like any other's). Most at: "
                      + "; ".join(f"{describe(c, varied_axes(members))} ({n})" for c, n in worst) + ".")
     return lines
 
