@@ -9,6 +9,7 @@
     render_report(out)            the report of a finished study                  (jaxlmc.report)
     compare_runs(a, b)            which verdicts two studies (a replicate) share  (jaxlmc.verdicts)
     config_differences(a, b)      the settings two studies differ in, beyond their seeds
+    plan_run(out, target)         the designs that reach a minimum detectable barrier, from a pilot (jaxlmc.planner)
     verdicts(run)                 the report's answers, hypothesis by hypothesis (jaxlmc.verdicts)
 
 `out` is a run directory (jaxlmc.rundir owns its layout); a config comes from jaxlmc.config.load, and a run
@@ -16,7 +17,11 @@ directory's own from RunDir(out).config(). Training functions take an optional `
 """
 from __future__ import annotations
 
+import numpy as np
+
 from jaxlmc import report, rundir
+from jaxlmc import decide as _decide
+from jaxlmc import planner as _planner
 from jaxlmc import verdicts as _verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.finetuning import finetune, load_member, start_params
@@ -49,6 +54,36 @@ def compare_runs(a: str, b: str) -> list[dict]:
         if not run.exists(rundir.SUMMARY):
             raise ConfigError(f"{out} holds no finished study (no summary.csv): run `jaxlmc study` on it first")
     return _verdicts.compare(RunDir(a), RunDir(b))
+
+
+def plan_run(out: str, target: float, quantile: float = 0.5) -> tuple[dict, list[dict]]:
+    """A design planner on a finished (pilot) study (jaxlmc.planner): ({"cells", "seeds", "pairs", "measured",
+    "predicted"}: the pilot's design with the `quantile` over cells of its measured and predicted minimum detectable
+    excess), and every candidate design with its predicted minimum detectable excess and cost, those reaching
+    `target` first."""
+    run = RunDir(out)
+    if not run.exists(rundir.PAIRS):
+        raise ConfigError(f"{out} has no barriers/pairs.csv: run `jaxlmc study` or `jaxlmc barriers` on it first")
+    if not 0 < target < 1 or not 0 < quantile <= 1:
+        raise ConfigError(f"plan: --mde must lie in (0, 1) and --quantile in (0, 1], got {target} and {quantile}")
+    cfg = run.config([])
+    members, pairs = run.read_csv(rundir.MEMBERS), run.read_csv(rundir.PAIRS)
+    try:
+        found = _planner.run_components(members, pairs)
+    except ValueError as err:
+        raise ConfigError(f"{out}: {err}") from None
+    if not found:
+        raise ConfigError(f"{out}: no cell has more within-cell pairs than seeds: its variance components cannot be "
+                          "separated")
+    summary = run.read_csv(rundir.BARRIER_SUMMARY)
+    measure = _decide.headline_measure(pairs)
+    measured = [r.get(f"{measure}_excess_min_detectable", float("nan")) for r in summary]
+    seeds = cfg.finetune.seeds
+    degree = max(2 * len([p for p in pairs if p["same_cell"]]) // (len(found) * seeds), 1)
+    pilot = {"cells": len(found), "seeds": seeds, "pairs": cfg.barriers.pairs,
+             "measured": float(np.nanquantile(measured, quantile)),
+             "predicted": float(np.quantile([c.min_detectable(seeds, degree) for c in found.values()], quantile))}
+    return pilot, _planner.plan(found, target, cfg.finetune.steps, cfg.barriers.alphas, quantile)
 
 
 # What a replicate changes (its seed stream) and where its data lie: not differences between two studies' designs.

@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("compare", help=text, description=text, parents=[debug])
     sub.add_argument("run_a", help="a study's run directory")
     sub.add_argument("run_b", help="another study's run directory")
+    text = ("from a finished (pilot) study, the seeds × pair design × test examples that reach a minimum detectable "
+            "excess, and what each costs")
+    sub = commands.add_parser("plan", help=text, description=text, parents=[debug])
+    sub.add_argument("run_dir", help="a study's run directory (its barriers measured)")
+    sub.add_argument("--mde", type=float, required=True,
+                     help="the target minimum detectable excess (80 %% power), e.g. 0.005")
+    sub.add_argument("--quantile", type=float, default=0.5,
+                     help="over the pilot's cells, which one the design must serve (0.5: the median; 0.9: most)")
     return parser
 
 
@@ -121,6 +129,10 @@ def _run(args) -> int:
         return _barriers(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "plan":
+        pilot, rows = api.plan_run(args.run_dir, args.mde, args.quantile)
+        ui.print_plan(pilot, rows, args.mde)
+        return 0
     if args.command == "compare":
         rows = api.compare_runs(args.run_a, args.run_b)
         ui.print_comparison(rows, args.run_a, args.run_b, api.config_differences(args.run_a, args.run_b))

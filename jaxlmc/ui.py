@@ -241,3 +241,20 @@ def print_comparison(rows: list[dict], run_a: str, run_b: str, differences: list
                       "yes" if r["agree"] else "[bold red]no[/bold red]")
     console.print(table)
     console.print(f"{sum(r['agree'] for r in rows)} of {len(rows)} verdicts agree")
+
+
+def print_plan(pilot: dict, rows: list[dict], target: float, shown: int = 8) -> None:
+    """The planner's answer (api.plan_run): the pilot's design, then the cheapest designs that reach `target` (or,
+    when none does, the closest)."""
+    console.print(f"pilot: {pilot['cells']} cells, {pilot['seeds']} seeds, pairs {pilot['pairs']}: minimum detectable "
+                  f"excess {pilot['measured']:.4f} measured, {pilot['predicted']:.4f} predicted by the model")
+    reach = [r for r in rows if r["reaches"]]
+    title = (f"designs that reach {target:g}, cheapest first" if reach else
+             f"no design in the planner's range reaches {target:g}; the closest")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in ("seeds", "pairs", "test examples", "min detectable", "member-steps / cell", "evaluations / cell"):
+        table.add_column(header, justify="right")
+    for r in (reach or rows)[:shown]:
+        table.add_row(str(r["seeds"]), r["pairs"], r["test_examples"], f"{r['min_detectable']:.4f}",
+                      f"{r['member_steps']:,}", f"{r['evaluations']:,.0f}")
+    console.print(table)

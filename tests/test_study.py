@@ -323,6 +323,18 @@ def test_report_command_and_its_errors(reference, tmp_path):
     assert empty.returncode == 2 and "run `jaxlmc study`" in empty.stderr
 
 
+def test_plan_command_refuses_what_it_cannot_plan_from(reference, tmp_path):
+    """`jaxlmc plan`: two seeds' one pair per cell cannot separate member effects from pair noise, a directory
+    without barriers has nothing to plan from, a target outside (0, 1) is refused: one line each, exit 2."""
+    _, out, _ = reference
+    cases = [([out, "--mde", "0.005"], "its variance components cannot be separated"),
+             ([str(tmp_path), "--mde", "0.005"], "has no barriers/pairs.csv"),
+             ([out, "--mde", "2"], "--mde must lie in (0, 1)")]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "jaxlmc.cli", "plan", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
 def test_validation_split_is_held_out_of_training(data_dir):
     cfg = tiny(data_dir)
     task = api.load_finetune_task(cfg)
