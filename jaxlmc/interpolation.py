@@ -179,7 +179,7 @@ def curve_columns(curves: dict, alphas: np.ndarray, suffix: str = "") -> dict[st
                 columns[name] = stats.barrier(curve[..., 0], alphas, form)
                 if curve.shape[-1] > 2:
                     null_PxR = stats.null_barriers(curve, alphas, form)
-                    columns[f"{name}_floor"] = np.quantile(null_PxR, stats.LEVEL, axis=1)
+                    columns[f"{name}_floor"] = stats.floor_of(null_PxR)
                     columns[f"{name}_null"] = null_PxR.mean(axis=1)
             columns[f"{metric}_mid_{split}{suffix}"] = barriers.midpoint(curve[..., 0], alphas)
     return columns

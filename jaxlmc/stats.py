@@ -50,7 +50,12 @@ def null_barriers(curves_PxAxR1, alphas, form: str = "") -> np.ndarray:
 def noise_floor(curves_PxAxR1, alphas, form: str = "", level: float = LEVEL) -> np.ndarray:
     """floor_P: the `level` quantile, over the R resamplings, of the barrier of each pair's centred resampled curve
     (`null_barriers`)."""
-    null_PxR = null_barriers(curves_PxAxR1, alphas, form)
+    return floor_of(null_barriers(curves_PxAxR1, alphas, form), level)
+
+
+def floor_of(null_PxR, level: float = LEVEL) -> np.ndarray:
+    """floor_P: the `level` quantile of each pair's null barriers (NaN without resamplings)."""
+    null_PxR = np.asarray(null_PxR)
     if not null_PxR.shape[1]:
         return np.full(null_PxR.shape[0], np.nan)
     return np.quantile(null_PxR, level, axis=1)
