@@ -137,7 +137,8 @@ def _trend_lines(m: Measured, axis: str) -> list[str]:
         lines.append(f"{m.where(first, (axis,))}: excess {m.excess[first].point:+.3f} at {at(first)} → "
                      f"{m.excess[last].point:+.3f} at {at(last)} (barrier {m.point('barrier', first):.3f} → "
                      f"{m.point('barrier', last):.3f}): {word} ({d.point:+.3f}, 95 % CI {_ci(lo, hi)}, "
-                     f"adjusted p {p:.2g}).")
+                     f"adjusted p {p:.2g}" + (f"; the design detects a change of ±{d.min_detectable():.3f} at 80 % power"
+                                              if word == "not resolved" else "") + ").")
     return lines
 
 

@@ -215,6 +215,8 @@ def test_trends_use_the_paired_jackknife_and_are_adjusted_together():
     assert d_big.point == pytest.approx(-0.03) and np.allclose(d_big.jack_S, paired)
     assert word_big == "falls" and p_big < 0.05
     assert word_small == "not resolved"
+    line = next(x for x in verdicts.pretraining(m) if "not resolved" in x)
+    assert f"detects a change of ±{d_small.min_detectable():.3f} at 80 % power" in line
     h2 = [k for k in found if k[0] == "lr"]
     assert len(h2) == 2 and len(found) == 4
     raw = [d.p_two_sided() for _, d, _ in found.values()]
