@@ -126,8 +126,8 @@ DESIGN_EXAMPLES = (1.0, 2.0, 4.0)
 def plan(found: dict[tuple, Components], target: float, steps: int, alphas: int, quantile: float = 0.5) -> list[dict]:
     """Every candidate design (seeds × pairs per member × test examples) with the `quantile` over cells of its
     predicted minimum detectable excess and its cost per cell — member-steps, and pair-α evaluations × the test set's
-    size relative to the pilot's (the barrier pass's work, each member also against its start) —: those that reach `target` first, fewest
-    member-steps then fewest evaluations first, then the rest by their detectable excess."""
+    size relative to the pilot's (the barrier pass's work, each member also against its start) —: those that reach
+    `target` first, fewest member-steps then fewest evaluations first, then the rest by their detectable excess."""
     rows = []
     for seeds in DESIGN_SEEDS:
         for degree in DESIGN_DEGREES:

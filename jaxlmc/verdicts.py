@@ -116,9 +116,9 @@ def _ends(m: Measured, axis: str) -> list[tuple[tuple, tuple]]:
 
 
 def trends(m: Measured) -> dict[tuple, tuple[str, decide.Estimate, float]]:
-    """{(axis, first, last): (word, difference, adjusted p)} for H1 (along the checkpoints) and H2 (along the rates): the paired
-    jackknife difference of the headline excess, last − first, its two-sided p-values adjusted together
-    (Benjamini–Hochberg) across every trend the study states."""
+    """{(axis, first, last): (word, difference, adjusted p)} for H1 (along the checkpoints) and H2 (along the
+    rates): the paired jackknife difference of the headline excess, last − first, its two-sided p-values adjusted
+    together (Benjamini–Hochberg) across every trend the study states."""
     keys = [(axis, a, b) for axis in ("pretrain_step", "lr") for a, b in _ends(m, axis)]
     diffs = [m.excess[b].minus(m.excess[a]) for _, a, b in keys]
     adjusted = decide.adjust([d.p_two_sided() for d in diffs])
@@ -137,8 +137,9 @@ def _trend_lines(m: Measured, axis: str) -> list[str]:
         lines.append(f"{m.where(first, (axis,))}: excess {m.excess[first].point:+.3f} at {at(first)} → "
                      f"{m.excess[last].point:+.3f} at {at(last)} (barrier {m.point('barrier', first):.3f} → "
                      f"{m.point('barrier', last):.3f}): {word} ({d.point:+.3f}, 95 % CI {_ci(lo, hi)}, "
-                     f"adjusted p {p:.2g}" + (f"; the design detects a change of ±{d.min_detectable():.3f} at 80 % power"
-                                              if word == "not resolved" else "") + ").")
+                     f"adjusted p {p:.2g}"
+                     + (f"; the design detects a change of ±{d.min_detectable():.3f} at 80 % power"
+                        if word == "not resolved" else "") + ").")
     return lines
 
 
@@ -246,7 +247,7 @@ RELATIVE_FRACTION = 0.8
 
 def failures(members: list[dict], starts: list[dict] = ()) -> list[str]:
     """Diverged and unfit members (failed: left out, counted), and the fitted members that ended below their probed
-    start's test accuracy (they lost what pretraining gave; counted here, not as failed, and not used by any verdict)."""
+    start's test accuracy (they lost what pretraining gave; counted here, not as failed, used by no verdict)."""
     diverged = [m for m in members if m["diverged"]]
     unfit = [m for m in members if m.get("unfit")]
     if not diverged and not unfit:
