@@ -12,8 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import squareform
 
 from jaxlmc.models import Model
 from jaxlmc.train import loss_and_error
@@ -124,17 +122,32 @@ def linear_cka(features_KxNxD):
 def basins(barrier_KxK: np.ndarray, threshold: float) -> np.ndarray:
     """labels_K (0, 1, …, largest basin first): average-linkage clusters of a barrier matrix cut at `threshold`.
 
-    Two members share a basin when the mean barrier between their clusters is at most the threshold. Negative
-    barriers count as 0; missing pairs (NaN) as infinitely far.
+    Two clusters merge, closest first, while the mean barrier over the pairs measured between them is at most the
+    threshold. A pair not measured (NaN in both (i, j) and (j, i), as in a ring design) is left out of that mean, not
+    counted as far: two clusters with no measured pair between them never merge. With every pair measured this is
+    UPGMA cut at the threshold (scipy's average linkage with fcluster's distance criterion).
     """
     b = np.asarray(barrier_KxK, np.float64)
+    b = np.where(np.isfinite(b), b, b.T)  # a pair measured one way is measured
     k = b.shape[0]
-    if k == 1:
-        return np.zeros(1, np.int64)
-    distance = np.maximum(np.maximum(b, b.T), 0.0)
-    distance = np.where(np.isfinite(distance), distance, 1e9)
-    np.fill_diagonal(distance, 0.0)
-    raw = fcluster(linkage(squareform(distance, checks=False), method="average"), t=threshold, criterion="distance")
+    measured = np.isfinite(b) & ~np.eye(k, dtype=bool)
+    total_CxC, count_CxC = np.where(measured, b, 0.0), measured.astype(np.float64)
+    clusters = [[i] for i in range(k)]
+    while len(clusters) > 1:
+        mean = np.where(count_CxC > 0, total_CxC / np.maximum(count_CxC, 1), np.inf)
+        np.fill_diagonal(mean, np.inf)
+        a, c = np.unravel_index(np.argmin(mean), mean.shape)
+        if not mean[a, c] <= threshold:
+            break
+        a, c = min(a, c), max(a, c)
+        clusters[a] += clusters.pop(c)
+        for m in (total_CxC, count_CxC):
+            m[a, :] += m[c, :]
+            m[:, a] += m[:, c]
+        total_CxC, count_CxC = (np.delete(np.delete(m, c, 0), c, 1) for m in (total_CxC, count_CxC))
+    raw = np.empty(k, np.int64)
+    for label, members in enumerate(clusters):
+        raw[members] = label
     # Relabel by size (largest first), ties by first member, so labels are comparable between runs.
     uniq, first, counts = np.unique(raw, return_index=True, return_counts=True)
     ranked = uniq[np.lexsort((first, -counts))]

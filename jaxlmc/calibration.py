@@ -9,8 +9,11 @@ o_s ~ N(0, τ²) (members that differ in accuracy). The model at α between memb
 
     d_i + (1 − α)·ε_si + α·ε_ti < p + (1 − α)·o_s + α·o_t + 4·b_st·α(1 − α),
 
-so its expected error is the linear baseline between the two members' errors plus a bump of height b_st at the
-midpoint: a true linear-baseline barrier b_st. The scenarios set b_st:
+so its error rises above the linear baseline between the two members' errors by a bump at the midpoint. Its expected
+error is exact — E[clip(level − Z, 0, 1)], Z ~ N(0, σ²((1 − α)² + α²)) — and so is each pair's true linear-baseline
+barrier (`true_barrier`); the midpoint's smaller noise means a bump of height h raises the error by slightly less
+than h where errors reach 0 or 1, so h is chosen (`bump_height`) to make the true barrier of a pair of equally
+accurate members b_st. The scenarios set b_st:
 
 * `none`: b_st = 0, members equally accurate (τ = 0) — one basin;
 * `accuracy`: b_st = 0 with τ > 0 — one basin, members of different accuracy (the endpoint-mean form would see half
@@ -21,6 +24,12 @@ midpoint: a true linear-baseline barrier b_st. The scenarios set b_st:
 
 Each cell is decided by jaxlmc.decide's rule alone (one cell: no multiplicity adjustment). `python -m
 jaxlmc.calibration` prints the table quoted in docs/science.md.
+
+A study calibrates its own verdicts (`calibrate_run`, the study's `calibrate` stage → barriers/calibration.json):
+the generator's parameters are read off the study's cells — seeds, pair design, test examples, α points and
+resamplings as measured; the error level, the members' disagreement (σ = disagreement·√π/2) and their accuracy
+spread (τ) per cell — for three of its cells (the median and the largest minimum detectable excess, and the largest
+accuracy spread), and every scenario is simulated there.
 """
 from __future__ import annotations
 
@@ -28,8 +37,11 @@ import json
 import sys
 
 import numpy as np
+import scipy.optimize
+import scipy.stats
 
-from jaxlmc import barriers, decide, stats, train
+from jaxlmc import barriers, decide, grid, rundir, stats, tasks, train
+from jaxlmc.config import Config
 
 SCENARIOS = ("none", "accuracy", "uniform", "outlier", "two_basins")
 
@@ -56,11 +68,36 @@ def pair_bumps(scenario: str, barrier: float, pairs: list[tuple[int, int]], seed
     raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
 
 
+def expected_error(level_A, sd_A) -> np.ndarray:
+    """E[clip(level − Z, 0, 1)] for Z ~ N(0, sd²): the generator's expected error at each α."""
+    def ramp(x):  # E[max(0, x − Z)]
+        z = x / sd_A
+        return x * scipy.stats.norm.cdf(z) + sd_A * scipy.stats.norm.pdf(z)
+    return ramp(np.asarray(level_A, np.float64)) - ramp(np.asarray(level_A, np.float64) - 1.0)
+
+
+def true_barrier(level_A, alpha_A, spread: float) -> float:
+    """The true linear-baseline barrier of the generator's pair with error levels `level_A` along α."""
+    sd_A = spread * np.sqrt((1 - alpha_A) ** 2 + alpha_A ** 2)
+    error_A = expected_error(level_A, sd_A)
+    return float(np.max(error_A - ((1 - alpha_A) * error_A[0] + alpha_A * error_A[-1])))
+
+
+def bump_height(barrier: float, error: float, spread: float, alpha_A) -> float:
+    """The bump h whose pair of equally accurate members at `error` has a true barrier `barrier`."""
+    if barrier <= 0:
+        return 0.0
+    shape_A = 4 * alpha_A * (1 - alpha_A)
+    return float(scipy.optimize.brentq(lambda h: true_barrier(error + h * shape_A, alpha_A, spread) - barrier,
+                                       0.0, 1.0 - error))
+
+
 def synthetic_cell(scenario: str, barrier: float, rng: np.random.Generator, seeds: int = 8, examples: int = 1000,
                    alphas: int = 25, resamples: int = 100, error: float = 0.3, spread: float = 0.1,
                    accuracy_sd: float = 0.01, design: str = "all") -> dict:
     """One synthetic cell (see the module's docstring): {"pairs", "seeds", "barrier_P", "null_P", "true_b_P"}, the
-    pairs' measured linear-baseline barriers and null means (stats.null_barriers' mean), and their true barriers."""
+    pairs' measured linear-baseline barriers and null means (stats.null_barriers' mean), and their true barriers
+    (exact expectations, `true_barrier`)."""
     alpha_A = barriers.alpha_grid(alphas)
     difficulty_N = rng.uniform(size=examples)
     eps_SxN = spread * rng.normal(size=(seeds, examples))
@@ -68,15 +105,16 @@ def synthetic_cell(scenario: str, barrier: float, rng: np.random.Generator, seed
     counts_RxN = train.resample_counts(examples, resamples, seed=int(rng.integers(2**31)))
     weights_Nx1R = np.concatenate([np.ones((examples, 1)), counts_RxN.T], axis=1) / examples
     pairs = design_pairs(seeds, design)
-    bumps_P = pair_bumps(scenario, barrier, pairs, seeds)
-    curves = []
+    bumps_P = pair_bumps(scenario, bump_height(barrier, error, spread, alpha_A), pairs, seeds)
+    curves, true_P = [], []
     for (s, t), b in zip(pairs, bumps_P):
         mix_AxN = (1 - alpha_A)[:, None] * eps_SxN[s] + alpha_A[:, None] * eps_SxN[t]
         level_A = error + (1 - alpha_A) * offset_S[s] + alpha_A * offset_S[t] + 4 * b * alpha_A * (1 - alpha_A)
         wrong_AxN = (difficulty_N[None] + mix_AxN < level_A[:, None]).astype(np.float64)
         curves.append(wrong_AxN @ weights_Nx1R)  # A × (1 + R): the set itself, then its resamplings
+        true_P.append(true_barrier(level_A, alpha_A, spread))
     curves_PxAx1R = np.stack(curves)
-    return {"pairs": pairs, "seeds": seeds, "true_b_P": bumps_P,
+    return {"pairs": pairs, "seeds": seeds, "true_b_P": np.array(true_P),
             "barrier_P": stats.barrier(curves_PxAx1R[..., 0], alpha_A, "_lin"),
             "null_P": stats.null_barriers(curves_PxAx1R, alpha_A, "_lin").mean(axis=1)}
 
@@ -95,22 +133,22 @@ def verdict(cell: dict, margin: float = decide.MARGIN) -> str:
 def rates(scenario: str, barriers_B, cells: int = 100, seed: int = 0, margin: float = decide.MARGIN,
           **cell_options) -> list[dict]:
     """Per true barrier, the share of `cells` synthetic cells of a scenario called "separate basins" (with no true
-    barrier: the false-positive rate; with one: the power) and "one basin", the median minimum detectable excess, and
-    how often the excess's interval covers the cell's true mean barrier minus nothing (none/accuracy: 0)."""
+    barrier: the false-positive rate; with one: the power) and "one basin", the mean over cells of their true mean
+    barrier, the median minimum detectable excess, and how often the excess's interval covers the cell's true mean
+    barrier."""
     rng = np.random.default_rng(seed)
     rows = []
     for b in barriers_B:
-        found, mde, covered = [], [], []
+        found, mde, covered, true = [], [], [], []
         for _ in range(cells):
             cell = synthetic_cell(scenario, b, rng, **cell_options)
             excess, barrier = estimates(cell)
             found.append(decide.verdict(*decide.p_values(excess, barrier, margin)))
             mde.append(excess.min_detectable())
             lo, hi = excess.interval()
-            covered.append(lo <= cell["true_b_P"].mean() <= hi)
-        rows.append({"scenario": scenario, "barrier": float(b), "true_mean": float(np.mean(
-            pair_bumps(scenario, b, design_pairs(cell_options.get("seeds", 8), cell_options.get("design", "all")),
-                       cell_options.get("seeds", 8)))), "cells": cells,
+            true.append(cell["true_b_P"].mean())
+            covered.append(lo <= true[-1] <= hi)
+        rows.append({"scenario": scenario, "barrier": float(b), "true_mean": float(np.mean(true)), "cells": cells,
             "separate": float(np.mean([f == "separate basins" for f in found])),
             "one_basin": float(np.mean([f == "one basin" for f in found])),
             "min_detectable": float(np.median(mde)), "coverage": float(np.mean(covered))})
@@ -135,6 +173,97 @@ def coverage(seeds: int, cells: int = 400, member_sd: float = 1.0, pair_sd: floa
         boot += lo <= 0 <= hi
     return {"seeds": seeds, "design": design, "member_sd": member_sd, "pair_sd": pair_sd, "cells": cells,
             "jackknife_t": jack / cells, "percentile_bootstrap": boot / cells}
+
+
+FALSE_POSITIVE_TARGET = 0.05  # "separate" with no barrier, in every no-barrier scenario
+DETECTED = 0.8  # a barrier scenario called separate less often than this is a blind spot
+
+
+def study_scenarios(margin: float) -> list[tuple[str, float]]:
+    """(scenario, b) simulated for a study: no barrier with equal and with unequal members, a uniform barrier at half
+    the margin (one basin should be called) and at the margin (never one basin), one outlier member, two basins."""
+    return [("none", 0.0), ("accuracy", 0.0), ("uniform", margin / 2), ("uniform", margin), ("outlier", 0.1),
+            ("two_basins", 1.5 * margin)]
+
+
+def cell_parameters(members: list[dict], similarity_row: dict, examples: int, alphas: int, resamples: int,
+                    design: str) -> dict:
+    """The generator's parameters for one of a study's cells (its used members and its similarity.csv row)."""
+    accuracy = np.array([m["test_acc"] for m in members if grid.usable(m)], np.float64)
+    return {"seeds": int(accuracy.size), "examples": int(examples), "alphas": int(alphas),
+            "resamples": int(resamples), "design": design, "error": float(1 - accuracy.mean()),
+            "spread": float(similarity_row["disagreement_test"] * np.sqrt(np.pi) / 2),
+            "accuracy_sd": float(accuracy.std(ddof=1))}
+
+
+def representative_cells(summary: list[dict], members: list[dict], measure: str) -> dict[tuple, str]:
+    """{cell: why} of up to three cells with at least decide.MIN_SEEDS used members: the median and the largest
+    minimum detectable excess of `measure`, and the largest spread of test accuracy over seeds."""
+    groups = grid.cell_groups(members)
+    used = {c: [members[i] for i in ids if grid.usable(members[i])] for c, ids in groups.items()}
+    mde = {grid.cell(r): r.get(f"{measure}_excess_min_detectable", np.nan) for r in summary}
+    judged = sorted((c for c in mde if np.isfinite(mde[c]) and len(used.get(c, ())) >= decide.MIN_SEEDS),
+                    key=lambda c: mde[c])
+    if not judged:
+        return {}
+    spread = {c: float(np.std([m["test_acc"] for m in used[c]], ddof=1)) for c in judged}
+    chosen = {judged[len(judged) // 2]: "median minimum detectable excess"}
+    chosen.setdefault(judged[-1], "largest minimum detectable excess")
+    chosen.setdefault(max(judged, key=spread.get), "largest accuracy spread over seeds")
+    return chosen
+
+
+def calibrate(cells: dict[tuple, tuple[str, dict]], margin: float, num_cells: int, seed: int = 0) -> dict:
+    """Every study scenario at each of `cells` ({cell: (why, cell_parameters)}), `num_cells` synthetic cells each:
+    the rows of `rates` per cell, the worst false-positive rate with no barrier against FALSE_POSITIVE_TARGET, the
+    worst "one basin" rate at a barrier of the margin, and the barrier scenarios detected less than DETECTED of the
+    time (the blind spots)."""
+    out = []
+    for k, (cell, (why, params)) in enumerate(cells.items()):
+        options = {key: params[key] for key in ("seeds", "examples", "alphas", "resamples", "design", "error",
+                                                "spread")}
+        rows = []
+        for scenario, b in study_scenarios(margin):
+            sd = params["accuracy_sd"] if scenario != "none" else 0.0
+            rows += rates(scenario, [b], num_cells, seed=seed + k, margin=margin, accuracy_sd=sd, **options)
+        out.append({"cell": dict(zip(grid.CELL_KEYS, cell)), "why": why, "parameters": params, "scenarios": rows})
+    rows = [r for c in out for r in c["scenarios"]]
+    no_barrier = [r["separate"] for r in rows if r["barrier"] == 0]
+    at_margin = [r["one_basin"] for r in rows if r["scenario"] == "uniform" and r["barrier"] == margin]
+    blind = [{"cell": c["cell"], "scenario": r["scenario"], "barrier": r["barrier"], "separate": r["separate"],
+              "one_basin": r["one_basin"]} for c in out for r in c["scenarios"]
+             if r["scenario"] in ("outlier", "two_basins") and r["separate"] < DETECTED]
+    worst = max(no_barrier) if no_barrier else float("nan")
+    return {"margin": margin, "synthetic_cells": num_cells, "cells": out,
+            "false_positive_max": worst, "false_positive_target": FALSE_POSITIVE_TARGET,
+            "false_positive_met": bool(worst <= FALSE_POSITIVE_TARGET),
+            "one_basin_at_margin_max": max(at_margin) if at_margin else float("nan"), "blind_spots": blind}
+
+
+def calibrate_run(cfg: Config, out: str) -> dict:
+    """The study's own calibration (see the module's docstring), written to barriers/calibration.json. With
+    study.calibration_cells = 0 the file records that it was skipped."""
+    run = rundir.RunDir(out)
+    members = run.read_csv(rundir.MEMBERS)
+    summary = run.read_csv(rundir.BARRIER_SUMMARY)
+    pairs = run.read_csv(rundir.PAIRS)
+    measure = decide.headline_measure(pairs)
+    chosen = representative_cells(summary, members, measure) if measure and cfg.study.calibration_cells else {}
+    similarity = {grid.cell(r): r for r in run.read_csv(rundir.SIMILARITY)}
+    chosen = {c: why for c, why in chosen.items() if np.isfinite(similarity.get(c, {}).get("disagreement_test",
+                                                                                             np.nan))}
+    if not chosen:
+        result = {"margin": cfg.study.margin, "synthetic_cells": 0, "cells": [], "skipped": True}
+        run.write_json(rundir.CALIBRATION, result)
+        return result
+    examples = len(tasks.load_finetune_task(cfg).test.y)
+    design = cfg.barriers.pairs if cfg.barriers.pairs.startswith("ring:") else "all"
+    groups = grid.cell_groups(members)
+    cells = {c: (why, cell_parameters([members[i] for i in groups[c]], similarity[c], examples, cfg.barriers.alphas,
+                                      cfg.barriers.noise_resamples, design)) for c, why in chosen.items()}
+    result = calibrate(cells, cfg.study.margin, cfg.study.calibration_cells)
+    run.write_json(rundir.CALIBRATION, result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

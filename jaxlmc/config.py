@@ -290,6 +290,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"study.fit_margin must lie in [-1, 1) (-1: no member is unfit), got {cfg.study.fit_margin}")
     if not 0 < cfg.study.margin < 1:
         raise ConfigError(f"study.margin must lie in (0, 1) (a test error barrier), got {cfg.study.margin}")
+    if cfg.study.calibration_cells < 0:
+        raise ConfigError(f"study.calibration_cells must be at least 0 (0: skipped), got {cfg.study.calibration_cells}")
     if cfg.study.similarity_examples < 2:
         raise ConfigError(f"study.similarity_examples must be at least 2, got {cfg.study.similarity_examples}")
     if b.noise_resamples < 0 or b.noise_resamples == 1:

@@ -35,15 +35,15 @@ MIN_SEEDS = 3  # fewer seeds with a value give no interval
 VERDICTS = ("one basin", "separate basins", "not resolved")
 
 
-def headline_measure(rows: list[dict]) -> str | None:
-    """The barrier column a verdict is read from: the linear-baseline test error barrier (the first error split when
-    there is no "test"), after weight matching when it was measured; None without one."""
+def headline_measure(rows: list[dict], split: str | None = None) -> str | None:
+    """The barrier column a verdict is read from: the linear-baseline error barrier on `split` (default: "test", or
+    the first error split when there is none), after weight matching when it was measured; None without one."""
     columns = (rows or [{}])[0]
     splits = [k[len("error_barrier_"):-len("_lin")] for k in columns
               if k.startswith("error_barrier_") and k.endswith("_lin")]
-    if not splits:
+    if not splits or (split is not None and split not in splits):
         return None
-    split = "test" if "test" in splits else splits[0]
+    split = split or ("test" if "test" in splits else splits[0])
     aligned = f"error_barrier_{split}_lin_aligned"
     return aligned if aligned in columns else f"error_barrier_{split}_lin"
 

@@ -206,7 +206,7 @@ def basins(c: Cells, members: list[dict], sim_rows: list[dict], sim: dict):
     names = [f"#{int(ids[o])} b{int(labels[o])}" for o in order]
     ax.set_xticks(range(len(order)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(order)), names, fontsize=7)
-    fig.colorbar(image, ax=ax, label="test error barrier")
+    fig.colorbar(image, ax=ax, label="barrier excess (test error; blank: pair not measured)")
     ax.set_title(f"pretrain {step_label(row['pretrain_step'])}, LR {row['lr']:g}: {int(row['basins'])} basins "
                  f"({row['basin_sizes']})", fontsize=9)
     bx.barh(range(len(order)), acc, color=plt.get_cmap("tab10")(labels[order] % 10))
@@ -215,9 +215,10 @@ def basins(c: Cells, members: list[dict], sim_rows: list[dict], sim: dict):
     bx.set_xlabel("OOD accuracy" if c.has_ood else "test accuracy")
     lo, hi = float(np.nanmin(acc)), float(np.nanmax(acc))
     bx.set_xlim(max(0.0, lo - 0.05), min(1.0, hi + 0.05) if hi > lo else hi + 0.05)
-    return fig, ("Barrier matrix of a fine-tuning cell with several basins (shared ones preferred), members ordered "
-                 "by basin (b0 = the largest), beside each member's " + ("OOD" if c.has_ood else "test")
-                 + " accuracy coloured by basin.")
+    return fig, ("Barrier excess matrix (headline barrier minus its null mean) of a fine-tuning cell with several "
+                 f"basins (clusters cut at the margin {row['basin_threshold']:g}; shared ones preferred), members "
+                 "ordered by basin (b0 = the largest), beside each member's " + ("OOD" if c.has_ood else "test")
+                 + " accuracy coloured by basin. Basins describe the cell; its verdict is in the per-cell table.")
 
 
 def soup_gain(c: Cells):

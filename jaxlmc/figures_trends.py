@@ -88,13 +88,12 @@ def critical_rate(rows: list[dict]):
         at = [mine.get(s, {}) for s in steps]
         stay = np.array([r.get("stay_lr", np.nan) for r in at])
         leave = np.array([r.get("leave_lr", np.nan) for r in at])
-        crossing = np.array([r.get("critical_lr", np.nan) for r in at])
         xs = x + (list(lengths).index(length) - (len(lengths) - 1) / 2) * 0.08
         inside = (stay > 0) & np.isfinite(leave)  # a bracket between two grid rates: drawn as a bar
         ax.vlines(xs[inside], stay[inside], leave[inside], color=color, lw=5, alpha=0.6,
                   label=f"{length} fine-tuning steps")
-        narrow = inside & np.isfinite(crossing) & (crossing > 0)  # interpolated only inside a narrow bracket
-        ax.plot(xs[narrow], crossing[narrow], "o", color="k", ms=3)
+        open_below = np.isnan(stay) & np.isfinite(leave)  # leaves from here; no lower rate shown to stay
+        ax.plot(xs[open_below], leave[open_below], "x", color=color, ms=7)
         ax.plot(xs[leave == np.inf], np.clip(stay[leave == np.inf], floor_y, top_y), "^", color=color, ms=8)
         ax.plot(xs[stay == 0], np.clip(leave[stay == 0], floor_y, top_y), "v", color=color, ms=8)
         failing = np.array([r.get("failing_lr", np.nan) for r in at])
@@ -108,12 +107,12 @@ def critical_rate(rows: list[dict]):
     ax.plot([], [], ":", color="k", label="training fails (≥ half diverged or unfit)")
     ax.legend(fontsize=7)
     return fig, ("Critical learning rate against the pretraining checkpoint, one colour per fine-tuning length: each "
-                 "bar spans the bracket of grid rates within which seeds leave the basin (from the highest rate that "
-                 "stays to the lowest that leaves: the seeds' test error barrier, or their linear-baseline barrier to "
-                 "the start, above its noise floor); a black dot marks the interpolated crossing where the bracket "
-                 "is narrow enough to place one. Upward triangles: no rate that trains leaves (drawn at the highest "
-                 "rate that stays); downward ones: even the lowest rate leaves. Dotted: the rate from which training "
-                 "fails. Shaded: the grid's rates.")
+                 "bar spans the bracket of grid rates within which seeds leave the basin (from the highest rate shown "
+                 "to stay — seeds within the margin of each other and of their start — to the lowest shown to leave "
+                 "— separate from either; the rule of the cell verdicts). Upward triangles: no rate is shown to leave "
+                 "(drawn at the highest shown to stay); downward ones: even the lowest rate leaves; crosses: leaves "
+                 "from there, no lower rate shown to stay. Dotted: the rate from which training fails. Shaded: the "
+                 "grid's rates.")
 
 
 def sharpness(members: list[dict], starts: list[dict]):

@@ -26,6 +26,7 @@ directory. A run directory (``--out``) holds
     soups.csv                    SOUPS: soups, ensemble, best and mean member per cell
     similarity.csv, basins.csv   SIMILARITY, BASINS: spread, disagreement, CKA, basins per cell; each member's basin
     similarity.npz               SIMILARITY_ARRAYS: the per-cell matrices
+    barriers/calibration.json    CALIBRATION: how often the verdicts err, simulated with this study's own cells
     summary.csv                  SUMMARY: the report's one row per cell
     figures/*.png, report.html   the report
     stages/STAGE.json            a study stage's marker: the settings it ran with (written last)
@@ -138,6 +139,7 @@ CONFIG = "config.json"
 CURVES = "barriers/curves.npz"
 BARRIER_SETTINGS = "barriers/settings.json"
 SIMILARITY_ARRAYS = "similarity.npz"
+CALIBRATION = "barriers/calibration.json"
 REPORT = "report.html"
 SCALING_PAGE = "scaling.html"
 PRETRAIN_CHECKPOINTS = "pretrain/checkpoints"

@@ -2,47 +2,45 @@
 leave the basin, whatever its learning rate — and whether the design could have seen it leave.
 
 Read from the barrier stage's tables at every kept fine-tuning step (rundir.BY_STEP). A *start* is a pretraining
-checkpoint with every other cell axis but the rate (head policy, weight decay, …); per start and fine-tuning length,
-over the rates whose cell has at least stats.MIN_MEMBERS usable members (unfit and diverged members never count):
+checkpoint with every other cell axis but the rate (head policy, weight decay, …); per start, fine-tuning length and
+rate whose cell has at least decide.MIN_SEEDS usable members (unfit and diverged members never count), jaxlmc.decide's
+one rule judges two things, each a basin verdict like a cell's:
 
-* **Seeds** leave each other at a rate when the mean excess of their test error barrier (endpoint-mean form: are they
-  linearly connected as they are?) over its noise floor is above 0. **The start** is left when the mean excess of
-  each member's barrier to its probed start, in the *linear-baseline* form, is above 0: the endpoint-mean form of a
-  member against a much worse start is mostly half their accuracy difference, not a bump.
-* **Left the basin**: either of the two is above 0 (the statistic is their maximum, per bootstrap replicate too), so
-  a rate *stays* only when seeds stay together and with their start. Both are also reported on their own, and the
-  same on the training set beside the test set.
-* **Critical rate**: a bracket of grid rates [stay_lr, leave_lr] with the bootstrap support of each end
-  (stats.bracket); interpolated to a number with a CI only inside a bracket at most stats.BRACKET_FACTOR wide.
+* **Seeds**: the seeds' headline barrier (linear-baseline test error barrier, aligned when measured) — one basin
+  (below the study's margin), separate (the excess over the null mean above 0) or not resolved.
+* **The start**: each member's linear-baseline barrier to its probed start, judged the same way.
+* **A rate** *leaves* when either is separate, *stays* when both are one basin, and is otherwise not resolved. The
+  p-values of every rate's tests in the study are adjusted together (Benjamini–Hochberg), the training set's apart.
+* **Critical rate**: a bracket of grid rates [stay_lr, leave_lr]: the lowest rate shown to leave and the highest rate
+  below it shown to stay, with their adjusted p-values (stay_p, leave_p) and the number of rates the data did not
+  decide (rates_unresolved). stay_lr is 0 when the lowest measured rate already leaves and NaN when no rate below the
+  first leaving one is shown to stay; leave_lr is +inf when no rate is shown to leave.
 * **Failing rate**: the lowest rate from which on every rate has at least half its members diverged or unfit; with
   the highest rate that trains it brackets the edge of trainability.
 * **Transfer**: each start's probed accuracy (the frozen body with its linear probe) and its best fine-tuned accuracy
   (the rate with the highest mean test accuracy over usable members), against the controls' (scratch, step 0).
 * **Point of no return**: named only where the design could have detected leaving (`_detectable`): the first
-  checkpoint from which on every rate that trains stays, *and* at it (a) a rate within the bracket factor of the
-  failing rate trains and stays, (b) an earlier start (scratch or step 0) leaves at or below that rate, and (c) the
-  checkpoint's best fine-tuned accuracy exceeds the control's (member-bootstrap CI above 0). Otherwise the verdict
-  says which condition failed.
+  checkpoint from which on every rate that trains is shown to stay, *and* at it (a) a rate within the bracket factor of
+  the failing rate trains and stays, (b) an earlier start (scratch or step 0) leaves at or below that rate, and (c) the
+  checkpoint's best fine-tuned accuracy exceeds the control's (paired jackknife interval over seeds above 0).
+  Otherwise the verdict says which condition failed.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from jaxlmc import grid, rundir, stats
+from jaxlmc import decide, grid, rundir, stats
 from jaxlmc.figures import step_label
 
 START_KEYS = tuple(k for k in grid.CELL_KEYS if k != "lr")  # what a start is: the cell but its rate
-SEEDS_MEASURE = "error_barrier_{split}"  # between seeds: endpoint-mean form, with its _floor column
-START_MEASURE = "error_barrier_{split}_lin"  # to the start: linear-baseline form, with its _floor column
-BRACKETS = ("", "seeds_", "start_", "train_")  # column prefixes: combined test, seeds only, start only, combined train
+PARTS = ("seeds", "start")  # what a rate can leave: the other seeds, the start
+# Column prefixes of critical.csv's brackets: combined test, seeds only, start only, combined on the train set.
+BRACKETS = ("", "seeds_", "start_", "train_")
+WORDS = {"one basin": "stays", "separate basins": "leaves", "not resolved": "not resolved"}
 
 
 def has_steps(run: rundir.RunDir) -> bool:
     return all(run.exists(t) for t in rundir.BY_STEP)
-
-
-def _excess(rows: list[dict], column: str) -> list[dict]:
-    return [{**r, "excess": r.get(column, np.nan) - r.get(f"{column}_floor", np.nan)} for r in rows]
 
 
 def _start(cell: tuple) -> tuple:
@@ -50,61 +48,140 @@ def _start(cell: tuple) -> tuple:
 
 
 def analyse(run: rundir.RunDir) -> tuple[list[dict], dict]:
-    """`analyse_tables` of a run directory's barriers/by_step/ tables, with its refinement rounds' (jaxlmc.refine)."""
-    return analyse_tables(*run.step_tables())
+    """`analyse_tables` of a run directory's barriers/by_step/ tables, with its refinement rounds' (jaxlmc.refine),
+    at the margin the barrier stage judged the cells with."""
+    summary = run.read_csv(rundir.BARRIER_SUMMARY) if run.exists(rundir.BARRIER_SUMMARY) else []
+    margin = summary[0].get("margin", decide.MARGIN) if summary else decide.MARGIN
+    return analyse_tables(*run.step_tables(), margin=margin if np.isfinite(margin) else decide.MARGIN)
 
 
-def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict]) -> tuple[list[dict], dict]:
-    """(rows, replicates): one CRITICAL row per start × fine-tuning length, and the bootstrap pieces the verdicts
-    need: {(start, step): {"crossings": log10 crossings_R of the combined statistic (±inf outside the grid),
-    "best_acc": replicates_R of the best fine-tuned mean test accuracy}}. The tables are the by-step members, pairs
-    and to-start rows (each with a finetune_step)."""
+def _estimates(at: list[dict], pairs: list[dict], starts: list[dict], split: str,
+               num_seeds: int) -> dict[tuple, tuple[decide.Estimate, decide.Estimate]]:
+    """{(part, cell): (excess, barrier)} of the seeds' and the to-start headline barrier on `split`."""
+    out = {}
+    column = decide.headline_measure(pairs, split)
+    if column and f"{column}_null" in pairs[0]:
+        for what in ("excess", column):
+            rows = [{**r, "excess": r[column] - r[f"{column}_null"]} for r in pairs]
+            for cell, (seed_pairs, values) in stats.cell_seed_pairs(at, rows, what).items():
+                estimate = decide.of_pairs(stats.symmetric_matrix(num_seeds, seed_pairs, values))
+                out[("seeds", cell)] = (*out.get(("seeds", cell), ()), estimate)
+    column = decide.headline_measure(starts, split)
+    if column and f"{column}_null" in starts[0]:
+        per_cell: dict = {}
+        for s in starts:
+            if grid.cell(s) not in per_cell:
+                per_cell[grid.cell(s)] = np.full(num_seeds, np.nan), np.full(num_seeds, np.nan)
+            excess_S, barrier_S = per_cell[grid.cell(s)]
+            excess_S[s["seed"]], barrier_S[s["seed"]] = s[column] - s[f"{column}_null"], s[column]
+        out.update({("start", c): (decide.of_members(e), decide.of_members(b)) for c, (e, b) in per_cell.items()})
+    return out
+
+
+def _combined(decisions: list[dict]) -> tuple[str, float, float]:
+    """(verdict, p of staying, p of leaving) of a rate from its parts' decisions (jaxlmc.decide.decide_all): leaves
+    when any part is separate, stays when every part is one basin, else not resolved; NaN p-values where a part has
+    no test (too few seeds)."""
+    if not decisions:
+        return "not resolved", np.nan, np.nan
+    words = [WORDS[d["verdict"]] for d in decisions]
+    p_stay = max(d["p_one_basin"] for d in decisions)
+    p_leave = min(d["p_separate"] for d in decisions)
+    word = "leaves" if "leaves" in words else "stays" if all(w == "stays" for w in words) else "not resolved"
+    return word, p_stay, p_leave
+
+
+def bracket(lrs_L, verdicts_L, p_stay_L=None, p_leave_L=None) -> dict:
+    """Where seeds leave the basin, walking the measured rates upward, from per-rate verdicts ("stays", "leaves",
+    "not resolved"; None: the rate has no value):
+
+        leave_lr          the lowest rate shown to leave (+inf: none)
+        stay_lr           the highest rate below it shown to stay (0: the lowest measured rate leaves; NaN: no rate
+                          below it is shown to stay)
+        stay_p, leave_p   their adjusted p-values (when given)
+        rates_staying, rates_leaving, rates_unresolved   how many measured rates the data put where
+
+    All NaN (counts 0) when no rate has a value."""
+    lrs = np.asarray(lrs_L, float)
+    order = np.argsort(lrs)
+    measured = [k for k in order if verdicts_L[k] is not None]
+    nan = float("nan")
+    pick = lambda p, k: float(p[k]) if p is not None and k is not None else nan  # noqa: E731
+    words = [verdicts_L[k] for k in measured]
+    out = {"stay_lr": nan, "leave_lr": nan, "stay_p": nan, "leave_p": nan, "rates_staying": float(words.count("stays")),
+           "rates_leaving": float(words.count("leaves")), "rates_unresolved": float(words.count("not resolved"))}
+    if not measured:
+        return out
+    leave = next((k for k in measured if verdicts_L[k] == "leaves"), None)
+    below = measured[:measured.index(leave)] if leave is not None else measured
+    stay = next((k for k in reversed(below) if verdicts_L[k] == "stays"), None)
+    out.update(leave_lr=float(lrs[leave]) if leave is not None else float("inf"), leave_p=pick(p_leave_L, leave),
+               stay_lr=float(lrs[stay]) if stay is not None else 0.0 if leave is not None and not below else nan,
+               stay_p=pick(p_stay_L, stay))
+    return out
+
+
+def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict],
+                   margin: float = decide.MARGIN) -> tuple[list[dict], dict]:
+    """(rows, details): one CRITICAL row per start × fine-tuning length, and what the verdicts need beyond it:
+    {(start, step): {"rates": [(lr, verdict)], "best_acc": decide.Estimate of the best rate's mean test accuracy}}.
+    The tables are the by-step members, pairs and to-start rows (each with a finetune_step); `margin` is the
+    equivalence margin of "stays" (jaxlmc.decide)."""
     num_seeds = max(m["seed"] for m in members) + 1
-    draws = stats.seed_draws(num_seeds, stats.RESAMPLES)
-    rows, replicates = [], {}
+    tests: dict = {"test": {}, "train": {}}
+    per_step = {}
     for step in sorted({m["finetune_step"] for m in members}):
         at = sorted((m for m in members if m["finetune_step"] == step), key=lambda m: m["member"])
         used = {m["member"] for m in at if grid.usable(m)}
-        step_pairs = [p for p in pairs if p["finetune_step"] == step and p["i"] in used and p["j"] in used]
+        step_pairs = [p for p in pairs if p["finetune_step"] == step and p["i"] in used and p["j"] in used
+                      and p["same_cell"]]
         step_starts = [s for s in to_start if s["finetune_step"] == step and s["member"] in used]
-        measures = {}
-        for split in ("test", "train"):
-            measures[f"seeds_{split}"] = stats.pair_cells(at, _excess(step_pairs, SEEDS_MEASURE.format(split=split)),
-                                                          "excess", num_seeds, draws)
-            measures[f"start_{split}"] = stats.member_cells(_excess(step_starts, START_MEASURE.format(split=split)),
-                                                            "excess", num_seeds, draws)
-        accuracy = stats.member_cells([m for m in at if m["member"] in used], "test_acc", num_seeds, draws)
-        probe = {}
+        groups = grid.cell_groups(at)
+        enough = {c for c, ids in groups.items() if sum(m in used for m in ids) >= decide.MIN_SEEDS}
+        for split in tests:
+            for (part, cell), estimates in _estimates(at, step_pairs, step_starts, split, num_seeds).items():
+                if cell in enough:
+                    tests[split][(step, cell, part)] = estimates
+        per_step[step] = (at, used, step_starts, groups, enough)
+    decided = {split: decide.decide_all(t, margin) for split, t in tests.items()}
+    rows, details = [], {}
+    for step, (at, used, step_starts, groups, enough) in per_step.items():
+        accuracy_S: dict = {}
+        for m in at:
+            if m["member"] in used:
+                accuracy_S.setdefault(grid.cell(m), np.full(num_seeds, np.nan))[m["seed"]] = m["test_acc"]
+        probe: dict = {}
         for s in step_starts:
             probe.setdefault(_start(grid.cell(s)), []).append(1 - s.get("start_error_test", np.nan))
-        groups = grid.cell_groups(at)
         for key in dict.fromkeys(_start(c) for c in groups):
             cells = sorted((c for c in groups if _start(c) == key), key=lambda c: c[grid.CELL_KEYS.index("lr")])
             lrs = np.array([c[grid.CELL_KEYS.index("lr")] for c in cells])
             usable = np.array([sum(m in used for m in groups[c]) for c in cells])
             total = np.array([len(groups[c]) for c in cells])
-            enough = usable >= stats.MIN_MEMBERS
             row = {**dict(zip(START_KEYS, key)), "finetune_step": step}
-            for prefix, parts in (("", ("seeds_test", "start_test")), ("seeds_", ("seeds_test",)),
-                                  ("start_", ("start_test",)), ("train_", ("seeds_train", "start_train"))):
-                points_L, reps_LxR = _statistic([measures[p] for p in parts], cells, enough, len(draws))
-                found = stats.bracket(lrs, points_L, reps_LxR)
-                row.update({f"{prefix}{k}": v for k, v in found.items()
-                            if prefix == "" or k in ("stay_lr", "leave_lr", "critical_lr")})
+            for prefix, split, parts in (("", "test", PARTS), ("seeds_", "test", ("seeds",)),
+                                         ("start_", "test", ("start",)), ("train_", "train", PARTS)):
+                judged = [_combined([decided[split][(step, c, p)] for p in parts if (step, c, p) in decided[split]])
+                          if c in enough else None for c in cells]
+                words = [j[0] if j else None for j in judged]
+                found = bracket(lrs, words, [j[1] if j else np.nan for j in judged],
+                                [j[2] if j else np.nan for j in judged])
+                row.update(found if prefix == "" else {f"{prefix}{k}": found[k] for k in ("stay_lr", "leave_lr")})
                 if prefix == "":
-                    crossings = stats.crossing_replicates(lrs, reps_LxR)
+                    rates = [(float(lr), w) for lr, w in zip(lrs, words) if w is not None]
             # Training fails from the lowest rate above which every rate fails (at least half its members diverged
             # or unfit): the upper edge of trainability. Too small a rate can be unfit too (too few steps to fit);
             # that is not where training stops working.
             fails = usable < total / 2
             failing = lrs[[bool(fails[k:].all()) for k in range(len(lrs))]]
             trains_below = lrs[lrs < failing.min()] if failing.size else lrs[:0]
-            trained = lrs[enough]
-            best_points = [accuracy[0].get(c, np.nan) if e else np.nan for c, e in zip(cells, enough)]
+            trained = lrs[[c in enough for c in cells]]
+            best_points = [float(np.nanmean(accuracy_S[c])) if c in enough else np.nan for c in cells]
             best = int(np.nanargmax(best_points)) if np.isfinite(best_points).any() else None
-            replicates[(key, step)] = {
-                "crossings": crossings,
-                "best_acc": (accuracy[1][cells[best]] if best is not None else np.full(len(draws), np.nan))}
+            details[(key, step)] = {
+                "rates": rates,
+                "best_acc": decide.of_members(accuracy_S[cells[best]] if best is not None
+                                              else np.full(num_seeds, np.nan))}
             row.update({
                 "failing_lr": float(failing.min()) if failing.size else np.inf,
                 # the trainability bracket's lower end: the highest rate below failing_lr (NaN: none fails, or all)
@@ -117,23 +194,10 @@ def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict])
                 "members": float(total.sum()), "members_used": float(usable.sum()),
                 "diverged": float(sum(at[m]["diverged"] for c in cells for m in groups[c])),
                 "unfit": float(sum(bool(at[m].get("unfit")) for c in cells for m in groups[c])),
+                "margin": float(margin),
             })
             rows.append(row)
-    return rows, replicates
-
-
-def _statistic(measures: list[tuple], cells: list[tuple], enough: np.ndarray,
-               num_draws: int) -> tuple[np.ndarray, np.ndarray]:
-    """(points_L, replicates_LxR): per rate, the maximum of the given (points, replicates) measures — above 0 when
-    any of them is — NaN where a rate has too few usable members or a measure has no value."""
-    points, reps = [], []
-    for cell, ok in zip(cells, enough):
-        nan_reps = np.full(num_draws, np.nan)
-        p = [m[0].get(cell, np.nan) for m in measures]
-        r = [m[1].get(cell, nan_reps) for m in measures]
-        points.append(float(np.max(p)) if ok else np.nan)  # NaN when any is missing
-        reps.append(np.max(np.stack(r), axis=0) if ok else nan_reps)
-    return np.array(points), np.stack(reps)
+    return rows, details
 
 
 def start_label(step: int) -> str:
@@ -149,31 +213,34 @@ def bracket_pair(row: dict, prefix: str = "") -> str:
     return f"[{_rate(row[f'{prefix}stay_lr'])}, {_rate(row[f'{prefix}leave_lr'])}]"
 
 
+def _p(value: float) -> str:
+    return f"adjusted p {value:.2g}" if np.isfinite(value) else "no test"
+
+
 def bracket_text(row: dict, prefix: str = "") -> str:
-    """A bracket in words: 'leaves from 0.1, stays at 0.05' (with supports for the combined one), or the crossing."""
+    """A bracket in words: 'between 0.05 and 0.1 (stays at 0.05: adjusted p …; leaves at 0.1: …)', with the rates
+    the data did not decide for the combined one."""
     stay, leave = row.get(f"{prefix}stay_lr", np.nan), row.get(f"{prefix}leave_lr", np.nan)
-    if np.isnan(stay) and np.isnan(leave):
+    combined = prefix == ""
+    unresolved = row.get("rates_unresolved", 0) if combined else 0
+    tail = f"; {unresolved:.0f} rate{'s' if unresolved != 1 else ''} not resolved" if unresolved else ""
+    if np.isnan(leave):
         return "no rate with enough usable members"
     if leave == np.inf:
-        text = f"stays up to {_rate(stay)}"
-        return text + (f" ({row['stay_support']:.0%} of replicates)" if prefix == "" and
-                       np.isfinite(row.get("stay_support", np.nan)) else "")
+        if np.isnan(stay):
+            return "no rate shown to stay or to leave" + tail
+        return f"stays up to {_rate(stay)}" + (f" ({_p(row['stay_p'])})" if combined else "") + tail
+    at = f" ({_p(row['leave_p'])})" if combined else ""
     if stay == 0:
-        text = f"leaves already at the lowest rate {_rate(leave)}"
-        return text + (f" ({row['leave_support']:.0%})" if prefix == "" and
-                       np.isfinite(row.get("leave_support", np.nan)) else "")
-    text = f"between {_rate(stay)} and {_rate(leave)}"
-    if prefix == "" and np.isfinite(row.get("stay_support", np.nan)):
-        text += f" (stays at {_rate(stay)} in {row['stay_support']:.0%} of replicates, leaves at {_rate(leave)} in " \
-                f"{row['leave_support']:.0%})"
-    crossing = row.get(f"{prefix}critical_lr", np.nan)
-    if np.isfinite(crossing) and crossing > 0:
-        text += f", ≈ {crossing:.3g}" + (f" (95 % CI {_rate(row['critical_lr_ci_lo'])} – "
-                                        f"{_rate(row['critical_lr_ci_hi'])})" if prefix == "" else "")
-    return text
+        return f"leaves already at the lowest rate {_rate(leave)}{at}" + tail
+    if np.isnan(stay):
+        return f"leaves from {_rate(leave)}{at}, no lower rate shown to stay" + tail
+    return (f"between {_rate(stay)} and {_rate(leave)}" + (f" (stays at {_rate(stay)}: {_p(row['stay_p'])}; leaves "
+                                                         f"at {_rate(leave)}: {_p(row['leave_p'])})" if combined
+                                                         else "") + tail)
 
 
-def verdicts(rows: list[dict], replicates: dict) -> list[str]:
+def verdicts(rows: list[dict], details: dict) -> list[str]:
     """Per other-axes combination and fine-tuning length (longest first): the critical-rate brackets over the
     checkpoints, seeds and start on their own, the train set beside the test set, transfer against the controls,
     and a verdict — a point of no return only where the design could detect leaving, else which condition failed."""
@@ -189,8 +256,8 @@ def verdicts(rows: list[dict], replicates: dict) -> list[str]:
                 continue
             scratch = [r for r in mine if r["pretrain_step"] < 0]
             label = f"{step} fine-tuning steps" + "".join(f", {k} {where[k]}" for k in varied)
-            reps = {r["pretrain_step"]: replicates[(_key(r), step)] for r in mine}
-            lines.append(_one_length(label, chosen, scratch[0] if scratch else None, reps))
+            found = {r["pretrain_step"]: details[(_key(r), step)] for r in mine}
+            lines.append(_one_length(label, chosen, scratch[0] if scratch else None, found))
     return lines
 
 
@@ -207,32 +274,29 @@ def _first_staying(stays) -> int:
 
 
 def _stays(row: dict) -> bool:
-    """Every rate that trains stays (seeds together and with their start)."""
-    return row["leave_lr"] == np.inf and np.isfinite(row["highest_trained_lr"])
+    """Every rate that trains is shown to stay (seeds together and with their start, within the margin)."""
+    return row["rates_staying"] > 0 and row["rates_leaving"] == 0 and row["rates_unresolved"] == 0
 
 
-def _one_length(label: str, chosen: list[dict], scratch: dict | None, reps: dict) -> str:
+def _one_length(label: str, chosen: list[dict], scratch: dict | None, found: dict) -> str:
     curve = "; ".join(f"step {step_label(r['pretrain_step'])}: {bracket_text(r)}, fails from {_rate(r['failing_lr'])}"
                       for r in chosen)
-    text = f"{label}: seeds leave the basin (from each other or their start) — {curve}. "
+    text = (f"{label}: seeds leave the basin (from each other or their start; stay: both within the margin "
+            f"{chosen[0].get('margin', decide.MARGIN):g}) — {curve}. ")
     text += _separately(chosen) + _transfer(chosen, scratch)
     steps = [r["pretrain_step"] for r in chosen]
     stays = np.array([_stays(r) for r in chosen])
     point = _first_staying(stays)
     control = scratch or (chosen[0] if steps[0] == 0 else None)
     if point < len(chosen):
-        missing = _detectable(chosen[point], control, reps)
+        missing = _detectable(chosen[point], control, found)
         if missing:
-            return text + (f"From step {steps[point]} on no rate that trains leaves, but the design cannot detect a "
-                           f"point of no return there: {'; '.join(missing)}.")
-        stays_RxC = np.stack([np.isposinf(reps[s]["crossings"]) for s in steps], axis=1)
-        first = [_first_staying(s) for s in stays_RxC]
-        lo, hi = np.quantile(first, [(1 - stats.LEVEL) / 2, (1 + stats.LEVEL) / 2], method="nearest")
-        where = f"step {steps[lo]}" + (f" – step {steps[hi]}" if hi < len(chosen) else " – beyond the last checkpoint")
-        return text + (f"Point of no return: from step {steps[point]} on (95 % CI {where}) every rate that trains (up "
-                       f"to {_rate(chosen[point]['highest_trained_lr'])}, within ×{stats.BRACKET_FACTOR:g} of the rate "
-                       f"{_rate(chosen[point]['failing_lr'])} where training fails) stays, while the control leaves at "
-                       "that rate and pretraining transfers to the task.")
+            return text + (f"From step {steps[point]} on every rate that trains is shown to stay, but the design "
+                           f"cannot detect a point of no return there: {'; '.join(missing)}.")
+        return text + (f"Point of no return: from step {steps[point]} on every rate that trains (up to "
+                       f"{_rate(chosen[point]['highest_trained_lr'])}, within ×{stats.BRACKET_FACTOR:g} of the rate "
+                       f"{_rate(chosen[point]['failing_lr'])} where training fails) is shown to stay, while the "
+                       "control leaves at that rate and pretraining transfers to the task.")
     return text + _trend(chosen)
 
 
@@ -241,7 +305,7 @@ def _separately(chosen: list[dict]) -> str:
     parts = [f"step {step_label(r['pretrain_step'])}: seeds vs each other: {bracket_text(r, 'seeds_')}; vs their "
              f"start: {bracket_text(r, 'start_')}" for r in chosen]
     text = "On their own — " + " | ".join(parts) + ". "
-    disagree = [r for r in chosen if (r["leave_lr"], r["stay_lr"]) != (r["train_leave_lr"], r["train_stay_lr"])]
+    disagree = [r for r in chosen if bracket_pair(r) != bracket_pair(r, "train_")]
     if disagree:
         text += "On the training set the bracket differs: " + "; ".join(
             f"step {step_label(r['pretrain_step'])} {bracket_text(r, 'train_')}" for r in disagree) + ". "
@@ -256,7 +320,7 @@ def _transfer(chosen: list[dict], scratch: dict | None) -> str:
     return "Test accuracy, probed start / best fine-tuned: " + "; ".join(items) + ". "
 
 
-def _detectable(row: dict, control: dict | None, reps: dict) -> list[str]:
+def _detectable(row: dict, control: dict | None, found: dict) -> list[str]:
     """The conditions for a detectable point of no return at checkpoint `row` that fail (empty: all hold)."""
     missing = []
     trained, failing = row["highest_trained_lr"], row["failing_lr"]
@@ -273,8 +337,8 @@ def _detectable(row: dict, control: dict | None, reps: dict) -> list[str]:
     name = "scratch" if control["pretrain_step"] < 0 else "step 0"
     if not control["leave_lr"] <= trained:
         missing.append(f"the control ({name}) does not leave at or below {_rate(trained)} either")
-    diff = reps[row["pretrain_step"]]["best_acc"] - reps[control["pretrain_step"]]["best_acc"]
-    lo, hi = stats.ci(diff)
+    diff = found[row["pretrain_step"]]["best_acc"].minus(found[control["pretrain_step"]]["best_acc"])
+    lo, hi = diff.interval()
     if not (np.isfinite(lo) and lo > 0):
         missing.append(f"pretraining does not measurably transfer: best fine-tuned test accuracy "
                        f"{row['best_test_acc']:.3f} against {control['best_test_acc']:.3f} for {name} (difference "
@@ -285,14 +349,13 @@ def _detectable(row: dict, control: dict | None, reps: dict) -> list[str]:
 def _trend(chosen: list[dict]) -> str:
     """Does the critical rate move with pretraining? Only as far as the brackets tell: it rises from one checkpoint
     to a later one when their brackets do not overlap (the later one stays where the earlier one leaves)."""
-    inside = [r for r in chosen if 0 < r["leave_lr"] < np.inf]
+    inside = [r for r in chosen if 0 < r["leave_lr"] < np.inf and np.isfinite(r["stay_lr"])]
     last = chosen[-1]
-    tail = (f"At the last checkpoint (step {step_label(last['pretrain_step'])}) seeds leave "
-            + (f"between {_rate(last['stay_lr'])} and {_rate(last['leave_lr'])}" if 0 < last["leave_lr"] < np.inf
-               else f"at {_rate(last['leave_lr'])}")
+    tail = (f"At the last checkpoint (step {step_label(last['pretrain_step'])}) the bracket is "
+            f"{bracket_pair(last)}"
             + (", while every rate in the grid trains" if last["failing_lr"] == np.inf else
-               f", below the rate {_rate(last['failing_lr'])} where training fails")
-            + ": no point of no return within the grid.")
+               f", training fails from {_rate(last['failing_lr'])}")
+            + ": no point of no return is shown within the grid.")
     if len(inside) < 2:
         return "Too few checkpoints with a bracket inside the grid to tell a trend (not resolved). " + tail
     first, final = inside[0], inside[-1]

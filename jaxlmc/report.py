@@ -161,8 +161,8 @@ MERGE_TABLE = [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"), ("
 
 
 CRITICAL_TABLE = [("pretrain_step", "pretrain"), ("head", "head"), ("finetune_step", "FT steps"),
-                  ("stay_lr", "stays at"), ("stay_support", "support"), ("leave_lr", "leaves from"),
-                  ("leave_support", "support"), ("critical_lr", "crossing"), ("seeds_leave_lr", "seeds leave from"),
+                  ("stay_lr", "stays at"), ("stay_p", "adj. p"), ("leave_lr", "leaves from"),
+                  ("leave_p", "adj. p"), ("rates_unresolved", "not resolved"), ("seeds_leave_lr", "seeds leave from"),
                   ("start_leave_lr", "start left from"), ("train_leave_lr", "train set: leave from"),
                   ("highest_trained_lr", "highest trained"), ("failing_lr", "fails from"),
                   ("probe_test_acc", "probe acc"), ("best_test_acc", "best acc"),
@@ -243,7 +243,7 @@ def render(out: str, stages) -> str:
         + f"; {f_['seeds']} seeds per cell, {f_['steps']} fine-tuning steps. Stage times: "
         + html.escape(", ".join(timings) or "not recorded") + ".</p>",
         "<h2>Answer</h2><p>Every interval is 95 % over seeds (the independent units; pairs share members): Student-t "
-        "over the leave-one-seed-out jackknife for the basin verdicts and H1/H2, the member bootstrap for H3 and H4; "
+        "over the leave-one-seed-out jackknife for the basin verdicts, H1/H2 and H3, the member bootstrap for H4; "
         "a difference is stated only when its (adjusted) test rejects. How to read each number and figure: "
         "<code>docs/science.md</code> in the jaxlmc repository.</p>"
         + "".join(f"<h3>{html.escape(q)}</h3><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines) + "</ul>"
@@ -270,15 +270,17 @@ def render(out: str, stages) -> str:
                   "<code>merges.csv</code>.</p>", _table(summary, MERGE_TABLE)]
     critical = run.read_csv(rundir.CRITICAL)
     if critical and len({m["lr"] for m in members}) > 1:
-        parts += ["<h2>Critical learning rate</h2><p>Per start and fine-tuning length: the bracket of grid rates "
-                  "within which seeds leave the basin (the seeds' test error barrier, or their linear-baseline "
-                  "barrier to the probed start, above its noise floor) — the highest rate that stays and the lowest "
-                  "that leaves (\"none\": no rate that trains leaves), each with the fraction of member-bootstrap "
-                  "replicates that agree —, the crossing interpolated only inside a bracket at most "
-                  f"×{stats.BRACKET_FACTOR:g} wide, the same from each barrier alone and on the training set, the "
-                  "highest rate that trains and the lowest from which at least half the members fail (diverge or do "
-                  "not fit), and the start's probed and best fine-tuned test accuracy (transfer); members left out "
-                  "as diverged or unfit are counted. Every column in <code>critical.csv</code>.</p>",
+        parts += ["<h2>Critical learning rate</h2><p>Per start and fine-tuning length, each rate judged by the rule "
+                  "of the cell verdicts (jaxlmc.decide): it leaves when the seeds are shown separate from each other "
+                  "or from their probed start, stays when both are shown within the margin, else is not resolved "
+                  "(p-values of every rate adjusted together). The bracket: the highest rate shown to stay below the "
+                  "lowest shown to leave (\"none\": no rate is shown to leave; \"–\": none below is shown to stay), "
+                  "each with its adjusted p-value, and the rates not resolved; the same from each barrier alone and "
+                  "on the training set; the highest rate that trains and the lowest from which at least half the "
+                  "members fail (diverge or do not fit); the start's probed and best fine-tuned test accuracy "
+                  "(transfer); members left out as diverged or unfit are counted. Brackets wider than "
+                  f"×{stats.BRACKET_FACTOR:g} are refined when the study asks. Every column in "
+                  "<code>critical.csv</code>.</p>",
                   _table(critical, CRITICAL_TABLE), _refinement(run)]
     if pretrain_rows:
         parts += ["<h2>Pretraining checkpoints</h2>",

@@ -208,6 +208,9 @@ class StudyConfig:
     # δ of the basin verdicts (jaxlmc.decide): "one basin" only when a cell's test error barrier is shown below it
     # (the upper end of its 95 % interval). The default is Frankle et al.'s (2020) "stable" criterion, 2 %.
     margin: float = DEFAULT_MARGIN
+    # The study's own calibration (jaxlmc.calibration): synthetic cells per scenario, simulated with the parameters
+    # of three of its cells, for its false-positive rate, power and blind spots (0: skipped).
+    calibration_cells: int = 60
     # Sharpness: the top Hessian eigenvalue of the training loss of every member and of every start, by this many
     # power-iteration steps (Hessian-vector products, all members at once) on this many training examples (the first
     # of the fixed train-evaluation subset). 0 iterations: not measured.

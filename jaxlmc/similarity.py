@@ -1,14 +1,14 @@
 """Path dependence beyond barriers, per grid cell of a finished run: spread of test and OOD accuracy over seeds, mean
-pairwise prediction disagreement, linear CKA of penultimate representations, and basins: clusters of the test error
-barrier matrix (barriers/pairs.csv; after weight matching when barriers.align measured it) cut at the cell's noise
-floor, the mean over its pairs of the barrier evaluation noise alone would show (jaxlmc.stats) — never at a round
-number (similarity.csv, basins.csv, similarity.npz)."""
+pairwise prediction disagreement, linear CKA of penultimate representations, and basins: average-linkage clusters of
+the seeds' barrier excess — the headline barrier (jaxlmc.decide: linear-baseline test error barrier, after weight
+matching when measured) minus its null mean — cut at the study's margin, the barrier below which the cell verdicts
+call members one basin (similarity.csv, basins.csv, similarity.npz). Basins describe a cell; its verdict decides."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import analysis, grid, rundir
+from jaxlmc import analysis, decide, grid, rundir
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.measure import load_run
 
@@ -33,8 +33,9 @@ def _off_mean(matrix: np.ndarray, reduce=np.mean) -> float:
 
 
 def cell_similarity(members: list[dict], ids: list[int], preds_test, preds_ood, features,
-                    barrier_of: dict, floor: float) -> tuple[dict, dict]:
-    """(the similarity columns of one cell with members `ids`, its matrices)."""
+                    barrier_of: dict, threshold: float) -> tuple[dict, dict]:
+    """(the similarity columns of one cell with members `ids`, its matrices): basins cut `barrier_of` {(i, j):
+    barrier excess} at `threshold`."""
     row = {}
     for split in ("test", "ood"):
         values = np.array([members[i][f"{split}_acc"] for i in ids])
@@ -46,18 +47,20 @@ def cell_similarity(members: list[dict], ids: list[int], preds_test, preds_ood, 
     cka = np.asarray(analysis.linear_cka(jnp.asarray(features[ids])))
     row["cka_mean"], row["cka_min"] = _off_mean(cka), _off_mean(cka, np.min)
     barrier = _barrier_matrix(ids, barrier_of)
-    labels = analysis.basins(barrier, floor)
+    labels = analysis.basins(barrier, threshold)
     sizes = np.bincount(labels)
-    row.update({"basin_threshold": floor, "basins": int(len(sizes)),
+    row.update({"basin_threshold": threshold, "basins": int(len(sizes)),
                 "basin_sizes": "+".join(map(str, sizes)), "largest_basin_fraction": float(sizes.max() / len(ids))})
     return row, {"members": np.asarray(ids), "barrier": barrier, "cka": cka, "disagreement_test": disagree_test,
                  "basin": labels}
 
 
 def basin_measure(pair_rows: list[dict]) -> str:
-    """The barrier basins are cut on: the test error barrier, after weight matching when it was measured."""
+    """The barrier basins are cut on: the headline (jaxlmc.decide.headline_measure), or in tables without a
+    linear-baseline form the test error barrier, after weight matching when it was measured."""
     aligned = "error_barrier_test_aligned"
-    return aligned if pair_rows and aligned in pair_rows[0] else "error_barrier_test"
+    return decide.headline_measure(pair_rows) or (aligned if pair_rows and aligned in pair_rows[0]
+                                                  else "error_barrier_test")
 
 
 @rundir.exclusive
@@ -70,8 +73,7 @@ def similarity_of_run(cfg: Config, out: str) -> list[dict]:
         raise ConfigError(f"{out} has no barriers/pairs.csv; run `jaxlmc barriers {out}` first")
     pair_rows = directory.read_csv(rundir.PAIRS)
     column = basin_measure(pair_rows)
-    barrier_of = {(r["i"], r["j"]): r[column] for r in pair_rows}
-    floor_of = {(r["i"], r["j"]): r.get(f"{column}_floor", np.nan) for r in pair_rows}
+    excess_of = {(r["i"], r["j"]): r[column] - r.get(f"{column}_null", 0.0) for r in pair_rows}
     cells, idx_GxK = run.used_groups()
     n = cfg.study.similarity_examples
     outputs = analysis.make_outputs(run.model)
@@ -85,9 +87,8 @@ def similarity_of_run(cfg: Config, out: str) -> list[dict]:
         ids = [int(i) for i in idx_GxK[g] if i >= 0]
         row = {**dict(zip(grid.CELL_KEYS, key)), "members_used": len(ids)}
         if ids:
-            floors = [v for (i, j), v in floor_of.items() if i in ids and j in ids and np.isfinite(v)]
             columns, matrices = cell_similarity(run.members, ids, logits_test.argmax(-1), preds_ood, features,
-                                                barrier_of, float(np.mean(floors)) if floors else 0.0)
+                                                excess_of, cfg.study.margin)
             row.update(columns)
             basin_rows += [{"member": i, **dict(zip(grid.CELL_KEYS, key)), "basin": int(label)}
                            for i, label in zip(ids, matrices["basin"])]

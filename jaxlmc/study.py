@@ -1,6 +1,6 @@
 """`jaxlmc study`: the whole experiment (docs/science.md) from one config, as stages that resume.
 
-    pretrain → finetune → barriers → refine → soups → similarity → sharpness → report
+    pretrain → finetune → barriers → refine → soups → similarity → calibrate → sharpness → report
 
 The stages are data (`STAGES`): each names the function that runs it, the config keys its results depend on beyond
 the training sections, the stages whose results it reads, and the run-directory files it writes. The report and the
@@ -19,8 +19,8 @@ import json
 import time
 from typing import Callable
 
-from jaxlmc import (faults, finetuning, loop, measure, pretraining, refine, report, rundir, sharpness, similarity,
-                    soups, tasks)
+from jaxlmc import (calibration, faults, finetuning, loop, measure, pretraining, refine, report, rundir, sharpness,
+                    similarity, soups, tasks)
 from jaxlmc.config import Config
 
 
@@ -58,7 +58,7 @@ STAGES: list[Stage] = [
           needs=("pretrain",), writes=(rundir.MEMBERS,), trains=True,
           complete=finetuning.finetuning_complete),
     Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size", "study.unfit_fraction",
-                                                         "study.fit_margin"),
+                                                         "study.fit_margin", "study.margin"),
           needs=("finetune",), trains=True,
           writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES,
                   rundir.BARRIER_SETTINGS, *rundir.BY_STEP)),
@@ -66,13 +66,16 @@ STAGES: list[Stage] = [
           writes=(rundir.REFINE_ROUNDS,), trains=True, complete=refine.rounds_complete),
     Stage("soups", soups.soups_of_run, needs=("finetune",),
           writes=(rundir.SOUPS, rundir.MERGES)),
-    Stage("similarity", similarity.similarity_of_run, settings=("study.similarity_examples",),
+    Stage("similarity", similarity.similarity_of_run, settings=("study.similarity_examples", "study.margin"),
           needs=("finetune", "barriers"),
           writes=(rundir.SIMILARITY, rundir.BASINS, rundir.SIMILARITY_ARRAYS)),
+    Stage("calibrate", calibration.calibrate_run, settings=("study.calibration_cells",),
+          needs=("barriers", "similarity"), writes=(rundir.CALIBRATION,)),
     Stage("sharpness", sharpness.sharpness_of_run, needs=("finetune",),
           settings=("study.sharpness_iterations", "study.sharpness_examples", "data.train_eval_size"),
           writes=(rundir.SHARPNESS, rundir.START_SHARPNESS)),
-    Stage("report", report_stage, needs=("finetune", "barriers", "refine", "soups", "similarity", "sharpness"),
+    Stage("report", report_stage, needs=("finetune", "barriers", "refine", "soups", "similarity", "calibrate",
+                                         "sharpness"),
           writes=(rundir.SUMMARY, rundir.CRITICAL, rundir.REPORT)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

@@ -297,14 +297,49 @@ def sensitivity(run: rundir.RunDir, rows: list[dict]) -> list[str]:
             f"the best from the same start) would leave out {more} more member{'s' if more != 1 else ''}")
     if rows and noreturn.has_steps(run):
         step_members, step_pairs, step_starts = run.step_tables()
-        alt, _ = noreturn.analyse_tables(relative_unfit(step_members), step_pairs, step_starts)
-        moved = [(a, b) for a, b in zip(rows, alt) if (a["stay_lr"], a["leave_lr"]) != (b["stay_lr"], b["leave_lr"])
-                 and not (np.isnan(a["stay_lr"]) and np.isnan(b["stay_lr"]))]
+        margin = rows[0].get("margin", decide.MARGIN)
+        alt, _ = noreturn.analyse_tables(relative_unfit(step_members), step_pairs, step_starts, margin)
+        moved = [(a, b) for a, b in zip(rows, alt) if noreturn.bracket_pair(a) != noreturn.bracket_pair(b)]
         text += (f"; the critical-rate brackets change at {len(moved)} of {len(rows)} starts and lengths"
                  + (": " + "; ".join(f"{noreturn.start_label(a['pretrain_step'])} at {a['finetune_step']} steps "
                                       f"{noreturn.bracket_pair(a)} → {noreturn.bracket_pair(b)}"
                                       for a, b in moved[:4]) if moved else ""))
     return [text + "."]
+
+
+_SCENARIO_WORDS = {"none": "no barrier", "accuracy": "no barrier, members of unequal accuracy",
+                   "uniform": "a barrier of {b:g} between every pair", "outlier": "one member {b:g} away from the rest",
+                   "two_basins": "two basins {b:g} apart"}
+
+
+def calibration(run: rundir.RunDir) -> list[str]:
+    """How often this study's verdicts would be wrong, simulated with its own cells (barriers/calibration.json)."""
+    if not run.exists(rundir.CALIBRATION):
+        return []
+    found = run.read_json(rundir.CALIBRATION)
+    if found.get("skipped"):
+        return ["Not calibrated (study.calibration_cells = 0, or no cell with enough seeds)."]
+    lines = [f"Simulated with the parameters of {len(found['cells'])} of this study's cells, "
+             f"{found['synthetic_cells']} synthetic cells per scenario, each judged alone by the cell rule (the study adjusts its p-values "
+             "together, so its false positives are at most these and its power at most these): 'separate' with no "
+             f"barrier in at most {found['false_positive_max']:.0%} of cells (target ≤ "
+             f"{found['false_positive_target']:.0%}: {'met' if found['false_positive_met'] else 'MISSED'}); 'one "
+             f"basin' at a barrier of the margin {found['margin']:g} in at most "
+             f"{found['one_basin_at_margin_max']:.0%}."]
+    varied = varied_axes(run.read_csv(rundir.MEMBERS))
+    for c in found["cells"]:
+        p = c["parameters"]
+        where = describe(grid.cell(c["cell"]), varied)
+        rates = "; ".join(f"{_SCENARIO_WORDS[r['scenario']].format(b=r['barrier'])}: separate {r['separate']:.0%}, "
+                          f"one basin {r['one_basin']:.0%}" for r in c["scenarios"])
+        lines.append(f"{where} ({c['why']}: {p['seeds']} seeds, {p['design']} pairs, {p['examples']} test examples, "
+                     f"error {p['error']:.2f}, disagreement σ {p['spread']:.3f}, accuracy SD {p['accuracy_sd']:.3f}): "
+                     f"{rates}.")
+    if found["blind_spots"]:
+        lines.append("Blind spots (a real barrier called separate in fewer than 80 % of cells): " + "; ".join(
+            f"{_SCENARIO_WORDS[b['scenario']].format(b=b['barrier'])} at {describe(grid.cell(b['cell']), varied)} "
+            f"(separate {b['separate']:.0%}, one basin {b['one_basin']:.0%})" for b in found["blind_spots"]) + ".")
+    return lines
 
 
 def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
@@ -316,12 +351,12 @@ def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
     name = "aligned test error barrier" if m.barrier.endswith("_aligned") else "test error barrier"
     critical, critical_rows = [], []
     if noreturn.has_steps(run) and len({mem["lr"] for mem in members}) > 1:
-        critical_rows, replicates = noreturn.analyse(run)
-        critical = noreturn.verdicts(critical_rows, replicates)
+        critical_rows, details = noreturn.analyse(run)
+        critical = noreturn.verdicts(critical_rows, details)
     sections = [
-        ("H3 — is there a point of no return? The critical learning rate (seeds leave the basin: the seeds' test error "
-         "barrier, or their linear-baseline barrier to the start, above its noise floor) by pretraining checkpoint, as "
-         "brackets of grid rates", critical),
+        ("H3 — is there a point of no return? The critical learning rate (a rate leaves the basin when the seeds are "
+         "shown separate from each other or from their start, stays when both are shown within the margin; the rule "
+         "of the cell verdicts) by pretraining checkpoint, as brackets of grid rates", critical),
         ("Failed fits", failures(members, run.read_csv(rundir.TO_START)) + sensitivity(run, critical_rows)),
         (f"H1 — does the seeds' barrier ({name}) fall with pretraining? (first vs last checkpoint)", pretraining(m)),
         ("H2 — does it rise with the fine-tuning learning rate? (lowest vs highest rate with usable members)",
@@ -333,6 +368,7 @@ def answer(run: rundir.RunDir) -> list[tuple[str, list[str]]]:
                                        "barrier)")]),
         ("H4 — do OOD spread, accuracy, soups and similarity move with the barrier?", moves_together(m, soups,
                                                                                                      sim_rows)),
+        ("How often would these verdicts be wrong? Calibration on this study's own cells", calibration(run)),
     ]
     return [(q, lines) for q, lines in sections if lines]
 

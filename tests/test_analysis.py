@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
 
 from jaxlmc import analysis, models, train
 from jaxlmc.config import ModelConfig
@@ -89,5 +91,20 @@ def test_basins_from_a_block_barrier_matrix():
     np.testing.assert_array_equal(labels, [0, 1, 0, 1, 0])  # the larger basin is basin 0
     assert set(analysis.basins(b, threshold=0.5)) == {0}
     assert len(set(analysis.basins(b, threshold=0.001))) == 5
-    b[0, 2] = b[2, 0] = np.nan  # a missing pair keeps its members apart
-    assert len(set(analysis.basins(b, threshold=0.02))) >= 2
+    b[0, 2] = b[2, 0] = np.nan  # a pair not measured (a ring design) is left out of the mean, not counted as far
+    np.testing.assert_array_equal(analysis.basins(b, threshold=0.02), [0, 1, 0, 1, 0])
+    b[np.ix_([1, 3], [0, 2, 4])] = b[np.ix_([0, 2, 4], [1, 3])] = np.nan  # no pair between the groups: never merged
+    assert set(analysis.basins(b, threshold=0.5)) == {0, 1}
+
+
+def test_basins_with_every_pair_measured_are_scipys_average_linkage():
+    rng = np.random.default_rng(0)
+    for k in (2, 5, 9):
+        points = rng.normal(size=(k, 3))
+        b = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
+        threshold = float(np.median(b[np.triu_indices(k, 1)]))
+        tree = linkage(squareform(b, checks=False), method="average")
+        expected = fcluster(tree, t=threshold, criterion="distance")
+        found = analysis.basins(b, threshold)
+        same = expected[:, None] == expected[None, :]
+        np.testing.assert_array_equal(found[:, None] == found[None, :], same)  # the same partition

@@ -8,7 +8,8 @@ import scipy.stats
 from flax import nnx
 
 import jaxlmc
-from jaxlmc import calibration, config, data, decide, finetuning, interpolation, models, planner, stats, verdicts
+from jaxlmc import (barriers, calibration, config, data, decide, finetuning, interpolation, models, planner, stats,
+                    verdicts)
 from jaxlmc.settings import ModelConfig
 
 
@@ -152,6 +153,37 @@ def test_calibration_a_barrier_above_the_margin_is_found_and_one_far_below_it_is
     above, below = calibration.rates("uniform", [0.03, 0.005], cells=30, seed=8)
     assert above["separate"] >= 0.8 and above["one_basin"] == 0.0, above
     assert below["one_basin"] >= 0.8, below
+
+
+def test_the_generators_true_barrier_is_its_exact_expectation():
+    """The expected error E[clip(level − Z, 0, 1)] matches a Monte-Carlo draw of the generator; the bump height is
+    chosen so that a pair's true barrier is the one asked for, also where errors reach 0 (where the bump's own height
+    would overstate it)."""
+    rng = np.random.default_rng(0)
+    difficulty, noise = rng.uniform(size=1_000_000), 0.2 * rng.normal(size=1_000_000)
+    for level in (0.05, 0.3, 0.97):
+        assert calibration.expected_error(np.array([level]), np.array([0.2]))[0] == pytest.approx(
+            np.mean(difficulty + noise < level), abs=2e-3)
+    alpha_A = barriers.alpha_grid(25)
+    for error, spread in ((0.3, 0.01), (0.1, 0.2)):
+        height = calibration.bump_height(0.02, error, spread, alpha_A)
+        shape_A = 4 * alpha_A * (1 - alpha_A)
+        assert calibration.true_barrier(error + height * shape_A, alpha_A, spread) == pytest.approx(0.02, abs=1e-6)
+    assert calibration.bump_height(0.02, 0.1, 0.2, alpha_A) > 0.021  # the clipped tail eats part of the bump
+
+
+def test_a_studys_own_calibration_names_its_rates_and_blind_spots():
+    """calibrate() on one cell's parameters: every study scenario simulated; no barrier is never called separate
+    here (≤ the 5 % target); a barrier at the margin is rarely one basin; one outlier member is a listed blind spot."""
+    params = {"seeds": 8, "examples": 1000, "alphas": 25, "resamples": 50, "design": "ring:2", "error": 0.3,
+              "spread": 0.1, "accuracy_sd": 0.01}
+    found = calibration.calibrate({(0, 0.01, 0.0, "cosine", 0.0, "shared"): ("median", params)}, 0.02, 30)
+    [cell] = found["cells"]
+    assert [(r["scenario"], r["barrier"]) for r in cell["scenarios"]] == calibration.study_scenarios(0.02)
+    assert found["false_positive_met"] and found["false_positive_max"] <= calibration.FALSE_POSITIVE_TARGET
+    assert found["one_basin_at_margin_max"] <= 0.1  # nominally 2.5 %; 30 cells
+    assert {"outlier"} <= {b["scenario"] for b in found["blind_spots"]}
+    assert cell["cell"]["lr"] == 0.01 and cell["why"] == "median"
 
 
 def test_a_ring_design_through_the_library_and_its_bad_spellings(tmp_path):
