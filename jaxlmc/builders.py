@@ -31,6 +31,10 @@ MNIST1D_VARIANTS: dict[str, dict] = {
     # floor is below the barriers that matter.
     "shifted_large": {"scale_coeff": 0.8, "shear_scale": 1.25, "corr_noise_scale": 0.35, "seed": 4043,
                       "num_samples": 22000, "test_size": 2000},
+    # The same training draws' distribution with a test set four times larger, for designs that spend their power on
+    # test examples (jaxlmc plan); a study takes the first N with data.test_split = "test[:N]".
+    "shifted_xl": {"scale_coeff": 0.8, "shear_scale": 1.25, "corr_noise_scale": 0.35, "seed": 4044,
+                   "num_samples": 28000, "test_size": 8000},
     # Far from the pretraining distribution: one fixed permutation of the 40 positions destroys the spatial
     # structure pretrained features rely on (an MLP can still learn it). Jaxlmc applies the permutation itself (not
     # mnist1d's shuffle_seq, whose permutation depends on the seed) so both permuted configs share it.
@@ -45,6 +49,7 @@ MNIST1D_DESCRIPTIONS = {
     "scaled": "Stronger amplitude scaling (OOD).",
     "shifted": "Moderately more scaling, shear and noise: a fine-tuning distribution near the default.",
     "shifted_large": "The shifted variant with more draws: 20000 train / 2000 test signals.",
+    "shifted_xl": "The shifted variant with a large test set: 20000 train / 8000 test signals.",
     "permuted": "The default's generator with the 40 positions in one fixed random order: far from the default.",
     "permuted_noisy": "The noisy variant with the permuted variant's position order (OOD for permuted).",
 }

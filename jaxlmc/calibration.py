@@ -13,7 +13,7 @@ so its error rises above the linear baseline between the two members' errors by 
 error is exact — E[clip(level − Z, 0, 1)], Z ~ N(0, σ²((1 − α)² + α²)) — and so is each pair's true linear-baseline
 barrier (`true_barrier`); the midpoint's smaller noise means a bump of height h raises the error by slightly less
 than h where errors reach 0 or 1, so h is chosen (`bump_height`) to make the true barrier of a pair of equally
-accurate members b_st. The scenarios set b_st:
+accurate members b_st (for b_st = 0 the largest h with no barrier: the null at its boundary). The scenarios set b_st:
 
 * `none`: b_st = 0, members equally accurate (τ = 0) — one basin;
 * `accuracy`: b_st = 0 with τ > 0 — one basin, members of different accuracy (the endpoint-mean form would see half
@@ -33,11 +33,11 @@ accuracy spread), and every scenario is simulated there.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
 import numpy as np
-import scipy.optimize
 import scipy.stats
 
 from jaxlmc import barriers, decide, grid, rundir, stats, tasks, train
@@ -54,17 +54,17 @@ def design_pairs(seeds: int, design: str = "all") -> list[tuple[int, int]]:
     return sorted({tuple(sorted((s, (s + d) % seeds))) for s in range(seeds) for d in range(1, k + 1)})
 
 
-def pair_bumps(scenario: str, barrier: float, pairs: list[tuple[int, int]], seeds: int) -> np.ndarray:
-    """b_P: each pair's true linear-baseline barrier in a scenario."""
+def barrier_pairs(scenario: str, pairs: list[tuple[int, int]], seeds: int) -> np.ndarray:
+    """bool_P: the pairs a scenario puts a barrier between."""
     if scenario in ("none", "accuracy"):
-        return np.zeros(len(pairs))
+        return np.zeros(len(pairs), bool)
     if scenario == "uniform":
-        return np.full(len(pairs), barrier)
+        return np.ones(len(pairs), bool)
     if scenario == "outlier":
-        return np.array([barrier if 0 in p else 0.0 for p in pairs])
+        return np.array([0 in p for p in pairs])
     if scenario == "two_basins":
         half = seeds // 2
-        return np.array([barrier if (s < half) != (t < half) else 0.0 for s, t in pairs])
+        return np.array([(s < half) != (t < half) for s, t in pairs])
     raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
 
 
@@ -78,18 +78,28 @@ def expected_error(level_A, sd_A) -> np.ndarray:
 
 def true_barrier(level_A, alpha_A, spread: float) -> float:
     """The true linear-baseline barrier of the generator's pair with error levels `level_A` along α."""
-    sd_A = spread * np.sqrt((1 - alpha_A) ** 2 + alpha_A ** 2)
+    sd_A = max(spread, 1e-9) * np.sqrt((1 - alpha_A) ** 2 + alpha_A ** 2)
     error_A = expected_error(level_A, sd_A)
     return float(np.max(error_A - ((1 - alpha_A) * error_A[0] + alpha_A * error_A[-1])))
 
 
-def bump_height(barrier: float, error: float, spread: float, alpha_A) -> float:
-    """The bump h whose pair of equally accurate members at `error` has a true barrier `barrier`."""
-    if barrier <= 0:
-        return 0.0
+@functools.lru_cache(maxsize=4096)
+def bump_height(barrier: float, error: float, spread: float, alphas: int) -> float:
+    """The largest bump h (negative: a dip) whose pair of equally accurate members at `error` has a true barrier of
+    at most `barrier` — so exactly `barrier` wherever one is possible (errors stay within [0, 1]; with wide noise an
+    error near 1 bulges above the line by itself, and 0 needs a dip). Bisection: the barrier grows with h."""
+    alpha_A = barriers.alpha_grid(alphas)
     shape_A = 4 * alpha_A * (1 - alpha_A)
-    return float(scipy.optimize.brentq(lambda h: true_barrier(error + h * shape_A, alpha_A, spread) - barrier,
-                                       0.0, 1.0 - error))
+    true = lambda h: true_barrier(error + h * shape_A, alpha_A, spread)  # noqa: E731
+    low, high = -error, max(1.0 - error, 0.0)
+    if true(high) <= barrier:
+        return high
+    if true(low) > barrier:
+        return low
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if true(middle) <= barrier else (low, middle)
+    return low
 
 
 def synthetic_cell(scenario: str, barrier: float, rng: np.random.Generator, seeds: int = 8, examples: int = 1000,
@@ -105,7 +115,8 @@ def synthetic_cell(scenario: str, barrier: float, rng: np.random.Generator, seed
     counts_RxN = train.resample_counts(examples, resamples, seed=int(rng.integers(2**31)))
     weights_Nx1R = np.concatenate([np.ones((examples, 1)), counts_RxN.T], axis=1) / examples
     pairs = design_pairs(seeds, design)
-    bumps_P = pair_bumps(scenario, bump_height(barrier, error, spread, alpha_A), pairs, seeds)
+    heights = [bump_height(float(b), float(error), float(spread), alphas) for b in (0.0, barrier)]
+    bumps_P = np.where(barrier_pairs(scenario, pairs, seeds), heights[1], heights[0])
     curves, true_P = [], []
     for (s, t), b in zip(pairs, bumps_P):
         mix_AxN = (1 - alpha_A)[:, None] * eps_SxN[s] + alpha_A[:, None] * eps_SxN[t]

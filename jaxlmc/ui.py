@@ -101,6 +101,9 @@ def print_members(rows: list[dict]) -> None:
     for row in rows:
         table.add_row(*[_fmt(row[key]) for key, _ in columns])
     console.print(table)
+    console.print("test examples ×k: k times the pilot's test set — data.test_split = \"test[:N]\" on a task with "
+                  "that many (mnist1d/shifted_xl has 8000); evaluations: pair-α evaluations × the test set's size "
+                  "relative to the pilot's")
 
     groups: dict = {}
     for row in rows:

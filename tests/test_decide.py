@@ -165,11 +165,12 @@ def test_the_generators_true_barrier_is_its_exact_expectation():
         assert calibration.expected_error(np.array([level]), np.array([0.2]))[0] == pytest.approx(
             np.mean(difficulty + noise < level), abs=2e-3)
     alpha_A = barriers.alpha_grid(25)
-    for error, spread in ((0.3, 0.01), (0.1, 0.2)):
-        height = calibration.bump_height(0.02, error, spread, alpha_A)
-        shape_A = 4 * alpha_A * (1 - alpha_A)
-        assert calibration.true_barrier(error + height * shape_A, alpha_A, spread) == pytest.approx(0.02, abs=1e-6)
-    assert calibration.bump_height(0.02, 0.1, 0.2, alpha_A) > 0.021  # the clipped tail eats part of the bump
+    shape_A = 4 * alpha_A * (1 - alpha_A)
+    for barrier, error, spread in ((0.02, 0.3, 0.01), (0.02, 0.1, 0.2), (0.0, 0.8, 0.5), (0.0, 0.3, 0.15)):
+        height = calibration.bump_height(barrier, error, spread, 25)
+        assert calibration.true_barrier(error + height * shape_A, alpha_A, spread) == pytest.approx(barrier, abs=1e-6)
+    assert calibration.bump_height(0.02, 0.1, 0.2, 25) > 0.021  # the clipped tail eats part of the bump
+    assert calibration.bump_height(0.0, 0.8, 0.5, 25) < 0  # near an error of 1 no barrier takes a dip
 
 
 def test_a_studys_own_calibration_names_its_rates_and_blind_spots():

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from jaxlmc import api, ckpt, cli, config, data, decide, measure, noreturn, refine, rundir, study, tasks
+from jaxlmc import (api, calibration, ckpt, cli, config, data, decide, measure, noreturn, refine, rundir, study,
+                    tasks)
 
 from conftest import TINY
 
@@ -66,12 +67,17 @@ def test_a_tiny_study_end_to_end(reference):
     assert sum(verdicts_in_table.count(f"<td>{v}</td>") for v in decide.VERDICTS) == 2 * len(summary)
     assert page.count("<img src='data:image/png;base64,") == len(FIGURES) and "<script" not in page
     for section in ("H3 — is there a point of no return?", "Failed fits", "H1 — does the seeds", "Same basin?",
-                    "95 % CI", "Critical learning rate"):
+                    "95 % CI", "Critical learning rate", "How often would these verdicts be wrong?"):
         assert section in page, section
     assert page.index("H3 — is there a point of no return?") < page.index("Failed fits")  # the report's first answer
     assert sorted(os.listdir(os.path.join(out, "figures"))) == sorted(FIGURES)
-    # The barrier stage measured the members kept at step 20 as well as the final ones (step 40).
+    # The study's own calibration: three of its cells (3 seeds each), every scenario, its false-positive rate.
     run = rundir.RunDir(out)
+    calibrated = run.read_json(rundir.CALIBRATION)
+    assert 1 <= len(calibrated["cells"]) <= 3 and calibrated["synthetic_cells"] == cfg.study.calibration_cells
+    assert all(c["parameters"]["seeds"] == 3 and len(c["scenarios"]) == 6 for c in calibrated["cells"])
+    assert calibrated["false_positive_max"] <= calibration.FALSE_POSITIVE_TARGET
+    # The barrier stage measured the members kept at step 20 as well as the final ones (step 40).
     by_step = run.read_csv(rundir.STEP_MEMBERS)
     final = run.read_csv(rundir.MEMBERS)
     assert [m["finetune_step"] for m in by_step] == [20] * len(final) + [40] * len(final)
@@ -135,8 +141,14 @@ def test_rerun_skips_every_stage_and_study_settings_rerun_only_later_stages(refe
     copy = str(tmp_path / "copy")
     shutil.copytree(out, copy)
     changed = tiny(data_dir, "study.similarity_examples=500")
-    assert study.study(changed, copy, progress=False) == ["similarity", "report"]
+    assert study.study(changed, copy, progress=False) == ["similarity", "calibrate", "report"]
     assert len(read_csv(os.path.join(copy, "similarity.csv"))) == len(read_csv(os.path.join(out, "similarity.csv")))
+    # The margin decides the cell verdicts, H3's stays and the basins' cut: everything that reads it runs again.
+    wider = tiny(data_dir, "study.similarity_examples=500", "study.margin=0.3")
+    assert study.study(wider, copy, progress=False) == ["barriers", "refine", "similarity", "calibrate", "report"]
+    assert {float(r["margin"]) for r in read_csv(os.path.join(copy, "barriers", "summary.csv"))} == {0.3}
+    assert {float(r["basin_threshold"]) for r in read_csv(os.path.join(copy, "similarity.csv"))} == {0.3}
+    assert rundir.RunDir(copy).read_json(rundir.CALIBRATION)["margin"] == 0.3
 
 
 def test_a_round_whose_members_all_fail_is_data_and_the_study_finishes(reference, data_dir, tmp_path, monkeypatch):
@@ -227,7 +239,7 @@ def test_a_changed_barrier_setting_reruns_what_reads_barriers_and_keeps_the_soup
     shutil.copytree(out, copy)
     soups_before = open(os.path.join(copy, "soups.csv")).read()
     changed = tiny(data_dir, "barriers.bootstrap=50")
-    assert study.study(changed, copy, progress=False) == ["barriers", "refine", "similarity", "report"]
+    assert study.study(changed, copy, progress=False) == ["barriers", "refine", "similarity", "calibrate", "report"]
     assert open(os.path.join(copy, "soups.csv")).read() == soups_before
 
 
@@ -431,7 +443,7 @@ def test_activation_matching_repair_curves_and_layerwise_barriers(reference, dat
     shutil.copytree(out, copy)
     changed = tiny(data_dir, 'barriers.align="activations"', "barriers.repair=true", "barriers.layerwise=true",
                    "barriers.curve_steps=30", "barriers.curve_lr=0.01")
-    assert study.study(changed, copy, progress=False) == ["barriers", "refine", "similarity", "report"]
+    assert study.study(changed, copy, progress=False) == ["barriers", "refine", "similarity", "calibrate", "report"]
     run = rundir.RunDir(copy)
     pairs = run.read_csv(rundir.PAIRS)
     for key in ("error_barrier_test_aligned", "loss_barrier_test_repair", "error_barrier_test_repair_floor",
