@@ -161,11 +161,28 @@ def verdict(p_separate: float, p_one_basin: float, level: float = LEVEL) -> str:
     return "not resolved"
 
 
-def decide_all(tests: dict, margin: float = MARGIN, level: float = LEVEL) -> dict:
-    """{key: (excess, barrier)} → {key: {"verdict", "p_separate", "p_one_basin"}} with the p-values of every key's
-    two tests adjusted together (Benjamini–Hochberg)."""
+def decide_all(tests: dict, margin: float = MARGIN, level: float = LEVEL, shifts: dict | None = None) -> dict:
+    """{key: (excess, barrier)} → {key: {"verdict", "p_separate", "p_one_basin", "mc_moved"}} with the p-values of
+    every key's two tests adjusted together (Benjamini–Hochberg). `shifts` ({key: the Monte-Carlo standard error of
+    its null mean}): the verdicts are decided again with every excess one standard error lower and one higher — all
+    together, since the evaluation examples' resamplings are shared — and a key whose verdict either shift moves is
+    not resolved (`mc_moved` 1): no verdict rests on the resamplings' luck."""
     keys = list(tests)
-    raw = np.array([p_values(*tests[k], margin) for k in keys], np.float64).reshape(len(keys), 2)
-    adjusted = adjust(raw.ravel()).reshape(raw.shape)
-    return {k: {"verdict": verdict(*adjusted[i], level), "p_separate": float(adjusted[i, 0]),
-                "p_one_basin": float(adjusted[i, 1])} for i, k in enumerate(keys)}
+
+    def decided(sign: float) -> tuple[np.ndarray, list[str]]:
+        moved = {k: (_shifted(tests[k][0], sign * (shifts or {}).get(k, 0.0)), tests[k][1]) for k in keys}
+        raw = np.array([p_values(*moved[k], margin) for k in keys], np.float64).reshape(len(keys), 2)
+        adjusted = adjust(raw.ravel()).reshape(raw.shape)
+        return adjusted, [verdict(*adjusted[i], level) for i in range(len(keys))]
+
+    adjusted, words = decided(0.0)
+    stable = np.ones(len(keys), bool)
+    if shifts:
+        for sign in (-1.0, 1.0):
+            stable &= np.array([a == b for a, b in zip(words, decided(sign)[1])], bool)
+    return {k: {"verdict": words[i] if stable[i] else "not resolved", "p_separate": float(adjusted[i, 0]),
+                "p_one_basin": float(adjusted[i, 1]), "mc_moved": float(not stable[i])} for i, k in enumerate(keys)}
+
+
+def _shifted(estimate: Estimate, by: float) -> Estimate:
+    return Estimate(estimate.point + by, estimate.jack_S + by)

@@ -181,6 +181,7 @@ def curve_columns(curves: dict, alphas: np.ndarray, suffix: str = "") -> dict[st
                     null_PxR = stats.null_barriers(curve, alphas, form)
                     columns[f"{name}_floor"] = stats.floor_of(null_PxR)
                     columns[f"{name}_null"] = null_PxR.mean(axis=1)
+                    columns[f"{name}_null_se"] = null_PxR.std(axis=1, ddof=1) / np.sqrt(null_PxR.shape[1])
             columns[f"{metric}_mid_{split}{suffix}"] = barriers.midpoint(curve[..., 0], alphas)
     return columns
 
@@ -197,7 +198,8 @@ def pair_columns(curves: Curves) -> dict[str, np.ndarray]:
 
 
 def _measures(rows: list[dict]) -> list[str]:
-    return [k for k in (rows or [{}])[0] if k.startswith(("loss_", "error_")) and not k.endswith(("_floor", "_null"))]
+    return [k for k in (rows or [{}])[0] if k.startswith(("loss_", "error_"))
+            and not k.endswith(("_floor", "_null", "_null_se"))]
 
 
 def _estimate(rows: list[dict], values: np.ndarray, is_pair: bool, members: list[dict], num_seeds: int):
@@ -242,7 +244,7 @@ def cell_summary(members: list[dict], pair_rows: list[dict], start_rows: list[di
     for m in members:
         groups.setdefault(cell(m), []).append(m["member"])
     headlines = {"": decide.headline_measure(pair_rows), "start_": decide.headline_measure(start_rows)}
-    out, tests = [], {}
+    out, tests, shifts = [], {}, {}
     for key, member_ids in groups.items():
         row = dict(zip(cell_keys, key))
         cell_members = [members[m] for m in member_ids]
@@ -266,8 +268,10 @@ def cell_summary(members: list[dict], pair_rows: list[dict], start_rows: list[di
                 row.update(_measure_columns(f"{prefix}{measure}", values, estimate))
                 if measure == headlines[prefix] and "excess" in values:
                     tests[(len(out), prefix)] = (estimate(values["excess"]), estimate(values[""]))
+                    if f"{measure}_null_se" in rows[0]:  # the resamplings are shared: their errors add up
+                        shifts[(len(out), prefix)] = float(np.mean([r[f"{measure}_null_se"] for r in rows]))
         out.append(row)
-    for (k, prefix), decision in decide.decide_all(tests, margin).items():
+    for (k, prefix), decision in decide.decide_all(tests, margin, shifts=shifts).items():
         out[k].update({f"{prefix}{name}": v for name, v in decision.items()})
     for prefix in {prefix for _, prefix in tests}:  # (a cell with too few members: no test, not resolved)
         for row in out:
@@ -275,4 +279,5 @@ def cell_summary(members: list[dict], pair_rows: list[dict], start_rows: list[di
             row.setdefault(f"{prefix}verdict", "not resolved")
             row.setdefault(f"{prefix}p_separate", np.nan)
             row.setdefault(f"{prefix}p_one_basin", np.nan)
+            row.setdefault(f"{prefix}mc_moved", 0.0)
     return out

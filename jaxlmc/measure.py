@@ -184,7 +184,9 @@ def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = F
                          "<barrier>_floor": "noise floor: 95 % quantile of the barrier of the centred curve over "
                                             "bootstrap resamplings of the evaluation examples",
                          "<barrier>_null": "null mean: the mean of those barriers (what noise alone adds; the "
-                                           "excess is the barrier minus it)"},
+                                           "excess is the barrier minus it)",
+                         "<barrier>_null_se": "the null mean's Monte-Carlo standard error (SD of the resampled "
+                                              "barriers / √resamplings): a verdict it moves is not resolved"},
                 "verdicts": {"rule": "jaxlmc.decide (docs/science.md)", "margin": cfg.study.margin}}
     by_step = {cfg.finetune.steps: (members, pair_rows, start_rows, summary)}
     step_seconds = {}

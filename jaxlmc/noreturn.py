@@ -56,25 +56,32 @@ def analyse(run: rundir.RunDir) -> tuple[list[dict], dict]:
 
 
 def _estimates(at: list[dict], pairs: list[dict], starts: list[dict], split: str,
-               num_seeds: int) -> dict[tuple, tuple[decide.Estimate, decide.Estimate]]:
-    """{(part, cell): (excess, barrier)} of the seeds' and the to-start headline barrier on `split`."""
+               num_seeds: int) -> dict[tuple, tuple[decide.Estimate, decide.Estimate, float]]:
+    """{(part, cell): (excess, barrier, the null mean's mean Monte-Carlo SE)} of the seeds' and the to-start headline
+    barrier on `split`."""
     out = {}
-    column = decide.headline_measure(pairs, split)
-    if column and f"{column}_null" in pairs[0]:
-        for what in ("excess", column):
-            rows = [{**r, "excess": r[column] - r[f"{column}_null"]} for r in pairs]
-            for cell, (seed_pairs, values) in stats.cell_seed_pairs(at, rows, what).items():
-                estimate = decide.of_pairs(stats.symmetric_matrix(num_seeds, seed_pairs, values))
-                out[("seeds", cell)] = (*out.get(("seeds", cell), ()), estimate)
-    column = decide.headline_measure(starts, split)
-    if column and f"{column}_null" in starts[0]:
-        per_cell: dict = {}
-        for s in starts:
-            if grid.cell(s) not in per_cell:
-                per_cell[grid.cell(s)] = np.full(num_seeds, np.nan), np.full(num_seeds, np.nan)
-            excess_S, barrier_S = per_cell[grid.cell(s)]
-            excess_S[s["seed"]], barrier_S[s["seed"]] = s[column] - s[f"{column}_null"], s[column]
-        out.update({("start", c): (decide.of_members(e), decide.of_members(b)) for c, (e, b) in per_cell.items()})
+    for part, rows in (("seeds", pairs), ("start", starts)):
+        column = decide.headline_measure(rows, split)
+        if not column or f"{column}_null" not in rows[0]:
+            continue
+        by_cell: dict = {}
+        for r in rows:
+            seeds = (at[r["i"]]["seed"], at[r["j"]]["seed"]) if part == "seeds" else r["seed"]
+            by_cell.setdefault(grid.cell(r), []).append((seeds, r[column], r[f"{column}_null"],
+                                                          r.get(f"{column}_null_se", 0.0)))
+        for cell, found in by_cell.items():
+            seeds, barrier, null, se = (list(v) for v in zip(*found))
+            if part == "seeds":
+                estimate = lambda v: decide.of_pairs(stats.symmetric_matrix(num_seeds, seeds, v))  # noqa: E731
+            else:
+                estimate = lambda v: decide.of_members(_per_seed(num_seeds, seeds, v))  # noqa: E731
+            out[(part, cell)] = (estimate(np.subtract(barrier, null)), estimate(barrier), float(np.mean(se)))
+    return out
+
+
+def _per_seed(num_seeds: int, seeds: list[int], values) -> np.ndarray:
+    out = np.full(num_seeds, np.nan)
+    out[seeds] = values
     return out
 
 
@@ -129,6 +136,7 @@ def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict],
     equivalence margin of "stays" (jaxlmc.decide)."""
     num_seeds = max(m["seed"] for m in members) + 1
     tests: dict = {"test": {}, "train": {}}
+    shifts: dict = {"test": {}, "train": {}}
     per_step = {}
     for step in sorted({m["finetune_step"] for m in members}):
         at = sorted((m for m in members if m["finetune_step"] == step), key=lambda m: m["member"])
@@ -139,11 +147,13 @@ def analyse_tables(members: list[dict], pairs: list[dict], to_start: list[dict],
         groups = grid.cell_groups(at)
         enough = {c for c, ids in groups.items() if sum(m in used for m in ids) >= decide.MIN_SEEDS}
         for split in tests:
-            for (part, cell), estimates in _estimates(at, step_pairs, step_starts, split, num_seeds).items():
+            for (part, cell), (excess, barrier, se) in _estimates(at, step_pairs, step_starts, split,
+                                                                    num_seeds).items():
                 if cell in enough:
-                    tests[split][(step, cell, part)] = estimates
+                    tests[split][(step, cell, part)] = (excess, barrier)
+                    shifts[split][(step, cell, part)] = se
         per_step[step] = (at, used, step_starts, groups, enough)
-    decided = {split: decide.decide_all(t, margin) for split, t in tests.items()}
+    decided = {split: decide.decide_all(t, margin, shifts=shifts[split]) for split, t in tests.items()}
     rows, details = [], {}
     for step, (at, used, step_starts, groups, enough) in per_step.items():
         accuracy_S: dict = {}

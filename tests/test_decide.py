@@ -97,6 +97,24 @@ def test_many_cells_are_adjusted_together():
     assert decide.decide_all(tests(40))["x"]["verdict"] == "not resolved"
 
 
+def test_a_verdict_one_monte_carlo_error_of_the_null_mean_moves_is_not_resolved():
+    """An excess whose interval's lower end is 0.002 above 0: separate — unless its null mean's Monte-Carlo error is
+    0.003, which moves the lower end below 0; one basin (decided on the barrier) does not move."""
+    jack = np.linspace(-1, 1, 8)
+    se_unit = np.sqrt(7 / 8 * np.sum(jack ** 2))
+    half = scipy.stats.t.ppf(0.975, 7) * 0.004
+    excess = decide.Estimate(half + 0.002, 0.004 * jack / se_unit)
+    barrier = decide.Estimate(0.1, 0.004 * jack / se_unit)
+    inside = decide.Estimate(0.005, 0.001 * jack / se_unit)
+    tests = {"edge": (excess, barrier), "within": (inside, inside)}
+    plain = decide.decide_all(tests)
+    assert plain["edge"]["verdict"] == "separate basins" and plain["edge"]["mc_moved"] == 0.0
+    shaken = decide.decide_all(tests, shifts={"edge": 0.003, "within": 0.003})
+    assert shaken["edge"]["verdict"] == "not resolved" and shaken["edge"]["mc_moved"] == 1.0
+    assert shaken["within"]["verdict"] == "one basin" and shaken["within"]["mc_moved"] == 0.0
+    assert decide.decide_all(tests, shifts={"edge": 0.001})["edge"]["verdict"] == "separate basins"
+
+
 def test_the_summary_has_each_cells_verdict_and_detectable_excess():
     """cell_summary on pair rows with null means: the excess is barrier − null mean, its interval is the jackknife's,
     and each cell gets its verdict (here one cell in one basin, one separated)."""

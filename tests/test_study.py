@@ -62,6 +62,9 @@ def test_a_tiny_study_end_to_end(reference):
         # Every cell's verdict by jaxlmc.decide, with what it could have detected.
         assert row["verdict"] in decide.VERDICTS and row["start_verdict"] in decide.VERDICTS
         assert float(row["error_barrier_test_lin_excess_min_detectable"]) > 0 and float(row["margin"]) == 0.02
+        assert float(row["mc_moved"]) in (0.0, 1.0)  # a verdict the null mean's Monte-Carlo error moves: not resolved
+    pair_rows = read_csv(os.path.join(out, "barriers", "pairs.csv"))
+    assert all(0 < float(p["error_barrier_test_lin_null_se"]) < 0.05 for p in pair_rows)
     page = open(os.path.join(out, "report.html")).read()
     verdicts_in_table = page[page.index("<h2>Per cell</h2>"):]
     assert sum(verdicts_in_table.count(f"<td>{v}</td>") for v in decide.VERDICTS) == 2 * len(summary)
