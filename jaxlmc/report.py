@@ -36,7 +36,7 @@ def build_summary(run: rundir.RunDir) -> list[dict]:
         key = grid.cell(b)
         row = dict(zip(grid.CELL_KEYS, key))
         row.update({k: b.get(k) for k in ("members", "members_used", "pairs", "diverged", "unfit", "verdict",
-                                           "start_verdict", "margin") if k in b})
+                                           "start_verdict", "margin", "mc_moved", "start_mc_moved") if k in b})
         for k, v in b.items():
             if k.endswith(("_mean", "_std", "_ci_lo", "_ci_hi", "_min_detectable")) and (
                     "barrier" in k or k.startswith(("dist", "upd", "start_dist"))):
