@@ -9,9 +9,9 @@ additive fit to the pilot's pairs gives σ_p², its observed SE² then σ_m²; t
 from each pair's null spread, (floor − null mean)/1.645 as for a normal) shrinks in proportion to the test set, the
 rest (σ_t², the pairs' own differences) does not. Evaluation noise that a member's pairs share (its own endpoints) is
 counted in σ_m² and not shrunk: the prediction for more examples errs on the conservative side, for fewer on the
-optimistic one (measured: a 12-seed rerun on half the test set, 16 % above its prediction per cell, docs/science.md). A prediction is of
-the SE (and minimum detectable excess) the rule will report, not of the estimate's true spread: the jackknife
-over-states both for pair noise (by 2(S−1)/(S−2)) and, in ring designs, for member effects.
+optimistic one (measured: a 12-seed rerun on half the test set, 16 % above its prediction per cell, docs/science.md).
+A prediction is of the SE (and minimum detectable excess) the rule will report, not of the estimate's true spread:
+the jackknife over-states both for pair noise (by 2(S−1)/(S−2)) and, in ring designs, for member effects.
 """
 from __future__ import annotations
 
