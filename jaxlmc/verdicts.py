@@ -320,8 +320,9 @@ def calibration(run: rundir.RunDir) -> list[str]:
     if found.get("skipped"):
         return ["Not calibrated (study.calibration_cells = 0, or no cell with enough seeds)."]
     lines = [f"Simulated with the parameters of {len(found['cells'])} of this study's cells, "
-             f"{found['synthetic_cells']} synthetic cells per scenario, each judged alone by the cell rule (the study adjusts its p-values "
-             "together, so its false positives are at most these and its power at most these): 'separate' with no "
+             f"{found['synthetic_cells']} synthetic cells per scenario, each judged alone by the cell rule (the "
+             "study adjusts its p-values together, so its false positives are at most these and its power at most "
+             "these): 'separate' with no "
              f"barrier in at most {found['false_positive_max']:.0%} of cells (target ≤ "
              f"{found['false_positive_target']:.0%}: {'met' if found['false_positive_met'] else 'MISSED'}); 'one "
              f"basin' at a barrier of the margin {found['margin']:g} in at most "
