@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(args, err: BaseException, line: str, code: int) -> int:
     if args.debug:
         traceback.print_exception(err)
-    print(f"jaxlmc: {line}", file=sys.stderr, flush=True)
+    # One write, the newline with it: a thread's traceback printed meanwhile cannot land inside the line.
+    sys.stderr.write(f"jaxlmc: {line}\n")
+    sys.stderr.flush()
     return code
 
 
