@@ -27,7 +27,7 @@ import numpy as np
 
 from bench._record import write_record
 from bench.bench_train import setup, timed_run
-from jaxlmc import barriers, memory, models, train
+from jaxlmc import memory, models, paths, reference, train
 from jaxlmc.config import ModelConfig
 
 FEATURES, CLASSES, N_TRAIN = 40, 10, 4000
@@ -141,9 +141,9 @@ def barrier_pass(members: int, alphas: int, loop_pairs: int, width: int, peak: f
     sets = {"test": train.batch_eval_set(x, y, 1000)}
     pairs = list(itertools.combinations(range(members), 2))
     pairs_Px2 = jnp.asarray(pairs, jnp.int32)
-    grid = barriers.alpha_grid(alphas)
-    chunk = barriers.auto_chunk_pairs(model, params_M, sets, grid, len(pairs), memory.memory_budget(0.5))
-    fn = barriers.make_curves(model, grid, chunk)
+    grid = paths.alpha_grid(alphas)
+    chunk = paths.auto_chunk_pairs(model, params_M, sets, grid, len(pairs), memory.memory_budget(0.5))
+    fn = paths.make_path_eval(model, paths.straight(), grid, chunk)
     _, footprint = compiled_stats(fn, params_M, pairs_Px2, sets)
     # FLOPs: one model on the evaluation set (a single batch: no loop) × the models the pass evaluates.
     one = jax.tree.map(lambda a: a[0], params_M)
@@ -153,9 +153,9 @@ def barrier_pass(members: int, alphas: int, loop_pairs: int, width: int, peak: f
     start = time.perf_counter()
     jax.block_until_ready(fn(params_M, pairs_Px2, sets))
     compiled_s = time.perf_counter() - start
-    barriers.reference_curves(model, params_M, pairs[:1], grid[:2], jnp.asarray(x), jnp.asarray(y))  # compile
+    reference.reference_curves(model, params_M, pairs[:1], grid[:2], jnp.asarray(x), jnp.asarray(y))  # compile
     start = time.perf_counter()
-    barriers.reference_curves(model, params_M, pairs[:loop_pairs], grid, jnp.asarray(x), jnp.asarray(y))
+    reference.reference_curves(model, params_M, pairs[:loop_pairs], grid, jnp.asarray(x), jnp.asarray(y))
     loop_s = time.perf_counter() - start
     row = {"pairs": len(pairs), "alphas": alphas, "chunk_pairs": chunk,
            "compiled_evals_per_s": len(pairs) * alphas / compiled_s, "loop_evals_per_s": loop_pairs * alphas / loop_s,

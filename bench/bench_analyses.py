@@ -5,9 +5,9 @@ Side by side in this one run, each with its rate, their ratio and a check that b
              with one layer group interpolated towards member j at one α, on the whole evaluation set), for P pairs
              (every pair within each cell of members) × G layer groups (Model.layer_groups: dense0, dense1, head for
              the MLP) × A α.
-    compiled   barriers.make_layer_curves: every pair × group × α in one jit call (α = 0, member i itself, is
+    compiled   paths.layer_wise: every pair × group × α in one jit call (α = 0, member i itself, is
                evaluated once per pair and shared by the groups; compilation excluded, a warm-up call runs first),
-    loop       barriers.reference_layer_curves: a Python loop over pairs, groups and α, building each hybrid model
+    loop       reference.reference_layer_curves: a Python loop over pairs, groups and α, building each hybrid model
                eagerly and calling one jit-compiled forward pass on it (compiled before timing). The loop is timed on
                the first --loop-pairs pairs only and its rate is per curve point (the output says so); the two must
                agree on those pairs (losses to rtol 1e-4, errors exactly).
@@ -64,7 +64,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from bench._record import write_record
-from jaxlmc import barriers, curves, merges, models, sharpness, train
+from jaxlmc import curves, merges, models, pair_sets, paths, reference, sharpness, train
 from jaxlmc.analysis import group_weights
 from jaxlmc.config import ModelConfig
 
@@ -111,20 +111,20 @@ def timed_twice(fn, *args):
 def bench_barriers(model, args, rng) -> dict:
     params_M, _ = fine_tunes(model, args.members, args.cell_size)
     cells = {c: list(range(c, min(c + args.cell_size, args.members))) for c in range(0, args.members, args.cell_size)}
-    pairs = barriers.pairs_within(cells)
+    pairs = pair_sets.pairs_within(cells)
     groups = model.layer_groups(jax.tree.map(lambda a: a[0], params_M))
-    alphas = barriers.alpha_grid(args.alphas)
+    alphas = paths.alpha_grid(args.alphas)
     x, y = random_data(rng, args.examples)
     sets = {"test": train.batch_eval_set(x, y, args.batch)}
     chunk = max(1, min(args.chunk_pairs, len(pairs)))
-    fn = barriers.make_layer_curves(model, alphas, chunk, groups)
+    fn = paths.make_path_eval(model, paths.layer_wise(groups), alphas, chunk)
     curves, compiled_s, first_s = timed_twice(fn, params_M, jnp.asarray(pairs, jnp.int32), sets)
 
     loop_pairs = pairs[: args.loop_pairs]
     xj, yj = jnp.asarray(x), jnp.asarray(y)
-    barriers.reference_layer_curves(model, params_M, loop_pairs[:1], alphas[:2], groups, xj, yj)  # compile
+    reference.reference_layer_curves(model, params_M, loop_pairs[:1], alphas[:2], groups, xj, yj)  # compile
     start = time.perf_counter()
-    ref_loss, ref_err = barriers.reference_layer_curves(model, params_M, loop_pairs, alphas, groups, xj, yj)
+    ref_loss, ref_err = reference.reference_layer_curves(model, params_M, loop_pairs, alphas, groups, xj, yj)
     loop_s = time.perf_counter() - start
     loss, err = (np.asarray(a)[: len(loop_pairs)] for a in curves["test"])
     agree = bool(np.allclose(loss, ref_loss, rtol=1e-4, atol=1e-5) and np.allclose(err, ref_err, atol=1e-6))
@@ -254,7 +254,7 @@ def bench_merges(model, args, rng) -> dict:
 def bench_curves(model, args, rng) -> dict:
     params_M, _ = fine_tunes(model, args.members, args.cell_size)
     cells = {c: list(range(c, min(c + args.cell_size, args.members))) for c in range(0, args.members, args.cell_size)}
-    pairs = barriers.pairs_within(cells)
+    pairs = pair_sets.pairs_within(cells)
     x, y = random_data(rng, 4000)
     data = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
     key = jax.random.key(0)

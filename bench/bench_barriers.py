@@ -1,9 +1,9 @@
 """Barrier throughput: jaxlmc's compiled all-pairs pass versus the plain reference loop (one model per α per pair).
 
 Pair-α evaluations per second — one evaluation is one interpolated model on the whole evaluation set — for
-  compiled   barriers.make_curves: all pairs × α × batches in one jit call (chunk size chosen automatically,
+  compiled   paths.make_path_eval(straight): all pairs × α × batches in one jit call (chunk size chosen automatically,
              compilation excluded; the first call's compile time is reported separately),
-  loop       barriers.reference_curves: the way git-re-basin and open_lth do it, a Python loop over pairs and α
+  loop       reference.reference_curves: the way git-re-basin and open_lth do it, a Python loop over pairs and α
              calling one jit-compiled forward pass per interpolated model (already compiled before timing),
 measured side by side in this one run, with their ratio, printed and written to JSON. Both produce the same curves
 (checked here, and in tests/test_barriers.py).
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench._record import write_record
-from jaxlmc import barriers, memory, models, train
+from jaxlmc import memory, models, paths, reference, train
 from jaxlmc.config import ModelConfig
 
 MODELS = {  # name: (config, input shape)
@@ -49,7 +49,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     classes = 10
-    alphas = barriers.alpha_grid(args.alphas)
+    alphas = paths.alpha_grid(args.alphas)
     pairs = list(itertools.combinations(range(args.members), 2))
     device = jax.devices()[0]
     print(f"{len(pairs)} pairs × {args.alphas} α on {args.examples} examples, device {device.device_kind}")
@@ -63,8 +63,8 @@ def main() -> None:
         y = rng.integers(0, classes, args.examples).astype(np.int32)
         sets = {"test": train.batch_eval_set(x, y, args.batch)}
         pairs_Px2 = jnp.asarray(pairs, jnp.int32)
-        chunk = barriers.auto_chunk_pairs(model, params_M, sets, alphas, len(pairs), memory.memory_budget(0.5))
-        fn = barriers.make_curves(model, alphas, chunk)
+        chunk = paths.auto_chunk_pairs(model, params_M, sets, alphas, len(pairs), memory.memory_budget(0.5))
+        fn = paths.make_path_eval(model, paths.straight(), alphas, chunk)
 
         start = time.perf_counter()
         jax.block_until_ready(fn(params_M, pairs_Px2, sets))  # compile + first run
@@ -74,9 +74,10 @@ def main() -> None:
         compiled_s = time.perf_counter() - start
 
         loop_pairs = pairs[: args.loop_pairs]
-        barriers.reference_curves(model, params_M, loop_pairs[:1], alphas[:2], jnp.asarray(x), jnp.asarray(y))  # compile
+        # compile
+        reference.reference_curves(model, params_M, loop_pairs[:1], alphas[:2], jnp.asarray(x), jnp.asarray(y))
         start = time.perf_counter()
-        ref_loss, _ = barriers.reference_curves(model, params_M, loop_pairs, alphas, jnp.asarray(x), jnp.asarray(y))
+        ref_loss, _ = reference.reference_curves(model, params_M, loop_pairs, alphas, jnp.asarray(x), jnp.asarray(y))
         loop_s = time.perf_counter() - start
         np.testing.assert_allclose(np.asarray(curves["test"][0])[: len(loop_pairs)], ref_loss, rtol=1e-4, atol=1e-5)
 

@@ -2,7 +2,7 @@
 
     pretrain(cfg, out)            pretraining checkpoints                         (jaxlmc.pretraining)
     finetune(cfg, out)            the member grid, in one compiled program        (jaxlmc.finetuning)
-    barriers_of_run(cfg, out)     barriers between members and to their starts    (jaxlmc.measure)
+    barriers_of_run(cfg, out)     barriers between members and to their starts    (jaxlmc.barrier_stage)
     soups_of_run(cfg, out)        soups, ensembles, best and mean member          (jaxlmc.soups)
     similarity_of_run(cfg, out)   accuracy spread, disagreement, CKA, basins      (jaxlmc.similarity)
     study(cfg, out)               all of the above, resumable, and the report     (jaxlmc.study)
@@ -25,7 +25,7 @@ from jaxlmc import planner as _planner
 from jaxlmc import verdicts as _verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.finetuning import finetune, load_member, start_params
-from jaxlmc.measure import barriers_of_run, load_run
+from jaxlmc.barrier_stage import barriers_of_run, load_run
 from jaxlmc.pretraining import pretrain
 from jaxlmc.rundir import RunDir
 from jaxlmc.similarity import similarity_of_run
@@ -42,7 +42,7 @@ __all__ = ["STAGES", "RunDir", "Task", "barriers_of_run", "finetune", "load_fine
 
 def render_report(out: str) -> str:
     """Re-render report.html, figures/ and summary.csv of a finished study; returns the report's path."""
-    return report.render(out, STAGES)
+    return report.render(out, list(STAGES.values()))
 
 
 def compare_runs(a: str, b: str) -> list[dict]:

@@ -40,7 +40,7 @@ import sys
 import numpy as np
 import scipy.stats
 
-from jaxlmc import barriers, decide, grid, rundir, stats, tasks, train
+from jaxlmc import decide, grid, paths, rundir, stats, tasks, train
 from jaxlmc.config import Config
 
 SCENARIOS = ("none", "accuracy", "uniform", "outlier", "two_basins")
@@ -88,7 +88,7 @@ def bump_height(barrier: float, error: float, spread: float, alphas: int) -> flo
     """The largest bump h (negative: a dip) whose pair of equally accurate members at `error` has a true barrier of
     at most `barrier` — so exactly `barrier` wherever one is possible (errors stay within [0, 1]; with wide noise an
     error near 1 bulges above the line by itself, and 0 needs a dip). Bisection: the barrier grows with h."""
-    alpha_A = barriers.alpha_grid(alphas)
+    alpha_A = paths.alpha_grid(alphas)
     shape_A = 4 * alpha_A * (1 - alpha_A)
     true = lambda h: true_barrier(error + h * shape_A, alpha_A, spread)  # noqa: E731
     low, high = -error, max(1.0 - error, 0.0)
@@ -108,7 +108,7 @@ def synthetic_cell(scenario: str, barrier: float, rng: np.random.Generator, seed
     """One synthetic cell (see the module's docstring): {"pairs", "seeds", "barrier_P", "null_P", "true_b_P"}, the
     pairs' measured linear-baseline barriers and null means (stats.null_barriers' mean), and their true barriers
     (exact expectations, `true_barrier`)."""
-    alpha_A = barriers.alpha_grid(alphas)
+    alpha_A = paths.alpha_grid(alphas)
     difficulty_N = rng.uniform(size=examples)
     eps_SxN = spread * rng.normal(size=(seeds, examples))
     offset_S = (accuracy_sd if scenario != "none" else 0.0) * rng.normal(size=seeds)

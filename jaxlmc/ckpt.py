@@ -31,11 +31,13 @@ from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
 
-from jaxlmc import faults, files, manifest, shard
+from jaxlmc import faults, files, lazy, manifest, shard
 from jaxlmc.manifest import MANIFEST, CorruptCheckpointInfo  # noqa: F401 (MANIFEST: the file list's name)
+
+# Imported when a checkpoint directory is first opened.
+ocp = lazy.module("orbax.checkpoint")
+checkpoint_managers = lazy.module("orbax.checkpoint.checkpoint_managers")
 
 # What a tensorstore/Orbax read error says when the bytes on disk are not what was written (as opposed to, say, a
 # restore target of the wrong shape, which is a bug and must not move an intact checkpoint aside).

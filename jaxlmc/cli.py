@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     debug = argparse.ArgumentParser(add_help=False)  # --debug also after the command (not resetting one before it)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    stages = " → ".join(stage.name for stage in api.STAGES)
+    stages = " → ".join(api.STAGES)
     for name, text in [("study", f"the whole study, in resumable stages: {stages} (resumes at the first unfinished "
                                  "stage)"),
                        ("pretrain", "pretrain one model, saving Orbax checkpoints at pretrain.save_steps"),

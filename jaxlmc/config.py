@@ -18,12 +18,17 @@ from typing import Literal
 
 from jaxlmc import hf
 from jaxlmc.labels import LABEL_MAPS
+from jaxlmc.measures import PAIR_MEASURES
 from jaxlmc.models import Classifier, import_failure, resolve_kind
 from jaxlmc.optimizers import OPTIMIZERS
 # The sections, re-exported: the rest of jaxlmc (and a plugin) names them jaxlmc.config.FinetuneConfig and so on.
 from jaxlmc.settings import (BarrierConfig, Config, DataConfig, FinetuneConfig, GridAxis, HeadPolicy, LabelMap,
                              ModelConfig, Optimizer, PluginsConfig, PretrainConfig, RunConfig, Schedule, StudyConfig,
                              TRAINING_SECTIONS, grid_axis)  # noqa: F401
+
+# The built-in pair measures and the [barriers] keys that switch them on (the straight line always runs).
+_SWITCHED_MEASURES = {"straight": "nothing (always computed)", "aligned": "barriers.align",
+                      "repair": "barriers.repair", "curve": "barriers.curve_steps"}
 
 
 class ConfigError(ValueError):
@@ -229,6 +234,12 @@ def validate(cfg: Config) -> None:
                                         ("data.finetune_labels", cfg.data.finetune_labels, LABEL_MAPS, "jaxlmc.labels")):
         if value not in registry:
             raise ConfigError(f"{key}: {value!r} is not one of {sorted(registry)} (more are registered in {where})")
+    for name in b.measures:
+        if name in _SWITCHED_MEASURES:
+            raise ConfigError(f"barriers.measures: {name!r} is switched on by {_SWITCHED_MEASURES[name]}, not named "
+                              "here")
+        if name not in PAIR_MEASURES:
+            raise ConfigError(f"barriers.measures: {PAIR_MEASURES.unknown(name)} (register it in a plugin module)")
     kind = resolve_kind(m.kind)  # (resolved when the section was read: a bad name is refused there)
     if m.depth < kind.min_depth:
         raise ConfigError(f"model.depth must be at least {kind.min_depth} for model.kind {m.kind!r}, got {m.depth}")

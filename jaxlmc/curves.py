@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
-from jaxlmc import paths
 from jaxlmc.models import Model
 from jaxlmc.paths import bezier, pair_endpoints
 from jaxlmc.train import mean_loss
@@ -147,18 +145,3 @@ def reference_train_bend(model: Model, p_i, p_j, x, y, steps: int, batch_size: i
         bend, opt, _ = step_fn(p_i, p_j, bend, opt, x, y, key_for_pair, jnp.asarray(step, jnp.int32))
     return bend
 
-
-def make_curve_eval(model: Model, ts: np.ndarray, chunk_pairs: int, mesh=None):
-    """jit(params_M, bends_P, pairs_Px2, eval_sets[, perms]) -> {name: (loss_PxT, err_PxT)}: each pair's Bezier curve
-    evaluated at every t of `ts` on every evaluation set.
-
-    `ts` must increase from 0 to 1; every point, the endpoints included, is the curve itself (φ(0) is member i
-    bit for bit; φ(1) is member j, or member j aligned by `perms` — the same function, up to rounding). `eval_sets`
-    maps names to sets from `train.batch_eval_set`; a set with resample weights gives [1 + R] vectors, kept as a
-    trailing axis (P×T×(1 + R)), as in barriers.make_curves. Pass the perms the bends were trained with. The t grid
-    is vmapped for a chunk of `chunk_pairs` pairs, chunks walked by `lax.map`.
-    """
-    ts = paths.check_grid(ts)
-    fn = paths.make_path_eval(model, paths.bezier_curve(), ts, chunk_pairs, mesh)
-    return jax.jit(lambda params_M, bends_P, pairs_Px2, eval_sets, perms=None: fn(params_M, pairs_Px2, eval_sets,
-                                                                                  perms, bends_P))

@@ -8,7 +8,7 @@ distribution shifts of the default (more noise, shear, scaling) used as fine-tun
 draw of the default distribution for pretraining; all are standardised with the default's statistics, so a shift in
 amplitude or noise is not normalised away. TinyLang, a synthetic language, is a second embedded builder (token
 sequences: language modelling with the `next_token` label map, or sequence classification). Real TFDS text datasets
-(tiny_shakespeare, imdb_reviews, …) are read through the same loader, tokenized as UTF-8 bytes (see TEXT_VOCAB), or
+(tiny_shakespeare, imdb_reviews, …) are read through the same loader, tokenized as UTF-8 bytes (tokens.TEXT_VOCAB), or
 as a checkpoint's tokens (jaxlmc.tokens). A dataset of text pairs (GLUE's MRPC, RTE, MNLI, QQP, QNLI; SNLI: see
 TEXT_PAIRS) is read as token ids and token types, N×T×2, for a model kind that reads token types (bert).
 
@@ -28,23 +28,25 @@ import sys
 from typing import Callable
 
 import numpy as np
-import tensorflow_datasets as tfds
-import tensorflow_datasets.text  # noqa: F401  (registers TFDS's older text builders, GLUE among them)
 
-from jaxlmc import builders  # noqa: F401  (registers the embedded MNIST-1D and TinyLang builders with TFDS)
-from jaxlmc import tokens
+from jaxlmc import lazy, tokens
 from jaxlmc.labels import LABEL_MAPS, LANGUAGE_MODELLING
+from jaxlmc.registry import Registry
 
-DEFAULT_DATA_DIR = os.path.expanduser(os.environ.get("JAXLMC_DATA_DIR", "~/tensorflow_datasets"))
+tfds = lazy.module("tensorflow_datasets")  # imported when a TFDS dataset is first named
+# Modules whose import registers TFDS builders, loaded before a builder is looked up: TFDS's older text builders
+# (GLUE among them) and jaxlmc's embedded MNIST-1D and TinyLang builders.
+_TFDS_BUILDERS = (lazy.module("tensorflow_datasets.text"), lazy.module("jaxlmc.builders"))
+
+
+def default_data_dir() -> str:
+    """Where TFDS data are kept when a config names no data.data_dir: $JAXLMC_DATA_DIR, else ~/tensorflow_datasets
+    (read when a dataset is read, so a notebook may set it after `import jaxlmc`)."""
+    return os.path.expanduser(os.environ.get("JAXLMC_DATA_DIR", "~/tensorflow_datasets"))
 
 
 # ---------------------------------------------------------------------------------------------- real text datasets
 
-# Text is tokenized as UTF-8 bytes: one fixed vocabulary for every text dataset, needing no fitting, so a model
-# pretrained on one corpus reads any other (character level for English text, where a byte is a character). Byte 0
-# (NUL, absent from text) pads sequences shorter than the window.
-TEXT_VOCAB = 256
-TEXT_PAD = 0
 TEXT_FEATURES = ("text", "sentence")  # the names TFDS text datasets give their text feature
 # The names TFDS sentence-pair datasets give their two texts, first segment first (GLUE's MRPC, RTE, WNLI, STS-B and
 # PAWS; MNLI, SNLI; QQP; QNLI): chosen before a single text feature, so QNLI is its question and sentence.
@@ -71,30 +73,6 @@ def _input_features(name: str, features) -> tuple[str, ...]:
     raise ValueError(f"{name} has no input feature jaxlmc reads (it has {', '.join(sorted(features))}): text "
                      f"({' or '.join(TEXT_FEATURES)}), a text pair ({', '.join(' + '.join(p) for p in TEXT_PAIRS)}) "
                      f"or arrays ({', '.join(ARRAY_FEATURES)})")
-
-
-def _as_bytes(text) -> bytes:
-    return text if isinstance(text, bytes) else str(text).encode("utf-8")
-
-
-def text_windows(texts, window: int) -> np.ndarray:
-    """A corpus (texts without labels, e.g. tiny_shakespeare's one long text per split) as sequences_NxW: the texts
-    joined by newlines, as bytes, cut into consecutive non-overlapping windows (a last partial window is dropped)."""
-    corpus = np.frombuffer(b"\n".join(_as_bytes(t) for t in texts), dtype=np.uint8)
-    n = len(corpus) // window
-    return corpus[:n * window].reshape(n, window).astype(np.int32)
-
-
-def text_sequences(texts, window: int) -> np.ndarray:
-    """Labelled texts (one sequence per example, e.g. a review) as sequences_NxW: each text's first `window` bytes,
-    left-padded with TEXT_PAD when shorter, so the last position — the one a classification head reads — holds the
-    text's own last byte rather than padding."""
-    out = np.full((len(texts), window), TEXT_PAD, dtype=np.int32)
-    for i, text in enumerate(texts):
-        encoded = np.frombuffer(_as_bytes(text)[:window], dtype=np.uint8)
-        if len(encoded):
-            out[i, window - len(encoded):] = encoded
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +103,7 @@ class RegisteredDataset:
 
 
 # Datasets registered from arrays, by name: read before TFDS is asked (register_dataset).
-DATASETS: dict[str, RegisteredDataset] = {}
+DATASETS: Registry[RegisteredDataset] = Registry("dataset")
 
 
 def register_dataset(name: str, splits, num_classes: int, vocab: int = 0) -> None:
@@ -133,8 +111,6 @@ def register_dataset(name: str, splits, num_classes: int, vocab: int = 0) -> Non
     y_N)} (at least "train" and "test"), a callable returning that (called once, when the dataset is first read), or
     the path of an .npz file holding x_<split> and y_<split> arrays. Inputs are used as given (float features, or
     integer token ids below `vocab` for a sequence model); labels are integers in [0, num_classes)."""
-    if name in DATASETS:
-        raise ValueError(f"dataset {name!r} is already registered")
     if isinstance(splits, (str, os.PathLike)):
         path = os.fspath(splits)
 
@@ -147,7 +123,7 @@ def register_dataset(name: str, splits, num_classes: int, vocab: int = 0) -> Non
         read = splits
     else:
         read = lambda: splits  # noqa: E731
-    DATASETS[name] = RegisteredDataset(functools.cache(read), int(num_classes), int(vocab))
+    DATASETS.register(name, RegisteredDataset(functools.cache(read), int(num_classes), int(vocab)))
 
 
 def _builder(name: str, data_dir: str | None):
@@ -190,8 +166,9 @@ def _quiet_tfds():
 
 
 def _tfds_builder(name: str, data_dir: str | None):
+    lazy.load(*_TFDS_BUILDERS)
     with _quiet_tfds():
-        return tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR, file_format="array_record")
+        return tfds.builder(name, data_dir=data_dir or default_data_dir(), file_format="array_record")
 
 
 def prepare(name: str, data_dir: str | None = None):
@@ -243,7 +220,7 @@ def _read_all(name: str, split: str, data_dir: str | None, context_length: int =
             x = np.pad(tokens.token_sequences(texts, tokens.tokenizer(tokenizer_path), context_length),
                        ((0, 0), (0, 1)), constant_values=tokens.TOKEN_PAD)
         else:
-            x = text_sequences(texts, window) if labelled else text_windows(texts, window)
+            x = tokens.text_sequences(texts, window) if labelled else tokens.text_windows(texts, window)
         if not len(x):
             raise ValueError(f"{name}:{split} holds fewer than {window} bytes of text: no sequence of "
                              f"context_length {context_length} + 1")
@@ -257,13 +234,13 @@ def _read_all(name: str, split: str, data_dir: str | None, context_length: int =
 
 
 def vocab_size(name: str, data_dir: str | None = None, tokenizer_path: str = "") -> int:
-    """The vocabulary of a token dataset (its "tokens" feature's classes; for a text dataset TEXT_VOCAB bytes, or
+    """The vocabulary of a token dataset (its "tokens" feature's classes; for a text dataset tokens.TEXT_VOCAB bytes, or
     the tokenizer's vocabulary); 0 for a dataset of signals or images."""
     if name in DATASETS:
         return DATASETS[name].vocab
     features = _builder(name, data_dir).info.features
     if text_features(features):
-        return tokens.tokenizer(tokenizer_path).get_vocab_size() if tokenizer_path else TEXT_VOCAB
+        return tokens.tokenizer(tokenizer_path).get_vocab_size() if tokenizer_path else tokens.TEXT_VOCAB
     return int(features["tokens"].feature.num_classes) if "tokens" in features else 0
 
 

@@ -186,3 +186,11 @@ def decide_all(tests: dict, margin: float = MARGIN, level: float = LEVEL, shifts
 
 def _shifted(estimate: Estimate, by: float) -> Estimate:
     return Estimate(estimate.point + by, estimate.jack_S + by)
+
+
+def basin_measure(pair_rows: list[dict]) -> str:
+    """The barrier basins are cut on: the headline (headline_measure), or in tables without a linear-baseline form
+    the test error barrier, after weight matching when it was measured."""
+    aligned = "error_barrier_test_aligned"
+    return headline_measure(pair_rows) or (aligned if pair_rows and aligned in pair_rows[0] else "error_barrier_test")
+

@@ -10,19 +10,26 @@ import dataclasses
 import io
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, never a window; before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxlmc import grid  # noqa: E402
-from jaxlmc.measures import PAIR_MEASURES  # noqa: E402
+from jaxlmc import grid
+from jaxlmc.grid import step_label
+from jaxlmc.measures import PAIR_MEASURES
 
 MAIN_AXES = ("pretrain_step", "lr")
 
 
-def step_label(step: int) -> str:
-    return "scratch" if step < 0 else str(step)
+def subplots(*grid_shape: int, figsize: tuple[float, float], **kwargs):
+    """(figure, axes) like pyplot's, as a bare `Figure`: no pyplot, no backend chosen, no window — PNG bytes come
+    from `png`, drawn by matplotlib's Agg renderer for that one call."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid_shape, **kwargs)
+
+
+def colormap(name: str):
+    return matplotlib.colormaps[name]
+
 
 
 @dataclasses.dataclass
@@ -34,8 +41,8 @@ class Cells:
     def __post_init__(self):
         self.steps = sorted({r["pretrain_step"] for r in self.summary})
         self.lrs = sorted({r["lr"] for r in self.summary})
-        self.lr_colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(self.lrs), 1)))
-        self.step_colors = plt.get_cmap("plasma")(np.linspace(0.05, 0.85, max(len(self.steps), 1)))
+        self.lr_colors = colormap("viridis")(np.linspace(0.1, 0.85, max(len(self.lrs), 1)))
+        self.step_colors = colormap("plasma")(np.linspace(0.05, 0.85, max(len(self.steps), 1)))
         averaged = grid.varied_names(self.summary, besides=MAIN_AXES)
         self.avg_note = f" (averaged over {' and '.join(averaged)})" if averaged else ""
         self.has_ood = any(np.isfinite(r.get("error_barrier_ood_mean", np.nan)) for r in self.summary)
@@ -60,7 +67,7 @@ class Cells:
 
 def phase_diagram(c: Cells):
     grid_LxS = np.array([[c.mean(s, lr, "error_barrier_test_mean") for s in c.steps] for lr in c.lrs])
-    fig, ax = plt.subplots(figsize=(1.3 * len(c.steps) + 2.5, 0.8 * len(c.lrs) + 2))
+    fig, ax = subplots(figsize=(1.3 * len(c.steps) + 2.5, 0.8 * len(c.lrs) + 2))
     image = ax.imshow(grid_LxS, cmap="magma_r", aspect="auto", vmin=0)
     for a in range(len(c.lrs)):
         for b in range(len(c.steps)):
@@ -77,7 +84,7 @@ def phase_diagram(c: Cells):
 
 
 def barrier_vs_pretraining(c: Cells):
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, label in ((axes[0], "error", "test error barrier"), (axes[1], "loss", "test loss barrier")):
         for lr, color in zip(c.lrs, c.lr_colors):
             mean, lo, hi = ([c.mean(s, lr, f"{metric}_barrier_test_{stat}") for s in c.steps]
@@ -108,8 +115,8 @@ def sources(summary: list[dict]):
     cells = {h: Cells([r for r in summary if r["head"] == h and (r.get("members_used") or 0) >= 3]) for h in heads}
     lrs = sorted({r["lr"] for r in summary})
     steps = sorted({r["pretrain_step"] for r in summary})
-    fig, axes = plt.subplots(1, len(lrs), figsize=(4.2 * len(lrs), 3.6), squeeze=False, sharey=True)
-    colors = plt.get_cmap("tab10")(np.arange(len(heads)))
+    fig, axes = subplots(1, len(lrs), figsize=(4.2 * len(lrs), 3.6), squeeze=False, sharey=True)
+    colors = colormap("tab10")(np.arange(len(heads)))
     for ax, lr in zip(axes[0], lrs):
         for head, color in zip(heads, colors):
             mean, lo, hi = ([cells[head].mean(s, lr, f"{measure}_{stat}") for s in steps]
@@ -137,11 +144,11 @@ def sources(summary: list[dict]):
 def aligned_barrier(c: Cells):
     """The naive barrier beside every other registered pair measure (jaxlmc.measures: aligned, REPAIR, Bezier curve,
     one's own) the barrier stage measured; None when it measured none."""
-    others = [m for suffix, m in PAIR_MEASURES.items() if suffix and any(
-        np.isfinite(r.get(f"error_barrier_test{suffix}_mean", np.nan)) for r in c.summary)]
+    others = [m for m in PAIR_MEASURES.values() if m.suffix and any(
+        np.isfinite(r.get(f"error_barrier_test{m.suffix}_mean", np.nan)) for r in c.summary)]
     if not others:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = subplots(figsize=(6.4, 3.8))
     c.lines_per_lr(ax, [("error_barrier_test_mean", "o-", "naive")]
                    + [(f"error_barrier_test{m.suffix}_mean", m.style, m.label) for m in others])
     ax.axhline(0, color="gray", lw=0.8)
@@ -154,7 +161,7 @@ def aligned_barrier(c: Cells):
 
 def interpolation_curves(c: Cells, pairs: list[dict], curves: dict):
     """The median-barrier pair of each cell: `pairs` are barriers/pairs.csv's rows, `curves` its curves.npz."""
-    fig, axes = plt.subplots(1, len(c.lrs), figsize=(4.2 * len(c.lrs), 3.6), squeeze=False)
+    fig, axes = subplots(1, len(c.lrs), figsize=(4.2 * len(c.lrs), 3.6), squeeze=False)
     shown = {grid.cell(r) for r in c.summary}
     for ax, lr in zip(axes[0], c.lrs):
         for s, color in zip(c.steps, c.step_colors):
@@ -201,7 +208,7 @@ def basins(c: Cells, members: list[dict], sim_rows: list[dict], sim: dict):
     order = np.lexsort((ids, labels))
     acc_key = "ood_acc" if c.has_ood else "test_acc"
     acc = np.array([members[int(i)][acc_key] for i in ids])[order]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
+    fig, (ax, bx) = subplots(1, 2, figsize=(9, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
     image = ax.imshow(barrier[np.ix_(order, order)], cmap="magma_r", vmin=0)
     names = [f"#{int(ids[o])} b{int(labels[o])}" for o in order]
     ax.set_xticks(range(len(order)), names, rotation=90, fontsize=7)
@@ -209,7 +216,7 @@ def basins(c: Cells, members: list[dict], sim_rows: list[dict], sim: dict):
     fig.colorbar(image, ax=ax, label="barrier excess (test error; blank: pair not measured)")
     ax.set_title(f"pretrain {step_label(row['pretrain_step'])}, LR {row['lr']:g}: {int(row['basins'])} basins "
                  f"({row['basin_sizes']})", fontsize=9)
-    bx.barh(range(len(order)), acc, color=plt.get_cmap("tab10")(labels[order] % 10))
+    bx.barh(range(len(order)), acc, color=colormap("tab10")(labels[order] % 10))
     bx.set_yticks(range(len(order)), names, fontsize=7)
     bx.invert_yaxis()
     bx.set_xlabel("OOD accuracy" if c.has_ood else "test accuracy")
@@ -222,7 +229,7 @@ def basins(c: Cells, members: list[dict], sim_rows: list[dict], sim: dict):
 
 
 def soup_gain(c: Cells):
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = subplots(figsize=(6.4, 3.8))
     c.lines_per_lr(ax, [(f"{kind}_gain", style, kind) for kind, style in (("uniform", "o-"), ("greedy", "s--"),
                                                                            ("ensemble", "^:"))])
     ax.axhline(0, color="gray", lw=0.8)
@@ -234,7 +241,7 @@ def soup_gain(c: Cells):
 
 
 def ood_spread(c: Cells):
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = subplots(figsize=(6.4, 3.8))
     c.lines_per_lr(ax, [("ood_acc_std", "o-", "OOD")] * c.has_ood + [("test_acc_std", "s:", "test")])
     c.step_axis(ax)
     ax.set_ylabel("std of accuracy across seeds")
@@ -244,9 +251,8 @@ def ood_spread(c: Cells):
 
 
 def png(fig) -> bytes:
-    """The figure as PNG bytes; the figure is closed."""
+    """The figure as PNG bytes."""
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
     return buffer.getvalue()

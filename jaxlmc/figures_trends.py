@@ -7,14 +7,15 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlmc import grid
-from jaxlmc.figures import MAIN_AXES, plt, step_label  # (pyplot as jaxlmc.figures set it up: files only)
+from jaxlmc.figures import MAIN_AXES, colormap, subplots
+from jaxlmc.grid import step_label
 
 
 def scaling(rows: list[dict]):
     """Barrier between seeds and fine-tuning throughput against model width (rows of rundir.SCALING)."""
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax, bx) = subplots(1, 2, figsize=(10, 3.8))
     cells = sorted({(r["pretrain_step"], r["lr"]) for r in rows})
-    colors = plt.get_cmap("viridis")(np.linspace(0.05, 0.9, max(len(cells), 1)))
+    colors = colormap("viridis")(np.linspace(0.05, 0.9, max(len(cells), 1)))
     for (step, lr), color in zip(cells, colors):
         mine = [r for r in rows if (r["pretrain_step"], r["lr"]) == (step, lr)]
         ax.plot([r["width"] for r in mine], [r["error_barrier_test_mean"] for r in mine], "o-", color=color,
@@ -41,10 +42,10 @@ def barrier_vs_finetune_steps(step_summary: list[dict]):
     if len(lengths) < 2:
         return None
     lrs = sorted({r["lr"] for r in step_summary})
-    colors = plt.get_cmap("viridis")(np.linspace(0.05, 0.9, len(lrs)))
+    colors = colormap("viridis")(np.linspace(0.05, 0.9, len(lrs)))
     cols = min(4, len(steps))
     rows = -(-len(steps) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), sharey=True, squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), sharey=True, squeeze=False)
 
     def mean(step, lr, length, key):
         values = [r.get(key, np.nan) for r in step_summary
@@ -80,8 +81,8 @@ def critical_rate(rows: list[dict]):
     lengths = sorted({r["finetune_step"] for r in rows})
     low, high = min(r["lowest_lr"] for r in rows), max(r["highest_lr"] for r in rows)
     floor_y, top_y = low / 2, high * 2  # where "below the grid" and "no rate leaves" are drawn
-    colors = plt.get_cmap("plasma")(np.linspace(0.05, 0.8, len(lengths)))
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colors = colormap("plasma")(np.linspace(0.05, 0.8, len(lengths)))
+    fig, ax = subplots(figsize=(7.5, 4.2))
     x = np.arange(len(steps))
     for length, color in zip(lengths, colors):
         mine = {r["pretrain_step"]: r for r in rows if r["finetune_step"] == length}
@@ -124,8 +125,8 @@ def sharpness(members: list[dict], starts: list[dict]):
         return None
     steps = sorted({r["pretrain_step"] for r in used} | {r["pretrain_step"] for r in starts})
     lrs = sorted({r["lr"] for r in used})
-    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(lrs), 1)))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = colormap("viridis")(np.linspace(0.1, 0.85, max(len(lrs), 1)))
+    fig, ax = subplots(figsize=(7, 4))
     x = np.arange(len(steps))
     for lr, color in zip(lrs, colors):
         values = [[r["sharpness"] for r in used if r["lr"] == lr and r["pretrain_step"] == s] for s in steps]
@@ -159,8 +160,8 @@ def layerwise(rows: list[dict]):
     layers = [name for _, name in sorted({(r["layer_index"], r["layer"]) for r in rows})]
     steps = sorted({r["pretrain_step"] for r in rows})
     lrs = sorted({r["lr"] for r in rows})
-    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(lrs), 1)))
-    fig, axes = plt.subplots(1, len(steps), figsize=(min(3.2 * len(steps), 14), 3.6), sharey=True, squeeze=False)
+    colors = colormap("viridis")(np.linspace(0.1, 0.85, max(len(lrs), 1)))
+    fig, axes = subplots(1, len(steps), figsize=(min(3.2 * len(steps), 14), 3.6), sharey=True, squeeze=False)
     x = np.arange(len(layers))
     for ax, step in zip(axes[0], steps):
         for lr, color in zip(lrs, colors):
@@ -200,8 +201,8 @@ def training_curves(members: list[dict], curves: dict):
         return None
     steps = sorted({m["pretrain_step"] for m in members})
     lrs = sorted({m["lr"] for m in members})
-    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(len(lrs), 1)))
-    fig, axes = plt.subplots(1, len(steps), figsize=(min(3.4 * len(steps), 14), 3.6), sharey=True, squeeze=False)
+    colors = colormap("viridis")(np.linspace(0.1, 0.85, max(len(lrs), 1)))
+    fig, axes = subplots(1, len(steps), figsize=(min(3.4 * len(steps), 14), 3.6), sharey=True, squeeze=False)
     for ax, start in zip(axes[0], steps):
         for lr, color in zip(lrs, colors):
             mine = [m for m in members if m["pretrain_step"] == start and m["lr"] == lr]

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxlmc import data, faults, grid, loop, memory, models, rundir, shard, sizes, tasks, train
+from jaxlmc import data, faults, grid, loop, memory, models, rundir, shard, sizes, tasks, train, trainer
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.pretraining import check_revisions, check_sources, pretrain, pretraining_complete
 
@@ -52,14 +52,8 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
     fit = members_per_program(cfg, chunk_fn, params_M, consts, device_data, n_train)
     with run.checkpoints(rundir.CHECKPOINTS, keep_steps=f.save_steps, keep_latest=2) as manager:
         if fit >= num_members or f.steps in manager.verified_steps():
-            mesh = shard.member_mesh(num_members)
-            state = shard.shard_members(train.init_state(params_M, f.optimizer, f.momentum, n_train), mesh)
-            latest, restored = manager.resume(shard.abstract(state), required=f.save_steps)
-            state = state if restored is None else restored
-            if latest != f.steps:
-                state = _train_part(cfg, chunk_fn, state, shard.shard_members(consts, mesh),
-                                    shard.replicate(device_data, mesh), run, manager, rundir.FINETUNE_CURVES,
-                                    latest, "finetune", progress)
+            state = _train_part(cfg, chunk_fn, params_M, consts, device_data, manager,
+                                run.curves_file(rundir.FINETUNE_CURVES), "finetune", progress)
         else:
             state = _train_in_parts(cfg, run, chunk_fn, params_M, consts, device_data, fit, manager, progress)
 
@@ -147,21 +141,18 @@ def members_per_program(cfg: Config, chunk_fn, params_M, consts, device_data, n_
     return memory.largest_fit(footprint, budget, limit=num_members)
 
 
-def _train_part(cfg: Config, chunk_fn, state, consts, device_data, run: rundir.RunDir, manager, curves_name: str,
-                latest: int | None, label: str, progress: loop.Progress | None):
-    """Train a state restored from step `latest` (None: a new one) to finetune.steps, saving checkpoints with
-    `manager` and the training curves in `curves_name`."""
+def _train_part(cfg: Config, chunk_fn, params_M, consts, device_data, manager, curves_file, label: str,
+                progress: loop.Progress | None):
+    """Members starting at `params_M` trained to finetune.steps in one program (jaxlmc.trainer), resumed from and
+    saved with `manager` (at run.checkpoint_every and finetune.save_steps), their curves kept in `curves_file`."""
     f = cfg.finetune
+    mesh = shard.member_mesh(jax.tree.leaves(params_M)[0].shape[0])
+    state = shard.shard_members(train.init_state(params_M, f.optimizer, f.momentum, device_data["y"].shape[0]), mesh)
     save_at = set(range(cfg.run.checkpoint_every, f.steps, cfg.run.checkpoint_every)) | set(f.save_steps)
-    num_members = state["diverged"].shape[0]
-    saved_curves = run.read_npz(curves_name) if run.exists(curves_name) and latest is not None else None
-
-    def save(step, state, curves):
-        run.write_npz(curves_name, curves.arrays(num_members))  # first: the curves may be ahead, never behind
-        manager.save(step, state)
-
-    return loop.train_to(label, chunk_fn, state, consts, device_data, f.steps, cfg.run.chunk_steps, save_at, save,
-                         progress, loop.Curves.from_arrays(saved_curves, upto=latest or 0))
+    state, _ = trainer.train_resumable(label, manager, state, chunk_fn, shard.shard_members(consts, mesh),
+                                       shard.replicate(device_data, mesh), f.steps, cfg.run.chunk_steps, save_at,
+                                       curves_file, required=f.save_steps, progress=progress)
+    return state
 
 
 def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts, device_data, fit: int, manager,
@@ -176,18 +167,10 @@ def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts,
     finished = []
     for k, members in enumerate(np.array_split(np.arange(num_members), num_parts)):
         take = jnp.asarray(members)
-        part_params = jax.tree.map(lambda a: a[take], params_M)
-        part_consts = jax.tree.map(lambda a: a[take], consts)
-        mesh = shard.member_mesh(len(members))
-        state = shard.shard_members(
-            train.init_state(part_params, f.optimizer, f.momentum, device_data["y"].shape[0]), mesh)
+        part = lambda tree: jax.tree.map(lambda a: a[take], tree)  # noqa: E731
         with run.checkpoints(run.part(k), keep_steps=f.save_steps, keep_latest=2) as part_manager:
-            latest, restored = part_manager.resume(shard.abstract(state), required=f.save_steps)
-            state = state if restored is None else restored
-            if latest != f.steps:
-                state = _train_part(cfg, chunk_fn, state, shard.shard_members(part_consts, mesh),
-                                    shard.replicate(device_data, mesh), run, part_manager, run.part_curves(k),
-                                    latest, f"finetune {k + 1}/{num_parts}", progress)
+            state = _train_part(cfg, chunk_fn, part(params_M), part(consts), device_data, part_manager,
+                                run.curves_file(run.part_curves(k)), f"finetune {k + 1}/{num_parts}", progress)
         finished.append(jax.tree.map(shard.to_host, state))
 
     def stacked(states):

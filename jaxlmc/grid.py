@@ -14,7 +14,7 @@ import typing
 import jax.numpy as jnp
 
 from jaxlmc import train
-from jaxlmc.config import Config, FinetuneConfig, GridAxis
+from jaxlmc.settings import Config, FinetuneConfig, GridAxis
 
 
 Axis = GridAxis  # a declaration with its `field` and `type` filled in
@@ -136,3 +136,6 @@ def varied_names(rows: list[dict], besides: tuple[str, ...]) -> list[str]:
             if a.cell and a.column not in besides and len({r[a.column] for r in rows}) > 1]
 
 
+def step_label(step: int) -> str:
+    """A pretraining step as the report names it: the scratch control (step −1) is "scratch"."""
+    return "scratch" if step < 0 else str(step)

@@ -1,37 +1,36 @@
 """Pair curves on plain arrays: every requested pair of members (and, optionally, every member to a reference point)
 interpolated and evaluated in one compiled pass (jaxlmc.barriers), with weight or activation matching (jaxlmc.permute),
 REPAIR (jaxlmc.repair) and Bezier curves (jaxlmc.curves) on the same pairs; and the per-pair barrier columns of
-barriers/pairs.csv. Nothing here reads a config or a run directory: the barrier stage (jaxlmc.measure) and the
+barriers/pairs.csv. Nothing here reads a config or a run directory: the barrier stage (jaxlmc.barrier_stage) and the
 library's `pair_barriers` (jaxlmc.library) are its two clients.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, decide, loop, memory, models, permute, shard, spec_check, stats, train
-from jaxlmc.curves import make_curve_eval, make_train_bends
-from jaxlmc.measures import PAIR_MEASURES
+from jaxlmc import decide, loop, memory, models, paths, permute, shard, spec_check, stats, train
+from jaxlmc.measures import PAIR_MEASURES, BezierSettings, chosen
 from jaxlmc.settings import DEFAULT_ALPHAS
 
 ALIGN_METHODS = ("weights", "activations")
 
 
 @dataclasses.dataclass
-class Curves:
-    """The compiled pass's output: curves of the member pairs, of each member to its reference (when asked), of the
-    aligned member pairs (when aligning), after REPAIR and along trained Bezier curves; {split: (loss_PxAxR1,
-    err_PxAxR1)} each, the last axis holding the curve on the evaluation set itself and then on each of its
-    resamplings."""
+class PairCurves:
+    """The compiled pass's output: the member pairs' curves under every measure computed (`measures`, by measure name,
+    the straight line "straight" first: jaxlmc.measures) and each member's line to its reference (`to_start`, when
+    asked); {split: (loss_PxAxR1, err_PxAxR1)} each, the last axis holding the curve on the evaluation set itself and
+    then on each of its resamplings."""
 
     alphas: np.ndarray
-    pairs: dict
+    measures: dict
     to_start: dict
-    aligned: dict
     dist_P: np.ndarray
     cos_P: np.ndarray
     dist_K: np.ndarray
@@ -40,22 +39,12 @@ class Curves:
     seconds: float
     align_seconds: float
     perms: list | None = None  # the permutations of each member pair (with alignment)
-    repaired: dict = dataclasses.field(default_factory=dict)
-    curved: dict = dataclasses.field(default_factory=dict)
-    curve_seconds: float = 0.0
-    extra: dict = dataclasses.field(default_factory=dict)  # {suffix: curves} of the registered pair measures
+    measure_seconds: dict = dataclasses.field(default_factory=dict)  # {name: seconds} of the measures beyond the line
 
-
-@dataclasses.dataclass(frozen=True)
-class BezierSettings:
-    """A quadratic Bezier curve trained between each pair (Garipov et al. 2018): `steps` of SGD at `lr` on batches of
-    `batch_size` from the training arrays `x`, `y`."""
-
-    steps: int
-    lr: float
-    batch_size: int
-    x: np.ndarray
-    y: np.ndarray
+    @property
+    def pairs(self) -> dict:
+        """The straight line's curves."""
+        return self.measures["straight"]
 
 
 def eval_sets(named: dict[str, tuple], batch_size: int = 1000, resamples: int = 0) -> dict[str, tuple]:
@@ -74,22 +63,27 @@ def _probe_examples(eval_sets: dict, count: int = 4):
 def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]], eval_sets: dict, *,
                 num_alphas: int = DEFAULT_ALPHAS, start_K: dict | None = None, reference_K: dict | None = None,
                 chunk_pairs: int = 0, memory_fraction: float = 0.5, align: str | None = None, align_x=None,
-                repair_x=None, bezier: BezierSettings | None = None, status=None,
-                progress: loop.Progress | None = None) -> Curves:
+                repair_x=None, bezier: BezierSettings | None = None, measures: Sequence[str] = (), status=None,
+                progress: loop.Progress | None = None) -> PairCurves:
     """The curves of `pairs` (indices into the member axis of `params_K`) on `eval_sets` (`eval_sets`), and of each
     member to its `reference_K` (None: no to-start curves), in one compiled pass sharded over the devices.
 
     `start_K` is where each member started (the updates θ − start give update_cos; None: NaN). `align`: "weights"
-    (weight matching) or "activations" (activation matching on `align_x`), then the same pass on the aligned pairs;
-    `repair_x`: REPAIR every interior point on those examples (on the pairs as compared: aligned when aligning);
-    `bezier`: train a Bezier curve per pair and evaluate along it. `chunk_pairs` 0: the largest chunk whose scratch
-    memory fits `memory_fraction` of the free memory. `progress` shows the pairs evaluated (naive, aligned and
+    (weight matching) or "activations" (activation matching on `align_x`), then the "aligned" measure; `repair_x`:
+    the "repair" measure (REPAIR every interior point on those examples, on the pairs as compared: aligned when
+    aligning); `bezier`: the "curve" measure (a Bezier curve trained per pair); `measures`: further registered pair
+    measures by name (jaxlmc.measures). `chunk_pairs` 0: the largest chunk whose scratch memory fits
+    `memory_fraction` of the free memory. `progress` shows the pairs evaluated (the straight line, aligned and
     repaired passes together) as a bar named "barriers" whose steps are pairs (num_members 0: jaxlmc.loop.Progress).
     """
     if align not in (None, *ALIGN_METHODS):
         raise ValueError(f"align: {align!r} is not one of {ALIGN_METHODS} (or None)")
     if align == "activations" and align_x is None:
         raise ValueError('align="activations" needs examples to correlate the units on (align_x)')
+    names = [*(["aligned"] if align else []), *(["repair"] if repair_x is not None else []),
+             *(["curve"] if bezier is not None else []), *measures]
+    options = {"line": True, "tick": None, "repair_x": repair_x, "bezier": bezier}
+    computed = chosen(names, options, aligned=align is not None)
     num_members = jax.tree.leaves(params_K)[0].shape[0]
     bad = [p for p in pairs if not all(0 <= m < num_members for m in p)]
     if bad:
@@ -98,10 +92,10 @@ def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]
     both = jax.tree.map(lambda a, s: jnp.concatenate([a, s]), params_K, reference_K) if with_start else params_K
     start_pairs = [(k, num_members + k) for k in range(num_members)] if with_start else []
     pairs_Px2 = jnp.asarray(list(pairs) + start_pairs, jnp.int32).reshape(-1, 2)
-    alphas = barriers.alpha_grid(num_alphas)
+    alphas = paths.alpha_grid(num_alphas)
     resampled = next(iter(eval_sets.values()))
     with_resamples = (lambda a: a) if len(resampled) > 3 else (lambda a: a[..., None])
-    chunk = chunk_pairs or barriers.auto_chunk_pairs(model, both, eval_sets, alphas, max(len(pairs_Px2), 1),
+    chunk = chunk_pairs or paths.auto_chunk_pairs(model, both, eval_sets, alphas, max(len(pairs_Px2), 1),
                                                      memory.memory_budget(memory_fraction))
     if status:
         status(f"{len(pairs)} member pairs + {len(start_pairs)} to-start pairs × {len(alphas)} α × "
@@ -109,24 +103,24 @@ def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]
     if align and pairs:  # a spec that is not a symmetry of the network would "align" pairs into other functions
         spec_check.check_spec(model, jax.tree.map(lambda a: a[0], params_K), _probe_examples(eval_sets))
     mesh = shard.device_mesh()
-    evaluated = len(pairs_Px2) + len(pairs) * (bool(align) + (repair_x is not None))
+    evaluated = len(pairs_Px2) + len(pairs) * sum("tick" in m.options or "line" in m.options for m in computed)
+    host = lambda tree: jax.tree.map(lambda a: with_resamples(shard.to_host(a)), tree)  # noqa: E731
     with (progress or loop.silent)("barriers", evaluated, 0, 0) as bar:
         # Once per pair, from inside the compiled pass; none without a bar (no host callback in the program then).
         tick = (lambda: bar.advance(1, None)) if progress else None
-        curves_fn = barriers.make_curves(model, alphas, chunk, mesh=mesh, tick=tick)
-        host = lambda tree: jax.tree.map(lambda a: with_resamples(shard.to_host(a)), tree)  # noqa: E731
+        line_fn = paths.make_path_eval(model, paths.straight(), alphas, chunk, mesh, tick)
         start_time = time.perf_counter()
-        lines = host(curves_fn(*shard.replicate((both, pairs_Px2, eval_sets), mesh))) if len(pairs_Px2) else {}
+        lines = host(line_fn(*shard.replicate((both, pairs_Px2, eval_sets), mesh))) if len(pairs_Px2) else {}
         seconds = time.perf_counter() - start_time  # includes compilation: what the researcher waits for
         member_pairs_Px2 = pairs_Px2[:len(pairs)]
         if pairs:
             geometry_start = params_K if start_K is None else start_K
-            dist_P, cos_P = map(np.asarray, barriers.pair_geometry(params_K, geometry_start, member_pairs_Px2))
+            dist_P, cos_P = map(np.asarray, paths.pair_geometry(params_K, geometry_start, member_pairs_Px2))
             if start_K is None:
                 cos_P = np.full_like(cos_P, np.nan)
         else:
             dist_P = cos_P = np.zeros((0,), np.float32)
-        aligned, align_seconds, perms = {}, 0.0, None
+        align_seconds, perms = 0.0, None
         if align and pairs:
             start_time = time.perf_counter()
             if align == "activations":
@@ -134,38 +128,26 @@ def pair_curves(model: models.Model, params_K: dict, pairs: list[tuple[int, int]
             else:
                 perms = permute.match_pairs(model, params_K, pairs)
             align_seconds = time.perf_counter() - start_time
-            aligned = host(curves_fn(*shard.replicate((params_K, member_pairs_Px2, eval_sets,
-                                                       [jnp.asarray(p) for p in perms]), mesh)))
-        perm_args = ([jnp.asarray(p) for p in perms],) if perms is not None else ()
-        repaired = {}
-        if repair_x is not None and pairs:
-            repair_fn = barriers.make_curves(model, alphas, chunk, mesh=mesh, repair_x=jnp.asarray(repair_x),
-                                             tick=tick)
-            repaired = host(repair_fn(*shard.replicate((params_K, member_pairs_Px2, eval_sets) + perm_args, mesh)))
-    curved, curve_seconds = {}, 0.0
-    if bezier is not None and pairs:
-        start_time = time.perf_counter()
-        train_bends = make_train_bends(model, bezier.steps, bezier.batch_size, bezier.lr, len(bezier.y),
-                                       chunk_pairs=chunk)
-        bends_P = train_bends(params_K, member_pairs_Px2, {"x": jnp.asarray(bezier.x), "y": jnp.asarray(bezier.y)},
-                              jax.random.key(0), *perm_args)
-        curve_fn = make_curve_eval(model, alphas, chunk, mesh=mesh)
-        curved = host(curve_fn(*shard.replicate((params_K, bends_P, member_pairs_Px2, eval_sets) + perm_args, mesh)))
-        curve_seconds = time.perf_counter() - start_time
-    extra = {}
-    for suffix, measure in PAIR_MEASURES.items():
-        if measure.compute is not None and pairs:
-            extra[suffix] = host(measure.compute(model, params_K, member_pairs_Px2, eval_sets, alphas, chunk, mesh,
-                                                 perm_args[0] if perm_args else None))
-    num_pairs = len(pairs)
+        num_pairs = len(pairs)
+        by_measure = {"straight": {s: (c[0][:num_pairs], c[1][:num_pairs]) for s, c in lines.items()}}
+        measure_seconds = {}
+        options = {**options, "line": line_fn, "tick": tick}
+        for measure in computed[1:]:
+            if not pairs:
+                by_measure[measure.name] = {}
+                continue
+            start_time = time.perf_counter()
+            args = shard.replicate((params_K, member_pairs_Px2, eval_sets,
+                                    None if perms is None else [jnp.asarray(p) for p in perms]), mesh)
+            by_measure[measure.name] = host(measure.compute(model, *args[:3], alphas, chunk, mesh, args[3],
+                                                            **{k: options[k] for k in measure.options}))
+            measure_seconds[measure.name] = time.perf_counter() - start_time
     dist_K = np.asarray(jax.vmap(models.tree_l2)(params_K, reference_K)) if with_start else np.zeros((0,))
-    return Curves(
-        alphas=alphas,
-        pairs={s: (c[0][:num_pairs], c[1][:num_pairs]) for s, c in lines.items()},
+    return PairCurves(
+        alphas=alphas, measures=by_measure,
         to_start={s: (c[0][num_pairs:], c[1][num_pairs:]) for s, c in lines.items()} if with_start else {},
-        aligned=aligned, dist_P=dist_P, cos_P=cos_P, dist_K=dist_K, chunk=chunk, splits=list(eval_sets),
-        seconds=seconds, align_seconds=align_seconds, perms=perms, repaired=repaired, curved=curved,
-        curve_seconds=curve_seconds, extra=extra)
+        dist_P=dist_P, cos_P=cos_P, dist_K=dist_K, chunk=chunk, splits=list(eval_sets),
+        seconds=seconds, align_seconds=align_seconds, perms=perms, measure_seconds=measure_seconds)
 
 
 def curve_columns(curves: dict, alphas: np.ndarray, suffix: str = "") -> dict[str, np.ndarray]:
@@ -182,17 +164,16 @@ def curve_columns(curves: dict, alphas: np.ndarray, suffix: str = "") -> dict[st
                     columns[f"{name}_floor"] = stats.floor_of(null_PxR)
                     columns[f"{name}_null"] = null_PxR.mean(axis=1)
                     columns[f"{name}_null_se"] = null_PxR.std(axis=1, ddof=1) / np.sqrt(null_PxR.shape[1])
-            columns[f"{metric}_mid_{split}{suffix}"] = barriers.midpoint(curve[..., 0], alphas)
+            columns[f"{metric}_mid_{split}{suffix}"] = stats.midpoint(curve[..., 0], alphas)
     return columns
 
 
-def pair_columns(curves: Curves) -> dict[str, np.ndarray]:
+def pair_columns(curves: PairCurves) -> dict[str, np.ndarray]:
     """Every per-pair column of barriers/pairs.csv that the curves hold: each comparison's barriers, floors and
     midpoints, the distance and the cosine of the updates."""
     columns = {}
-    for suffix, measure in PAIR_MEASURES.items():
-        by_set = getattr(curves, measure.field) if measure.field else curves.extra.get(suffix, {})
-        columns.update(curve_columns(by_set, curves.alphas, suffix))
+    for name, by_set in curves.measures.items():
+        columns.update(curve_columns(by_set, curves.alphas, PAIR_MEASURES.lookup(name).suffix))
     columns["dist"], columns["update_cos"] = curves.dist_P, curves.cos_P
     return columns
 

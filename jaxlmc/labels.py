@@ -9,21 +9,21 @@ from typing import Callable
 
 import numpy as np
 
+from jaxlmc.registry import Registry
+
 LabelMap = Callable[[np.ndarray, int], tuple[np.ndarray, int]]
 
-LABEL_MAPS: dict[str, LabelMap | None] = {
+LABEL_MAPS: Registry[LabelMap | None] = Registry("label map", {
     "identity": None,
     "mod5": lambda y, c: (y % 5, 5),
     "parity": lambda y, c: (y % 2, 2),
     "reverse": lambda y, c: (c - 1 - y, c),
     "next_token": None,
     "masked_token": None,
-}
+})
 LANGUAGE_MODELLING = ("next_token", "masked_token")  # label maps of a task without labels: a label per position
 
 
 def register_label_map(name: str, mapping: LabelMap) -> None:
-    """Make `name` usable as a label map. A name already taken is refused."""
-    if name in LABEL_MAPS:
-        raise ValueError(f"label map {name!r} is already registered")
-    LABEL_MAPS[name] = mapping
+    """Make `name` usable as a label map (LABEL_MAPS.register). A name already taken is refused."""
+    LABEL_MAPS.register(name, mapping)

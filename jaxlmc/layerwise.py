@@ -1,6 +1,6 @@
 """Layer-wise barriers of a finished run (`barriers.layerwise`): each layer group of a member pair interpolated alone
 while the rest stays at the first member, every group × pair × α in one compiled pass (jaxlmc.barriers), with
-member-bootstrap CIs per cell. Called by jaxlmc.measure's barrier stage; `run` is its FinishedRun.
+member-bootstrap CIs per cell. Called by jaxlmc.barrier_stage's barrier stage; `run` is its FinishedRun.
 """
 from __future__ import annotations
 
@@ -10,25 +10,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, grid, memory, shard, stats, tasks
+from jaxlmc import grid, memory, paths, shard, stats, tasks
 from jaxlmc.config import Config
 
 
 def layer_barriers(cfg: Config, run, pairs: list[tuple[int, int]], perms: list | None,
                    status=None) -> tuple[list[dict], list[dict], float]:
     """(rows, summary, seconds) of the layer-wise barriers of the member pairs on the test set: every layer group ×
-    pair × α in one compiled pass (barriers.make_layer_curves), naive and, with `perms`, aligned. Rows: one per pair
+    pair × α in one compiled pass (paths.layer_wise), naive and, with `perms`, aligned. Rows: one per pair
     and group; summary: one per cell and group, the mean over the cell's pairs with its member-bootstrap CI."""
-    alphas = barriers.alpha_grid(cfg.barriers.alphas)
+    alphas = paths.alpha_grid(cfg.barriers.alphas)
     groups = run.model.layer_groups(jax.tree.map(lambda a: a[0], run.params_M))
     test = {"test": tasks.eval_sets(cfg, run.task)["test"]}
-    chunk = cfg.barriers.chunk_pairs or max(1, barriers.auto_chunk_pairs(
+    chunk = cfg.barriers.chunk_pairs or max(1, paths.auto_chunk_pairs(
         run.model, run.params_M, test, alphas, len(pairs), memory.memory_budget(cfg.barriers.memory_fraction))
         // len(groups))
     if status:
         status(f"layer-wise: {len(pairs)} pairs × {len(groups)} layer groups × {len(alphas) - 1} α")
     mesh = shard.device_mesh()
-    fn = barriers.make_layer_curves(run.model, alphas, chunk, groups, mesh=mesh)
+    fn = paths.make_path_eval(run.model, paths.layer_wise(groups), alphas, chunk, mesh=mesh)
     pairs_Px2 = jnp.asarray(pairs, jnp.int32).reshape(-1, 2)
     start_time = time.perf_counter()
     variants = {"": fn(*shard.replicate((run.params_M, pairs_Px2, test), mesh))}

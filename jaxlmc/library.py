@@ -14,7 +14,6 @@ summary's those of barriers/summary.csv.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 import os
@@ -23,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import (barriers, ckpt, data, decide, files, grid, interpolation, layout, loop, models, optimizers, shard,
-                    spec_check, stats, train)
+from jaxlmc import (ckpt, data, decide, files, grid, interpolation, layout, loop, models, optimizers, pair_sets, paths,
+                    rundir, shard, spec_check, stats, train, trainer)
 from jaxlmc.settings import DEFAULT_ALPHAS, FinetuneConfig
 
 # The per-member hyperparameters `fit` takes, in the grid's nesting order (seeds innermost), with their members.csv
@@ -151,11 +150,12 @@ def _open_directory(directory: str, settings: dict) -> None:
     path = os.path.join(directory, layout.FIT_SETTINGS)
     if os.path.exists(path):
         with open(path) as f:
-            before = json.load(f)
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            before = json.loads(f.read())
+        changed = rundir.settings_changes(before, json.loads(json.dumps(settings, default=str)))
         if changed:
-            raise ValueError(f"{directory} holds a fit with other {', '.join(changed)}: resume it with the same "
-                             "arguments, or give another directory")
+            names = ", ".join(c.split(":")[0] for c in changed)
+            raise ValueError(f"{directory} holds a fit with other {names} ({'; '.join(c[:80] for c in changed)}): "
+                             "resume it with the same arguments, or give another directory")
         return
     files.write_atomic(path, json.dumps(settings, indent=1, default=str), os.path.abspath(directory))
 
@@ -207,35 +207,19 @@ def fit(model, train_data, *, steps: int, batch_size: int, lr, seeds=1, weight_d
     consts = shard.shard_members(consts, mesh)
     save_at = set(range(checkpoint_every, steps, checkpoint_every)) if checkpoint_every else set()
     if directory is None:
-        curves = loop.Curves()
+        curves = loop.TrainingCurves()
         state = loop.train_to("fit", chunk_fn, state, consts, device_data, steps, chunk_steps, set(),
                               lambda *_: None, progress, curves)
         curves_arrays = curves.arrays(len(rows))
     else:
         _open_directory(directory, _settings(model, rows, steps, batch_size, warmup_steps, optimizer, momentum,
                                              seed_offset, x, y, start_M, compute_dtype))
-        root = os.path.abspath(directory)
-        curves_path = os.path.join(root, layout.FIT_CURVES)
-        with ckpt.Checkpoints(os.path.join(root, layout.FIT_CHECKPOINTS), root=root) as manager:
-            latest, restored = manager.resume(shard.abstract(state))
-            state = state if restored is None else restored
-            saved = None
-            if latest is not None and os.path.exists(curves_path):
-                with np.load(curves_path) as archive:
-                    saved = dict(archive)
-            curves = loop.Curves.from_arrays(saved, upto=latest or 0)
-
-            def save(step, state, curves):
-                buffer = io.BytesIO()
-                np.savez(buffer, **curves.arrays(len(rows)))
-                files.write_atomic(curves_path, buffer.getvalue(), root)  # first: ahead of the checkpoint, never behind
-                manager.save(step, state)
-
-            if latest != steps:
-                state = loop.train_to("fit", chunk_fn, state, consts, device_data, steps, chunk_steps, save_at, save,
-                                      progress, curves)
-        with np.load(curves_path) as archive:
-            curves_arrays = dict(archive)
+        run = rundir.RunDir(directory)
+        with ckpt.Checkpoints(run.path(layout.FIT_CHECKPOINTS), root=run.root) as manager:
+            state, curves = trainer.train_resumable("fit", manager, state, chunk_fn, consts, device_data, steps,
+                                                    chunk_steps, save_at, run.curves_file(layout.FIT_CURVES),
+                                                    progress=progress)
+        curves_arrays = curves.arrays(len(rows))
     return _finish(model, rows, state, start_M, x, y, train_eval_size, fit_margin, curves_arrays)
 
 
@@ -264,7 +248,7 @@ class Barriers:
     members: Members
     pairs: list[dict]
     to_start: list[dict]
-    curves: interpolation.Curves
+    curves: interpolation.PairCurves
     layers: list[dict] = dataclasses.field(default_factory=list)  # per pair and layer group (layerwise=True)
 
     def summary(self, margin: float = decide.MARGIN) -> list[dict]:
@@ -280,7 +264,8 @@ class Barriers:
 
 
 def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | None = None, align_x=None,
-                  repair_x=None, num_alphas: int = DEFAULT_ALPHAS, noise_resamples: int = 100, to_start: bool = False,
+                  repair_x=None, measures: list[str] | tuple[str, ...] = (), num_alphas: int = DEFAULT_ALPHAS,
+                  noise_resamples: int = 100, to_start: bool = False,
                   layerwise: bool = False, chunk_pairs: int = 0, eval_batch_size: int = 1000,
                   status=None, progress: loop.Progress | None = None) -> Barriers:
     """Interpolate between members: loss and error along θ(α) = (1 − α)·θᵢ + α·θⱼ on `num_alphas` points, for every
@@ -290,7 +275,8 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
     that differ only in their seed), "all", or a list of (i, j). Diverged and unfit members are left out. `align`:
     "weights" (weight matching; the model needs a permutation spec) or "activations" (activation matching on
     `align_x`; the module needs `unit_activations`) adds the `_aligned` columns; `repair_x` (examples) the `_repair`
-    columns (REPAIR, on the aligned pairs when aligning); `noise_resamples` bootstrap resamplings of each evaluation
+    columns (REPAIR, on the aligned pairs when aligning); `measures` further registered pair measures by name
+    (jaxlmc.measures: a path of one's own), each its columns; `noise_resamples` bootstrap resamplings of each evaluation
     set give every barrier a noise floor (`_floor`); `to_start` adds each member's curve to its own start;
     `layerwise` the layer-wise barriers (Adilova et al. 2024: one top-level parameter group interpolated at a time,
     aligned too when aligning) in `Barriers.layers`. `progress` (e.g. jaxlmc.ui.TrainingProgress) shows the pairs as
@@ -313,11 +299,11 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
     cells: dict = {}
     for r in sorted(table, key=lambda r: r.get("seed", 0)):
         cells.setdefault(tuple(r[k] for k in members.cell_keys), []).append(r["member"])
-    requested = barriers.pair_design(pairs, cells, len(table)) if isinstance(pairs, str) else None
+    requested = pair_sets.pair_design(pairs, cells, len(table)) if isinstance(pairs, str) else None
     if isinstance(pairs, str) and requested is None:
         raise ValueError(f'pairs: {pairs!r} is neither "within", "ring:K", "all" nor a list of (i, j)')
     if requested is None:
-        requested = barriers.check_pairs([(int(i), int(j)) for i, j in pairs], len(table), "pairs: ")
+        requested = pair_sets.check_pairs([(int(i), int(j)) for i, j in pairs], len(table), "pairs: ")
     usable = set(used)
     kept = [p for p in requested if p[0] in usable and p[1] in usable]
     position = {m: k for k, m in enumerate(used)}
@@ -327,7 +313,7 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
         members.model, sub(members.params), [(position[i], position[j]) for i, j in kept],
         interpolation.eval_sets(named, eval_batch_size, noise_resamples), num_alphas=num_alphas,
         start_K=sub(members.start), reference_K=sub(members.start) if to_start else None, chunk_pairs=chunk_pairs,
-        align=align, align_x=align_x, repair_x=repair_x, status=status, progress=progress)
+        align=align, align_x=align_x, repair_x=repair_x, measures=measures, status=status, progress=progress)
     columns = interpolation.pair_columns(curves)
     cell = lambda r: {k: r[k] for k in members.cell_keys}  # noqa: E731
     pair_rows = []
@@ -347,13 +333,13 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
     return Barriers(members, pair_rows, start_rows, curves, layer_rows)
 
 
-def _layer_rows(members: Members, params_K: dict, kept, pairs_K, named: dict, curves: interpolation.Curves,
+def _layer_rows(members: Members, params_K: dict, kept, pairs_K, named: dict, curves: interpolation.PairCurves,
                 eval_batch_size: int) -> list[dict]:
     """One row per pair and layer group: both barrier forms of loss and error on every set, naive and aligned."""
     model = members.model
     groups = model.layer_groups(jax.tree.map(lambda a: a[0], params_K))
     mesh = shard.device_mesh()
-    fn = barriers.make_layer_curves(model, curves.alphas, curves.chunk, groups, mesh=mesh)
+    fn = paths.make_path_eval(model, paths.layer_wise(groups), curves.alphas, curves.chunk, mesh=mesh)
     args = (params_K, jnp.asarray(pairs_K, jnp.int32), interpolation.eval_sets(named, eval_batch_size))
     variants = {"": fn(*shard.replicate(args, mesh))}
     if curves.perms is not None:

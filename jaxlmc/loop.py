@@ -4,9 +4,10 @@ keep the training curves, and stop cleanly on a signal.
 Progress reporting is passed in (`Progress`: a factory of context managers with `advance(n_steps, loss_nxM)`), so
 nothing below the CLI imports the terminal UI; jaxlmc.ui.TrainingProgress is the CLI's.
 
-Training curves (`Curves`): every member's mean training-batch loss and accuracy over each chunk, at the chunk's
+Training curves (`TrainingCurves`): every member's mean training-batch loss and accuracy over each chunk, at the chunk's
 last step. The caller's `save_fn(step, state, curves)` stores them beside each checkpoint (curves first: after a
-kill they are at most ahead of the checkpoint, and `Curves.upto` cuts them back to the step training resumes from).
+kill they are at most ahead of the checkpoint, and `TrainingCurves.from_arrays` cuts them back to the step training
+resumes from).
 
 Signals (jaxlmc.faults): inside the loop a first SIGINT/SIGTERM is acted on at the next chunk boundary: the state
 there is saved (unless it just was) and faults.Interrupted says the step and the last checkpoint. A second signal
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import ContextManager, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def boundaries(start: int, total: int, chunk_steps: int, stops: set[int]) -> lis
 
 
 @dataclasses.dataclass
-class Curves:
+class TrainingCurves:
     """Training curves: at each recorded step (a chunk's last), every member's mean batch loss and accuracy over
     the chunk (NaN where a member's loss was not finite: it diverged there)."""
 
@@ -64,7 +65,7 @@ class Curves:
     acc_KxM: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def from_arrays(cls, arrays: dict | None, upto: int) -> Curves:
+    def from_arrays(cls, arrays: dict | None, upto: int) -> TrainingCurves:
         """Saved curves (`arrays()`), cut back to the steps ≤ `upto` (where training resumes)."""
         if not arrays:
             return cls()
@@ -85,8 +86,17 @@ class Curves:
                 "acc_KxM": np.asarray(self.acc_KxM, np.float32) if self.step_K else empty}
 
 
+@dataclasses.dataclass(frozen=True)
+class CurvesFile:
+    """Where a training's curves are kept: `read()` -> the saved arrays (None when there are none), `write(arrays)`
+    (jaxlmc.rundir.RunDir.curves_file)."""
+
+    read: Callable[[], dict | None]
+    write: Callable[[dict], None]
+
+
 def run_loop(chunk_fn, state, consts, device_data, total_steps: int, chunk_steps: int, save_at: set[int],
-             save_fn, bar: ProgressBar, curves: Curves | None = None, halt_on_divergence: bool = False):
+             save_fn, bar: ProgressBar, curves: TrainingCurves | None = None, halt_on_divergence: bool = False):
     """Advance every member to `total_steps` in compiled chunks; save at the steps in `save_at` and at the end with
     `save_fn(step, state, curves)`.
 
@@ -97,7 +107,7 @@ def run_loop(chunk_fn, state, consts, device_data, total_steps: int, chunk_steps
     model that everything else starts from: pretraining) a non-finite training loss instead raises faults.Diverged
     naming the update where it happened, before anything after it is saved.
     """
-    curves = Curves() if curves is None else curves
+    curves = TrainingCurves() if curves is None else curves
     step = int(state["step"])
     saved = step if step > 0 else None  # a resumed state came from a checkpoint at its step
     pending = None
@@ -138,7 +148,8 @@ def run_loop(chunk_fn, state, consts, device_data, total_steps: int, chunk_steps
 
 
 def train_to(name: str, chunk_fn, state, consts, device_data, total_steps: int, chunk_steps: int, save_at: set[int],
-             save_fn, progress: Progress | None, curves: Curves | None = None, halt_on_divergence: bool = False):
+             save_fn, progress: Progress | None, curves: TrainingCurves | None = None,
+             halt_on_divergence: bool = False):
     """run_loop under a progress bar named `name` (none when `progress` is None)."""
     num_members = state["diverged"].shape[0]
     with (progress or silent)(name, total_steps, num_members, int(state["step"])) as bar:

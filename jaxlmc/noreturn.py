@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlmc import decide, grid, rundir, stats
-from jaxlmc.figures import step_label
+from jaxlmc.grid import step_label
 
 START_KEYS = tuple(k for k in grid.CELL_KEYS if k != "lr")  # what a start is: the cell but its rate
 PARTS = ("seeds", "start")  # what a rate can leave: the other seeds, the start

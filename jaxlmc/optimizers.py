@@ -11,6 +11,8 @@ from typing import Callable
 
 import optax
 
+from jaxlmc.registry import Registry
+
 Factory = Callable[..., optax.GradientTransformation]
 
 
@@ -22,14 +24,13 @@ def _sgd(lr, weight_decay, momentum) -> optax.GradientTransformation:
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum or None))
 
 
-OPTIMIZERS: dict[str, Factory] = {"adamw": _adamw, "sgd": _sgd}
+OPTIMIZERS: Registry[Factory] = Registry("optimizer", {"adamw": _adamw, "sgd": _sgd})
 
 
 def register_optimizer(name: str, factory: Factory) -> None:
-    """Make `name` usable as pretrain.optimizer and finetune.optimizer. A name already taken is refused."""
-    if name in OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r} is already registered")
-    OPTIMIZERS[name] = factory
+    """Make `name` usable as pretrain.optimizer and finetune.optimizer (OPTIMIZERS.register). A name already taken
+    is refused."""
+    OPTIMIZERS.register(name, factory)
 
 
 def from_optax(make_tx: Callable[..., optax.GradientTransformation], weight_decay: bool) -> Factory:
@@ -49,6 +50,4 @@ def make(name: str | Factory, momentum: float, lr, weight_decay) -> optax.Gradie
     """One member's optimiser: a registered name's, or a factory's own (`from_optax`)."""
     if callable(name):
         return name(lr, weight_decay, momentum)
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; registered: {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[name](lr, weight_decay, momentum)
+    return OPTIMIZERS.lookup(name)(lr, weight_decay, momentum)

@@ -18,6 +18,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from jaxlmc import memory
 from jaxlmc.models import Model
 from jaxlmc.permute import permute
 from jaxlmc.repair import repair, unit_stats
@@ -104,6 +105,12 @@ def bezier_curve() -> Path:
                 members_at_ends=False)
 
 
+def alpha_grid(num_alphas: int) -> np.ndarray:
+    if num_alphas < 3:
+        raise ValueError(f"an α grid needs at least 3 points (the ends and one interior point), got {num_alphas}")
+    return np.linspace(0.0, 1.0, num_alphas, dtype=np.float32)
+
+
 def check_grid(alphas) -> np.ndarray:
     """The α grid as float32, refused unless it increases from 0 to 1."""
     alphas = np.asarray(alphas, np.float32)
@@ -175,3 +182,44 @@ def make_path_eval(model: Model, path: Path, alphas, chunk_pairs: int, mesh=None
         return jax.tree.map(lambda a: a[:num_pairs], local(params_M, pad(pairs_Px2), eval_sets, *padded))
 
     return jax.jit(sharded)
+
+
+@jax.jit
+def pair_geometry(params_M, start_M, pairs_Px2):
+    """(dist_P, update_cos_P): ‖θᵢ − θⱼ‖ and the cosine similarity of the fine-tuning updates θᵢ − startᵢ, θⱼ − startⱼ.
+
+    Differences are taken per pair (never via ‖a‖² + ‖b‖² − 2a·b, which cancels catastrophically in float32 for
+    nearby fine-tunes); pairs are walked with `lax.map` so memory does not grow with their number.
+    """
+    flat = lambda tree: jnp.concatenate([a.reshape(a.shape[0], -1) for a in jax.tree.leaves(tree)], 1)  # noqa: E731
+    theta_MxD = flat(params_M)
+    update_MxD = theta_MxD - flat(start_M)
+    update_norm_M = jnp.linalg.norm(update_MxD, axis=1)
+
+    def one(pair_2):
+        i, j = pair_2[0], pair_2[1]
+        dist = jnp.linalg.norm(theta_MxD[i] - theta_MxD[j])
+        denom = update_norm_M[i] * update_norm_M[j]
+        cos = jnp.where(denom > 0, jnp.dot(update_MxD[i], update_MxD[j]) / jnp.where(denom > 0, denom, 1.0), jnp.nan)
+        return dist, cos
+
+    return lax.map(one, pairs_Px2, batch_size=min(64, pairs_Px2.shape[0]))
+
+
+def auto_chunk_pairs(model: Model, params_M, eval_sets, alphas, num_pairs: int, budget_bytes: int,
+                     max_chunk: int = 256) -> int:
+    """The largest chunk of pairs whose scratch memory fits `budget_bytes`, from XLA's own memory analysis.
+
+    The pass is compiled (not run) at two small chunk sizes; scratch memory is affine in the chunk size, so two
+    points give the cost per pair. Capped at `max_chunk` (past a few hundred pairs a chunk only costs memory) and at
+    the number of pairs.
+    """
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params_M, eval_sets))
+
+    def scratch(chunk):
+        fn = make_path_eval(model, straight(), alphas, chunk)
+        pairs = jax.ShapeDtypeStruct((chunk, 2), jnp.int32)
+        analysis = fn.lower(abstract[0], pairs, abstract[1]).compile().memory_analysis()
+        return None if analysis is None else analysis.temp_size_in_bytes
+
+    return memory.largest_fit(scratch, budget_bytes, limit=max(1, min(num_pairs, max_chunk)), probes=(1, 4))

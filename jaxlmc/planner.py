@@ -21,7 +21,7 @@ import functools
 import numpy as np
 import scipy.stats
 
-from jaxlmc import barriers, decide, grid, stats
+from jaxlmc import decide, grid, pair_sets, stats
 
 Z_NULL = scipy.stats.norm.ppf(0.95)  # the floor is the null's 95 % quantile
 
@@ -30,8 +30,8 @@ def design_pairs(seeds: int, degree: int) -> list[tuple[int, int]]:
     """The seed pairs of a design with `degree` pairs per seed: a ring (degree/2 next seeds), or all pairs when
     degree ≥ seeds − 1."""
     if degree >= seeds - 1:
-        return barriers.pairs_all(range(seeds))
-    return barriers.pairs_ring({0: list(range(seeds))}, degree // 2)
+        return pair_sets.pairs_all(range(seeds))
+    return pair_sets.pairs_ring({0: list(range(seeds))}, degree // 2)
 
 
 def jackknife_coefficients(seeds: int, pairs: list[tuple[int, int]]) -> tuple[float, float]:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import analysis, faults, hf, loop, models, rundir, shard, sizes, tasks, train
+from jaxlmc import analysis, faults, hf, loop, models, rundir, shard, sizes, tasks, train, trainer
 from jaxlmc.config import Config, ConfigError
 
 
@@ -47,30 +47,19 @@ def pretrain(cfg: Config, out: str, progress: loop.Progress | None = None,
     mesh = shard.global_mesh()
     state = shard.replicate(train.init_state(params_1, p.optimizer, p.momentum, n_train), mesh)
     consts = shard.replicate(consts, mesh)
+    abstract = shard.abstract(state)
+    save_at = set(p.save_steps) | set(range(cfg.run.checkpoint_every, p.steps, cfg.run.checkpoint_every))
+    chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps,
+                                      member_group=cfg.run.member_group, compute_dtype=cfg.run.compute_dtype)
+    device_data = shard.replicate({"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}, mesh)
     with run.checkpoints(rundir.PRETRAIN_CHECKPOINTS, keep_steps=p.save_steps) as manager:
         on_disk = manager.steps()
-        latest, restored = manager.resume(shard.abstract(state), required=p.save_steps)
-        if latest is not None:
-            state = restored
-        _say_what_is_retrained(cfg, run, manager.directory, on_disk, latest)
-        curves = loop.Curves.from_arrays(run.read_npz(rundir.PRETRAIN_CURVES) if run.exists(rundir.PRETRAIN_CURVES)
-                                         else None, upto=latest or 0)
-
-        def save(step, state, curves):
-            run.write_npz(rundir.PRETRAIN_CURVES, curves.arrays(1))
-            manager.save(step, state)
-
-        if latest is None and 0 in p.save_steps:
-            save(0, state, curves)
-
-        save_at = set(p.save_steps) | set(range(cfg.run.checkpoint_every, p.steps, cfg.run.checkpoint_every))
-        chunk_fn = train.make_train_chunk(model, p.optimizer, p.momentum, p.batch_size, n_train, cfg.run.chunk_steps,
-                                          member_group=cfg.run.member_group, compute_dtype=cfg.run.compute_dtype)
-        device_data = shard.replicate({"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}, mesh)
-        abstract = shard.abstract(state)
         try:
-            loop.train_to("pretrain", chunk_fn, state, consts, device_data, p.steps, cfg.run.chunk_steps, save_at,
-                          save, progress, curves, halt_on_divergence=True)
+            trainer.train_resumable(
+                "pretrain", manager, state, chunk_fn, consts, device_data, p.steps, cfg.run.chunk_steps, save_at,
+                run.curves_file(rundir.PRETRAIN_CURVES), required=p.save_steps, save_start=0 in p.save_steps,
+                progress=progress, halt_on_divergence=True,
+                on_resume=lambda latest: _say_what_is_retrained(cfg, run, manager.directory, on_disk, latest))
         except faults.Diverged as diverged:
             kept = [s for s in sorted(set(p.save_steps)) if s < diverged.step and s in manager.steps()]
             rows = _checkpoint_rows(cfg, model, task, manager, kept, abstract, mesh)

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from jaxlmc import finetuning, loop, measure, noreturn, rundir, stats
+from jaxlmc import barrier_stage, finetuning, loop, noreturn, rundir, stats
 from jaxlmc.config import Config
 
 # The brackets refined: (column prefix in critical.csv, its short name): the combined statistic, the seeds' and the
@@ -105,7 +105,7 @@ def _train_round(cfg: Config, run: rundir.RunDir, one: rundir.RunDir, lrs: list[
     run.share_pretraining(one)
     rows = finetuning.finetune(one_cfg, one.root, progress=progress)
     # (rates at which nothing trains are data: they bracket the trainability edge)
-    measure.barriers_of_run(one_cfg, one.root, allow_unusable=True, progress=progress)
+    barrier_stage.barriers_of_run(one_cfg, one.root, allow_unusable=True, progress=progress)
     marker = {"lrs": lrs, "reasons": {f"{lr:g}": why for lr, why in wanted.items()}, "members": len(rows),
               "unusable": sum(bool(r["diverged"] or r.get("unfit")) for r in rows),
               "seconds": time.perf_counter() - started}

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxlmc import decide, figures, figures_trends, grid, noreturn, rundir, stats, verdicts
 from jaxlmc.config import ConfigError
-from jaxlmc.figures import step_label
+from jaxlmc.grid import step_label
 from jaxlmc.measures import PAIR_MEASURES
 
 __all__ = ["build_summary", "headline", "render", "render_scaling", "step_label"]
@@ -141,8 +141,8 @@ def summary_table(summary: list[dict] = ()) -> list[tuple[str, str]]:
             (f"{head}_excess_ci_hi", "CI hi"), (f"{head}_ci_hi", "barrier CI hi"),
             (f"{head}_excess_min_detectable", "detectable"), ("verdict", "verdict"),
             (f"{endpoint}_mean", "endpoint-mean"),
-            *[(f"error_barrier_test{suffix}_mean", m.label) for suffix, m in PAIR_MEASURES.items()
-              if suffix not in ("", "_aligned")],
+            *[(f"error_barrier_test{m.suffix}_mean", m.label) for m in PAIR_MEASURES.values()
+              if m.suffix not in ("", "_aligned")],
             ("loss_barrier_test_mean", "loss barrier"), ("error_barrier_ood_mean", "OOD err barrier"),
             ("start_error_barrier_test_lin_mean", "to start"), ("start_error_barrier_test_lin_excess_mean", "excess"),
             ("start_verdict", "verdict"),

@@ -20,7 +20,7 @@ from importlib import metadata
 import jax
 import numpy as np
 
-from jaxlmc import ckpt, faults, files, lock, shard
+from jaxlmc import ckpt, faults, files, lock, loop, shard
 from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError, from_dict, parse_override
 # The layout's names, re-exported: the rest of jaxlmc names a file as rundir.MEMBERS, rundir.CURVES and so on.
 from jaxlmc.layout import (BARRIER_SETTINGS, BARRIER_SUMMARY, BASELINES, BASINS, BY_STEP, CALIBRATION, CHECKPOINTS,
@@ -41,6 +41,19 @@ def write_atomic(path: str, content: str | bytes, root: str) -> None:
     if shard.is_primary():
         files.write_atomic(path, content, root)
     shard.sync(f"write {path}")
+
+
+def settings_changes(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """"key: before -> now" for every setting of `current` that `saved` holds otherwise; a key `saved` lacks (a
+    directory from before the key existed) stands for its value in `defaults`. The one fingerprint check behind
+    resuming: a study's training sections (RunDir.open) and a checkpointed `fit`'s arguments."""
+    missing = object()
+    changes = []
+    for key, value in current.items():
+        before = saved.get(key, (defaults or {}).get(key, missing))
+        if before != value:
+            changes.append(f"{key}: {'(none)' if before is missing else repr(before)} -> {value!r}")
+    return changes
 
 
 def _versions() -> dict:
@@ -197,6 +210,11 @@ class RunDir:
         with np.load(self.path(name)) as archive:
             return dict(archive)
 
+    def curves_file(self, name: str) -> loop.CurvesFile:
+        """The training curves kept in `name` (an .npz), for jaxlmc.trainer."""
+        return loop.CurvesFile(lambda: self.read_npz(name) if self.exists(name) else None,
+                               lambda arrays: self.write_npz(name, arrays))
+
     def write_figure(self, name: str, image: bytes) -> None:
         write_atomic(self.figure(name), image, self.root)
 
@@ -247,12 +265,12 @@ class RunDir:
         exists = os.path.exists(path)
         shard.sync(f"opened {self.root}")  # every process decided on the directory before any of them writes to it
         if exists:
-            saved = self.read_json(CONFIG)["config"]
-            mine, defaults = json.loads(cfg.to_json()), json.loads(Config().to_json())
-            diffs = [f"{section}.{key}: {before!r} -> {value!r}"
-                     for section in TRAINING_SECTIONS for key, value in mine[section].items()
-                     if (before := saved.get(section, {}).get(key, defaults[section][key])) != value
-                     and (section, key) != ("data", "data_dir")]
+            training = lambda config: {f"{section}.{key}": value  # noqa: E731
+                                       for section in TRAINING_SECTIONS
+                                       for key, value in config.get(section, {}).items()
+                                       if (section, key) != ("data", "data_dir")}
+            diffs = settings_changes(training(self.read_json(CONFIG)["config"]), training(json.loads(cfg.to_json())),
+                                     training(json.loads(Config().to_json())))
             if not diffs:
                 return
             finished = self.finished()

@@ -193,6 +193,9 @@ class BarrierConfig:
     # Bootstrap resamples of the evaluation examples, evaluated inside the same pass: each pair's noise floor (the
     # barrier evaluation noise alone would show, see jaxlmc.stats) comes from them. 0: no noise floors.
     noise_resamples: int = 100
+    # Further registered pair measures (jaxlmc.measures, e.g. from a plugin module) computed beside the built-in ones
+    # that align, repair and curve_steps switch on: columns with each one's suffix.
+    measures: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

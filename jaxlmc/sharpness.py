@@ -38,7 +38,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxlmc import finetuning, grid, rundir
 from jaxlmc.config import Config
-from jaxlmc.measure import load_run
+from jaxlmc.barrier_stage import load_run
 from jaxlmc.models import Model
 from jaxlmc.train import batch_eval_set, loss_and_error, mean_loss
 

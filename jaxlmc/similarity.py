@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxlmc import analysis, decide, grid, rundir
 from jaxlmc.config import Config, ConfigError
-from jaxlmc.measure import load_run
+from jaxlmc.barrier_stage import load_run
 
 
 def _barrier_matrix(ids: list[int], barrier_of: dict) -> np.ndarray:
@@ -55,13 +55,6 @@ def cell_similarity(members: list[dict], ids: list[int], preds_test, preds_ood, 
                  "basin": labels}
 
 
-def basin_measure(pair_rows: list[dict]) -> str:
-    """The barrier basins are cut on: the headline (jaxlmc.decide.headline_measure), or in tables without a
-    linear-baseline form the test error barrier, after weight matching when it was measured."""
-    aligned = "error_barrier_test_aligned"
-    return decide.headline_measure(pair_rows) or (aligned if pair_rows and aligned in pair_rows[0]
-                                                  else "error_barrier_test")
-
 
 @rundir.exclusive
 def similarity_of_run(cfg: Config, out: str) -> list[dict]:
@@ -72,7 +65,7 @@ def similarity_of_run(cfg: Config, out: str) -> list[dict]:
     if not directory.exists(rundir.PAIRS):
         raise ConfigError(f"{out} has no barriers/pairs.csv; run `jaxlmc barriers {out}` first")
     pair_rows = directory.read_csv(rundir.PAIRS)
-    column = basin_measure(pair_rows)
+    column = decide.basin_measure(pair_rows)
     excess_of = {(r["i"], r["j"]): r[column] - r.get(f"{column}_null", 0.0) for r in pair_rows}
     cells, idx_GxK = run.used_groups()
     n = cfg.study.similarity_examples

@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxlmc import analysis, finetuning, grid, merges, rundir, tasks
 from jaxlmc.config import Config, ConfigError
-from jaxlmc.measure import FinishedRun, load_run
+from jaxlmc.barrier_stage import FinishedRun, load_run
 
 
 def _soup_accuracies(cfg: Config, run: FinishedRun, idx_GxK: np.ndarray):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.stats
 
-from jaxlmc import barriers, grid
+from jaxlmc import grid
 
 LEVEL = 0.95
 RESAMPLES = 1000  # seed draws behind the report's intervals
@@ -27,11 +27,28 @@ MIN_MEMBERS = 3  # fewer usable members than this give no interval: two seeds' o
 FORMS = ("", "_lin")  # column suffixes: endpoint-mean and linear-baseline barriers
 
 
+def barrier_endpoint_mean(curve_PxA):
+    curve = np.asarray(curve_PxA)
+    return curve.max(axis=1) - 0.5 * (curve[:, 0] + curve[:, -1])
+
+
+def barrier_linear(curve_PxA, alphas):
+    curve = np.asarray(curve_PxA)
+    alphas = np.asarray(alphas)[None]
+    baseline = (1.0 - alphas) * curve[:, :1] + alphas * curve[:, -1:]
+    return (curve - baseline).max(axis=1)
+
+
+def midpoint(curve_PxA, alphas):
+    """The curve at α = ½ (linearly interpolated between grid points when ½ is not on the grid)."""
+    return np.array([np.interp(0.5, alphas, row) for row in np.asarray(curve_PxA)])
+
+
 def barrier(curve_PxA, alphas, form: str = "") -> np.ndarray:
     """The endpoint-mean ("") or linear-baseline ("_lin") barrier of each curve (Frankle et al. 2020; Entezari et al. 2022)."""
     if form == "":
-        return barriers.barrier_endpoint_mean(curve_PxA)
-    return barriers.barrier_linear(curve_PxA, alphas)
+        return barrier_endpoint_mean(curve_PxA)
+    return barrier_linear(curve_PxA, alphas)
 
 
 def null_barriers(curves_PxAxR1, alphas, form: str = "") -> np.ndarray:

@@ -19,9 +19,10 @@ import json
 import time
 from typing import Callable
 
-from jaxlmc import (calibration, faults, finetuning, loop, measure, pretraining, refine, report, rundir, sharpness,
-                    similarity, soups, tasks)
+from jaxlmc import (barrier_stage, calibration, faults, finetuning, loop, pretraining, refine, report, rundir,
+                    sharpness, similarity, soups, tasks)
 from jaxlmc.config import Config
+from jaxlmc.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,19 +47,19 @@ class Stage:
 
 
 def report_stage(cfg: Config, out: str) -> str:
-    return report.render(out, STAGES)
+    return report.render(out, list(STAGES.values()))
 
 
 # The training sections are enforced for the whole directory by RunDir.open, so no stage lists them.
-STAGES: list[Stage] = [
+STAGES: Registry[Stage] = Registry("study stage", {stage.name: stage for stage in [
     Stage("pretrain", pretraining.pretrain, writes=(rundir.PRETRAIN,), trains=True,
           complete=pretraining.pretraining_complete),
     Stage("finetune", finetuning.finetune, settings=("run.eval_batch_size", "data.train_eval_size", "study.unfit_fraction",
                                                      "study.fit_margin"),
           needs=("pretrain",), writes=(rundir.MEMBERS,), trains=True,
           complete=finetuning.finetuning_complete),
-    Stage("barriers", measure.barriers_of_run, settings=("barriers", "data.train_eval_size", "study.unfit_fraction",
-                                                         "study.fit_margin", "study.margin"),
+    Stage("barriers", barrier_stage.barriers_of_run,
+          settings=("barriers", "data.train_eval_size", "study.unfit_fraction", "study.fit_margin", "study.margin"),
           needs=("finetune",), trains=True,
           writes=(rundir.PAIRS, rundir.TO_START, rundir.BARRIER_SUMMARY, rundir.CURVES,
                   rundir.BARRIER_SETTINGS, *rundir.BY_STEP)),
@@ -77,31 +78,27 @@ STAGES: list[Stage] = [
     Stage("report", report_stage, needs=("finetune", "barriers", "refine", "soups", "similarity", "calibrate",
                                          "sharpness"),
           writes=(rundir.SUMMARY, rundir.CRITICAL, rundir.REPORT)),
-]
-STAGE_NAMES = [s.name for s in STAGES]
+]})
 
 
 def register_stage(stage: Stage, after: str) -> None:
     """Add a stage to every study, right after the stage named `after` (and before the report, which reads the
     results of the stages it `needs`): a plugin module's own measurement of the fine-tuned members, resumable and
     rerun with what it needs like the built-in ones. Its `needs` must name stages before it."""
-    if stage.name in STAGE_NAMES:
-        raise ValueError(f"study stage {stage.name!r} is already registered")
-    if after not in STAGE_NAMES or after == "report":
-        raise ValueError(f"register_stage: after={after!r} must name a stage before the report ({STAGE_NAMES[:-1]})")
-    position = STAGE_NAMES.index(after) + 1
-    unknown = [n for n in stage.needs if n not in STAGE_NAMES[:position]]
+    names = list(STAGES)
+    if after not in names or after == "report":
+        raise ValueError(f"register_stage: after={after!r} must name a stage before the report ({names[:-1]})")
+    unknown = [n for n in stage.needs if n not in names[:names.index(after) + 1]]
     if unknown:
         raise ValueError(f"study stage {stage.name!r} needs {unknown}, which do not run before it")
-    STAGES.insert(position, stage)
-    STAGE_NAMES.insert(position, stage.name)
+    STAGES.register(stage.name, stage, after=after)
 
 
 def stage_done(cfg: Config, out: str, name: str) -> bool:
     """A stage is done when its marker holds the current settings, every file it writes is there (a run directory
     from an older jaxlmc, whose stage wrote less, runs that stage again), and its own check passes (a training
     stage's checkpoints are there: one moved aside as corrupt is trained again)."""
-    stage = STAGES[STAGE_NAMES.index(name)]
+    stage = STAGES[name]
     run = rundir.RunDir(out)
     marker = run.read_marker(name)
     return (marker is not None and marker.get("settings") == stage.settings_of(cfg)
@@ -137,7 +134,7 @@ def study(cfg: Config, out: str, progress: loop.Progress | None = None,
         return ran
     run.make_marker_dir()
     ran: list[str] = []
-    for stage in STAGES:
+    for stage in STAGES.values():
         if stage_done(cfg, out, stage.name) and not set(stage.needs) & set(ran):
             say(f"{stage.name}: done, skipped")
             continue

@@ -1,5 +1,6 @@
-"""Text as a released checkpoint's tokens (data.tokenizer), through the `tokenizers` library: labelled texts as
-right-padded sequences, a corpus as windows, and masked language modelling's inputs and labels.
+"""Text as tokens: as UTF-8 bytes (one fixed vocabulary, TEXT_VOCAB: `text_windows`, `text_sequences`), or as a
+released checkpoint's tokens (data.tokenizer), through the `tokenizers` library: labelled texts as right-padded
+sequences, a corpus as windows, and masked language modelling's inputs and labels.
 
 Every sequence carries the tokenizer's own special tokens — BERT's `[CLS] … [SEP]`, none for Pythia's — around as
 much of its text as leaves room for them, so that a classifier reading BERT's position 0 reads `[CLS]`, as in its
@@ -14,7 +15,10 @@ import os
 import zlib
 
 import numpy as np
-import tokenizers
+
+from jaxlmc import lazy
+
+tokenizers = lazy.module("tokenizers")  # imported when a text is first tokenized
 
 TOKEN_PAD = -1  # padding of tokenized text: a model kind that reads it masks negative ids
 IGNORED = -1  # a per-position label that no loss or error counts (jaxlmc.train): the positions not masked
@@ -159,3 +163,34 @@ def mask_tokens(windows_NxT: np.ndarray, tok: tokenizers.Tokenizer, seed: str) -
     inputs[rows, chosen_NxK] = np.where(fate < MASK_AS_MASK, mask_token_id(tok),
                                         np.where(fate < MASK_AS_MASK + MASK_AS_RANDOM, random_NxK, original_NxK))
     return inputs, labels
+
+
+# Text is tokenized as UTF-8 bytes: one fixed vocabulary for every text dataset, needing no fitting, so a model
+# pretrained on one corpus reads any other (character level for English text, where a byte is a character). Byte 0
+# (NUL, absent from text) pads sequences shorter than the window.
+TEXT_VOCAB = 256
+TEXT_PAD = 0
+
+
+def _as_bytes(text) -> bytes:
+    return text if isinstance(text, bytes) else str(text).encode("utf-8")
+
+
+def text_windows(texts, window: int) -> np.ndarray:
+    """A corpus (texts without labels, e.g. tiny_shakespeare's one long text per split) as sequences_NxW: the texts
+    joined by newlines, as bytes, cut into consecutive non-overlapping windows (a last partial window is dropped)."""
+    corpus = np.frombuffer(b"\n".join(_as_bytes(t) for t in texts), dtype=np.uint8)
+    n = len(corpus) // window
+    return corpus[:n * window].reshape(n, window).astype(np.int32)
+
+
+def text_sequences(texts, window: int) -> np.ndarray:
+    """Labelled texts (one sequence per example, e.g. a review) as sequences_NxW: each text's first `window` bytes,
+    left-padded with TEXT_PAD when shorter, so the last position — the one a classification head reads — holds the
+    text's own last byte rather than padding."""
+    out = np.full((len(texts), window), TEXT_PAD, dtype=np.int32)
+    for i, text in enumerate(texts):
+        encoded = np.frombuffer(_as_bytes(text)[:window], dtype=np.uint8)
+        if len(encoded):
+            out[i, window - len(encoded):] = encoded
+    return out

@@ -152,7 +152,7 @@ def _num(value, digits=3) -> str:
 
 
 def print_barriers(result: dict) -> None:
-    """Per-cell summary of measure.barriers_of_run: mean, std and bootstrap CI of the barriers between seeds, then the
+    """Per-cell summary of the barrier stage: mean, std and bootstrap CI of the barriers between seeds, then the
     barrier to the starting point and the geometry. Every column of every form is in barriers/summary.csv."""
     summary, settings = result["summary"], result["settings"]
     if not summary:

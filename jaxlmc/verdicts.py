@@ -12,8 +12,8 @@ import dataclasses
 
 import numpy as np
 
-from jaxlmc import decide, grid, noreturn, rundir, similarity, stats
-from jaxlmc.figures import step_label
+from jaxlmc import decide, grid, noreturn, rundir, stats
+from jaxlmc.grid import step_label
 
 
 @dataclasses.dataclass
@@ -64,7 +64,7 @@ def measure_run(run: rundir.RunDir) -> Measured:
     pairs = run.read_csv(rundir.PAIRS)
     num_seeds = max(m["seed"] for m in members) + 1
     draws = stats.seed_draws(num_seeds, stats.RESAMPLES)
-    barrier = decide.headline_measure(pairs) or similarity.basin_measure(pairs)
+    barrier = decide.basin_measure(pairs)
     used = [m for m in members if grid.usable(m)]
     values = {
         "barrier": stats.pair_cells(members, pairs, barrier, num_seeds, draws),

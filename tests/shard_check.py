@@ -15,7 +15,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
-from jaxlmc import api, ckpt, config, measure, shard, train  # noqa: E402
+from jaxlmc import api, barrier_stage, ckpt, config, shard, train  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_shard import OVERRIDES  # noqa: E402
@@ -43,5 +43,5 @@ api.finetune(cfg, resumed, progress=False)
 
 barrier_run = os.path.join(work, "barriers")
 shutil.copytree(reference, barrier_run, ignore=shutil.ignore_patterns("barriers"))
-measure.barriers_of_run(cfg, barrier_run)
+barrier_stage.barriers_of_run(cfg, barrier_run)
 print("done")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import barriers, models, permute, train
+from jaxlmc import models, paths, permute, stats, train
 from jaxlmc.config import ModelConfig
 
 MODELS = {"mlp": (ModelConfig(kind="mlp", width=16, depth=2), (10,)),
@@ -85,13 +85,13 @@ def test_activation_matching_recovers_a_known_permutation_as_weight_matching_doe
         np.testing.assert_array_equal(f, w)  # one convention for both methods
 
     ys = np.asarray(model.apply(params, xs)).argmax(-1).astype(np.int32)
-    fn = barriers.make_curves(model, barriers.alpha_grid(5), chunk_pairs=1)
+    fn = paths.make_path_eval(model, paths.straight(), paths.alpha_grid(5), 1)
     sets = {"t": train.batch_eval_set(np.asarray(xs), ys, 20)}
     ij = jnp.asarray([[0, 1]], jnp.int32)
     naive = fn(pair, ij, sets)["t"][0]
     after = fn(pair, ij, sets, [jnp.asarray(f[:1]) for f in found])["t"][0]
-    assert barriers.barrier_endpoint_mean(after)[0] == pytest.approx(0.0, abs=1e-5)  # one function all along
-    assert barriers.barrier_endpoint_mean(naive)[0] > 0.01
+    assert stats.barrier_endpoint_mean(after)[0] == pytest.approx(0.0, abs=1e-5)  # one function all along
+    assert stats.barrier_endpoint_mean(naive)[0] > 0.01
 
 
 @pytest.mark.parametrize("name", ["mlp", "transformer"])

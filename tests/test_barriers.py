@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import barriers, models, train
+from jaxlmc import models, paths, reference, stats, train
 from jaxlmc.config import ModelConfig
 
 ALPHAS = np.linspace(0.0, 1.0, 7)
@@ -23,7 +23,7 @@ def ensemble():
 
 
 def compiled(model, params_M, pairs, x, y, chunk=3, batch=32, alphas=ALPHAS):
-    fn = barriers.make_curves(model, alphas, chunk_pairs=chunk)
+    fn = paths.make_path_eval(model, paths.straight(), alphas, chunk)
     out = fn(params_M, jnp.asarray(pairs, jnp.int32), {"train": train.batch_eval_set(x, y, batch)})
     return np.asarray(out["train"][0]), np.asarray(out["train"][1])
 
@@ -32,21 +32,21 @@ def test_compiled_pass_equals_reference_loop(ensemble):
     model, params_M, x, y = ensemble
     pairs = list(itertools.combinations(range(5), 2))  # 10 pairs: 4 chunks of 3, the last one padded
     loss, err = compiled(model, params_M, pairs, x, y)
-    ref_loss, ref_err = barriers.reference_curves(model, params_M, pairs, ALPHAS, jnp.asarray(x), jnp.asarray(y))
+    ref_loss, ref_err = reference.reference_curves(model, params_M, pairs, ALPHAS, jnp.asarray(x), jnp.asarray(y))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(err, ref_err, atol=1e-6)
-    assert np.any(barriers.barrier_endpoint_mean(loss) > 1e-3)  # random inits: real barriers, not all zeros
+    assert np.any(stats.barrier_endpoint_mean(loss) > 1e-3)  # random inits: real barriers, not all zeros
 
 
 def test_self_pair_has_zero_barrier_and_pairs_are_symmetric(ensemble):
     model, params_M, x, y = ensemble
     loss, err = compiled(model, params_M, [(2, 2), (1, 3), (3, 1)], x, y)
     np.testing.assert_allclose(loss[0], loss[0, 0], rtol=1e-6)  # a flat curve
-    assert barriers.barrier_endpoint_mean(loss)[0] == pytest.approx(0.0, abs=1e-6)
-    assert barriers.barrier_linear(loss, ALPHAS)[0] == pytest.approx(0.0, abs=1e-6)
+    assert stats.barrier_endpoint_mean(loss)[0] == pytest.approx(0.0, abs=1e-6)
+    assert stats.barrier_linear(loss, ALPHAS)[0] == pytest.approx(0.0, abs=1e-6)
     np.testing.assert_allclose(loss[1], loss[2][::-1], rtol=1e-5)  # B(i, j) = B(j, i), curve reversed
     np.testing.assert_allclose(err[1], err[2][::-1], atol=1e-6)
-    assert barriers.barrier_endpoint_mean(loss)[1] == pytest.approx(barriers.barrier_endpoint_mean(loss)[2], rel=1e-5)
+    assert stats.barrier_endpoint_mean(loss)[1] == pytest.approx(stats.barrier_endpoint_mean(loss)[2], rel=1e-5)
 
 
 def test_convex_model_has_no_linear_baseline_barrier(ensemble):
@@ -55,7 +55,7 @@ def test_convex_model_has_no_linear_baseline_barrier(ensemble):
     params_M = jax.vmap(logistic.init)(jax.random.split(jax.random.key(1), 4))
     params_M = jax.tree.map(lambda a: a * 5.0, params_M)  # far-apart members
     loss, _ = compiled(logistic, params_M, list(itertools.combinations(range(4), 2)), x, y)
-    assert np.all(barriers.barrier_linear(loss, ALPHAS) <= 1e-5)
+    assert np.all(stats.barrier_linear(loss, ALPHAS) <= 1e-5)
 
 
 def test_hand_built_pair_with_known_barrier():
@@ -77,10 +77,10 @@ def test_hand_built_pair_with_known_barrier():
     np.testing.assert_allclose(loss[0, [0, -1]], end_loss, rtol=1e-5)
     assert loss[0, 3] == pytest.approx(np.log(2), rel=1e-6)
     expected = np.log(2) - end_loss
-    assert barriers.barrier_endpoint_mean(loss)[0] == pytest.approx(expected, rel=1e-5)
-    assert barriers.barrier_linear(loss, ALPHAS)[0] == pytest.approx(expected, rel=1e-5)
-    assert barriers.barrier_endpoint_mean(err)[0] == pytest.approx(0.5)
-    assert barriers.barrier_linear(err, ALPHAS)[0] == pytest.approx(0.5)
+    assert stats.barrier_endpoint_mean(loss)[0] == pytest.approx(expected, rel=1e-5)
+    assert stats.barrier_linear(loss, ALPHAS)[0] == pytest.approx(expected, rel=1e-5)
+    assert stats.barrier_endpoint_mean(err)[0] == pytest.approx(0.5)
+    assert stats.barrier_linear(err, ALPHAS)[0] == pytest.approx(0.5)
 
 
 def test_memory_does_not_grow_with_the_number_of_pairs():
@@ -90,7 +90,7 @@ def test_memory_does_not_grow_with_the_number_of_pairs():
     x = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int32)
     eval_sets = {"train": train.batch_eval_set(x, y, 16)}
-    fn = barriers.make_curves(model, np.linspace(0, 1, 5), chunk_pairs=64)
+    fn = paths.make_path_eval(model, paths.straight(), np.linspace(0, 1, 5), 64)
     all_pairs = jnp.asarray(list(itertools.combinations(range(256), 2)), jnp.int32)
     assert all_pairs.shape == (32640, 2)
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import (api, config, decide, finetuning, grid, measure, models, rundir, stats, study, tasks, train,
+from jaxlmc import (api, barrier_stage, config, decide, finetuning, grid, models, rundir, stats, study, tasks, train,
                     verdicts)
 from conftest import TINY
 
@@ -113,7 +113,7 @@ def test_unfit_members_are_flagged_and_left_out():
     assert finetuning.unfit_flags(rows, 0.0) == [False] * 6
     members = [{**r, "lr": 0.1, "weight_decay": 0.0, "schedule": "cosine", "dropout": 0.0, "seed": i % 3,
                 "unfit": u} for i, (r, u) in enumerate(zip(rows, finetuning.unfit_flags(rows, 0.9)))]
-    pairs, left_out = measure.select_pairs("all", members)
+    pairs, left_out = barrier_stage.select_pairs("all", members)
     assert all(2 not in p and 3 not in p for p in pairs) and left_out == 15 - len(pairs) == 9
 
 

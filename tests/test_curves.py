@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlmc import barriers, curves, models, permute, train
+from jaxlmc import curves, models, paths, permute, stats, train
 from jaxlmc.config import ModelConfig
 
 
@@ -64,8 +64,9 @@ def test_untrained_bend_is_the_straight_line(tiny):
                                                                    jax.random.key(0))
     ts = np.linspace(0.0, 1.0, 5, dtype=np.float32)
     sets = {"train": train.batch_eval_set(x, y, 25)}
-    curve = curves.make_curve_eval(model, ts, chunk_pairs=2)(params_M, bends_P, pairs, sets)["train"]
-    line = barriers.make_curves(model, ts, chunk_pairs=2)(params_M, pairs, sets)["train"]
+    curve = paths.make_path_eval(model, paths.bezier_curve(), ts, chunk_pairs=2)(params_M, pairs, sets, None,
+                                                                                 bends_P)["train"]
+    line = paths.make_path_eval(model, paths.straight(), ts, 2)(params_M, pairs, sets)["train"]
     np.testing.assert_allclose(curve[0], line[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(curve[1], line[1], atol=1e-6)
 
@@ -98,14 +99,15 @@ def test_trained_curve_removes_the_straight_line_barrier():
     pairs = jnp.asarray([[0, 1]], jnp.int32)
     ts = np.linspace(0.0, 1.0, 11, dtype=np.float32)
     sets = {"train": train.batch_eval_set(x, y, n)}
-    line = np.asarray(barriers.make_curves(model, ts, 1)(params_M, pairs, sets)["train"][0])
+    line = np.asarray(paths.make_path_eval(model, paths.straight(), ts, 1)(params_M, pairs, sets)["train"][0])
     bends_P = curves.make_train_bends(model, 400, 64, 1e-2, n)(params_M, pairs, {"x": xj, "y": yj},
                                                                 jax.random.key(5))
-    curve = np.asarray(curves.make_curve_eval(model, ts, 1)(params_M, bends_P, pairs, sets)["train"][0])
+    curve = np.asarray(paths.make_path_eval(model, paths.bezier_curve(), ts, 1)(params_M, pairs, sets, None,
+                                                                              bends_P)["train"][0])
     assert line[0, 0] < 0.1 and line[0, -1] < 0.1  # both members fit the task
     np.testing.assert_allclose(curve[0, [0, -1]], line[0, [0, -1]], rtol=1e-5)  # same endpoints
-    line_barrier = barriers.barrier_endpoint_mean(line)[0]
-    curve_barrier = barriers.barrier_endpoint_mean(curve)[0]
+    line_barrier = stats.barrier_endpoint_mean(line)[0]
+    curve_barrier = stats.barrier_endpoint_mean(curve)[0]
     assert line_barrier > 0.4
     assert curve_barrier < 0.25 * line_barrier
 
@@ -132,8 +134,8 @@ def test_curve_ends_are_the_members(tiny):
     for perm_arg in (None, perms):
         bends_P = curves.make_train_bends(model, 5, 16, 1e-2, len(y))(params_M, pairs, data, jax.random.key(2),
                                                                        perm_arg)
-        loss, err = curves.make_curve_eval(model, ts, chunk_pairs=1)(params_M, bends_P, pairs, sets,
-                                                                     perm_arg)["train"]
+        loss, err = paths.make_path_eval(model, paths.bezier_curve(), ts, chunk_pairs=1)(params_M, pairs, sets,
+                                                                                          perm_arg, bends_P)["train"]
         for p, (i, j) in enumerate(np.asarray(pairs)):
             assert loss[p, 0] == pytest.approx(float(member_loss[i]), rel=1e-5)
             assert loss[p, -1] == pytest.approx(float(member_loss[j]), rel=1e-5)
@@ -156,9 +158,9 @@ def test_resample_weights_keep_their_axis(tiny):
     counts = train.resample_counts(len(y), 4)
     sets = {"plain": train.batch_eval_set(x, y, 25), "boot": train.batch_eval_set(x, y, 25, counts)}
     ts = np.linspace(0.0, 1.0, 5, dtype=np.float32)
-    out = curves.make_curve_eval(model, ts, chunk_pairs=2)(params_M, bends_P, pairs, sets)
+    out = paths.make_path_eval(model, paths.bezier_curve(), ts, chunk_pairs=2)(params_M, pairs, sets, None, bends_P)
     assert out["plain"][0].shape == (2, 5)
     assert out["boot"][0].shape == (2, 5, 5) and out["boot"][1].shape == (2, 5, 5)
     np.testing.assert_allclose(out["boot"][0][..., 0], out["plain"][0], rtol=1e-6)
     with pytest.raises(ValueError):
-        curves.make_curve_eval(model, np.array([0.0, 0.5]), 1)
+        paths.make_path_eval(model, paths.bezier_curve(), np.array([0.0, 0.5]), 1)

@@ -8,8 +8,7 @@ import scipy.stats
 from flax import nnx
 
 import jaxlmc
-from jaxlmc import (barriers, calibration, config, data, decide, finetuning, interpolation, models, planner, stats,
-                    verdicts)
+from jaxlmc import calibration, config, data, decide, finetuning, interpolation, models, paths, planner, stats, verdicts
 from jaxlmc.settings import ModelConfig
 
 
@@ -182,7 +181,7 @@ def test_the_generators_true_barrier_is_its_exact_expectation():
     for level in (0.05, 0.3, 0.97):
         assert calibration.expected_error(np.array([level]), np.array([0.2]))[0] == pytest.approx(
             np.mean(difficulty + noise < level), abs=2e-3)
-    alpha_A = barriers.alpha_grid(25)
+    alpha_A = paths.alpha_grid(25)
     shape_A = 4 * alpha_A * (1 - alpha_A)
     for barrier, error, spread in ((0.02, 0.3, 0.01), (0.02, 0.1, 0.2), (0.0, 0.8, 0.5), (0.0, 0.3, 0.15)):
         height = calibration.bump_height(barrier, error, spread, 25)

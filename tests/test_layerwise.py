@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import barriers, models, train
+from jaxlmc import models, paths, reference, train
 from jaxlmc.config import ModelConfig
 
 ALPHAS = np.linspace(0, 1, 5, dtype=np.float32)
@@ -29,10 +29,10 @@ def test_layerwise_pass_matches_the_plain_loop(kind):
     groups = model.layer_groups(jax.tree.map(lambda a: a[0], params_M))
     assert len(groups) == (3 if kind == "mlp" else 6)
     pairs = [(0, 1), (2, 3), (1, 3)]
-    fn = barriers.make_layer_curves(model, ALPHAS, chunk_pairs=2, groups=groups)
+    fn = paths.make_path_eval(model, paths.layer_wise(groups), ALPHAS, 2)
     out = fn(params_M, jnp.asarray(pairs, jnp.int32), {"test": train.batch_eval_set(x, y, 16)})
     loss, err = map(np.asarray, out["test"])
-    ref_loss, ref_err = barriers.reference_layer_curves(model, params_M, pairs, ALPHAS, groups, x, y)
+    ref_loss, ref_err = reference.reference_layer_curves(model, params_M, pairs, ALPHAS, groups, x, y)
     assert loss.shape == (3, len(groups), len(ALPHAS))
     np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(err, ref_err, atol=1e-6)
@@ -48,8 +48,8 @@ def test_one_group_holding_every_layer_is_the_whole_network_curve():
     sets = {"test": train.batch_eval_set(x, y, 16)}
     pairs = jnp.asarray([(0, 1), (2, 3)], jnp.int32)
     everything = {"all": list(jax.tree.map(lambda a: a[0], params_M))}
-    layer = barriers.make_layer_curves(model, ALPHAS, 2, everything)(params_M, pairs, sets)["test"][0]
-    whole = barriers.make_curves(model, ALPHAS, 2)(params_M, pairs, sets)["test"][0]
+    layer = paths.make_path_eval(model, paths.layer_wise(everything), ALPHAS, 2)(params_M, pairs, sets)["test"][0]
+    whole = paths.make_path_eval(model, paths.straight(), ALPHAS, 2)(params_M, pairs, sets)["test"][0]
     np.testing.assert_allclose(np.asarray(layer)[:, 0], np.asarray(whole), rtol=2e-5, atol=2e-6)
 
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import jaxlmc
-from jaxlmc import barriers, measures, paths, permute, report
+from jaxlmc import measures, paths, permute, reference, report
 from jaxlmc.settings import BarrierConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,7 @@ def test_fit_trains_members_like_the_engine_and_barriers_match_the_reference_loo
     assert not np.allclose(starts[0], starts[1])
     result = jaxlmc.pair_barriers(members, (x[400:], y[400:]), num_alphas=5, noise_resamples=20)
     assert [(r["i"], r["j"]) for r in result.pairs] == [(0, 1), (0, 2), (1, 2), (3, 4), (3, 5), (4, 5)]
-    loss, err = barriers.reference_curves(members.model, members.params, [(0, 2), (4, 5)], barriers.alpha_grid(5),
+    loss, err = reference.reference_curves(members.model, members.params, [(0, 2), (4, 5)], paths.alpha_grid(5),
                                           x[400:], y[400:])
     for row, ref_loss, ref_err in zip([result.pairs[1], result.pairs[5]], loss, err):
         np.testing.assert_allclose(row["loss_barrier_test"], ref_loss.max() - (ref_loss[0] + ref_loss[-1]) / 2,
@@ -227,16 +227,20 @@ def _half_line(model, params_K, pairs_Px2, eval_sets, alphas, chunk_pairs, mesh,
 def test_a_registered_pair_measure_reaches_the_rows_the_summary_and_the_report(nested_members):
     x, y = _data()
     members = nested_members
-    measures.register_pair_measure(measures.PairMeasure("_half", "half line", compute=_half_line))
-    try:
+    half = measures.PairMeasure("_half", "half line", compute=_half_line)
+    with measures.PAIR_MEASURES.registered(half.name, half):
         with pytest.raises(ValueError, match="already registered"):
             measures.register_pair_measure(measures.PairMeasure("_half", "again", compute=_half_line))
-        result = jaxlmc.pair_barriers(members, (x[400:], y[400:]), num_alphas=5, noise_resamples=10)
+        result = jaxlmc.pair_barriers(members, (x[400:], y[400:]), num_alphas=5, noise_resamples=10,
+                                      measures=["half"])
+        plain = jaxlmc.pair_barriers(members, (x[400:], y[400:]), num_alphas=5, noise_resamples=0)
         assert ("error_barrier_test_half_mean", "half line") in report.summary_table()
-    finally:
-        measures.PAIR_MEASURES.pop("_half")
+        with pytest.raises(ValueError, match="did you mean 'half'"):
+            jaxlmc.pair_barriers(members, (x[400:], y[400:]), num_alphas=5, measures=["halve"])
+    assert "half" not in measures.PAIR_MEASURES  # registered for the block only
+    assert list(plain.curves.measures) == ["straight"] and "loss_barrier_test_half" not in plain.pairs[0]
     # Its α = 0.5 is the straight line's α = 0.25.
-    np.testing.assert_allclose(result.curves.extra["_half"]["test"][0][:, 2, 0],
+    np.testing.assert_allclose(result.curves.measures["half"]["test"][0][:, 2, 0],
                                result.curves.pairs["test"][0][:, 1, 0], rtol=1e-6)
     row = result.pairs[0]
     assert {"loss_barrier_test_half", "error_barrier_test_lin_half", "loss_barrier_test_half_floor",
@@ -254,7 +258,7 @@ def test_layer_wise_barriers_match_the_reference_loop(nested_members):
                                                                          (0, 1, "head")]
     assert len(result.layers) == 3 * 3 and "error_barrier_test_aligned" in result.layers[0]
     groups = {name: [name] for name in ("blocks", "embed", "head")}
-    loss, _ = barriers.reference_layer_curves(members.model, members.params, [(1, 2)], barriers.alpha_grid(5),
+    loss, _ = reference.reference_layer_curves(members.model, members.params, [(1, 2)], paths.alpha_grid(5),
                                               groups, x[400:], y[400:])
     for g, row in enumerate(result.layers[6:]):
         assert row["layer"] == list(groups)[g]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import barriers, config, models, permute, train
+from jaxlmc import config, models, paths, permute, stats, train
 from jaxlmc.config import ModelConfig
 
 MODELS = [(ModelConfig(kind="mlp", width=16, depth=2), (6,)),
@@ -37,12 +37,12 @@ def test_a_permuted_copy_computes_the_same_function_and_is_recovered(cfg, shape)
 
     xs = np.asarray(jax.random.normal(jax.random.key(3), (40, *shape)))
     ys = np.asarray(model.apply(params, jnp.asarray(xs))).argmax(-1).astype(np.int32)
-    fn = barriers.make_curves(model, barriers.alpha_grid(5), chunk_pairs=1)
+    fn = paths.make_path_eval(model, paths.straight(), paths.alpha_grid(5), 1)
     sets = {"t": train.batch_eval_set(xs, ys, 20)}
     naive = fn(pair, jnp.asarray([[0, 1]], jnp.int32), sets)["t"][0]
     after = fn(pair, jnp.asarray([[0, 1]], jnp.int32), sets, [jnp.asarray(f) for f in found])["t"][0]
-    assert barriers.barrier_endpoint_mean(after)[0] == pytest.approx(0.0, abs=1e-5)  # one function all along
-    assert barriers.barrier_endpoint_mean(naive)[0] > 0.01
+    assert stats.barrier_endpoint_mean(after)[0] == pytest.approx(0.0, abs=1e-5)  # one function all along
+    assert stats.barrier_endpoint_mean(naive)[0] > 0.01
 
 
 def test_members_that_share_their_start_align_to_near_identity():

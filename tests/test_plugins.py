@@ -1,5 +1,6 @@
-"""jaxlmc extended from outside the package: a model kind and datasets defined in tests/plugins/lmc_plugin.py run the
-whole `jaxlmc study` through the CLI, weight matching included, with no edit to jaxlmc/."""
+"""jaxlmc extended from outside the package: a model kind, datasets, a pair measure and a study stage defined in
+examples/lmc_plugin.py run the whole `jaxlmc study` through the CLI, weight matching included, with no edit to
+jaxlmc/."""
 import csv
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 from jaxlmc import api, config, rundir, study
 
 PLUGINS = os.path.join(os.path.dirname(__file__), "plugins")
+EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 SETTINGS = ["data.pretrain_task=blobs_pre", "data.finetune_task=blobs_fine", "data.ood_task=blobs_ood",
             "data.finetune_labels=identity", "data.train_eval_size=500", "data.validation_size=300",
             "model.kind=tanhnet", "model.width=16", "pretrain.steps=100", "pretrain.save_steps=[0, 100]",
@@ -18,11 +20,11 @@ SETTINGS = ["data.pretrain_task=blobs_pre", "data.finetune_task=blobs_fine", "da
             "finetune.lrs=[0.003, 0.03]", 'finetune.heads=["per_seed"]', "finetune.seeds=3", "finetune.steps=60",
             "finetune.warmup_steps=0", "finetune.batch_size=50", "finetune.scratch=true", "run.chunk_steps=20",
             "run.checkpoint_every=20", "barriers.alphas=5", "barriers.align=true",
-            "study.sharpness_iterations=0", "study.similarity_examples=200"]
+            "study.sharpness_iterations=0", "study.similarity_examples=200", 'barriers.measures=["half"]']
 
 
 def jaxlmc(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PLUGINS, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PLUGINS, EXAMPLES, os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "jaxlmc.cli", *args], capture_output=True, text=True, env=env,
                           timeout=900)
 
@@ -44,6 +46,8 @@ def test_a_model_kind_and_datasets_from_a_plugin_run_the_whole_study(tmp_path):
     assert all(np.isfinite(float(r["loss_barrier_test_aligned_mean"])) for r in summary)
     assert np.mean([float(r["loss_barrier_test_aligned_mean"]) for r in scratch]) < np.mean(
         [float(r["loss_barrier_test_mean"]) for r in scratch])
+    # The plugin's pair measure, named in barriers.measures, has its columns.
+    assert all(np.isfinite(float(r["error_barrier_test_half_mean"])) for r in summary)
     # The plugin's own study stage ran after the soups, with its marker, on every member.
     with open(os.path.join(out, "plugin", "weight_norms.csv")) as f:
         norms = list(csv.DictReader(f))
@@ -84,7 +88,7 @@ def test_a_kind_named_by_import_path_reads_its_own_arguments(tmp_path, monkeypat
     assert saved.config().model.args == cfg.model.args
     params = saved.restore_params(rundir.PRETRAIN_CHECKPOINTS, 20)
     assert params["hidden"]["kernel"].shape == (1, 12, 6)
-    assert "weight_norms" not in study.STAGE_NAMES  # (a plugin imported here would change every later study)
+    assert "weight_norms" not in list(study.STAGES)  # (a plugin imported here would change every later study)
     for override, message in [("model.args={hiden = 6}", r"unknown key model.args.hiden \(known keys of "
                                                          r"\[model.args\]: gain, hidden\)"),
                               ("model.args={hidden = 'six'}", "model.args.hidden: expected an integer"),
@@ -105,6 +109,7 @@ def test_a_received_run_directory_imports_nothing_it_names(tmp_path, monkeypatch
     """A run directory's config.json naming plugin modules (and a model kind by import path) imports none of them
     unless the caller allows each: one line lists what the run needs and how to allow it."""
     monkeypatch.syspath_prepend(PLUGINS)
+    monkeypatch.syspath_prepend(EXAMPLES)
     raw = config.load("configs/mnist1d.toml").to_dict()
     raw["plugins"]["modules"] = ["lmc_plugin"]
     raw["model"]["kind"] = "lmc_models:SCALED_TANH"

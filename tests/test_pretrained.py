@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlmc import api, config, data, hf, rundir
+from jaxlmc import api, config, data, hf, hf_files, rundir
 from jaxlmc.models import base, gpt_neox
 from jaxlmc.settings import ModelConfig
 
@@ -108,7 +108,7 @@ def test_a_missing_local_checkpoint_is_named_before_any_data_is_prepared(tmp_pat
         raise AssertionError("data prepared before the checkpoint was checked")
 
     monkeypatch.setattr(data, "load_task", no_data)
-    monkeypatch.setattr(hf.huggingface_hub, "snapshot_download", no_data)
+    monkeypatch.setattr(hf_files.huggingface_hub, "snapshot_download", no_data)
     cfg = _config(str(tmp_path / "nowhere" / "pythia"))
     for command in (api.pretrain, api.finetune, api.study):
         with pytest.raises(config.ConfigError, match=rf"^model.pretrained, revision step0: {tmp_path}/nowhere/pythia "

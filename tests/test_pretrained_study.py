@@ -74,7 +74,7 @@ def test_a_whole_study_from_released_revisions(make, tmp_path):
         "study.fit_margin=-1", "study.refine_rounds=0", "finetune.scratch=true", "barriers.align=true", *kind_keys])
     out = str(tmp_path / "run")
     with tfds.testing.mock_data(num_examples=64):
-        assert study.study(cfg, out, progress=False) == study.STAGE_NAMES
+        assert study.study(cfg, out, progress=False) == list(study.STAGES)
     run = rundir.RunDir(out)
     pretrained = run.read_csv(rundir.PRETRAIN)
     assert [r["revision"] for r in pretrained] == revisions

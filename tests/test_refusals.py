@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from jaxlmc import api, cli, config, faults, measure, rundir
+from jaxlmc import api, barrier_stage, cli, config, faults, rundir
 
 
 def test_the_abstract_classifier_is_not_a_model_kind():
@@ -58,7 +58,7 @@ def test_a_linked_barriers_directory_is_refused_before_any_computation(tmp_path,
     def computed(*args):
         raise AssertionError("the run was loaded before its barriers/ directory was checked")
 
-    monkeypatch.setattr(measure, "load_run", computed)
+    monkeypatch.setattr(barrier_stage, "load_run", computed)
     with pytest.raises(faults.WriteFailed, match=r"/run/barriers: is a symbolic link"):
-        measure.barriers_of_run(config.load("configs/mnist1d.toml"), str(root))
+        barrier_stage.barriers_of_run(config.load("configs/mnist1d.toml"), str(root))
     assert os.listdir(elsewhere) == []

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import barriers, models, repair, train
+from jaxlmc import models, paths, repair, train
 from jaxlmc.config import ModelConfig
 
 
@@ -22,7 +22,7 @@ def _one_layer_pair():
 def test_repair_undoes_a_known_variance_collapse():
     model, a, b = _one_layer_pair()
     x = jax.random.normal(jax.random.key(1), (20000, 2))
-    mid = barriers.lerp(a, b, 0.5)
+    mid = paths.lerp(a, b, 0.5)
     (mean, std), = repair.unit_stats(model, mid, x)
     np.testing.assert_allclose(std, 1 / np.sqrt(2), rtol=0.02)  # the collapse: ½(x₁ + x₂)
     stats_a, stats_b = repair.unit_stats(model, a, x), repair.unit_stats(model, b, x)
@@ -59,7 +59,7 @@ def test_every_repaired_layer_has_the_target_statistics_layer_after_layer(cfg, s
     x = jnp.asarray(rng.integers(0, 7, (64, *shape)).astype(np.float32) if tokens
                     else rng.normal(size=(64, *shape)).astype(np.float32))
     stats_a, stats_b = repair.unit_stats(model, a, x), repair.unit_stats(model, b, x)
-    fixed = repair.repair(model, barriers.lerp(a, b, 0.3), stats_a, stats_b, 0.3, x)
+    fixed = repair.repair(model, paths.lerp(a, b, 0.3), stats_a, stats_b, 0.3, x)
     for (mean, std), (ma, sa), (mb, sb) in zip(repair.unit_stats(model, fixed, x), stats_a, stats_b):
         np.testing.assert_allclose(std, 0.7 * sa + 0.3 * sb, rtol=2e-3, atol=1e-5)
         np.testing.assert_allclose(mean, 0.7 * ma + 0.3 * mb, atol=2e-4 * (1 + float(jnp.abs(ma).max())))
@@ -73,16 +73,16 @@ def test_the_compiled_pass_with_repair_matches_a_plain_loop():
     stats_x = jnp.asarray(rng.normal(size=(40, 5)).astype(np.float32))
     alphas = np.linspace(0, 1, 5, dtype=np.float32)
     pairs = [(0, 1), (2, 1)]
-    fn = barriers.make_curves(model, alphas, 2, repair_x=stats_x)
+    fn = paths.make_path_eval(model, paths.repaired(model, stats_x), alphas, 2)
     loss = np.asarray(fn(params_M, jnp.asarray(pairs, jnp.int32), {"test": train.batch_eval_set(x, y, 16)})["test"][0])
     for p, (i, j) in enumerate(pairs):
         p_i, p_j = (jax.tree.map(lambda v, m=m: v[m], params_M) for m in (i, j))
         s_i, s_j = repair.unit_stats(model, p_i, stats_x), repair.unit_stats(model, p_j, stats_x)
         for k, alpha in enumerate(alphas):
-            params = repair.repair(model, barriers.lerp(p_i, p_j, float(alpha)), s_i, s_j, float(alpha), stats_x)
+            params = repair.repair(model, paths.lerp(p_i, p_j, float(alpha)), s_i, s_j, float(alpha), stats_x)
             expected = float(train.cross_entropy(model.apply(params, x), y).mean())
             assert loss[p, k] == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    plain = np.asarray(barriers.make_curves(model, alphas, 2)(params_M, jnp.asarray(pairs, jnp.int32),
+    plain = np.asarray(paths.make_path_eval(model, paths.straight(), alphas, 2)(params_M, jnp.asarray(pairs, jnp.int32),
                                                                {"test": train.batch_eval_set(x, y, 16)})["test"][0])
     np.testing.assert_allclose(loss[:, [0, -1]], plain[:, [0, -1]], rtol=1e-6)  # the endpoints are the members
     assert not np.allclose(loss[:, 1:-1], plain[:, 1:-1])  # the interior points were renormalised

@@ -114,11 +114,11 @@ def test_only_the_layout_parses_result_files_and_no_module_hides_an_import():
     for path in sorted(PACKAGE.rglob("*.py")):
         imported, nested = _imports_and_calls(path)
         assert not nested, f"{path.name} imports inside a function"
-        if path.name not in ("layout.py", "barriers.py"):  # barriers.py reads the user's pair file, an input
+        if path.name not in ("layout.py", "pair_sets.py"):  # pair_sets.py reads the user's pair file, an input
             assert "csv" not in imported, f"{path.name} parses CSV itself"
         text = path.read_text()
-        # (hf.py names a Hugging Face checkpoint's own config.json: a checkpoint's layout, not a run directory's.)
-        if path.name not in ("layout.py", "hf.py"):
+        # (hf_files.py names a Hugging Face checkpoint's own config.json: a checkpoint's layout, not a run directory's.)
+        if path.name not in ("layout.py", "hf_files.py"):
             for result in ("members.csv", "pairs.csv", "summary.csv", "config.json", "curves.npz"):
                 assert f'"{result}"' not in text and f"'{result}'" not in text, f"{path.name} names {result}"
 

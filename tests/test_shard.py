@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlmc import api, ckpt, config, measure, shard
+from jaxlmc import api, barrier_stage, ckpt, config, shard
 
 from conftest import TINY
 
@@ -49,7 +49,7 @@ def one_device(build_once, data_dir):
 
     def make(path):
         api.finetune(cfg, path, progress=False)
-        measure.barriers_of_run(cfg, path)
+        barrier_stage.barriers_of_run(cfg, path)
     out, _ = build_once("shard", make)
     return cfg, out
 

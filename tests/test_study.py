@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxlmc import (api, calibration, ckpt, cli, config, data, decide, measure, noreturn, refine, rundir, study,
+from jaxlmc import (api, barrier_stage, calibration, ckpt, cli, config, data, decide, noreturn, refine, rundir, study,
                     tasks)
 
 from conftest import TINY
@@ -47,7 +47,7 @@ def reference(build_once, data_dir):
 
 def test_a_tiny_study_end_to_end(reference):
     cfg, out, ran = reference
-    assert ran == study.STAGE_NAMES
+    assert ran == list(study.STAGES)
     summary = read_csv(os.path.join(out, "summary.csv"))
     # scratch, 0 and 60 pretraining steps × 2 LRs.
     assert [(r["pretrain_step"], r["lr"]) for r in summary] == [(s, lr) for s in ("-1", "0", "60")
@@ -128,7 +128,7 @@ def test_a_tiny_study_end_to_end(reference):
 def test_scratch_members_start_apart_and_checkpoint_members_together(reference):
     cfg, out, _ = reference
     members = rundir.RunDir(out).members()
-    run = measure.load_run(cfg, out)
+    run = barrier_stage.load_run(cfg, out)
     start_M = api.start_params(cfg, out, run.model, members, run.task.train)
     kernel = np.asarray(start_M["dense0"]["kernel"])
     scratch = [m["member"] for m in members if m["pretrain_step"] == -1]
@@ -187,7 +187,7 @@ def test_refinement_adds_the_midpoints_of_wide_brackets_for_every_start_and_resu
     wanted = {refine.midpoint(0.001, 0.01): ["step 0 per_seed: 0.001 → 0.01 (combined)"]}
     monkeypatch.setattr(refine, "proposals", lambda critical: wanted)
     refined = tiny(data_dir, "study.refine_rounds=1")
-    measure_barriers = measure.barriers_of_run
+    measure_barriers = barrier_stage.barriers_of_run
 
     def killed_in_a_round(cfg, out, *args, **kwargs):
         if "refine" in out:
@@ -195,7 +195,7 @@ def test_refinement_adds_the_midpoints_of_wide_brackets_for_every_start_and_resu
         return measure_barriers(cfg, out, *args, **kwargs)
 
     with monkeypatch.context() as patched:
-        patched.setattr(measure, "barriers_of_run", killed_in_a_round)
+        patched.setattr(barrier_stage, "barriers_of_run", killed_in_a_round)
         with pytest.raises(KeyboardInterrupt):
             study.study(refined, out, progress=False)
     one = run.refine_round(1)
@@ -229,11 +229,11 @@ def test_refinement_adds_the_midpoints_of_wide_brackets_for_every_start_and_resu
 
 
 def test_stages_are_declared_in_an_order_their_needs_respect():
-    names = study.STAGE_NAMES
+    names = list(study.STAGES)
     assert len(set(names)) == len(names) and names[-1] == "report"
-    for k, stage in enumerate(study.STAGES):
+    for k, stage in enumerate(study.STAGES.values()):
         assert set(stage.needs) <= set(names[:k]), stage.name
-    assert set(study.STAGES[-1].needs) == set(names[1:-1])  # the report reads every measuring stage's results
+    assert set(study.STAGES["report"].needs) == set(names[1:-1])  # the report reads every measuring stage's results
 
 
 def test_a_changed_barrier_setting_reruns_what_reads_barriers_and_keeps_the_soups(reference, data_dir, tmp_path):
@@ -255,23 +255,23 @@ def test_resume_after_interruption_in_a_stage(reference, data_dir, tmp_path, mon
     resumes at that stage, keeps every earlier stage, and ends with the same results as an uninterrupted study."""
     cfg, ref_out, _ = reference
     out = str(tmp_path / "run")
-    index = study.STAGE_NAMES.index(stage)
-    original = study.STAGES[index]
+    index = list(study.STAGES).index(stage)
+    original = study.STAGES[stage]
 
     def interrupted(cfg, out, **kwargs):
         original.run(cfg, out, **kwargs)
         raise KeyboardInterrupt
 
-    stages = list(study.STAGES)
-    stages[index] = dataclasses.replace(original, run=interrupted)
+    stages = study.STAGES.copy()
+    stages[stage] = dataclasses.replace(original, run=interrupted)
     monkeypatch.setattr(study, "STAGES", stages)
-    if index >= study.STAGE_NAMES.index("finetune"):
+    if index >= list(study.STAGES).index("finetune"):
         # The stages before it are the reference's: copy them (their markers and files) rather than train again, and
         # remove what this stage and the later ones wrote, so that they run from nothing (fine-tuning keeps its
         # checkpoints: it was interrupted after its training, and evaluates the members again).
         shutil.copytree(ref_out, out)
         run = rundir.RunDir(out)
-        for later in study.STAGES[index:]:
+        for later in list(study.STAGES.values())[index:]:
             run.remove_marker(later.name)
             for name in later.writes:
                 if run.exists(name):
@@ -279,10 +279,10 @@ def test_resume_after_interruption_in_a_stage(reference, data_dir, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         study.study(cfg, out, progress=False)
     markers = sorted(os.listdir(os.path.join(out, "stages")))
-    assert markers == sorted(f"{s}.json" for s in study.STAGE_NAMES[:index])
+    assert markers == sorted(f"{s}.json" for s in list(study.STAGES)[:index])
     before = {m: open(os.path.join(out, "stages", m)).read() for m in markers}
     monkeypatch.undo()
-    assert study.study(cfg, out, progress=False) == study.STAGE_NAMES[index:]
+    assert study.study(cfg, out, progress=False) == list(study.STAGES)[index:]
     assert all(open(os.path.join(out, "stages", m)).read() == text for m, text in before.items())
     assert read_csv(os.path.join(out, "summary.csv")) == read_csv(os.path.join(ref_out, "summary.csv"))
     assert read_csv(os.path.join(out, "critical.csv")) == read_csv(os.path.join(ref_out, "critical.csv"))
@@ -404,7 +404,7 @@ def test_a_width_scaling_trend(data_dir, tmp_path):
                                                       "barriers.align=false", "study.sharpness_iterations=0"])
     out = str(tmp_path / "trend")
     ran = study.study(cfg, out, progress=False)
-    assert ran[:len(study.STAGE_NAMES)] == [f"width8/{s}" for s in study.STAGE_NAMES]
+    assert ran[:len(list(study.STAGES))] == [f"width8/{s}" for s in list(study.STAGES)]
     rows = read_csv(os.path.join(out, "scaling.csv"))
     assert [(r["width"], r["lr"]) for r in rows] == [("8", "0.001"), ("8", "0.01"), ("16", "0.001"), ("16", "0.01")]
     for r in rows:
@@ -413,7 +413,7 @@ def test_a_width_scaling_trend(data_dir, tmp_path):
         assert float(r["error_barrier_test_mean"]) == pytest.approx(float(match["error_barrier_test_mean"]))
         assert float(r["finetune_member_steps_per_s"]) > 0
     members = rundir.RunDir(os.path.join(out, "width16")).members()
-    run = measure.load_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=16)),
+    run = barrier_stage.load_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=16)),
                            os.path.join(out, "width16"))
     assert run.params_M["dense0"]["kernel"].shape == (len(members), 40, 16)
     page = open(os.path.join(out, "scaling.html")).read()

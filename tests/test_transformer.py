@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import analysis, barriers, builders, config, data, models, permute, train
+from jaxlmc import analysis, builders, config, data, models, paths, permute, stats, tokens, train
 from jaxlmc.config import ModelConfig
 
 CFG = ModelConfig(kind="transformer", width=16, depth=2, heads=4, vocab_size=11)
@@ -39,12 +39,12 @@ def test_a_permuted_transformer_computes_the_same_function_and_matching_recovers
 
     xs = np.asarray(jax.random.randint(jax.random.key(3), (40, CONTEXT), 0, 11), np.float32)
     ys = np.asarray(model.apply(params, jnp.asarray(xs))).argmax(-1).astype(np.int32)
-    fn = barriers.make_curves(model, barriers.alpha_grid(5), chunk_pairs=1)
+    fn = paths.make_path_eval(model, paths.straight(), paths.alpha_grid(5), 1)
     sets = {"t": train.batch_eval_set(xs, ys, 20)}
     naive = fn(pair, jnp.asarray([[0, 1]], jnp.int32), sets)["t"][0]
     after = fn(pair, jnp.asarray([[0, 1]], jnp.int32), sets, [jnp.asarray(f) for f in found])["t"][0]
-    assert barriers.barrier_endpoint_mean(after)[0] == pytest.approx(0.0, abs=1e-5)
-    assert barriers.barrier_endpoint_mean(naive)[0] > 0.01
+    assert stats.barrier_endpoint_mean(after)[0] == pytest.approx(0.0, abs=1e-5)
+    assert stats.barrier_endpoint_mean(naive)[0] > 0.01
 
 
 def test_the_head_reads_the_last_position_and_attention_is_causal():
@@ -124,7 +124,7 @@ def test_a_tiny_language_model_study_end_to_end(data_dir, tmp_path):
         "study.fit_margin=-1", "study.sharpness_iterations=0",  # the transformer's sharpness: test_sharpness
         "barriers.align=false"])  # its weight matching: test_a_permuted_transformer_…
     out = str(tmp_path / "tinylm")
-    assert study.study(cfg, out, progress=False) == study.STAGE_NAMES
+    assert study.study(cfg, out, progress=False) == list(study.STAGES)
     run = rundir.RunDir(out)
     baselines = {b["model"]: b for b in run.read_csv(rundir.BASELINES)}
     assert set(baselines) == {"unigram", "bigram"}
@@ -142,10 +142,10 @@ def test_a_tiny_language_model_study_end_to_end(data_dir, tmp_path):
 
 
 def test_text_is_read_as_bytes_in_windows_or_one_left_padded_sequence_per_example():
-    windows = data.text_windows(["abcdef", "gh"], window=3)  # joined: "abcdef\ngh", 9 bytes
+    windows = tokens.text_windows(["abcdef", "gh"], window=3)  # joined: "abcdef\ngh", 9 bytes
     np.testing.assert_array_equal(windows, [list(b"abc"), list(b"def"), list(b"\ngh")])
-    assert data.text_windows(["ab", "cdef"], window=4).tolist() == [list(b"ab\nc")]  # the partial "def" is dropped
-    sequences = data.text_sequences([b"hello world", "hi", "é"], window=5)
+    assert tokens.text_windows(["ab", "cdef"], window=4).tolist() == [list(b"ab\nc")]  # the partial "def" is dropped
+    sequences = tokens.text_sequences([b"hello world", "hi", "é"], window=5)
     np.testing.assert_array_equal(sequences, [list(b"hello"), [0, 0, 0] + list(b"hi"), [0, 0, 0, 0xC3, 0xA9]])
 
 
@@ -166,7 +166,7 @@ def test_real_text_datasets_pretrain_a_language_model_and_finetune_a_classifier(
         "run.checkpoint_every=2", "data.train_eval_size=16", "data.validation_size=8", "finetune.scratch=false"])
     with tfds.testing.mock_data(num_examples=48):
         pre = tasks.load_pretrain_task(cfg)
-        assert pre.per_token and pre.train.x.shape[1] == 8 and pre.train.num_classes == data.TEXT_VOCAB
+        assert pre.per_token and pre.train.x.shape[1] == 8 and pre.train.num_classes == tokens.TEXT_VOCAB
         np.testing.assert_array_equal(pre.train.x[:, 1:], pre.train.y[:, :-1])  # targets: the next byte
         fine = tasks.load_finetune_task(cfg)
         assert not fine.per_token and fine.train.x.shape[1] == 8 and fine.train.num_classes == 2

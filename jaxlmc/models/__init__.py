@@ -10,9 +10,10 @@ from jaxlmc.models import base, bert, cnn, gpt_neox, mlp, transformer
 from jaxlmc.models.base import (Classifier, Dropout, Model, ModelKind, PermutationSpec, UnitAxis, dropout, from_module,
                                 get_path, param_count, set_path, tree_l2)
 from jaxlmc.models.cnn import PatchConv
+from jaxlmc.registry import Registry
 
-KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (mlp.KIND, cnn.KIND, transformer.KIND, gpt_neox.KIND,
-                                                                 bert.KIND)}
+KINDS: Registry[ModelKind] = Registry("model kind", {kind.name: kind for kind in (
+    mlp.KIND, cnn.KIND, transformer.KIND, gpt_neox.KIND, bert.KIND)})
 
 __all__ = ["KINDS", "Classifier", "Dropout", "Model", "ModelKind", "PatchConv", "PermutationSpec", "UnitAxis", "build",
            "dropout", "from_module", "get_path", "import_failure", "param_count", "set_path", "register_kind",
@@ -20,10 +21,8 @@ __all__ = ["KINDS", "Classifier", "Dropout", "Model", "ModelKind", "PatchConv", 
 
 
 def register_kind(kind: ModelKind) -> None:
-    """Make `kind.name` usable as model.kind. A name already taken is refused."""
-    if kind.name in KINDS:
-        raise ValueError(f"model kind {kind.name!r} is already registered")
-    KINDS[kind.name] = kind
+    """Make `kind.name` usable as model.kind (KINDS.register). A name already taken is refused."""
+    KINDS.register(kind.name, kind)
 
 
 def import_failure(err: BaseException) -> str:
@@ -40,7 +39,7 @@ def resolve_kind(name: str) -> ModelKind:
     if name in KINDS:
         return KINDS[name]
     if ":" not in name:
-        raise ValueError(f"model.kind: {name!r} is not one of {sorted(KINDS)} (nor a module:attribute import path)")
+        raise ValueError(f"model.kind: {name!r} is not one of {KINDS.names()} (nor a module:attribute import path)")
     module_name, _, attribute = name.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -59,8 +58,7 @@ def resolve_kind(name: str) -> ModelKind:
     else:
         raise ValueError(f"model.kind: {module_name}.{attribute} is {'missing' if target is None else type(target).__name__}"
                          ", not a ModelKind or a jaxlmc.models.Classifier subclass")
-    KINDS[name] = kind
-    return kind
+    return KINDS.register(name, kind)
 
 
 def build(cfg, input_shape, num_classes: int, per_token: bool = False) -> Model:

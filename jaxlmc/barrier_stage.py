@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import barriers, files, finetuning, grid, layerwise, loop, models, rundir, tasks
+from jaxlmc import files, finetuning, grid, layerwise, loop, models, pair_sets, rundir, tasks
 from jaxlmc.config import Config, ConfigError
-from jaxlmc.interpolation import (BezierSettings, Curves, cell_summary, curve_columns, pair_columns,
-                                  pair_curves)
+from jaxlmc.interpolation import PairCurves, cell_summary, curve_columns, pair_columns, pair_curves
+from jaxlmc.measures import PAIR_MEASURES, BezierSettings
 
 
 @dataclasses.dataclass
@@ -63,11 +63,11 @@ def select_pairs(spec: str, members: list[dict]) -> tuple[list[tuple[int, int]],
     unfit)."""
     by_seed = sorted(members, key=lambda m: m["seed"])
     try:
-        requested = barriers.pair_design(spec, grid.cell_groups(by_seed), len(members))
+        requested = pair_sets.pair_design(spec, grid.cell_groups(by_seed), len(members))
         if requested is None and not os.path.isfile(spec):
             raise ValueError(f'pairs: {spec!r} is neither "within", "ring:K", "all" nor an existing pair file')
         if requested is None:
-            requested = barriers.read_pairs(spec, len(members))
+            requested = pair_sets.read_pairs(spec, len(members))
     except ValueError as err:
         raise ConfigError(f"barriers.{err}" if str(err).startswith("pairs:") else f"barriers.pairs: {err}") from None
     kept = [p for p in requested if grid.usable(members[p[0]]) and grid.usable(members[p[1]])]
@@ -81,7 +81,7 @@ def summarize(cfg: Config, members: list[dict], pair_rows: list[dict], start_row
 
 
 def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tuple[int, int]], status=None,
-                   reference_M: dict | None = None, progress: loop.Progress | None = None) -> Curves:
+                   reference_M: dict | None = None, progress: loop.Progress | None = None) -> PairCurves:
     """The run's requested member pairs and every member-to-start pair of its used members, as the [barriers] section
     asks (jaxlmc.interpolation.pair_curves on the used members only).
 
@@ -102,10 +102,10 @@ def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tup
         align={True: "weights", False: None}.get(b.align, b.align),
         align_x=train_x[:cfg.data.train_eval_size] if b.align == "activations" else None,
         repair_x=train_x[:min(b.repair_examples, cfg.data.train_eval_size)] if b.repair else None, bezier=bezier,
-        status=status, progress=progress)
+        measures=b.measures, status=status, progress=progress)
 
 
-def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[int], curves: Curves):
+def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[int], curves: PairCurves):
     """(pair_rows, start_rows): one row per member pair and one per used member, with their cell keys."""
     columns = pair_columns(curves)
     pair_rows = []
@@ -127,14 +127,17 @@ def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[i
     return pair_rows, start_rows
 
 
-def write_barriers(run: rundir.RunDir, pairs, used, curves: Curves, pair_rows, start_rows, summary, settings) -> None:
+def write_barriers(run: rundir.RunDir, pairs, used, curves: PairCurves, pair_rows, start_rows, summary,
+                   settings) -> None:
     run.write_csv(rundir.PAIRS, pair_rows)
     run.write_csv(rundir.TO_START, start_rows)
     run.write_csv(rundir.BARRIER_SUMMARY, summary)
     arrays = {"alphas": curves.alphas, "pairs": np.asarray(pairs, np.int32).reshape(-1, 2),
               "start_members": np.asarray(used, np.int32)}
-    for prefix, by_split in (("", curves.pairs), ("start_", curves.to_start), ("aligned_", curves.aligned),
-                             ("repair_", curves.repaired), ("curve_", curves.curved)):
+    by_prefix = {"": curves.pairs, "start_": curves.to_start,
+                 **{PAIR_MEASURES.lookup(name).npz_prefix: by_split for name, by_split in curves.measures.items()
+                    if name != "straight"}}
+    for prefix, by_split in by_prefix.items():
         for split, (loss, err) in by_split.items():
             arrays[f"{prefix}loss_{split}"], arrays[f"{prefix}error_{split}"] = loss[..., 0], err[..., 0]
     run.write_npz(rundir.CURVES, arrays)
@@ -177,7 +180,7 @@ def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = F
                 "unfit_members": sum(bool(m.get("unfit")) for m in members), "splits": curves.splits,
                 "alphas": curves.alphas.tolist(), "seconds": curves.seconds,
                 "model_evals_per_s": num_evals / curves.seconds, "align_seconds": curves.align_seconds,
-                "curve_seconds": curves.curve_seconds,
+                "curve_seconds": curves.measure_seconds.get("curve", 0.0),
                 "start": "each member's starting body with the linear-probe head (finetune.probe_steps, probe_l2)",
                 "form": {"<metric>_barrier_<split>": "endpoint-mean: max L(α) − (L(0) + L(1))/2",
                          "<metric>_barrier_<split>_lin": "linear-baseline: max [L(α) − ((1−α)L(0) + αL(1))]",

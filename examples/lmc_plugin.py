@@ -1,10 +1,12 @@
-"""A plugin defined outside jaxlmc, as a researcher would write one: a dataset from in-memory arrays (pretraining and
-fine-tuning variants) and a model kind of its own, registered on import (`--import lmc_plugin`)."""
+"""A plugin defined outside jaxlmc, as a researcher would write one: datasets from in-memory arrays (pretraining and
+fine-tuning variants), a model kind of its own, a pair measure of its own and a study stage of its own, each
+registered on import (`PYTHONPATH=examples jaxlmc study … --import lmc_plugin`). tests/test_plugins.py runs a whole
+study with it; docs/api.md lists every extension point."""
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxlmc import data, models, rundir, study
+from jaxlmc import data, measures, models, paths, rundir, study
 from jaxlmc.models import Classifier, ModelKind, UnitAxis
 
 FEATURES, CLASSES = 12, 4
@@ -43,6 +45,17 @@ def permutation_spec(cfg, input_shape):
 
 
 models.register_kind(ModelKind("tanhnet", TanhNet, lambda cfg: ["hidden"], permutation_spec, min_depth=0))
+
+
+def half_line(model, params_K, pairs_Px2, eval_sets, alphas, chunk_pairs, mesh, perms):
+    """A pair measure: the straight line from member i to the midpoint of i and j (its α = 1 is the line's α = ½),
+    evaluated by jaxlmc's pair evaluator; named where it is wanted (`barriers.measures = ["half"]`)."""
+    half = paths.Path("half", lambda p_i, p_j, extra: (p_i, p_j), lambda ctx, v, a: paths.lerp(*ctx, 0.5 * a),
+                      members_at_ends=False)
+    return paths.make_path_eval(model, half, alphas, chunk_pairs, mesh)(params_K, pairs_Px2, eval_sets, perms)
+
+
+measures.register_pair_measure(measures.PairMeasure("_half", "half line", compute=half_line))
 
 
 def weight_norms(cfg, out):

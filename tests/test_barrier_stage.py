@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlmc import api, barriers, config, grid, measure, models, rundir, stats, train
+from jaxlmc import api, barrier_stage, config, grid, models, pair_sets, paths, reference, rundir, stats, train
 from jaxlmc.config import ConfigError
 
 from conftest import TINY
@@ -39,7 +39,7 @@ def with_barriers(cfg, **changes):
 @pytest.mark.slow
 def test_within_pairs_files_and_agreement_with_the_reference_loop(run):
     cfg, out = run
-    result = measure.barriers_of_run(with_barriers(cfg, alphas=5), out)
+    result = barrier_stage.barriers_of_run(with_barriers(cfg, alphas=5), out)
     directory = os.path.join(out, "barriers")
     pairs = read_csv(os.path.join(directory, "pairs.csv"))
     # 2 checkpoints × 2 lrs = 4 cells of 3 seeds: 3 pairs each, every pair inside its cell.
@@ -60,11 +60,11 @@ def test_within_pairs_files_and_agreement_with_the_reference_loop(run):
     model = models.build(cfg.model, task.input_shape, task.train.num_classes)
     i, j = int(pairs[5]["i"]), int(pairs[5]["j"])
     params_2 = jax.tree.map(lambda a, b: jnp.stack([a, b]), api.load_member(out, i), api.load_member(out, j))
-    ref_loss, ref_err = barriers.reference_curves(model, params_2, [(0, 1)], curves["alphas"],
+    ref_loss, ref_err = reference.reference_curves(model, params_2, [(0, 1)], curves["alphas"],
                                                   jnp.asarray(task.test.x), jnp.asarray(task.test.y))
     np.testing.assert_allclose(curves["loss_test"][5], ref_loss[0], rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(curves["error_test"][5], ref_err[0], atol=1e-6)
-    assert float(pairs[5]["loss_barrier_test"]) == pytest.approx(barriers.barrier_endpoint_mean(ref_loss)[0],
+    assert float(pairs[5]["loss_barrier_test"]) == pytest.approx(stats.barrier_endpoint_mean(ref_loss)[0],
                                                                  rel=1e-4, abs=1e-6)
     # The member end of a to-start curve is the member's own test loss from members.csv.
     np.testing.assert_allclose(curves["start_loss_test"][:, 0],
@@ -72,7 +72,7 @@ def test_within_pairs_files_and_agreement_with_the_reference_loop(run):
                                rtol=1e-5)
 
     # Geometry: distance between members and the cosine of their updates, against numpy.
-    start_M = api.start_params(cfg, out, model, members, measure.load_run(cfg, out).task.train)
+    start_M = api.start_params(cfg, out, model, members, barrier_stage.load_run(cfg, out).task.train)
     flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])  # noqa: E731
     u_i = flat(api.load_member(out, i)) - flat(jax.tree.map(lambda a: a[i], start_M))
     u_j = flat(api.load_member(out, j)) - flat(jax.tree.map(lambda a: a[j], start_M))
@@ -100,7 +100,7 @@ def test_all_pairs_and_diverged_members_left_out(run, tmp_path):
     rows = read_csv(os.path.join(copy, "members.csv"))
     rows[4]["diverged"] = "True"
     rundir.RunDir(copy).write_csv(rundir.MEMBERS, rows)
-    result = measure.barriers_of_run(with_barriers(cfg, alphas=3, pairs="all", chunk_pairs=5), copy)
+    result = barrier_stage.barriers_of_run(with_barriers(cfg, alphas=3, pairs="all", chunk_pairs=5), copy)
     assert len(result["pairs"]) == len(list(itertools.combinations(range(11), 2)))
     assert all(4 not in (p["i"], p["j"]) for p in result["pairs"])
     assert result["settings"]["left_out_pairs"] == 11 and result["settings"]["diverged_members"] == 1
@@ -113,21 +113,21 @@ def test_explicit_pair_file(run, tmp_path):
     cfg, out = run
     path = tmp_path / "pairs.csv"
     path.write_text("i,j\n0,1\n3,0\n")
-    result = measure.barriers_of_run(with_barriers(cfg, alphas=3, pairs=str(path)), out)
+    result = barrier_stage.barriers_of_run(with_barriers(cfg, alphas=3, pairs=str(path)), out)
     assert [(p["i"], p["j"]) for p in result["pairs"]] == [(0, 1), (3, 0)]
     (tmp_path / "bad.txt").write_text("0 1\n0 99\n")
     with pytest.raises(ConfigError, match="member 99 out of range"):
-        measure.barriers_of_run(with_barriers(cfg, alphas=3, pairs=str(tmp_path / "bad.txt")), out)
+        barrier_stage.barriers_of_run(with_barriers(cfg, alphas=3, pairs=str(tmp_path / "bad.txt")), out)
 
 
 def test_read_pairs_formats(tmp_path):
     (tmp_path / "a.txt").write_text("# pairs\n0 1\n2, 3\n")
-    assert barriers.read_pairs(str(tmp_path / "a.txt"), 4) == [(0, 1), (2, 3)]
+    assert pair_sets.read_pairs(str(tmp_path / "a.txt"), 4) == [(0, 1), (2, 3)]
     (tmp_path / "b.csv").write_text("j,i,note\n1,0,x\n")
-    assert barriers.read_pairs(str(tmp_path / "b.csv"), 4) == [(0, 1)]
+    assert pair_sets.read_pairs(str(tmp_path / "b.csv"), 4) == [(0, 1)]
     (tmp_path / "c.csv").write_text("a,b\n1,0\n")
     with pytest.raises(ValueError, match="columns i and j"):
-        barriers.read_pairs(str(tmp_path / "c.csv"), 4)
+        pair_sets.read_pairs(str(tmp_path / "c.csv"), 4)
 
 
 @pytest.mark.slow
@@ -160,10 +160,10 @@ def test_auto_chunk_size_follows_the_memory_budget():
     params_M = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 16))
     x = np.zeros((200, 10), np.float32)
     sets = {"test": train.batch_eval_set(x, np.zeros(200, np.int32), 100)}
-    alphas = barriers.alpha_grid(9)
-    assert barriers.auto_chunk_pairs(model, params_M, sets, alphas, num_pairs=120, budget_bytes=1) == 1
-    assert barriers.auto_chunk_pairs(model, params_M, sets, alphas, num_pairs=120, budget_bytes=2**40) == 120
-    middle = barriers.auto_chunk_pairs(model, params_M, sets, alphas, num_pairs=120, budget_bytes=4 * 2**20)
+    alphas = paths.alpha_grid(9)
+    assert paths.auto_chunk_pairs(model, params_M, sets, alphas, num_pairs=120, budget_bytes=1) == 1
+    assert paths.auto_chunk_pairs(model, params_M, sets, alphas, num_pairs=120, budget_bytes=2**40) == 120
+    middle = paths.auto_chunk_pairs(model, params_M, sets, alphas, num_pairs=120, budget_bytes=4 * 2**20)
     assert 1 < middle < 120  # ≈ 7 α × 100 examples × 64 units × 4 B × a few buffers per pair
 
 
@@ -174,7 +174,7 @@ def test_all_sets_in_one_pass_equal_separate_passes():
     sets = {name: train.batch_eval_set(rng.normal(size=(n, 4)), rng.integers(0, 3, n), 16)
             for name, n in [("a", 40), ("b", 23)]}
     pairs = jnp.asarray([(0, 1), (2, 3), (1, 3)], jnp.int32)
-    fn = barriers.make_curves(model, barriers.alpha_grid(5), chunk_pairs=2)
+    fn = paths.make_path_eval(model, paths.straight(), paths.alpha_grid(5), 2)
     together = fn(params_M, pairs, sets)
     for name, s in sets.items():
         alone = fn(params_M, pairs, {name: s})[name]
@@ -183,7 +183,7 @@ def test_all_sets_in_one_pass_equal_separate_passes():
 
 def test_midpoint_and_bootstrap():
     curve = np.array([[0.0, 1.0, 3.0, 1.0]])
-    assert barriers.midpoint(curve, np.linspace(0, 1, 4))[0] == pytest.approx(2.0)  # between α = 1/3 and 2/3
+    assert stats.midpoint(curve, np.linspace(0, 1, 4))[0] == pytest.approx(2.0)  # between α = 1/3 and 2/3
     values = np.random.default_rng(0).normal(1.0, 0.1, 50)
     lo, hi = stats.ci(stats.member_replicates(values, stats.seed_draws(50, 2000)))
     assert lo < values.mean() < hi and hi - lo < 0.1
