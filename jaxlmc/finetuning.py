@@ -3,7 +3,6 @@ program (or in as few parts as memory allows); members.csv; and reading members 
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxlmc import data, faults, grid, loop, memory, models, rundir, shard, sizes, tasks, train, trainer
+from jaxlmc import data, faults, grid, loop, models, rundir, shard, sizes, tasks, train, trainer
 from jaxlmc.config import Config, ConfigError
 from jaxlmc.pretraining import check_revisions, check_sources, pretrain, pretraining_complete
 
@@ -42,20 +41,12 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
 
     rows = grid.member_grid(cfg)
     start_M = start_params(cfg, out, model, rows, task.train)
-    params_M = jax.tree.map(jnp.copy, start_M)  # the state's copy is donated; start_M is kept for distances
-    consts = grid.member_consts(f, rows)
-    n_train = len(task.train.y)
-    chunk_fn = train.make_train_chunk(model, f.optimizer, f.momentum, f.batch_size, n_train, cfg.run.chunk_steps,
-                                      member_group=cfg.run.member_group, compute_dtype=cfg.run.compute_dtype)
-    device_data = {"x": jnp.asarray(task.train.x), "y": jnp.asarray(task.train.y)}
-    num_members = len(rows)
-    fit = members_per_program(cfg, chunk_fn, params_M, consts, device_data, n_train)
-    with run.checkpoints(rundir.CHECKPOINTS, keep_steps=f.save_steps, keep_latest=2) as manager:
-        if fit >= num_members or f.steps in manager.verified_steps():
-            state = _train_part(cfg, chunk_fn, params_M, consts, device_data, manager,
-                                run.curves_file(rundir.FINETUNE_CURVES), "finetune", progress)
-        else:
-            state = _train_in_parts(cfg, run, chunk_fn, params_M, consts, device_data, fit, manager, progress)
+    how = trainer.MemberTraining(f.optimizer, f.momentum, f.batch_size, f.steps, cfg.run.chunk_steps,
+                                 cfg.run.member_group, cfg.run.compute_dtype, tuple(f.save_steps),
+                                 cfg.run.checkpoint_every, cfg.run.max_members)
+    store = trainer.MemberStore(run, rundir.CHECKPOINTS, rundir.FINETUNE_CURVES, keep_latest=2)
+    state, _ = trainer.train_members(model, start_M, grid.member_consts(f, rows), task.train.x, task.train.y, how,
+                                     store, progress)
 
     results = evaluate_members(cfg, model, task, state["params"], start_M)
     diverged = shard.to_host(state["diverged"])
@@ -111,87 +102,6 @@ def chance_accuracy(cfg: Config, task: tasks.Task) -> float:
     fixed train-evaluation subset the members' train accuracy is measured on."""
     labels = np.asarray(task.train.y[:cfg.data.train_eval_size]).ravel()
     return float(np.bincount(labels).max() / labels.size) if labels.size else 0.0
-
-
-def members_per_program(cfg: Config, chunk_fn, params_M, consts, device_data, n_train: int) -> int:
-    """How many members one compiled program can train at once: run.max_members, else all of them when their
-    state is small beside the free memory, else the number that XLA's memory analysis of the compiled training
-    chunk (at 1 and 2 members: memory is affine in the member count) fits in 80 % of the free memory."""
-    num_members = jax.tree.leaves(params_M)[0].shape[0]
-    if cfg.run.max_members:
-        return min(cfg.run.max_members, num_members)
-    f = cfg.finetune
-    budget = 0.8 * memory.available_memory_bytes()
-    state_M = jax.eval_shape(lambda p: train.init_state(p, f.optimizer, f.momentum, n_train), params_M)
-    state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state_M))
-    if 4 * state_bytes < 0.05 * budget:  # the usual case: no need to compile anything to know it fits
-        return num_members
-
-    def footprint(m):
-        take = lambda tree: jax.tree.map(  # noqa: E731
-            lambda a: jax.ShapeDtypeStruct((m, *a.shape[1:]), a.dtype) if a.ndim else a, tree)
-        abstract_state = jax.eval_shape(lambda p: train.init_state(p, f.optimizer, f.momentum, n_train),
-                                        take(jax.eval_shape(lambda: params_M)))
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (consts, device_data))
-        analysis = chunk_fn.lower(abstract_state, take(abstract[0]), abstract[1], 1).compile().memory_analysis()
-        if analysis is None:
-            return None
-        return analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-
-    return memory.largest_fit(footprint, budget, limit=num_members)
-
-
-def _train_part(cfg: Config, chunk_fn, params_M, consts, device_data, manager, curves_file, label: str,
-                progress: loop.Progress | None):
-    """Members starting at `params_M` trained to finetune.steps in one program (jaxlmc.trainer), resumed from and
-    saved with `manager` (at run.checkpoint_every and finetune.save_steps), their curves kept in `curves_file`."""
-    f = cfg.finetune
-    mesh = shard.member_mesh(jax.tree.leaves(params_M)[0].shape[0])
-    state = shard.shard_members(train.init_state(params_M, f.optimizer, f.momentum, device_data["y"].shape[0]), mesh)
-    save_at = set(range(cfg.run.checkpoint_every, f.steps, cfg.run.checkpoint_every)) | set(f.save_steps)
-    state, _ = trainer.train_resumable(label, manager, state, chunk_fn, shard.shard_members(consts, mesh),
-                                       shard.replicate(device_data, mesh), f.steps, cfg.run.chunk_steps, save_at,
-                                       curves_file, required=f.save_steps, progress=progress)
-    return state
-
-
-def _train_in_parts(cfg: Config, run: rundir.RunDir, chunk_fn, params_M, consts, device_data, fit: int, manager,
-                    progress: loop.Progress | None):
-    """Members that do not fit one program are trained in as few parts as possible, one after another, each
-    checkpointed in parts/partK (and resumed from there); the finished parts are stacked into one state saved in
-    checkpoints/ like a single program's (so is each of finetune.save_steps, and so are the training curves), and
-    parts/ is removed. Members are independent, so the result is the same as training them all at once (tested)."""
-    f = cfg.finetune
-    num_members = jax.tree.leaves(params_M)[0].shape[0]
-    num_parts = -(-num_members // fit)
-    finished = []
-    for k, members in enumerate(np.array_split(np.arange(num_members), num_parts)):
-        take = jnp.asarray(members)
-        part = lambda tree: jax.tree.map(lambda a: a[take], tree)  # noqa: E731
-        with run.checkpoints(run.part(k), keep_steps=f.save_steps, keep_latest=2) as part_manager:
-            state = _train_part(cfg, chunk_fn, part(params_M), part(consts), device_data, part_manager,
-                                run.curves_file(run.part_curves(k)), f"finetune {k + 1}/{num_parts}", progress)
-        finished.append(jax.tree.map(shard.to_host, state))
-
-    def stacked(states):
-        return {key: (states[0][key] if key == "step" else
-                      jax.tree.map(lambda *parts: np.concatenate(parts), *[p[key] for p in states]))
-                for key in states[0]}
-
-    for step in f.save_steps:  # the kept steps first: the final one marks the run finished
-        saved = []
-        for k, one in enumerate(finished):
-            with run.checkpoints(run.part(k), read_only=True) as part_manager:
-                saved.append(part_manager.restore_like(step, one))
-        manager.save(step, stacked(saved))
-    curves = [run.read_npz(run.part_curves(k)) for k in range(num_parts)]
-    run.write_npz(rundir.FINETUNE_CURVES, {"step_K": curves[0]["step_K"],
-                                           **{name: np.concatenate([c[name] for c in curves], axis=1)
-                                              for name in ("loss_KxM", "acc_KxM")}})
-    state = stacked(finished)
-    manager.save(f.steps, state)  # atomic: until it lands, a rerun resumes from the finished parts
-    shutil.rmtree(run.path(rundir.PARTS), ignore_errors=True)
-    return state
 
 
 def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict], train_split: data.Split,

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import (ckpt, data, decide, files, grid, interpolation, layout, loop, models, optimizers, pair_sets, paths,
+from jaxlmc import (data, decide, files, grid, interpolation, layout, loop, models, optimizers, pair_sets, paths,
                     rundir, shard, spec_check, stats, train, trainer)
 from jaxlmc.settings import DEFAULT_ALPHAS, FinetuneConfig
 
@@ -77,7 +77,7 @@ def member_rows(seeds, **hyperparameters) -> list[dict]:
     return [{"member": m, **dict(zip([*axes, "seed"], combo))} for m, combo in enumerate(combos)]
 
 
-def _check_rows(rows: list[dict], n_train: int, batch_size: int, steps: int) -> None:
+def _check_rows(rows: list[dict], n_train: int, batch_size: int, steps: int, max_members: int) -> None:
     checks = {"lr": ("be positive", lambda v: v > 0), "weight_decay": ("be non-negative", lambda v: v >= 0),
               "dropout": ("lie in [0, 1)", lambda v: 0 <= v < 1),
               "schedule": ("be constant, cosine or linear", lambda v: v in ("constant", "cosine", "linear"))}
@@ -89,6 +89,9 @@ def _check_rows(rows: list[dict], n_train: int, batch_size: int, steps: int) -> 
         raise ValueError(f"batch_size {batch_size} must lie in [1, {n_train}] (the training examples)")
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
+    if not isinstance(max_members, (int, np.integer)) or max_members < 0:
+        raise ValueError(f"max_members must be a non-negative integer (0: as many as the memory holds), got "
+                         f"{max_members!r}")
 
 
 def _arrays(train_data, label_map: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +168,7 @@ def fit(model, train_data, *, steps: int, batch_size: int, lr, seeds=1, weight_d
         init: str = "per_seed", num_classes: int | None = None, permutation_spec=None, directory: str | None = None,
         checkpoint_every: int = 0, chunk_steps: int = 100, seed_offset: int = 0, train_eval_size: int = 1000,
         fit_margin: float = 0.05, label_map: str = "identity", data_dir: str | None = None,
-        compute_dtype: str = "float32", progress: loop.Progress | None = None) -> Members:
+        compute_dtype: str = "float32", max_members: int = 0, progress: loop.Progress | None = None) -> Members:
     """Train every member — each combination of `lr`, `weight_decay`, `schedule` and `dropout` (a scalar: one value;
     a list: an axis) × `seeds` — of one model simultaneously, in one compiled program (`jax.vmap` over the members,
     `lax.scan` over steps, sharded over the devices).
@@ -182,11 +185,13 @@ def fit(model, train_data, *, steps: int, batch_size: int, lr, seeds=1, weight_d
     the most frequent label plus `fit_margin` is flagged `unfit`: neither enters barriers. With `directory` the
     training is checkpointed (Orbax) at the end and every `checkpoint_every` steps, and a rerun with the same
     arguments resumes from the last checkpoint (bit for bit as if never stopped); without, nothing is written.
-    `compute_dtype="bfloat16"`: the training pass in bfloat16, parameters and optimiser state in float32.
+    `compute_dtype="bfloat16"`: the training pass in bfloat16, parameters and optimiser state in float32. Members
+    that do not fit the memory together train in as few parts as it holds, one after another (`max_members`: at most
+    that many per part), with the same result.
     """
     x, y = _arrays(train_data, label_map, data_dir)
     rows = member_rows(seeds, lr=lr, weight_decay=weight_decay, schedule=schedule, dropout=dropout)
-    _check_rows(rows, len(y), batch_size, steps)
+    _check_rows(rows, len(y), batch_size, steps, max_members)
     if compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f'compute_dtype: {compute_dtype!r} is neither "float32" nor "bfloat16"')
     model, instance_params = _model(model, x, y, num_classes, permutation_spec)
@@ -198,28 +203,14 @@ def fit(model, train_data, *, steps: int, batch_size: int, lr, seeds=1, weight_d
     if model.kind.permutation_spec is not None:  # a spec that changes the function is refused before training
         spec_check.check_spec(model, jax.tree.map(lambda a: a[0], start_M), x[:4])
     consts = grid.member_consts(FinetuneConfig(steps=steps, warmup_steps=warmup_steps, seed_offset=seed_offset), rows)
-    n_train = len(y)
-    mesh = shard.member_mesh(len(rows))
-    state = shard.shard_members(train.init_state(jax.tree.map(jnp.copy, start_M), opt, momentum, n_train), mesh)
-    chunk_fn = train.make_train_chunk(model, opt, momentum, batch_size, n_train, chunk_steps,
-                                      compute_dtype=compute_dtype)
-    device_data = shard.replicate({"x": jnp.asarray(x), "y": jnp.asarray(y)}, mesh)
-    consts = shard.shard_members(consts, mesh)
-    save_at = set(range(checkpoint_every, steps, checkpoint_every)) if checkpoint_every else set()
-    if directory is None:
-        curves = loop.TrainingCurves()
-        state = loop.train_to("fit", chunk_fn, state, consts, device_data, steps, chunk_steps, set(),
-                              lambda *_: None, progress, curves)
-        curves_arrays = curves.arrays(len(rows))
-    else:
+    how = trainer.MemberTraining(opt, momentum, batch_size, steps, chunk_steps, compute_dtype=compute_dtype,
+                                 checkpoint_every=checkpoint_every, max_members=max_members)
+    store = None
+    if directory is not None:
         _open_directory(directory, _settings(model, rows, steps, batch_size, warmup_steps, optimizer, momentum,
                                              seed_offset, x, y, start_M, compute_dtype))
-        run = rundir.RunDir(directory)
-        with ckpt.Checkpoints(run.path(layout.FIT_CHECKPOINTS), root=run.root) as manager:
-            state, curves = trainer.train_resumable("fit", manager, state, chunk_fn, consts, device_data, steps,
-                                                    chunk_steps, save_at, run.curves_file(layout.FIT_CURVES),
-                                                    progress=progress)
-        curves_arrays = curves.arrays(len(rows))
+        store = trainer.MemberStore(rundir.RunDir(directory), layout.FIT_CHECKPOINTS, layout.FIT_CURVES)
+    state, curves_arrays = trainer.train_members(model, start_M, consts, x, y, how, store, progress, label="fit")
     return _finish(model, rows, state, start_M, x, y, train_eval_size, fit_margin, curves_arrays)
 
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlmc import api, ckpt, config, finetuning, grid, rundir
+from jaxlmc import api, ckpt, config, grid, loop, rundir
 from jaxlmc.config import ConfigError
 
 from conftest import TINY
@@ -183,22 +183,23 @@ def test_members_that_do_not_fit_train_in_parts_with_the_same_result(finished_ru
                                                          "run.max_members=3", "finetune.save_steps=[10, 20]"])
     out = str(tmp_path / "parts")
     calls = []
-    original = finetuning._train_part
+    original = loop.train_to  # (called for a part that trains, not for one resumed finished)
 
     def killed_in_second_part(*args, **kwargs):
-        calls.append(args[-2])
+        calls.extend([args[0]] if args[0].startswith("finetune") else [])
         if len(calls) == 2:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(finetuning, "_train_part", killed_in_second_part)
+    monkeypatch.setattr(loop, "train_to", killed_in_second_part)
     with pytest.raises(KeyboardInterrupt):
         api.finetune(parted, out, progress=False)
     assert calls == ["finetune 1/3", "finetune 2/3"]
     assert os.path.isdir(os.path.join(out, "parts", "part0", "40"))  # the first part's finished checkpoint
     monkeypatch.undo()
     calls.clear()
-    monkeypatch.setattr(finetuning, "_train_part", lambda *a, **k: calls.append(a[-2]) or original(*a, **k))
+    monkeypatch.setattr(loop, "train_to", lambda *a, **k: calls.extend([a[0]] if a[0].startswith("finetune") else [])
+                        or original(*a, **k))
     parted_rows = api.finetune(parted, out, progress=False)
     assert calls == ["finetune 2/3", "finetune 3/3"]  # part 1 is not trained again
     assert not os.path.exists(os.path.join(out, "parts"))

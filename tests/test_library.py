@@ -183,6 +183,26 @@ def test_a_checkpointed_fit_resumes_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(whole.curves["step_K"], resumed.curves["step_K"])
 
 
+@pytest.mark.slow
+def test_fit_in_parts_equals_one_program_in_memory_and_checkpointed(tmp_path):
+    """fit trains members that do not fit one program in parts (max_members forces it here): the same parameters,
+    flags and curves as one program, with and without a checkpoint directory (whose parts are stacked and removed)."""
+    x, y = _data()
+    args = dict(lr=[3e-3, 1e-2], seeds=3, steps=30, batch_size=40, chunk_steps=10)
+    whole = jaxlmc.fit(Nested, (x, y), **args)
+    in_memory = jaxlmc.fit(Nested, (x, y), max_members=4, **args)
+    directory = str(tmp_path / "fit")
+    checkpointed = jaxlmc.fit(Nested, (x, y), max_members=4, directory=directory, checkpoint_every=10, **args)
+    assert not os.path.exists(os.path.join(directory, "parts"))
+    for parted in (in_memory, checkpointed):
+        for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(parted.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(whole.curves["loss_KxM"], parted.curves["loss_KxM"], rtol=1e-6)
+        assert [r["diverged"] for r in whole.table] == [r["diverged"] for r in parted.table]
+    with pytest.raises(ValueError, match="max_members must be a non-negative integer"):
+        jaxlmc.fit(Nested, (x, y), max_members=-1, **args)
+
+
 def test_errors_name_what_is_wrong():
     x, y = _data()
 
