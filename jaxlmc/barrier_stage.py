@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import files, finetuning, grid, layerwise, loop, models, pair_sets, rundir, tasks
+from jaxlmc import files, finetuning, grid, layerwise, library, loop, models, pair_sets, rundir, tasks
 from jaxlmc.config import Config, ConfigError
-from jaxlmc.interpolation import PairCurves, cell_summary, curve_columns, pair_columns, pair_curves
+from jaxlmc.interpolation import PairCurves, cell_summary
 from jaxlmc.measures import PAIR_MEASURES, BezierSettings
 
 
@@ -60,18 +60,11 @@ def load_run(cfg: Config, out: str) -> FinishedRun:
 
 def select_pairs(spec: str, members: list[dict]) -> tuple[list[tuple[int, int]], int]:
     """The requested pairs among used members, and how many requested pairs were left out (a member diverged or
-    unfit)."""
-    by_seed = sorted(members, key=lambda m: m["seed"])
+    unfit): jaxlmc.pair_sets.select_pairs over the grid's cells, a bad spec a ConfigError naming barriers.pairs."""
     try:
-        requested = pair_sets.pair_design(spec, grid.cell_groups(by_seed), len(members))
-        if requested is None and not os.path.isfile(spec):
-            raise ValueError(f'pairs: {spec!r} is neither "within", "ring:K", "all" nor an existing pair file')
-        if requested is None:
-            requested = pair_sets.read_pairs(spec, len(members))
+        return pair_sets.select_pairs(spec, members, grid.CELL_KEYS, grid.usable)
     except ValueError as err:
         raise ConfigError(f"barriers.{err}" if str(err).startswith("pairs:") else f"barriers.pairs: {err}") from None
-    kept = [p for p in requested if grid.usable(members[p[0]]) and grid.usable(members[p[1]])]
-    return kept, len(requested) - len(kept)
 
 
 def summarize(cfg: Config, members: list[dict], pair_rows: list[dict], start_rows: list[dict]) -> list[dict]:
@@ -80,51 +73,24 @@ def summarize(cfg: Config, members: list[dict], pair_rows: list[dict], start_row
     return cell_summary(members, pair_rows, start_rows, cfg.finetune.seeds, grid.CELL_KEYS, cfg.study.margin)
 
 
-def compute_curves(cfg: Config, run: FinishedRun, start_M: dict, pairs: list[tuple[int, int]], status=None,
-                   reference_M: dict | None = None, progress: loop.Progress | None = None) -> PairCurves:
-    """The run's requested member pairs and every member-to-start pair of its used members, as the [barriers] section
-    asks (jaxlmc.interpolation.pair_curves on the used members only).
-
-    `start_M` is where each member started (the fine-tuning updates θ − start, for update_cos); `reference_M` (default
-    `start_M`) is the start its to-start curve and distance are measured to."""
-    reference_M = start_M if reference_M is None else reference_M
-    b = cfg.barriers
-    position = {m: k for k, m in enumerate(run.used)}
-    take = jnp.asarray(run.used)
-    used = lambda tree: jax.tree.map(lambda a: a[take], tree)  # noqa: E731
-    train_x = run.task.train.x
-    bezier = (BezierSettings(b.curve_steps, b.curve_lr, cfg.finetune.batch_size, train_x, run.task.train.y)
-              if b.curve_steps else None)
-    return pair_curves(
-        run.model, used(run.params_M), [(position[i], position[j]) for i, j in pairs],
-        tasks.eval_sets(cfg, run.task, resamples=b.noise_resamples), num_alphas=b.alphas, start_K=used(start_M),
-        reference_K=used(reference_M), chunk_pairs=b.chunk_pairs, memory_fraction=b.memory_fraction,
-        align={True: "weights", False: None}.get(b.align, b.align),
-        align_x=train_x[:cfg.data.train_eval_size] if b.align == "activations" else None,
-        repair_x=train_x[:min(b.repair_examples, cfg.data.train_eval_size)] if b.repair else None, bezier=bezier,
-        measures=b.measures, status=status, progress=progress)
-
-
-def barrier_rows(members: list[dict], pairs: list[tuple[int, int]], used: list[int], curves: PairCurves):
-    """(pair_rows, start_rows): one row per member pair and one per used member, with their cell keys."""
-    columns = pair_columns(curves)
-    pair_rows = []
-    for p, (i, j) in enumerate(pairs):
-        mi, mj = members[i], members[j]
-        row = {"i": i, "j": j, **dict(zip(grid.CELL_KEYS, grid.cell(mi))), "same_cell": grid.cell(mi) == grid.cell(mj),
-               "pretrain_step_j": mj["pretrain_step"], "lr_j": mj["lr"]}
-        row.update({k: float(v[p]) for k, v in columns.items()})
-        pair_rows.append(row)
-    start_columns = curve_columns(curves.to_start, curves.alphas)
-    for split, (loss, err) in curves.to_start.items():  # the start (α = 1: body + probe head) on its own
-        start_columns[f"start_loss_{split}"], start_columns[f"start_error_{split}"] = loss[:, -1, 0], err[:, -1, 0]
-    start_rows = []
-    for k, m in enumerate(used):
-        row = {"member": m, **dict(zip(grid.CELL_KEYS, grid.cell(members[m]))), "seed": members[m]["seed"]}
-        row.update({key: float(v[k]) for key, v in start_columns.items()})
-        row["dist"] = float(curves.dist_K[k])
-        start_rows.append(row)
-    return pair_rows, start_rows
+def measure_pairs(cfg: Config, run: FinishedRun, start_M: dict, reference_M: dict, pairs: list[tuple[int, int]],
+                  status=None, progress: loop.Progress | None = None) -> library.Barriers:
+    """The run's requested member pairs and every used member's line to its `reference_M`, as the [barriers] section
+    asks: jaxlmc.pair_barriers on the run's members (cells: the grid's; each pair row also names member j's
+    checkpoint and rate). `start_M` is where each member started (the fine-tuning updates θ − start, for
+    update_cos)."""
+    b, n = cfg.barriers, cfg.data.train_eval_size
+    train_x, train_y = run.task.train.x, run.task.train.y
+    members = library.Members(run.model, run.params_M, start_M, run.members, {}, grid.CELL_KEYS,
+                              pair_keys=("pretrain_step_j", "lr_j"))
+    return library.pair_barriers(
+        members, tasks.eval_arrays(cfg, run.task), pairs=pairs,
+        align={True: "weights", False: None}.get(b.align, b.align), align_x=train_x[:n] if b.align == "activations" else None,
+        repair_x=train_x[:min(b.repair_examples, n)] if b.repair else None,
+        bezier=BezierSettings(b.curve_steps, b.curve_lr, cfg.finetune.batch_size, train_x, train_y)
+        if b.curve_steps else None, measures=b.measures, num_alphas=b.alphas, noise_resamples=b.noise_resamples,
+        reference=reference_M, chunk_pairs=b.chunk_pairs, memory_fraction=b.memory_fraction,
+        eval_batch_size=cfg.run.eval_batch_size, status=status, progress=progress)
 
 
 def write_barriers(run: rundir.RunDir, pairs, used, curves: PairCurves, pair_rows, start_rows, summary,
@@ -169,8 +135,8 @@ def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = F
     probe_M = finetuning.start_params(cfg, out, run.model, members, run.task.train, heads="probe")
     if not run.used:
         return _without_pairs(cfg, out, run, start_M, probe_M)
-    curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M, progress=progress)
-    pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
+    measured = measure_pairs(cfg, run, start_M, probe_M, pairs, status, progress)
+    curves, pair_rows, start_rows = measured.curves, measured.pairs, measured.to_start
     summary = summarize(cfg, members, pair_rows, start_rows)
     num_used = len(run.used)
     num_evals = (len(pairs) + num_used) * (len(curves.alphas) - 2) + 2 * num_used
@@ -258,6 +224,5 @@ def _barriers_at_step(cfg: Config, out: str, final: FinishedRun, step: int, star
         return members, [], [], summarize(cfg, members, [], [])
     if status:
         status(f"fine-tuning step {step}:")
-    curves = compute_curves(cfg, run, start_M, pairs, status, reference_M=probe_M, progress=progress)
-    pair_rows, start_rows = barrier_rows(members, pairs, run.used, curves)
-    return members, pair_rows, start_rows, summarize(cfg, members, pair_rows, start_rows)
+    measured = measure_pairs(cfg, run, start_M, probe_M, pairs, status, progress)
+    return members, measured.pairs, measured.to_start, summarize(cfg, members, measured.pairs, measured.to_start)

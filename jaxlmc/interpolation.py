@@ -47,14 +47,6 @@ class PairCurves:
         return self.measures["straight"]
 
 
-def eval_sets(named: dict[str, tuple], batch_size: int = 1000, resamples: int = 0) -> dict[str, tuple]:
-    """{name: (x, y)} batched on the device once (train.batch_eval_set); with `resamples` > 0 each set carries that
-    many bootstrap resamplings of its examples (a fixed draw per set, by its position), for the noise floors."""
-    return {name: train.batch_eval_set(x, y, batch_size,
-                                       train.resample_counts(len(y), resamples, seed=k) if resamples else None)
-            for k, (name, (x, y)) in enumerate(named.items())}
-
-
 def _probe_examples(eval_sets: dict, count: int = 4):
     """A few examples of the first evaluation set (its first batch's first rows)."""
     return next(iter(eval_sets.values()))[0][0][:count]
@@ -176,6 +168,36 @@ def pair_columns(curves: PairCurves) -> dict[str, np.ndarray]:
         columns.update(curve_columns(by_set, curves.alphas, PAIR_MEASURES.lookup(name).suffix))
     columns["dist"], columns["update_cos"] = curves.dist_P, curves.cos_P
     return columns
+
+
+def barrier_rows(table: list[dict], pairs: list[tuple[int, int]], used: list[int], curves: PairCurves,
+                 cell_keys: tuple[str, ...], pair_keys: tuple[str, ...] = ("seed_i", "seed_j")):
+    """(pair_rows, start_rows), the rows of barriers/pairs.csv and barriers/to_start.csv: one per member pair of
+    `pairs` (indices into `table`; its members i and j, their cell — `cell_keys` — and whether they share it, each
+    column of `pair_keys`, "<key>_i" or "<key>_j" being member i's or j's value of <key>, then `pair_columns`), and,
+    when the curves hold them, one per member of `used` to its start (the line's columns, the start on its own —
+    α = 1 — and the distance)."""
+    columns = pair_columns(curves)
+    cell = lambda row: {k: row[k] for k in cell_keys}  # noqa: E731
+    pair_rows = []
+    for p, (i, j) in enumerate(pairs):
+        mi, mj = table[i], table[j]
+        row = {"i": i, "j": j, **cell(mi), "same_cell": cell(mi) == cell(mj)}
+        row.update({key: (mi if key.endswith("_i") else mj)[key[:-2]] for key in pair_keys})
+        row.update({k: float(v[p]) for k, v in columns.items()})
+        pair_rows.append(row)
+    if not curves.to_start:
+        return pair_rows, []
+    start_columns = curve_columns(curves.to_start, curves.alphas)
+    for split, (loss, err) in curves.to_start.items():  # the start (α = 1) on its own
+        start_columns[f"start_loss_{split}"], start_columns[f"start_error_{split}"] = loss[:, -1, 0], err[:, -1, 0]
+    start_rows = []
+    for k, m in enumerate(used):
+        row = {"member": m, **cell(table[m]), "seed": table[m]["seed"]}
+        row.update({key: float(v[k]) for key, v in start_columns.items()})
+        row["dist"] = float(curves.dist_K[k])
+        start_rows.append(row)
+    return pair_rows, start_rows
 
 
 def _measures(rows: list[dict]) -> list[str]:

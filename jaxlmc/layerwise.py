@@ -1,6 +1,7 @@
-"""Layer-wise barriers of a finished run (`barriers.layerwise`): each layer group of a member pair interpolated alone
-while the rest stays at the first member, every group × pair × α in one compiled pass (jaxlmc.barriers), with
-member-bootstrap CIs per cell. Called by jaxlmc.barrier_stage's barrier stage; `run` is its FinishedRun.
+"""Layer-wise barriers (Adilova et al. 2024): each layer group of a member pair interpolated alone while the rest
+stays at the first member, every group × pair × α in one compiled pass (jaxlmc.paths.layer_wise). `layer_rows` gives
+the rows (the library's `pair_barriers(layerwise=True)` and the barrier stage's); `layer_barriers` is the barrier
+stage's (`barriers.layerwise`), with member-bootstrap CIs per cell; `run` is its FinishedRun.
 """
 from __future__ import annotations
 
@@ -27,28 +28,9 @@ def layer_barriers(cfg: Config, run, pairs: list[tuple[int, int]], perms: list |
         // len(groups))
     if status:
         status(f"layer-wise: {len(pairs)} pairs × {len(groups)} layer groups × {len(alphas) - 1} α")
-    mesh = shard.device_mesh()
-    fn = paths.make_path_eval(run.model, paths.layer_wise(groups), alphas, chunk, mesh=mesh)
-    pairs_Px2 = jnp.asarray(pairs, jnp.int32).reshape(-1, 2)
     start_time = time.perf_counter()
-    variants = {"": fn(*shard.replicate((run.params_M, pairs_Px2, test), mesh))}
-    if perms is not None:
-        variants["_aligned"] = fn(*shard.replicate((run.params_M, pairs_Px2, test, [jnp.asarray(p) for p in perms]),
-                                                   mesh))
-    variants = jax.tree.map(np.asarray, variants)  # waits for the pass: the time below is the computation's
+    rows = layer_rows(run.model, run.params_M, pairs, test, alphas, chunk, perms, run.members, grid.CELL_KEYS)
     seconds = time.perf_counter() - start_time
-    rows = []
-    for p, (i, j) in enumerate(pairs):
-        for g, name in enumerate(groups):
-            row = {"i": i, "j": j, **dict(zip(grid.CELL_KEYS, grid.cell(run.members[i]))), "layer": name,
-                   "layer_index": g}
-            for suffix, curves in variants.items():
-                loss, err = (np.asarray(c)[p, g] for c in curves["test"])
-                for metric, curve in (("loss", loss), ("error", err)):
-                    for form in stats.FORMS:
-                        row[f"{metric}_barrier_test{form}{suffix}"] = float(
-                            stats.barrier(curve[None], alphas, form)[0])
-            rows.append(row)
     draws = stats.seed_draws(cfg.finetune.seeds, cfg.barriers.bootstrap)
     measures = [k for k in rows[0] if k.startswith(("loss_", "error_"))] if rows else []
     summary = []
@@ -68,3 +50,31 @@ def layer_barriers(cfg: Config, run, pairs: list[tuple[int, int]], perms: list |
                                                                     else (np.nan, np.nan))
             summary.append(row)
     return rows, summary, seconds
+
+
+def layer_rows(model, params_M, pairs: list[tuple[int, int]], eval_sets: dict, alphas, chunk_pairs: int,
+               perms: list | None, table: list[dict], cell_keys: tuple[str, ...],
+               pair_ids: list[tuple[int, int]] | None = None) -> list[dict]:
+    """One row per pair and layer group: both barrier forms of loss and error on every set of `eval_sets`, naive and,
+    with `perms` (the pairs' alignments), aligned. `pairs` index the member axis of `params_M`; `pair_ids` (default:
+    `pairs`) are the same pairs' rows in `table`, whose `cell_keys` each row carries."""
+    groups = model.layer_groups(jax.tree.map(lambda a: a[0], params_M))
+    mesh = shard.device_mesh()
+    fn = paths.make_path_eval(model, paths.layer_wise(groups), alphas, chunk_pairs, mesh=mesh)
+    args = (params_M, jnp.asarray(pairs, jnp.int32).reshape(-1, 2), eval_sets)
+    variants = {"": fn(*shard.replicate(args, mesh))}
+    if perms is not None:
+        variants["_aligned"] = fn(*shard.replicate(args + ([jnp.asarray(p) for p in perms],), mesh))
+    variants = jax.tree.map(shard.to_host, variants)
+    rows = []
+    for p, (i, j) in enumerate(pairs if pair_ids is None else pair_ids):
+        for g, name in enumerate(groups):
+            row = {"i": i, "j": j, **{k: table[i][k] for k in cell_keys}, "layer": name, "layer_index": g}
+            for suffix, by_set in variants.items():
+                for split, (loss, err) in by_set.items():
+                    for metric, curve in (("loss", loss), ("error", err)):
+                        for form in stats.FORMS:
+                            row[f"{metric}_barrier_{split}{form}{suffix}"] = float(
+                                stats.barrier(curve[p, g][None], alphas, form)[0])
+            rows.append(row)
+    return rows

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import (data, decide, files, grid, interpolation, layout, loop, models, optimizers, pair_sets, paths,
-                    rundir, shard, spec_check, stats, train, trainer)
+from jaxlmc import (data, decide, files, grid, interpolation, layout, loop, models, optimizers, pair_sets,
+                    rundir, shard, spec_check, train, trainer)
+from jaxlmc.layerwise import layer_rows
+from jaxlmc.measures import BezierSettings
 from jaxlmc.settings import DEFAULT_ALPHAS, FinetuneConfig
 
 # The per-member hyperparameters `fit` takes, in the grid's nesting order (seeds innermost), with their members.csv
@@ -45,6 +47,7 @@ class Members:
     table: list[dict]
     curves: dict
     cell_keys: tuple[str, ...]
+    pair_keys: tuple[str, ...] = ("seed_i", "seed_j")  # the member columns each pair row names ("<column>_i"/"_j")
 
     def __len__(self) -> int:
         return len(self.table)
@@ -241,6 +244,9 @@ class Barriers:
     to_start: list[dict]
     curves: interpolation.PairCurves
     layers: list[dict] = dataclasses.field(default_factory=list)  # per pair and layer group (layerwise=True)
+    pair_ids: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # the pairs measured (member numbers)
+    left_out: int = 0  # requested pairs left out: a member diverged or is unfit
+    used: list[int] = dataclasses.field(default_factory=list)  # the members interpolated
 
     def summary(self, margin: float = decide.MARGIN) -> list[dict]:
         """One row per cell (barriers/summary.csv's columns): each measure's mean and std over the cell's pairs, and
@@ -255,29 +261,30 @@ class Barriers:
 
 
 def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | None = None, align_x=None,
-                  repair_x=None, measures: list[str] | tuple[str, ...] = (), num_alphas: int = DEFAULT_ALPHAS,
-                  noise_resamples: int = 100, to_start: bool = False,
-                  layerwise: bool = False, chunk_pairs: int = 0, eval_batch_size: int = 1000,
-                  status=None, progress: loop.Progress | None = None) -> Barriers:
+                  repair_x=None, bezier: BezierSettings | None = None, measures: list[str] | tuple[str, ...] = (),
+                  num_alphas: int = DEFAULT_ALPHAS, noise_resamples: int = 100, to_start: bool = False,
+                  reference: dict | None = None, layerwise: bool = False, chunk_pairs: int = 0,
+                  memory_fraction: float = 0.5, eval_batch_size: int = 1000, status=None,
+                  progress: loop.Progress | None = None) -> Barriers:
     """Interpolate between members: loss and error along θ(α) = (1 − α)·θᵢ + α·θⱼ on `num_alphas` points, for every
     pair in one compiled pass (docs/science.md defines both barrier forms and the noise floor).
 
     `eval_data`: (x, y) (named "test") or {name: (x, y)}. `pairs`: "within" (the pairs inside each cell: members
-    that differ only in their seed), "all", or a list of (i, j). Diverged and unfit members are left out. `align`:
-    "weights" (weight matching; the model needs a permutation spec) or "activations" (activation matching on
-    `align_x`; the module needs `unit_activations`) adds the `_aligned` columns; `repair_x` (examples) the `_repair`
-    columns (REPAIR, on the aligned pairs when aligning); `measures` further registered pair measures by name
-    (jaxlmc.measures: a path of one's own), each its columns; `noise_resamples` bootstrap resamplings of each evaluation
-    set give every barrier a noise floor (`_floor`); `to_start` adds each member's curve to its own start;
-    `layerwise` the layer-wise barriers (Adilova et al. 2024: one top-level parameter group interpolated at a time,
-    aligned too when aligning) in `Barriers.layers`. `progress` (e.g. jaxlmc.ui.TrainingProgress) shows the pairs as
-    they are evaluated.
+    that differ only in their seed), "ring:K", "all", a pair file or a list of (i, j). Diverged and unfit members are
+    left out. `align`: "weights" (weight matching; the model needs a permutation spec) or "activations" (activation
+    matching on `align_x`; the module needs `unit_activations`) adds the `_aligned` columns; `repair_x` (examples) the
+    `_repair` columns (REPAIR, on the aligned pairs when aligning); `bezier` (jaxlmc.measures.BezierSettings) the
+    `_curve` columns; `measures` further registered pair measures by name (jaxlmc.measures: a path of one's own),
+    each its columns; `noise_resamples` bootstrap resamplings of each evaluation set give every barrier a noise floor
+    (`_floor`); `to_start` adds each member's line to its own start (`reference`, params_M…: to another point
+    instead, such as its start with a working head); `layerwise` the layer-wise barriers (Adilova et al. 2024: one
+    top-level parameter group interpolated at a time, aligned too when aligning) in `Barriers.layers`. `chunk_pairs`
+    0: the largest chunk of pairs whose scratch memory fits `memory_fraction` of the free memory. `progress` (e.g.
+    jaxlmc.ui.TrainingProgress) shows the pairs as they are evaluated.
     """
     named = {"test": eval_data} if isinstance(eval_data, tuple) else dict(eval_data)
     if not named:
         raise ValueError("eval_data: no evaluation set given")
-    named = {name: (np.asarray(x, np.float32) if np.asarray(x).dtype.kind == "f" else np.asarray(x),
-                    np.asarray(y, np.int32)) for name, (x, y) in named.items()}
     table = members.table
     used = [r["member"] for r in table if grid.usable(r)]
     if not used:
@@ -287,68 +294,24 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
         raise ValueError(f"align={align!r}: model {members.model.kind.name!r} has no permutation spec; pass "
                          "permutation_spec=[[jaxlmc.UnitAxis(layer, name, axis), …], …] (per hidden layer, every "
                          "parameter axis its units index) to jaxlmc.fit, or align=None")
-    cells: dict = {}
-    for r in sorted(table, key=lambda r: r.get("seed", 0)):
-        cells.setdefault(tuple(r[k] for k in members.cell_keys), []).append(r["member"])
-    requested = pair_sets.pair_design(pairs, cells, len(table)) if isinstance(pairs, str) else None
-    if isinstance(pairs, str) and requested is None:
-        raise ValueError(f'pairs: {pairs!r} is neither "within", "ring:K", "all" nor a list of (i, j)')
-    if requested is None:
-        requested = pair_sets.check_pairs([(int(i), int(j)) for i, j in pairs], len(table), "pairs: ")
-    usable = set(used)
-    kept = [p for p in requested if p[0] in usable and p[1] in usable]
+    kept, left_out = pair_sets.select_pairs(pairs, table, members.cell_keys, grid.usable)
     position = {m: k for k, m in enumerate(used)}
     take = jnp.asarray(used, jnp.int32)
     sub = lambda tree: jax.tree.map(lambda a: a[take], tree)  # noqa: E731
+    reference = members.start if to_start and reference is None else reference
     curves = interpolation.pair_curves(
         members.model, sub(members.params), [(position[i], position[j]) for i, j in kept],
-        interpolation.eval_sets(named, eval_batch_size, noise_resamples), num_alphas=num_alphas,
-        start_K=sub(members.start), reference_K=sub(members.start) if to_start else None, chunk_pairs=chunk_pairs,
-        align=align, align_x=align_x, repair_x=repair_x, measures=measures, status=status, progress=progress)
-    columns = interpolation.pair_columns(curves)
-    cell = lambda r: {k: r[k] for k in members.cell_keys}  # noqa: E731
-    pair_rows = []
-    for p, (i, j) in enumerate(kept):
-        mi, mj = table[i], table[j]
-        pair_rows.append({"i": i, "j": j, **cell(mi), "same_cell": cell(mi) == cell(mj), "seed_i": mi["seed"],
-                          "seed_j": mj["seed"], **{k: float(v[p]) for k, v in columns.items()}})
-    start_rows = []
-    if to_start:
-        start_columns = interpolation.curve_columns(curves.to_start, curves.alphas)
-        for k, m in enumerate(used):
-            start_rows.append({"member": m, **cell(table[m]), "seed": table[m]["seed"],
-                               **{key: float(v[k]) for key, v in start_columns.items()},
-                               "dist": float(curves.dist_K[k])})
-    layer_rows = _layer_rows(members, sub(members.params), kept, [(position[i], position[j]) for i, j in kept],
-                             named, curves, eval_batch_size) if layerwise and kept else []
-    return Barriers(members, pair_rows, start_rows, curves, layer_rows)
-
-
-def _layer_rows(members: Members, params_K: dict, kept, pairs_K, named: dict, curves: interpolation.PairCurves,
-                eval_batch_size: int) -> list[dict]:
-    """One row per pair and layer group: both barrier forms of loss and error on every set, naive and aligned."""
-    model = members.model
-    groups = model.layer_groups(jax.tree.map(lambda a: a[0], params_K))
-    mesh = shard.device_mesh()
-    fn = paths.make_path_eval(model, paths.layer_wise(groups), curves.alphas, curves.chunk, mesh=mesh)
-    args = (params_K, jnp.asarray(pairs_K, jnp.int32), interpolation.eval_sets(named, eval_batch_size))
-    variants = {"": fn(*shard.replicate(args, mesh))}
-    if curves.perms is not None:
-        variants["_aligned"] = fn(*shard.replicate(args + ([jnp.asarray(p) for p in curves.perms],), mesh))
-    variants = jax.tree.map(shard.to_host, variants)
-    rows = []
-    for p, (i, j) in enumerate(kept):
-        for g, name in enumerate(groups):
-            row = {"i": i, "j": j, **{k: members.table[i][k] for k in members.cell_keys}, "layer": name,
-                   "layer_index": g}
-            for suffix, by_set in variants.items():
-                for split, (loss, err) in by_set.items():
-                    for metric, curve in (("loss", loss), ("error", err)):
-                        for form in stats.FORMS:
-                            row[f"{metric}_barrier_{split}{form}{suffix}"] = float(
-                                stats.barrier(curve[p, g][None], curves.alphas, form)[0])
-            rows.append(row)
-    return rows
+        train.eval_sets(named, eval_batch_size, noise_resamples), num_alphas=num_alphas, start_K=sub(members.start),
+        reference_K=None if reference is None else sub(reference), chunk_pairs=chunk_pairs,
+        memory_fraction=memory_fraction, align=align, align_x=align_x, repair_x=repair_x, bezier=bezier,
+        measures=measures, status=status, progress=progress)
+    pair_rows, start_rows = interpolation.barrier_rows(table, kept, used, curves, members.cell_keys, members.pair_keys)
+    layers = []
+    if layerwise and kept:
+        layers = layer_rows(members.model, sub(members.params), [(position[i], position[j]) for i, j in kept],
+                            train.eval_sets(named, eval_batch_size), curves.alphas, curves.chunk, curves.perms, table,
+                            members.cell_keys, pair_ids=kept)
+    return Barriers(members, pair_rows, start_rows, curves, layers, kept, left_out, used)
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None, digits: int = 4) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
 
 
 def pairs_all(members) -> list[tuple[int, int]]:
@@ -84,3 +85,24 @@ def check_pairs(pairs: list[tuple[int, int]], num_members: int, where: str = "")
                              f"{' the other way round' if pair != pairs[seen[key] - 1] else ''})")
         seen[key] = number
     return pairs
+
+
+def select_pairs(spec, table: list[dict], cell_keys: tuple[str, ...], usable) -> tuple[list[tuple[int, int]], int]:
+    """(kept, left out): the pairs `spec` requests among the members of `table` (rows with "member", "seed" and the
+    `cell_keys`) — a named design over the cells (members that differ only in their seed), the path of a pair file,
+    or a list of (i, j) —, those whose members are both `usable(row)`, and how many requested pairs were left out.
+    A bad spec is a ValueError starting "pairs:"."""
+    cells: dict = {}
+    for row in sorted(table, key=lambda r: r.get("seed", 0)):
+        cells.setdefault(tuple(row[k] for k in cell_keys), []).append(row["member"])
+    if isinstance(spec, str):
+        requested = pair_design(spec, cells, len(table))
+        if requested is None and not os.path.isfile(spec):
+            raise ValueError(f'pairs: {spec!r} is neither "within", "ring:K", "all", a list of (i, j) nor an existing '
+                             "pair file")
+        if requested is None:
+            requested = read_pairs(spec, len(table))
+    else:
+        requested = check_pairs([(int(i), int(j)) for i, j in spec], len(table), "pairs: ")
+    kept = [p for p in requested if usable(table[p[0]]) and usable(table[p[1]])]
+    return kept, len(requested) - len(kept)

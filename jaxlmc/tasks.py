@@ -150,12 +150,16 @@ def eval_sets(cfg: Config, task: Task, validation: bool = False, resamples: int 
     """The fixed train subset, test, (if any) OOD and (if asked and held out) validation sets, batched on the device
     once per run. With `resamples` > 0 each set carries that many bootstrap resamplings of its examples (a fixed draw
     per set), and evaluating it also gives the reweighted means (the barrier pass's noise floors, jaxlmc.stats)."""
+    return train.eval_sets(eval_arrays(cfg, task, validation), cfg.run.eval_batch_size, resamples)
+
+
+def eval_arrays(cfg: Config, task: Task, validation: bool = False) -> dict[str, tuple]:
+    """{name: (x, y)} of the sets `eval_sets` batches: the fixed train subset (data.train_eval_size), test, OOD (if
+    any) and validation (if asked and held out)."""
     n = cfg.data.train_eval_size
     named = {"train": (task.train.x[:n], task.train.y[:n]), "test": (task.test.x, task.test.y)}
     if task.ood is not None:
         named["ood"] = (task.ood.x, task.ood.y)
     if validation and task.val is not None:
         named["val"] = (task.val.x, task.val.y)
-    return {name: train.batch_eval_set(x, y, cfg.run.eval_batch_size,
-                                       train.resample_counts(len(y), resamples, seed=k) if resamples else None)
-            for k, (name, (x, y)) in enumerate(named.items())}
+    return named

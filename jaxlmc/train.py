@@ -356,3 +356,11 @@ def make_evaluate(model: Model):
 def distance_from(params_M: dict, start_M: dict) -> jax.Array:
     """dist_M: each member's L2 distance from its own starting point."""
     return jax.vmap(tree_l2)(params_M, start_M)
+
+
+def eval_sets(named: dict[str, tuple], batch_size: int = 1000, resamples: int = 0) -> dict[str, tuple]:
+    """{name: (x, y)} batched on the device once (batch_eval_set); with `resamples` > 0 each set carries that
+    many bootstrap resamplings of its examples (a fixed draw per set, by its position), for the noise floors."""
+    return {name: batch_eval_set(x, y, batch_size,
+                                       resample_counts(len(y), resamples, seed=k) if resamples else None)
+            for k, (name, (x, y)) in enumerate(named.items())}
