@@ -208,8 +208,8 @@ def members_at_step(cfg: Config, out: str, run: FinishedRun, step: int, start_M:
     results = finetuning.evaluate_members(cfg, run.model, run.task, params_M, start_M)
     rows = [{**m, **{k: float(v[i]) for k, v in results.items()}, "diverged": bool(saved["diverged"][i])}
             for i, m in enumerate(run.members)]
-    for r, unfit in zip(rows, finetuning.unfit_flags(rows, cfg.study.unfit_fraction,
-                                                     finetuning.chance_accuracy(cfg, run.task), cfg.study.fit_margin)):
+    chance = finetuning.chance_accuracy(cfg, run.task)
+    for r, unfit in zip(rows, grid.unfit_flags(rows, cfg.study.unfit_fraction, chance, cfg.study.fit_margin)):
         r["unfit"] = unfit
     return rows, params_M
 

@@ -54,7 +54,7 @@ def finetune(cfg: Config, out: str, progress: loop.Progress | None = None) -> li
         r.update({k: float(v[i]) for k, v in results.items()})
         r["diverged"] = bool(diverged[i])
     new_head = f.new_head or task.train.num_classes != pre_task.train.num_classes
-    for r, unfit in zip(rows, unfit_flags(rows, cfg.study.unfit_fraction, chance_accuracy(cfg, task),
+    for r, unfit in zip(rows, grid.unfit_flags(rows, cfg.study.unfit_fraction, chance_accuracy(cfg, task),
                                           cfg.study.fit_margin)):
         r["unfit"] = unfit
         r["seed_varies"] = grid.seed_varies(r, new_head)
@@ -82,26 +82,10 @@ def finetuning_complete(cfg: Config, out: str) -> bool:
         return cfg.finetune.steps in manager.steps()
 
 
-def unfit_flags(rows: list[dict], fraction: float, chance: float = 0.0, margin: float = -1.0) -> list[bool]:
-    """Which members failed to train: not diverged, but with a train accuracy not above `chance` + `margin` (the
-    absolute rule: study.fit_margin), or — when `fraction` > 0 (study.unfit_fraction) — below `fraction` of the best
-    train accuracy any non-diverged member reached from the same start (pretraining checkpoint and head policy). Such
-    a member has large barriers to everything for a trivial reason: a failed fit, not a basin. A member that trains
-    well above chance but loses what pretraining gave has left the basin and stays in."""
-    start = lambda r: (r["pretrain_step"], r["head"])  # noqa: E731
-    best: dict = {}
-    for r in rows:
-        if not r["diverged"] and np.isfinite(r["train_acc"]):
-            best[start(r)] = max(best.get(start(r), -np.inf), r["train_acc"])
-    return [bool(not r["diverged"] and (not r["train_acc"] > chance + margin
-                                        or r["train_acc"] < fraction * best[start(r)])) for r in rows]
-
-
 def chance_accuracy(cfg: Config, task: tasks.Task) -> float:
     """The train accuracy of always predicting the most frequent label (per token for a language model), on the
     fixed train-evaluation subset the members' train accuracy is measured on."""
-    labels = np.asarray(task.train.y[:cfg.data.train_eval_size]).ravel()
-    return float(np.bincount(labels).max() / labels.size) if labels.size else 0.0
+    return grid.chance_accuracy(task.train.y[:cfg.data.train_eval_size])
 
 
 def start_params(cfg: Config, out: str, model: models.Model, rows: list[dict], train_split: data.Split,

@@ -12,6 +12,7 @@ import itertools
 import typing
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlmc import train
 from jaxlmc.settings import Config, FinetuneConfig, GridAxis
@@ -139,3 +140,26 @@ def varied_names(rows: list[dict], besides: tuple[str, ...]) -> list[str]:
 def step_label(step: int) -> str:
     """A pretraining step as the report names it: the scratch control (step −1) is "scratch"."""
     return "scratch" if step < 0 else str(step)
+
+
+def unfit_flags(rows: list[dict], fraction: float, chance: float = 0.0, margin: float = -1.0,
+                start_keys: tuple[str, ...] = ("pretrain_step", "head")) -> list[bool]:
+    """Which members failed to train: not diverged, but with a train accuracy not above `chance` + `margin` (the
+    absolute rule: study.fit_margin), or — when `fraction` > 0 (study.unfit_fraction) — below `fraction` of the best
+    train accuracy any non-diverged member reached from the same start (`start_keys`: pretraining checkpoint and head
+    policy; the library's `fit` uses the absolute rule alone). Such
+    a member has large barriers to everything for a trivial reason: a failed fit, not a basin. A member that trains
+    well above chance but loses what pretraining gave has left the basin and stays in."""
+    start = lambda r: tuple(r[k] for k in start_keys)  # noqa: E731
+    best: dict = {}
+    for r in rows:
+        if not r["diverged"] and np.isfinite(r["train_acc"]):
+            best[start(r)] = max(best.get(start(r), -np.inf), r["train_acc"])
+    return [bool(not r["diverged"] and (not r["train_acc"] > chance + margin
+                                        or r["train_acc"] < fraction * best[start(r)])) for r in rows]
+
+
+def chance_accuracy(labels) -> float:
+    """The accuracy of always predicting the most frequent of `labels` (per token for a language model's)."""
+    labels = np.asarray(labels).ravel()
+    return float(np.bincount(labels).max() / labels.size) if labels.size else 0.0

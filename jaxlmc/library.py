@@ -37,9 +37,10 @@ HYPERPARAMETERS = ("lr", "weight_decay", "schedule", "dropout")
 class Members:
     """Trained members of one model: `params` and `start` hold every member's final and starting parameters stacked
     on a leading member axis (params_M…); `table` one row per member (member, its hyperparameters, seed, diverged,
-    train loss and accuracy on the first `train_eval_size` training examples, distance from its start); `curves` the
-    training curves (step_K, loss_KxM, acc_KxM: each member's mean batch loss and accuracy per chunk); `cell_keys`
-    the hyperparameters that vary between members — members that differ only in their seed share a cell."""
+    unfit, train loss and accuracy on the first `train_eval_size` training examples, distance from its start
+    `dist_from_init`, as in members.csv); `curves` the training curves (step_K, loss_KxM, acc_KxM: each member's
+    mean batch loss and accuracy per chunk); `cell_keys` the hyperparameters that vary between members — members
+    that differ only in their seed share a cell; `pair_keys` the member columns each pair row names."""
 
     model: models.Model
     params: dict
@@ -225,11 +226,11 @@ def _finish(model: models.Model, rows: list[dict], state: dict, start_M: dict, x
         train.batch_eval_set(x[:n], y[:n], 1000), shard.mesh_of(params_M))))
     dist_M = shard.to_host(train.distance_from(params_M, shard.shard_members(start_M, shard.mesh_of(params_M))))
     diverged_M = shard.to_host(state["diverged"])
-    chance = float(np.bincount(np.asarray(y[:n]).ravel()).max() / np.asarray(y[:n]).size)
-    table = []
-    for r, loss, acc, dist, diverged in zip(rows, loss_M, acc_M, dist_M, diverged_M):
-        table.append({**r, "diverged": bool(diverged), "unfit": bool(not diverged and not acc > chance + fit_margin),
-                      "train_loss": float(loss), "train_acc": float(acc), "dist_from_start": float(dist)})
+    measured = [{"diverged": bool(d), "train_acc": float(acc)} for d, acc in zip(diverged_M, acc_M)]
+    unfit_M = grid.unfit_flags(measured, 0.0, grid.chance_accuracy(y[:n]), fit_margin, start_keys=())
+    table = [{**r, "diverged": m["diverged"], "unfit": unfit, "train_loss": float(loss), "train_acc": m["train_acc"],
+              "dist_from_init": float(dist)}
+             for r, m, unfit, loss, dist in zip(rows, measured, unfit_M, loss_M, dist_M)]
     varied = tuple(k for k in HYPERPARAMETERS if len({r[k] for r in rows}) > 1)
     return Members(model, params_M, start_M, table, curves, varied)
 

@@ -109,10 +109,10 @@ def test_unfit_members_are_flagged_and_left_out():
             for i, (step, acc, div) in enumerate([(0, 0.95, False), (0, 0.90, False), (0, 0.50, False),
                                                   (0, 0.99, True), (-1, 0.60, False), (-1, 0.58, False)])]
     # 0.9 × the best non-diverged train accuracy from the same start (0.95 at step 0, 0.60 from scratch).
-    assert finetuning.unfit_flags(rows, 0.9) == [False, False, True, False, False, False]
-    assert finetuning.unfit_flags(rows, 0.0) == [False] * 6
+    assert grid.unfit_flags(rows, 0.9) == [False, False, True, False, False, False]
+    assert grid.unfit_flags(rows, 0.0) == [False] * 6
     members = [{**r, "lr": 0.1, "weight_decay": 0.0, "schedule": "cosine", "dropout": 0.0, "seed": i % 3,
-                "unfit": u} for i, (r, u) in enumerate(zip(rows, finetuning.unfit_flags(rows, 0.9)))]
+                "unfit": u} for i, (r, u) in enumerate(zip(rows, grid.unfit_flags(rows, 0.9)))]
     pairs, left_out = barrier_stage.select_pairs("all", members)
     assert all(2 not in p and 3 not in p for p in pairs) and left_out == 15 - len(pairs) == 9
 
@@ -122,11 +122,11 @@ def test_failure_is_absolute_and_members_that_lose_the_pretraining_left():
     member that trains (0.55) but ends below its probed start's test accuracy is reported as having left."""
     rows = [{"member": i, "pretrain_step": 0, "head": "shared", "train_acc": acc, "diverged": div}
             for i, (acc, div) in enumerate([(0.99, False), (0.55, False), (0.24, False), (0.10, True)])]
-    assert finetuning.unfit_flags(rows, 0.0, chance=0.2, margin=0.05) == [False, False, True, False]
-    assert finetuning.unfit_flags(rows, 0.8, chance=0.2, margin=0.05) == [False, True, True, False]  # + relative
+    assert grid.unfit_flags(rows, 0.0, chance=0.2, margin=0.05) == [False, False, True, False]
+    assert grid.unfit_flags(rows, 0.8, chance=0.2, margin=0.05) == [False, True, True, False]  # + relative
     members = [{**r, "lr": 0.01, "weight_decay": 0.0, "schedule": "cosine", "dropout": 0.0, "seed": r["member"],
                 "test_acc": 0.6, "unfit": u}
-               for r, u in zip(rows, finetuning.unfit_flags(rows, 0.0, chance=0.2, margin=0.05))]
+               for r, u in zip(rows, grid.unfit_flags(rows, 0.0, chance=0.2, margin=0.05))]
     starts = [{"member": m, "start_error_test": 0.3} for m in (0, 1)]  # probed start: 0.7 test accuracy
     failed, left = verdicts.failures(members, starts)
     assert failed.startswith("1 members diverged and 1 did not train") and left.startswith(
