@@ -7,9 +7,10 @@ The library on one's own model and arrays (docs/api.md):
     pair_barriers(members, {"test": (x, y)}, align="weights")          -> Barriers (pairs.csv rows; .summary())
     format_table(rows, columns)                                          a plain-text table
 
-Seams (each a registry that a plugin module fills): models.register_kind, data.register_dataset,
-labels.register_label_map, optimizers.register_optimizer, study.register_stage. The run-directory API behind the
-`jaxlmc` command is jaxlmc.api.
+Seams (each a jaxlmc.registry.Registry that a plugin module fills): models.KINDS, data.DATASETS, labels.LABEL_MAPS,
+optimizers.OPTIMIZERS, measures.PAIR_MEASURES, hf.LOADERS, study.STAGES (docs/api.md). Importing jaxlmc loads none of
+TFDS, Orbax, the Hugging Face hub or matplotlib until a call needs them. The run-directory API behind the `jaxlmc`
+command is jaxlmc.api.
 """
 from jaxlmc.library import Barriers, Members, fit, format_table, member_rows, pair_barriers
 from jaxlmc.models import UnitAxis, from_module
