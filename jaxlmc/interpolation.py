@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlmc import decide, loop, memory, models, paths, permute, shard, spec_check, stats, train
+from jaxlmc import decide, loop, memory, models, paths, permute, shard, spec_check, stats
 from jaxlmc.measures import PAIR_MEASURES, BezierSettings, chosen
 from jaxlmc.settings import DEFAULT_ALPHAS
 
@@ -206,12 +206,8 @@ def _measures(rows: list[dict]) -> list[str]:
 
 
 def _estimate(rows: list[dict], values: np.ndarray, is_pair: bool, members: list[dict], num_seeds: int):
-    if is_pair:
-        seed_pairs = [(members[p["i"]]["seed"], members[p["j"]]["seed"]) for p in rows]
-        return decide.of_pairs(stats.symmetric_matrix(num_seeds, seed_pairs, values))
-    per_seed = np.full(num_seeds, np.nan)
-    per_seed[[r["seed"] for r in rows]] = values
-    return decide.of_members(per_seed)
+    seeds = [(members[p["i"]]["seed"], members[p["j"]]["seed"]) if is_pair else p["seed"] for p in rows]
+    return stats.seed_estimate(seeds, values, num_seeds, paired=is_pair)
 
 
 def _measure_columns(label: str, values: dict, estimate) -> dict:

@@ -71,17 +71,8 @@ def _estimates(at: list[dict], pairs: list[dict], starts: list[dict], split: str
                                                           r.get(f"{column}_null_se", 0.0)))
         for cell, found in by_cell.items():
             seeds, barrier, null, se = (list(v) for v in zip(*found))
-            if part == "seeds":
-                estimate = lambda v: decide.of_pairs(stats.symmetric_matrix(num_seeds, seeds, v))  # noqa: E731
-            else:
-                estimate = lambda v: decide.of_members(_per_seed(num_seeds, seeds, v))  # noqa: E731
+            estimate = lambda v: stats.seed_estimate(seeds, v, num_seeds, paired=part == "seeds")  # noqa: E731
             out[(part, cell)] = (estimate(np.subtract(barrier, null)), estimate(barrier), float(np.mean(se)))
-    return out
-
-
-def _per_seed(num_seeds: int, seeds: list[int], values) -> np.ndarray:
-    out = np.full(num_seeds, np.nan)
-    out[seeds] = values
     return out
 
 

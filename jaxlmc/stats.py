@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.stats
 
-from jaxlmc import grid
+from jaxlmc import decide, grid
 
 LEVEL = 0.95
 RESAMPLES = 1000  # seed draws behind the report's intervals
@@ -131,6 +131,16 @@ def symmetric_matrix(num_seeds: int, seed_pairs, values) -> np.ndarray:
     for (a, b), v in zip(seed_pairs, values):
         matrix[a, b] = matrix[b, a] = v
     return matrix
+
+
+def seed_estimate(seeds: list, values, num_seeds: int, paired: bool) -> decide.Estimate:
+    """The decision rule's estimate (jaxlmc.decide: the jackknife over seeds) of the mean of `values`, measured per
+    pair of seeds (`paired`: seeds[k] = (a, b), a pair measure) or per seed (seeds[k] = s, a member measure)."""
+    if paired:
+        return decide.of_pairs(symmetric_matrix(num_seeds, seeds, values))
+    per_seed = np.full(num_seeds, np.nan)
+    per_seed[list(seeds)] = values
+    return decide.of_members(per_seed)
 
 
 # --------------------------------------------------------------------------------------------- per cell, from tables

@@ -55,7 +55,7 @@ def cell_estimates(members: list[dict], pair_rows: list[dict], column: str, num_
     if not pair_rows or f"{column}_null" not in pair_rows[0]:
         return {}
     rows = [{**r, "excess": r[column] - r[f"{column}_null"]} for r in pair_rows]
-    return {cell: decide.of_pairs(stats.symmetric_matrix(num_seeds, pairs, values))
+    return {cell: stats.seed_estimate(pairs, values, num_seeds, paired=True)
             for cell, (pairs, values) in stats.cell_seed_pairs(members, rows, "excess").items()}
 
 
