@@ -20,31 +20,10 @@ from jaxlmc.interpolation import PairCurves, cell_summary
 from jaxlmc.measures import PAIR_MEASURES, BezierSettings
 
 
-@dataclasses.dataclass
-class FinishedRun:
-    members: list[dict]
-    task: tasks.Task
-    model: models.Model
-    params_M: dict  # the final parameters of every member (device arrays)
-
-    @property
-    def used(self) -> list[int]:
-        """The members that enter barriers, soups and basins: neither diverged nor unfit (grid.usable)."""
-        return [m["member"] for m in self.members if grid.usable(m)]
-
-    def used_groups(self) -> tuple[list[tuple], np.ndarray]:
-        """The cells and idx_GxK of their used members (padded with -1)."""
-        groups = {key: [m for m in ids if grid.usable(self.members[m])]
-                  for key, ids in grid.cell_groups(self.members).items()}
-        width = max([len(v) for v in groups.values()] + [1])
-        idx = np.full((len(groups), width), -1, np.int64)
-        for g, ids in enumerate(groups.values()):
-            idx[g, :len(ids)] = ids
-        return list(groups), idx
-
-
-def load_run(cfg: Config, out: str) -> FinishedRun:
-    """A finished fine-tuning run: members.csv, the fine-tuning task, the model and the final parameters."""
+def load_run(cfg: Config, out: str) -> library.Members:
+    """A finished fine-tuning run as `Members` (jaxlmc.library, as `fit` returns them): the model, the final
+    parameters, members.csv as its table, the grid's cells, and the fine-tuning task (`task`); `start` is None (the
+    stages that need the starts compute them: finetuning.start_params)."""
     run = rundir.RunDir(out)
     members = run.members()
     task = tasks.load_finetune_task(cfg)
@@ -55,7 +34,8 @@ def load_run(cfg: Config, out: str) -> FinishedRun:
                           f"{cfg.finetune.steps}; finish the run with `jaxlmc finetune` first")
     model = models.build(cfg.model, task.input_shape, task.train.num_classes, task.per_token)
     params_M = jax.tree.map(jnp.asarray, run.restore_params(rundir.CHECKPOINTS, latest))
-    return FinishedRun(members, task, model, params_M)
+    return library.Members(model, params_M, None, members, {}, grid.CELL_KEYS, pair_keys=("pretrain_step_j", "lr_j"),
+                           task=task)
 
 
 def select_pairs(spec: str, members: list[dict]) -> tuple[list[tuple[int, int]], int]:
@@ -73,7 +53,7 @@ def summarize(cfg: Config, members: list[dict], pair_rows: list[dict], start_row
     return cell_summary(members, pair_rows, start_rows, cfg.finetune.seeds, grid.CELL_KEYS, cfg.study.margin)
 
 
-def measure_pairs(cfg: Config, run: FinishedRun, start_M: dict, reference_M: dict, pairs: list[tuple[int, int]],
+def measure_pairs(cfg: Config, run: library.Members, start_M: dict, reference_M: dict, pairs: list[tuple[int, int]],
                   status=None, progress: loop.Progress | None = None) -> library.Barriers:
     """The run's requested member pairs and every used member's line to its `reference_M`, as the [barriers] section
     asks: jaxlmc.pair_barriers on the run's members (cells: the grid's; each pair row also names member j's
@@ -81,10 +61,8 @@ def measure_pairs(cfg: Config, run: FinishedRun, start_M: dict, reference_M: dic
     update_cos)."""
     b, n = cfg.barriers, cfg.data.train_eval_size
     train_x, train_y = run.task.train.x, run.task.train.y
-    members = library.Members(run.model, run.params_M, start_M, run.members, {}, grid.CELL_KEYS,
-                              pair_keys=("pretrain_step_j", "lr_j"))
     return library.pair_barriers(
-        members, tasks.eval_arrays(cfg, run.task), pairs=pairs,
+        dataclasses.replace(run, start=start_M), tasks.eval_arrays(cfg, run.task), pairs=pairs,
         align={True: "weights", False: None}.get(b.align, b.align), align_x=train_x[:n] if b.align == "activations" else None,
         repair_x=train_x[:min(b.repair_examples, n)] if b.repair else None,
         bezier=BezierSettings(b.curve_steps, b.curve_lr, cfg.finetune.batch_size, train_x, train_y)
@@ -178,17 +156,17 @@ def barriers_of_run(cfg: Config, out: str, status=None, allow_unusable: bool = F
             "layerwise": layer_rows, "layerwise_summary": layer_summary}
 
 
-def _without_pairs(cfg: Config, out: str, run: FinishedRun, start_M: dict, probe_M: dict) -> dict:
+def _without_pairs(cfg: Config, out: str, run: library.Members, start_M: dict, probe_M: dict) -> dict:
     """barriers/ of a run none of whose final members can be interpolated: its members, no pairs (at a saved step
     where some members were still usable, their barriers as usual)."""
     directory = rundir.RunDir(out)
-    summary = summarize(cfg, run.members, [], [])
-    by_step = {cfg.finetune.steps: (run.members, [], [], summary)}
+    summary = summarize(cfg, run.table, [], [])
+    by_step = {cfg.finetune.steps: (run.table, [], [], summary)}
     for step in cfg.finetune.save_steps:
         by_step[step] = _barriers_at_step(cfg, out, run, step, start_M, probe_M, None)
     settings = {"barriers": dataclasses.asdict(cfg.barriers), "member_pairs": 0, "start_pairs": 0,
-                "left_out_pairs": 0, "diverged_members": sum(m["diverged"] for m in run.members),
-                "unfit_members": sum(bool(m.get("unfit")) for m in run.members), "usable_members": 0,
+                "left_out_pairs": 0, "diverged_members": sum(m["diverged"] for m in run.table),
+                "unfit_members": sum(bool(m.get("unfit")) for m in run.table), "usable_members": 0,
                 "finetune_steps": sorted(by_step)}
     directory.write_csv(rundir.PAIRS, [])
     directory.write_csv(rundir.TO_START, [])
@@ -199,7 +177,7 @@ def _without_pairs(cfg: Config, out: str, run: FinishedRun, start_M: dict, probe
             "layerwise_summary": None}
 
 
-def members_at_step(cfg: Config, out: str, run: FinishedRun, step: int, start_M: dict) -> tuple[list[dict], dict]:
+def members_at_step(cfg: Config, out: str, run: library.Members, step: int, start_M: dict) -> tuple[list[dict], dict]:
     """(member rows, params_M) at a saved fine-tuning step: members.csv's rows with the metrics, divergence and
     unfit flags (study.fit_margin and study.unfit_fraction, the latter against the best member from the same start at
     that step) re-measured there."""
@@ -207,18 +185,18 @@ def members_at_step(cfg: Config, out: str, run: FinishedRun, step: int, start_M:
     params_M = jax.tree.map(jnp.asarray, saved["params"])
     results = finetuning.evaluate_members(cfg, run.model, run.task, params_M, start_M)
     rows = [{**m, **{k: float(v[i]) for k, v in results.items()}, "diverged": bool(saved["diverged"][i])}
-            for i, m in enumerate(run.members)]
+            for i, m in enumerate(run.table)]
     chance = finetuning.chance_accuracy(cfg, run.task)
     for r, unfit in zip(rows, grid.unfit_flags(rows, cfg.study.unfit_fraction, chance, cfg.study.fit_margin)):
         r["unfit"] = unfit
     return rows, params_M
 
 
-def _barriers_at_step(cfg: Config, out: str, final: FinishedRun, step: int, start_M: dict, probe_M: dict, status,
+def _barriers_at_step(cfg: Config, out: str, final: library.Members, step: int, start_M: dict, probe_M: dict, status,
                       progress: loop.Progress | None = None):
     """(members, pair_rows, start_rows, summary) of the members as saved at fine-tuning step `step`."""
     members, params_M = members_at_step(cfg, out, final, step, start_M)
-    run = FinishedRun(members, final.task, final.model, params_M)
+    run = dataclasses.replace(final, table=members, params=params_M)
     pairs, _ = select_pairs(cfg.barriers.pairs, members)
     if not run.used:
         return members, [], [], summarize(cfg, members, [], [])

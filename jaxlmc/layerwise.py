@@ -1,7 +1,7 @@
 """Layer-wise barriers (Adilova et al. 2024): each layer group of a member pair interpolated alone while the rest
 stays at the first member, every group × pair × α in one compiled pass (jaxlmc.paths.layer_wise). `layer_rows` gives
 the rows (the library's `pair_barriers(layerwise=True)` and the barrier stage's); `layer_barriers` is the barrier
-stage's (`barriers.layerwise`), with member-bootstrap CIs per cell; `run` is its FinishedRun.
+stage's (`barriers.layerwise`), with member-bootstrap CIs per cell; `run` is a finished run's `Members` (jaxlmc.barrier_stage.load_run).
 """
 from __future__ import annotations
 
@@ -21,27 +21,27 @@ def layer_barriers(cfg: Config, run, pairs: list[tuple[int, int]], perms: list |
     pair × α in one compiled pass (paths.layer_wise), naive and, with `perms`, aligned. Rows: one per pair
     and group; summary: one per cell and group, the mean over the cell's pairs with its member-bootstrap CI."""
     alphas = paths.alpha_grid(cfg.barriers.alphas)
-    groups = run.model.layer_groups(jax.tree.map(lambda a: a[0], run.params_M))
+    groups = run.model.layer_groups(jax.tree.map(lambda a: a[0], run.params))
     test = {"test": tasks.eval_sets(cfg, run.task)["test"]}
     chunk = cfg.barriers.chunk_pairs or max(1, paths.auto_chunk_pairs(
-        run.model, run.params_M, test, alphas, len(pairs), memory.memory_budget(cfg.barriers.memory_fraction))
+        run.model, run.params, test, alphas, len(pairs), memory.memory_budget(cfg.barriers.memory_fraction))
         // len(groups))
     if status:
         status(f"layer-wise: {len(pairs)} pairs × {len(groups)} layer groups × {len(alphas) - 1} α")
     start_time = time.perf_counter()
-    rows = layer_rows(run.model, run.params_M, pairs, test, alphas, chunk, perms, run.members, grid.CELL_KEYS)
+    rows = layer_rows(run.model, run.params, pairs, test, alphas, chunk, perms, run.table, grid.CELL_KEYS)
     seconds = time.perf_counter() - start_time
     draws = stats.seed_draws(cfg.finetune.seeds, cfg.barriers.bootstrap)
     measures = [k for k in rows[0] if k.startswith(("loss_", "error_"))] if rows else []
     summary = []
-    for key in grid.cell_groups(run.members):
+    for key in grid.cell_groups(run.table):
         for g, name in enumerate(groups):
             cell_rows = [r for r in rows if r["layer"] == name and grid.cell(r) == key
-                         and grid.cell(run.members[r["j"]]) == key]
+                         and grid.cell(run.table[r["j"]]) == key]
             if not cell_rows:
                 continue
             row = {**dict(zip(grid.CELL_KEYS, key)), "layer": name, "layer_index": g, "pairs": len(cell_rows)}
-            seed_pairs = [(run.members[r["i"]]["seed"], run.members[r["j"]]["seed"]) for r in cell_rows]
+            seed_pairs = [(run.table[r["i"]]["seed"], run.table[r["j"]]["seed"]) for r in cell_rows]
             for measure in measures:
                 v = np.array([r[measure] for r in cell_rows], np.float64)
                 row[f"{measure}_mean"] = float(np.nanmean(v))

@@ -49,6 +49,23 @@ class Members:
     curves: dict
     cell_keys: tuple[str, ...]
     pair_keys: tuple[str, ...] = ("seed_i", "seed_j")  # the member columns each pair row names ("<column>_i"/"_j")
+    task: object = None  # a study's fine-tuning task (jaxlmc.tasks.Task), for a finished run's stages
+
+    @property
+    def used(self) -> list[int]:
+        """The members that enter barriers, soups and basins: neither diverged nor unfit (grid.usable)."""
+        return [r["member"] for r in self.table if grid.usable(r)]
+
+    def used_groups(self) -> tuple[list[tuple], np.ndarray]:
+        """The cells and idx_GxK of their used members (padded with -1)."""
+        groups: dict = {}
+        for r in self.table:
+            groups.setdefault(tuple(r[k] for k in self.cell_keys), []).extend([r["member"]] if grid.usable(r) else [])
+        width = max([len(v) for v in groups.values()] + [1])
+        idx = np.full((len(groups), width), -1, np.int64)
+        for g, ids in enumerate(groups.values()):
+            idx[g, :len(ids)] = ids
+        return list(groups), idx
 
     def __len__(self) -> int:
         return len(self.table)

@@ -143,15 +143,15 @@ def sharpness_of_run(cfg: Config, out: str) -> list[dict]:
     train_set = batch_eval_set(run.task.train.x[:n], run.task.train.y[:n], cfg.run.eval_batch_size)
     top = make_top_hessian_eigenvalue(run.model, s.sharpness_iterations)
     key = jax.random.key(0)  # a fixed start direction per member: reruns give the same numbers
-    eig_M, residual_M = map(np.asarray, top(run.params_M, train_set, key))
+    eig_M, residual_M = map(np.asarray, top(run.params, train_set, key))
     rows = [{"member": m["member"], **dict(zip(grid.CELL_KEYS, grid.cell(m))), "seed": m["seed"],
              "diverged": m["diverged"], "unfit": bool(m.get("unfit")), "sharpness": float(eig_M[k]),
-             "sharpness_residual": float(residual_M[k])} for k, m in enumerate(run.members)]
+             "sharpness_residual": float(residual_M[k])} for k, m in enumerate(run.table)]
     # One start per body: a checkpoint's (shared by its members) or a scratch seed's own initialisation.
     bodies = {}
-    for k, m in enumerate(run.members):
+    for k, m in enumerate(run.table):
         bodies.setdefault((m["pretrain_step"], m["seed"] if m["pretrain_step"] < 0 else -1), k)
-    probe_M = finetuning.start_params(cfg, out, run.model, run.members, run.task.train, heads="probe")
+    probe_M = finetuning.start_params(cfg, out, run.model, run.table, run.task.train, heads="probe")
     take = jnp.asarray(list(bodies.values()))
     starts = jax.tree.map(lambda a: jnp.asarray(a)[take], probe_M)
     eig_S, residual_S = map(np.asarray, top(starts, train_set, key))

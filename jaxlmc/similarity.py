@@ -70,17 +70,17 @@ def similarity_of_run(cfg: Config, out: str) -> list[dict]:
     cells, idx_GxK = run.used_groups()
     n = cfg.study.similarity_examples
     outputs = analysis.make_outputs(run.model)
-    logits_test, features = map(np.asarray, outputs(run.params_M, jnp.asarray(run.task.test.x[:n])))
+    logits_test, features = map(np.asarray, outputs(run.params, jnp.asarray(run.task.test.x[:n])))
     preds_ood = None
     if run.task.ood is not None:
-        preds_ood = np.asarray(outputs(run.params_M, jnp.asarray(run.task.ood.x[:n]))[0]).argmax(-1)
+        preds_ood = np.asarray(outputs(run.params, jnp.asarray(run.task.ood.x[:n]))[0]).argmax(-1)
 
     rows, basin_rows, arrays = [], [], {}
     for g, key in enumerate(cells):
         ids = [int(i) for i in idx_GxK[g] if i >= 0]
         row = {**dict(zip(grid.CELL_KEYS, key)), "members_used": len(ids)}
         if ids:
-            columns, matrices = cell_similarity(run.members, ids, logits_test.argmax(-1), preds_ood, features,
+            columns, matrices = cell_similarity(run.table, ids, logits_test.argmax(-1), preds_ood, features,
                                                 excess_of, cfg.study.margin)
             row.update(columns)
             basin_rows += [{"member": i, **dict(zip(grid.CELL_KEYS, key)), "basin": int(label)}

@@ -415,7 +415,7 @@ def test_a_width_scaling_trend(data_dir, tmp_path):
     members = rundir.RunDir(os.path.join(out, "width16")).members()
     run = barrier_stage.load_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=16)),
                            os.path.join(out, "width16"))
-    assert run.params_M["dense0"]["kernel"].shape == (len(members), 40, 16)
+    assert run.params["dense0"]["kernel"].shape == (len(members), 40, 16)
     page = open(os.path.join(out, "scaling.html")).read()
     assert page.count("data:image/png;base64,") == 1 and "width16/report.html" in page
     assert study.study(cfg, out, progress=False) == []  # resumes: nothing left to do
