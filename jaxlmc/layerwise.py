@@ -1,7 +1,8 @@
 """Layer-wise barriers (Adilova et al. 2024): each layer group of a member pair interpolated alone while the rest
 stays at the first member, every group × pair × α in one compiled pass (jaxlmc.paths.layer_wise). `layer_rows` gives
 the rows (the library's `pair_barriers(layerwise=True)` and the barrier stage's); `layer_barriers` is the barrier
-stage's (`barriers.layerwise`), with member-bootstrap CIs per cell; `run` is a finished run's `Members` (jaxlmc.barrier_stage.load_run).
+stage's (`barriers.layerwise`), with member-bootstrap CIs per cell; `run` is a finished run's `Members`
+(jaxlmc.barrier_stage.load_run).
 """
 from __future__ import annotations
 
