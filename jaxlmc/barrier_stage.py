@@ -1,8 +1,9 @@
-"""Barriers of a finished fine-tuning run: interpolation barriers between members and from each member to its
-starting point, in one compiled pass (jaxlmc.barriers), written under barriers/ (see jaxlmc.rundir for the files).
+"""The barrier stage: barriers between a finished fine-tuning run's members and from each member to its starting
+point, as `jaxlmc.pair_barriers` measures them on the run's `Members`, summarised per grid cell and written under
+barriers/ (see jaxlmc.rundir for the files); the same at every saved fine-tuning step, in barriers/by_step/.
 
-`load_run` reads a finished run (members, task, model, final parameters); soups (jaxlmc.soups) and similarity
-(jaxlmc.similarity) measure the same finished runs.
+`load_run` reads a finished run as `Members` (model, final parameters, members.csv, task); soups (jaxlmc.soups),
+similarity (jaxlmc.similarity) and sharpness (jaxlmc.sharpness) measure the same finished runs.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ the batch, so a pair's training does not depend on which other pairs are trained
 
 Why the bend starts at the midpoint. With θ_b = (θᵢ + θⱼ)/2 the Bezier curve is exactly the straight line:
 (1 − t)²θᵢ + t(1 − t)(θᵢ + θⱼ) + t²θⱼ = (1 − t)θᵢ + tθⱼ. Training therefore starts from the linear interpolation
-(jaxlmc.barriers), so a trained curve is the straight line bent only as far as the loss asks for, and a pair with
+(jaxlmc.paths), so a trained curve is the straight line bent only as far as the loss asks for, and a pair with
 no barrier has nothing to fix (Garipov et al. initialise the same way). With perms the midpoint is that of θᵢ and
 the aligned θⱼ, i.e. training starts from the aligned straight line.
 

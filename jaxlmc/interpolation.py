@@ -1,8 +1,9 @@
 """Pair curves on plain arrays: every requested pair of members (and, optionally, every member to a reference point)
-interpolated and evaluated in one compiled pass (jaxlmc.barriers), with weight or activation matching (jaxlmc.permute),
-REPAIR (jaxlmc.repair) and Bezier curves (jaxlmc.curves) on the same pairs; and the per-pair barrier columns of
-barriers/pairs.csv. Nothing here reads a config or a run directory: the barrier stage (jaxlmc.barrier_stage) and the
-library's `pair_barriers` (jaxlmc.library) are its two clients.
+interpolated and evaluated in one compiled pass (jaxlmc.paths), under every pair measure a call names
+(jaxlmc.measures: after weight or activation matching, jaxlmc.permute; REPAIR, jaxlmc.repair; Bezier curves,
+jaxlmc.curves; one's own); the rows of barriers/pairs.csv and to_start.csv; and the per-cell summary with its
+intervals and verdicts. Nothing here reads a config or a run directory: `jaxlmc.pair_barriers` (jaxlmc.library) is
+its client, and the barrier stage (jaxlmc.barrier_stage) calls that.
 """
 from __future__ import annotations
 
