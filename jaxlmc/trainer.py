@@ -21,7 +21,7 @@ from jaxlmc import layout, loop, memory, models, rundir, shard, train
 
 
 def train_resumable(label: str, manager, state, chunk_fn, consts, device_data, steps: int, chunk_steps: int,
-                    save_at: Iterable[int], curves_file: loop.TrainingCurvesFile, *, required: Iterable[int] = (),
+                    save_at: Iterable[int], curves_file: loop.CurvesFile, *, required: Iterable[int] = (),
                     save_start: bool = False, progress: loop.Progress | None = None, halt_on_divergence: bool = False,
                     on_resume: Callable[[int | None], None] | None = None) -> tuple[dict, loop.TrainingCurves]:
     """(state at `steps`, its training curves): `state` (initialised and sharded by the caller) restored from
