@@ -12,7 +12,7 @@ LAYERS = {
     "models and data": ["models", "optimizers", "labels", "train", "loop", "tokens", "builders", "data", "hf_files",
                         "hf"],
     "engines": ["permute", "repair", "paths", "curves", "measures", "reference", "spec_check", "analysis", "merges",
-                "decide", "grid", "stats", "interpolation", "planner"],
+                "decide", "grid", "stats", "interpolation", "planner", "trends"],
     "config and run directory": ["config", "config_doc", "lock", "layout", "rundir", "sizes", "tasks"],
     "library": ["trainer", "layerwise", "library", "noreturn", "verdicts", "calibration"],
     "stages": ["pretraining", "finetuning", "barrier_stage", "refine", "soups", "similarity", "sharpness"],
