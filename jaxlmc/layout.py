@@ -32,6 +32,8 @@ directory. A run directory (``--out``) holds
     stages/STAGE.json            a study stage's marker: the settings it ran with (written last)
     width<W>/                    a whole run directory per width of a scaling trend
     scaling.csv, scaling.html    SCALING: the scaling trend
+    scaling_fits.csv             SCALING_FITS: per cell, the barrier's power law against width, exponent interval
+    scaling_critical.csv         SCALING_CRITICAL: the critical learning rate's slope against width, from brackets
 
 CSV columns have declared types, and reading converts them: an int column reads as int (None where empty), a float
 column as float (NaN where empty), a bool column as bool.
@@ -113,6 +115,7 @@ BASINS = Table("basins.csv", (("member", int), *_cells(), ("basin", int)))
 SUMMARY = Table("summary.csv", _cells(*_COUNTS, *_VERDICTS, ("basins", int), ("basin_sizes", str), ("best_member", int),
                                       ("greedy_size", int), ("greedy_members", str)), rest=float)
 SCALING = Table("scaling.csv", (("width", int), *_cells()), rest=float)
+SCALING_FITS = Table("scaling_fits.csv", _cells(("measure", str), ("widths", int), ("replicates", int)), rest=float)
 
 
 def _by_step(table: Table, name: str) -> Table:
@@ -128,6 +131,8 @@ BY_STEP = (STEP_MEMBERS, STEP_PAIRS, STEP_TO_START, STEP_SUMMARY)
 # The critical learning rate per start (the cell keys but the rate) and fine-tuning length (jaxlmc.noreturn).
 CRITICAL = Table("critical.csv", (*((a.column, a.type) for a in grid.AXES if a.cell and a.column != "lr"),
                                   ("finetune_step", int)), rest=float)
+SCALING_CRITICAL = Table("scaling_critical.csv", (*CRITICAL.columns, ("widths", int), ("consistent", bool)),
+                         rest=float)
 
 # The refinement rounds (jaxlmc.refine): the rates each added and why, its members (and how many diverged or are
 # unfit) and time.

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from jaxlmc import decide, figures, figures_trends, grid, noreturn, rundir, stats, verdicts
+from jaxlmc import decide, figures, figures_trends, grid, noreturn, rundir, scaling, stats, verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.grid import step_label
 from jaxlmc.measures import PAIR_MEASURES
@@ -303,8 +303,9 @@ def render(out: str, stages) -> str:
 
 
 def render_scaling(out: str, widths: list[int]) -> str:
-    """scaling.csv (one row per width × cell), figures/scaling.png and scaling.html from the studies in
-    width<W>/: the barrier between seeds and the fine-tuning throughput against model width."""
+    """scaling.csv (one row per width × cell), scaling_fits.csv and scaling_critical.csv (the trends:
+    jaxlmc.scaling), figures/scaling.png and scaling.html from the studies in width<W>/: the barrier between seeds
+    and the fine-tuning throughput against model width, and their fitted trends."""
     run = rundir.RunDir(out)
     rows = []
     for width in widths:
@@ -319,12 +320,30 @@ def render_scaling(out: str, widths: list[int]) -> str:
                          "best_test_acc": row.get("best_test_acc", np.nan),
                          "finetune_member_steps_per_s": throughput})
     run.write_csv(rundir.SCALING, rows)
+    runs = {width: run.width(width) for width in widths}
+    fits, slopes = scaling.barrier_fits(runs), scaling.critical_slopes(runs)
+    run.write_csv(rundir.SCALING_FITS, fits)
+    run.write_csv(rundir.SCALING_CRITICAL, slopes)
     fig, caption = figures_trends.scaling(rows)
     run.write_figure("scaling.png", figures.png(fig))
     links = "".join(f"<li><a href='width{w}/report.html'>width {w}</a></li>" for w in widths)
+    trends_html = ("<h2>Trends</h2><p>The seeds' barrier against width, per cell: barrier ≈ prefactor · "
+                   "width<sup>exponent</sup>, the exponent's 95 % interval over each width's own seeds "
+                   "(docs/science.md, “Scaling trends”).</p>"
+                   + _table(fits, [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"),
+                                   ("measure", "barrier"), ("smallest", "at the smallest width"),
+                                   ("largest", "at the largest"), ("exponent", "exponent"),
+                                   ("exponent_ci_lo", "CI lo"), ("exponent_ci_hi", "CI hi")])
+                   + "<p>The critical learning rate's slope against width (log–log), the slopes every width's "
+                     "bracket allows:</p>"
+                   + _table(slopes, [("pretrain_step", "pretrain"), ("head", "head"),
+                                     ("finetune_step", "fine-tuning steps"), ("widths", "widths"),
+                                     ("consistent", "one line fits"), ("slope_lo", "slope from"),
+                                     ("slope_hi", "to"), ("slope_central", "central")]))
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>jaxlmc scaling trend</title>"
             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "img{max-width:100%;border:1px solid #ddd}</style></head><body><h1>Barriers and throughput against "
-            f"model width</h1>{_figure_html(run, 'scaling.png', caption)}<p>Each width's full report:</p><ul>{links}"
+            f"model width</h1>{_figure_html(run, 'scaling.png', caption)}{trends_html}<p>Each width's full report:"
+            f"</p><ul>{links}"
             "</ul></body></html>")
     return run.write_text(rundir.SCALING_PAGE, page)

@@ -25,11 +25,11 @@ from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError, from_dict, par
 # The layout's names, re-exported: the rest of jaxlmc names a file as rundir.MEMBERS, rundir.CURVES and so on.
 from jaxlmc.layout import (BARRIER_SETTINGS, BARRIER_SUMMARY, BASELINES, BASINS, BY_STEP, CALIBRATION, CHECKPOINTS,
                            CONFIG, CORRUPT, CRITICAL, CURVES, FINETUNE_CURVES, LAYERWISE, LAYERWISE_SUMMARY, LOCK,
-                           MEMBERS,
-                           MERGES, PAIRS, PARTS, PRETRAIN, PRETRAIN_CHECKPOINTS, PRETRAIN_CURVES, REFINE,
-                           REFINE_ROUNDS, REPORT, SCALING, SCALING_PAGE, SHARPNESS, SIMILARITY, SIMILARITY_ARRAYS,
-                           SOUPS, STAGES, START_SHARPNESS, STEP_MEMBERS, STEP_PAIRS, STEP_SUMMARY, STEP_TO_START,
-                           SUMMARY, SUPERSEDED, TO_START, Table, csv_to_rows, rows_to_csv)  # noqa: F401
+                           MEMBERS, MERGES, PAIRS, PARTS, PRETRAIN, PRETRAIN_CHECKPOINTS, PRETRAIN_CURVES, REFINE,
+                           REFINE_ROUNDS, REPORT, SCALING, SCALING_CRITICAL, SCALING_FITS, SCALING_PAGE, SHARPNESS,
+                           SIMILARITY, SIMILARITY_ARRAYS, SOUPS, STAGES, START_SHARPNESS, STEP_MEMBERS, STEP_PAIRS,
+                           STEP_SUMMARY, STEP_TO_START, SUMMARY, SUPERSEDED, TO_START, Table, csv_to_rows,
+                           rows_to_csv)  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------- the directory

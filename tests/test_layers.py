@@ -14,7 +14,7 @@ LAYERS = {
     "engines": ["permute", "repair", "paths", "curves", "measures", "reference", "spec_check", "analysis", "merges",
                 "decide", "grid", "stats", "interpolation", "planner", "trends"],
     "config and run directory": ["config", "config_doc", "lock", "layout", "rundir", "sizes", "tasks"],
-    "library": ["trainer", "layerwise", "library", "noreturn", "verdicts", "calibration"],
+    "library": ["trainer", "layerwise", "library", "noreturn", "verdicts", "calibration", "scaling"],
     "stages": ["pretraining", "finetuning", "barrier_stage", "refine", "soups", "similarity", "sharpness"],
     "report": ["figures", "figures_trends", "report"],
     "study": ["study"],

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from jaxlmc import (api, barrier_stage, calibration, ckpt, cli, config, data, decide, noreturn, refine, rundir, study,
-                    tasks)
+from jaxlmc import (api, barrier_stage, calibration, ckpt, cli, config, data, decide, grid, noreturn, refine, rundir,
+                    study, tasks, trends)
 
 from conftest import TINY
 
@@ -417,7 +417,28 @@ def test_a_width_scaling_trend(data_dir, tmp_path):
                            os.path.join(out, "width16"))
     assert run.params["dense0"]["kernel"].shape == (len(members), 40, 16)
     page = open(os.path.join(out, "scaling.html")).read()
-    assert page.count("data:image/png;base64,") == 1 and "width16/report.html" in page
+    assert page.count("data:image/png;base64,") == 1 and "width16/report.html" in page and "<h2>Trends</h2>" in page
+    # The trends, recomputed from each width's own tables: the power law through two widths is the log-ratio of
+    # their within-cell means; the critical rate's slopes are those its brackets allow.
+    top = rundir.RunDir(out)
+    fits = top.read_csv(rundir.SCALING_FITS)
+    by_width = {w: {grid.cell(r): r for r in top.width(w).read_csv(rundir.BARRIER_SUMMARY)} for w in (8, 16)}
+    assert fits and {f["measure"] for f in fits} == {"error_barrier_test_lin"}
+    for f in fits:
+        means = [by_width[w][grid.cell(f)][f"{f['measure']}_mean"] for w in (8, 16)]
+        if min(means) > 0:
+            assert f["exponent"] == pytest.approx(np.log(means[1] / means[0]) / np.log(2), rel=1e-9)
+            # (a draw whose mean barrier is 0 at some width cannot be fitted on logs: it is left out, and counted)
+            assert f["exponent_ci_lo"] <= f["exponent_ci_hi"] if f["replicates"] >= 2 else np.isnan(f["exponent_ci_lo"])
+        else:
+            assert np.isnan(f["exponent"])
+    critical = {w: top.width(w).read_csv(rundir.CRITICAL) for w in (8, 16)}
+    for s in top.read_csv(rundir.SCALING_CRITICAL):
+        same = [[r for r in critical[w] if (r["pretrain_step"], r["head"], r["finetune_step"])
+                 == (s["pretrain_step"], s["head"], s["finetune_step"])][0] for w in (8, 16)]
+        expected = trends.censored_slope([8, 16], [r["stay_lr"] for r in same], [r["leave_lr"] for r in same])
+        assert s["consistent"] == expected.consistent
+        assert (s["slope_lo"], s["slope_hi"]) == pytest.approx((expected.lo, expected.hi), nan_ok=True)
     assert study.study(cfg, out, progress=False) == []  # resumes: nothing left to do
 
 

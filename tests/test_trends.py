@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jaxlmc import stats, trends
+from jaxlmc import rundir, scaling, stats, trends
 
 SIZES = [32, 64, 128, 256, 512]
 
@@ -71,3 +71,24 @@ def test_one_sided_inconsistent_and_empty_brackets():
     assert not broken.consistent and np.isnan(broken.lo) and not broken.excludes_zero()
     with pytest.raises(ValueError, match="two or more distinct sizes"):
         trends.censored_slope([32, 64], [np.nan, 0.1], [np.inf, np.nan])
+
+
+def test_a_width_series_critical_slopes_come_from_each_widths_brackets(tmp_path):
+    """scaling.critical_slopes reads each width's critical.csv and fits every start's brackets across widths."""
+    grid_rates = 0.001 * 2.0 ** np.arange(12)
+    stay, leave = _brackets(0.5, grid_rates)
+    runs = {}
+    for k, width in enumerate(SIZES):
+        run = rundir.RunDir(str(tmp_path / f"width{width}"))
+        rows = [{"pretrain_step": step, "weight_decay": 0.0, "schedule": "constant", "dropout": 0.0, "head": "shared",
+                 "finetune_step": 100, "stay_lr": stay[k] if step >= 0 else np.nan,
+                 "leave_lr": leave[k] if step >= 0 else 0.001} for step in (-1, 1000)]
+        run.write_csv(rundir.CRITICAL, rows)
+        runs[width] = run
+    slopes = {r["pretrain_step"]: r for r in scaling.critical_slopes(runs)}
+    expected = trends.censored_slope(SIZES, stay, leave)
+    assert slopes[1000]["consistent"] and slopes[1000]["widths"] == len(SIZES)
+    assert (slopes[1000]["slope_lo"], slopes[1000]["slope_hi"]) == pytest.approx((expected.lo, expected.hi))
+    assert slopes[1000]["slope_lo"] <= 0.5 <= slopes[1000]["slope_hi"]
+    # The scratch row leaves at the grid's bottom at every width: bounded above only, no slope resolved.
+    assert slopes[-1]["slope_lo"] == -np.inf and slopes[-1]["slope_hi"] == np.inf
