@@ -18,7 +18,7 @@ from typing import Literal
 
 from jaxlmc import hf
 from jaxlmc.labels import LABEL_MAPS
-from jaxlmc.measures import PAIR_MEASURES
+from jaxlmc.measures import PAIR_MEASURES, chosen
 from jaxlmc.models import Classifier, import_failure, resolve_kind
 from jaxlmc.optimizers import OPTIMIZERS
 # The sections, re-exported: the rest of jaxlmc (and a plugin) names them jaxlmc.config.FinetuneConfig and so on.
@@ -240,6 +240,12 @@ def validate(cfg: Config) -> None:
                               "here")
         if name not in PAIR_MEASURES:
             raise ConfigError(f"barriers.measures: {PAIR_MEASURES.unknown(name)} (register it in a plugin module)")
+    try:  # what each named measure needs, as the barrier stage will give it: refused now, not after the training
+        chosen(b.measures, {"line": True, "repair_x": True if b.repair else None,
+                            "bezier": True if b.curve_steps else None}, aligned=bool(b.align))
+    except ValueError as err:
+        raise ConfigError(f"barriers.measures: {err} (barriers.align, barriers.repair or barriers.curve_steps)") \
+            from None
     kind = resolve_kind(m.kind)  # (resolved when the section was read: a bad name is refused there)
     if m.depth < kind.min_depth:
         raise ConfigError(f"model.depth must be at least {kind.min_depth} for model.kind {m.kind!r}, got {m.depth}")

@@ -1,4 +1,4 @@
-"""Heavy optional dependencies (TFDS, Orbax, the Hugging Face hub, tokenizers, matplotlib, mnist1d) are declared at
+"""Heavy optional dependencies (TFDS, Orbax, the Hugging Face hub, safetensors, tokenizers, mnist1d) are declared at
 the top of the module that uses them, as `name = lazy.module("package")`, and imported the first time one of
 their attributes is read. So `import jaxlmc` stays light (a call on one's own arrays never loads TFDS or Orbax),
 while each dependency is still named where it is used, once."""

@@ -294,11 +294,11 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
     `_repair` columns (REPAIR, on the aligned pairs when aligning); `bezier` (jaxlmc.measures.BezierSettings) the
     `_curve` columns; `measures` further registered pair measures by name (jaxlmc.measures: a path of one's own),
     each its columns; `noise_resamples` bootstrap resamplings of each evaluation set give every barrier a noise floor
-    (`_floor`); `to_start` adds each member's line to its own start (`reference`, params_M…: to another point
-    instead, such as its start with a working head); `layerwise` the layer-wise barriers (Adilova et al. 2024: one
-    top-level parameter group interpolated at a time, aligned too when aligning) in `Barriers.layers`. `chunk_pairs`
-    0: the largest chunk of pairs whose scratch memory fits `memory_fraction` of the free memory. `progress` (e.g.
-    jaxlmc.ui.TrainingProgress) shows the pairs as they are evaluated.
+    (`_floor`); `to_start` adds each member's line to its own start, `reference` (params_M…) each member's line
+    to that point instead (such as its start with a working head); `layerwise` the layer-wise barriers (Adilova et
+    al. 2024: one top-level parameter group interpolated at a time, aligned too when aligning) in `Barriers.layers`;
+    `chunk_pairs` 0: the largest chunk of pairs whose scratch memory fits `memory_fraction` of the free memory.
+    `progress` (e.g. jaxlmc.ui.TrainingProgress) shows the pairs as they are evaluated.
     """
     named = {"test": eval_data} if isinstance(eval_data, tuple) else dict(eval_data)
     if not named:
@@ -312,7 +312,10 @@ def pair_barriers(members: Members, eval_data, *, pairs="within", align: str | N
         raise ValueError(f"align={align!r}: model {members.model.kind.name!r} has no permutation spec; pass "
                          "permutation_spec=[[jaxlmc.UnitAxis(layer, name, axis), …], …] (per hidden layer, every "
                          "parameter axis its units index) to jaxlmc.fit, or align=None")
-    kept, left_out = pair_sets.select_pairs(pairs, table, members.cell_keys, grid.usable)
+    if to_start and reference is None and members.start is None:
+        raise ValueError("to_start: these members carry no start (Members.start is None): pass reference=params_M…")
+    kept, left_out = pair_sets.select_pairs(os.fspath(pairs) if isinstance(pairs, os.PathLike) else pairs, table,
+                                            members.cell_keys, grid.usable)
     position = {m: k for k, m in enumerate(used)}
     take = jnp.asarray(used, jnp.int32)
     sub = lambda tree: jax.tree.map(lambda a: a[take], tree)  # noqa: E731

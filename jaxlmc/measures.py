@@ -4,9 +4,10 @@ barriers/summary.csv, the report's table and its alignment figure pick up every 
 
 Built in: "straight" (the straight line, always computed, with every member's line to its start in the same pass),
 "aligned" (the straight line after alignment: `align`), "repair" (REPAIR-renormalised: `repair_x`), "curve" (a
-trained Bezier curve: `bezier`). One of one's own is registered (`PAIR_MEASURES.register(name, PairMeasure(…))`,
-or `registered(…)` in a `with` block) and then named where it is wanted — `pair_barriers(measures=[name])`,
-`[barriers] measures = [name]` — never computed by calls that do not ask for it. Its curves:
+trained Bezier curve: `bezier`). One of one's own is registered (`register_pair_measure(PairMeasure(…))`,
+or `PAIR_MEASURES.registered(measure.name, measure)` in a `with` block) and then named where it is wanted —
+`pair_barriers(measures=[name])`, `[barriers] measures = [name]` — never computed by calls that do not ask for
+it. Its curves:
 
     compute(model, params_K, pairs_Px2, eval_sets, alphas, chunk_pairs, mesh, perms, **options) -> {set: (loss, err)}
 
@@ -107,7 +108,10 @@ def chosen(names, options: dict, aligned: bool) -> list[PairMeasure]:
     given its `options` (a None option is not given) and, when it compares aligned pairs, alignment."""
     wanted = {"straight", *names}
     picked = [PAIR_MEASURES.lookup(name) for name in wanted]
-    for measure in picked:
+    for name, measure in zip(wanted, picked):
+        if measure.name != name or measure.compute is None and name != "straight":
+            raise ValueError(f"pair measure {name!r}: registered under another name than its own ({measure.name!r}, "
+                             "from its suffix) or without a compute function: use register_pair_measure")
         missing = [option for option in measure.options if option != "tick" and options.get(option) is None]
         if missing or (measure.aligned and not aligned):
             need = ", ".join(missing) if missing else "alignment (align)"

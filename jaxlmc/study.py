@@ -95,13 +95,15 @@ def register_stage(stage: Stage, after: str) -> None:
 
 
 def stage_done(cfg: Config, out: str, name: str) -> bool:
-    """A stage is done when its marker holds the current settings, every file it writes is there (a run directory
+    """A stage is done when its marker holds the current settings (a key it lacks — a marker from before the key
+    existed — stands for its default), every file it writes is there (a run directory
     from an older jaxlmc, whose stage wrote less, runs that stage again), and its own check passes (a training
     stage's checkpoints are there: one moved aside as corrupt is trained again)."""
     stage = STAGES[name]
     run = rundir.RunDir(out)
     marker = run.read_marker(name)
-    return (marker is not None and marker.get("settings") == stage.settings_of(cfg)
+    return (marker is not None and isinstance(marker.get("settings"), dict)
+            and not rundir.settings_changes(marker["settings"], stage.settings_of(cfg), stage.settings_of(Config()))
             and all(run.exists(name) for name in stage.writes)
             and (stage.complete is None or stage.complete(cfg, out)))
 

@@ -196,14 +196,14 @@ def _checkpointed_parts(label, chunk_fn, params_M, consts, device_data, how: Mem
             state, _ = train_program(f"{label} {k + 1}/{len(parts)}", chunk_fn, take(params_M), take(consts),
                                      device_data, how, part_manager, run.curves_file(run.part_curves(k)), progress)
         finished.append(jax.tree.map(shard.to_host, state))
+    curves = _stacked_curves([run.read_npz(run.part_curves(k)) for k in range(len(parts))])
+    run.write_npz(store.curves, curves)  # first: ahead of the checkpoints, never behind
     for step in how.save_steps:  # the kept steps first: the final one marks the run finished
         saved = []
         for k, one in enumerate(finished):
             with run.checkpoints(run.part(k), read_only=True) as part_manager:
                 saved.append(part_manager.restore_like(step, one))
         manager.save(step, _stacked(saved))
-    curves = _stacked_curves([run.read_npz(run.part_curves(k)) for k in range(len(parts))])
-    run.write_npz(store.curves, curves)
     state = _stacked(finished)
     manager.save(how.steps, state)  # atomic: until it lands, a rerun resumes from the finished parts
     shutil.rmtree(run.path(layout.PARTS), ignore_errors=True)

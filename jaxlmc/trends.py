@@ -17,6 +17,9 @@ from scipy.optimize import linprog
 from jaxlmc import stats
 
 
+MIN_FITTED = 0.95  # the share of bootstrap draws that must be fittable for the exponent to get an interval
+
+
 @dataclasses.dataclass(frozen=True)
 class PowerLaw:
     """value ≈ prefactor · size ** exponent, fitted by least squares on log–log axes; `ci_lo`, `ci_hi`: the
@@ -43,7 +46,8 @@ def power_law(sizes_K, point_K, replicates_KxR, level: float = stats.LEVEL) -> P
     """The power law of a positive measure against size: `point_K` its estimate at each size, `replicates_KxR` its
     bootstrap replicates (each size's drawn independently: `seed_matrix_replicates`). The exponent's interval is the
     `level` percentile interval of the slopes refitted on the replicates; a replicate with a value that is not
-    positive and finite at some size (a log cannot be taken) is left out, and `replicates` counts those kept."""
+    positive and finite at some size (a log cannot be taken) cannot be refitted, `replicates` counts those that can,
+    and below MIN_FITTED of them the interval is NaN (leaving the others out would bias it)."""
     sizes, point = np.asarray(sizes_K, np.float64), np.asarray(point_K, np.float64)
     if sizes.ndim != 1 or len(sizes) < 2 or len(set(sizes.tolist())) < 2 or np.any(sizes <= 0):
         raise ValueError(f"power_law: at least two distinct positive sizes are needed, got {sizes_K!r}")
@@ -53,7 +57,9 @@ def power_law(sizes_K, point_K, replicates_KxR, level: float = stats.LEVEL) -> P
     slope, intercept = _slope_intercept(np.log(sizes), np.log(point)[None])
     fits = np.all(np.isfinite(replicates) & (replicates > 0), axis=0)
     slopes_R = _slope_intercept(np.log(sizes), np.log(replicates[:, fits].T))[0] if fits.any() else np.zeros(0)
-    lo, hi = stats.ci(slopes_R, level)
+    # Dropping the draws that cannot be fitted (a mean barrier of 0 at some size: common where seeds share a basin)
+    # would bias the interval, so it is given only when nearly every draw fits.
+    lo, hi = stats.ci(slopes_R, level) if fits.mean() >= MIN_FITTED else (np.nan, np.nan)
     return PowerLaw(float(slope[0]), float(np.exp(intercept[0])), lo, hi, int(fits.sum()))
 
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from jaxlmc import data, hf, labels, measures, models, optimizers, study
+from jaxlmc import config, data, hf, labels, measures, models, optimizers, study
 from jaxlmc.registry import Registry
 
 HEAVY = ("tensorflow_datasets", "orbax", "huggingface_hub", "tokenizers", "matplotlib", "safetensors", "mnist1d")
@@ -60,6 +60,18 @@ def test_import_jaxlmc_loads_no_heavy_dependency_and_drawing_a_figure_sets_no_ba
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["[]", "False True"]
+
+
+def test_a_named_measure_that_the_barriers_section_cannot_feed_is_refused_at_load():
+    needy = measures.PairMeasure("_needy", "needs REPAIR", compute=lambda *a, **k: {}, options=("repair_x",))
+    with measures.PAIR_MEASURES.registered(needy.name, needy):
+        with pytest.raises(config.ConfigError, match="barriers.measures: pair measure 'needy' needs repair_x"):
+            config.load("configs/mnist1d.toml", ['barriers.measures=["needy"]'])
+        assert config.load("configs/mnist1d.toml", ['barriers.measures=["needy"]', "barriers.repair=true"])
+    misnamed = measures.PairMeasure("_other", "misnamed", compute=lambda *a, **k: {})
+    with measures.PAIR_MEASURES.registered("mine", misnamed):
+        with pytest.raises(ValueError, match="registered under another name than its own"):
+            measures.chosen(["mine"], {}, aligned=False)
 
 
 def test_a_pair_measure_is_computed_only_when_a_call_names_it():

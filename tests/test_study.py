@@ -236,6 +236,18 @@ def test_stages_are_declared_in_an_order_their_needs_respect():
     assert set(study.STAGES["report"].needs) == set(names[1:-1])  # the report reads every measuring stage's results
 
 
+def test_a_marker_from_before_a_key_existed_stands_for_its_default(reference, tmp_path):
+    """A stage marker without a key added since (here barriers.measures) is the key's default: nothing reruns."""
+    cfg, out, _ = reference
+    copy = str(tmp_path / "older")
+    shutil.copytree(out, copy)
+    run = rundir.RunDir(copy)
+    marker = run.read_marker("barriers")
+    del marker["settings"]["measures"]
+    run.write_marker("barriers", marker)
+    assert study.study(cfg, copy, progress=False) == []
+
+
 def test_a_changed_barrier_setting_reruns_what_reads_barriers_and_keeps_the_soups(reference, data_dir, tmp_path):
     cfg, out, _ = reference
     copy = str(tmp_path / "copy")
