@@ -205,6 +205,11 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
         raise ValueError(f"batch size {batch_size} exceeds the {n_train} training examples")
 
     dtype = jnp.dtype(compute_dtype)
+    factors = model.kind.lr_scale(model.cfg) if model.kind.lr_scale is not None else {}
+    # Per-parameter factors of the update (µP); None when every parameter trains at the member's rate.
+    scale = jax.tree_util.tree_map_with_path(
+        lambda path, _: factors.get(path[0].key, {}).get(path[-1].key, 1.0),
+        jax.eval_shape(model.init, jax.random.key(0))) if factors else None
 
     def loss_fn(params, x_BxF, y_B, drop):
         # Mixed precision: the pass on low-precision copies (the cast is differentiated, so gradients arrive in
@@ -220,6 +225,8 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
         drop = (hp["dropout"], jax.random.fold_in(hp["noise_key"], step)) if "dropout" in hp else None
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x_all[idx_B], y_all[idx_B], drop)
         updates, new_opt = make_tx(opt_kind, momentum, hp["lr"][step], hp["wd"]).update(grads, opt, params)
+        if scale is not None:
+            updates = jax.tree.map(lambda u, s: u * s, updates, scale)
         new_params = optax.apply_updates(params, updates)
         # A member whose loss or parameters stop being finite is frozen at its last finite state and flagged;
         # the where() is per member, so nothing leaks into the others.

@@ -136,6 +136,9 @@ class ModelKind:
     token_types: bool = False  # it also reads inputs B×T×2, token ids and token types (sentence pairs)
     # The dataclass of its own hyperparameters, read from [model.args] (cfg.args is then an instance); None: none.
     args: type | None = None
+    # {layer: {leaf: factor}} of the optimiser's update per parameter (a parametrisation's per-layer rates, µP's);
+    # None or {}: every parameter at the member's rate.
+    lr_scale: Callable[..., dict[str, dict[str, float]]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
