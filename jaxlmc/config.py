@@ -20,7 +20,7 @@ from jaxlmc import hf
 from jaxlmc.labels import LABEL_MAPS
 from jaxlmc.measures import PAIR_MEASURES, chosen
 from jaxlmc.models import Classifier, import_failure, resolve_kind
-from jaxlmc.optimizers import OPTIMIZERS
+from jaxlmc.optimizers import OPTIMIZERS, update_rule
 # The sections, re-exported: the rest of jaxlmc (and a plugin) names them jaxlmc.config.FinetuneConfig and so on.
 from jaxlmc.settings import (BarrierConfig, Config, DataConfig, FinetuneConfig, GridAxis, HeadPolicy, LabelMap,
                              ModelConfig, Optimizer, PluginsConfig, PretrainConfig, RunConfig, Schedule, StudyConfig,
@@ -252,6 +252,8 @@ def validate(cfg: Config) -> None:
     if kind.sequence and kind.args is None and (m.heads < 1 or m.width % m.heads or m.vocab_size < 2):
         raise ConfigError(f"model.kind {m.kind!r} needs model.heads ≥ 1 dividing model.width and model.vocab_size ≥ 2, "
                           f"got heads {m.heads}, width {m.width}, vocab_size {m.vocab_size}")
+    if m.parametrization == "mup":
+        _check_mup(m, kind, {"pretrain.optimizer": p.optimizer, "finetune.optimizer": f.optimizer})
     if b.repair and kind.repair_points is None:
         raise ConfigError(f"barriers.repair: model.kind {m.kind!r} declares no REPAIR points; set barriers.repair = false")
     if b.align == "activations" and getattr(kind.module, "unit_activations", None) in (None,
@@ -336,3 +338,19 @@ def validate(cfg: Config) -> None:
                           f"({f.steps}; the last step is always kept), got {f.save_steps}")
     if f.warmup_steps > f.steps:
         raise ConfigError(f"finetune.warmup_steps ({f.warmup_steps}) exceeds finetune.steps ({f.steps})")
+
+
+def _check_mup(m, kind, optimizers: dict[str, str]) -> None:
+    """model.parametrization = "mup" needs a kind that applies it, a reference width it can build, and optimisers
+    whose µP rates are known."""
+    if not kind.mup:
+        raise ConfigError(f'model.parametrization "mup": model.kind {m.kind!r} does not implement µP '
+                          "(mlp and transformer do)")
+    if m.base_width < 1 or (kind.sequence and m.base_width % m.heads):
+        raise ConfigError(f"model.base_width must be a positive width{' dividing by model.heads' if kind.sequence else ''}"
+                          f", got {m.base_width}")
+    for key, name in optimizers.items():
+        try:
+            update_rule(name)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None

@@ -25,12 +25,28 @@ def _sgd(lr, weight_decay, momentum) -> optax.GradientTransformation:
 
 
 OPTIMIZERS: Registry[Factory] = Registry("optimizer", {"adamw": _adamw, "sgd": _sgd})
+# Each optimiser's update rule ("adam": the update's size does not follow the gradient's; "sgd": it does), which
+# decides µP's per-layer rates (jaxlmc.models.mup); an optimiser without one cannot train a µP model.
+UPDATE_RULES: dict[str, str] = {"adamw": "adam", "sgd": "sgd"}
 
 
-def register_optimizer(name: str, factory: Factory) -> None:
+def register_optimizer(name: str, factory: Factory, update_rule: str | None = None) -> None:
     """Make `name` usable as pretrain.optimizer and finetune.optimizer (OPTIMIZERS.register). A name already taken
-    is refused."""
+    is refused. `update_rule` ("adam" or "sgd") lets it train µP models (model.parametrization = "mup")."""
     OPTIMIZERS.register(name, factory)
+    if update_rule is not None:
+        UPDATE_RULES[name] = update_rule
+
+
+def update_rule(name: str | Factory) -> str:
+    """The update rule ("adam" or "sgd") µP scales an optimiser's per-layer rates by; an error naming the optimiser
+    when it has none (a factory, or a registered name without one)."""
+    rule = UPDATE_RULES.get(name) if isinstance(name, str) else None
+    if rule is None:
+        label = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
+        raise ValueError(f"optimizer {label!r} has no µP update rule: model.parametrization = \"mup\" needs "
+                         f"one of {sorted(UPDATE_RULES)} or an optimizer registered with update_rule=\"adam\"/\"sgd\"")
+    return rule
 
 
 def from_optax(make_tx: Callable[..., optax.GradientTransformation], weight_decay: bool) -> Factory:

@@ -85,9 +85,10 @@ class ModelConfig:
     kernel_size: int = 3  # CNN only
     heads: int = 4  # transformer only: attention heads (width must be a multiple)
     vocab_size: int = 0  # transformer only: token ids lie in [0, vocab_size)
-    # "mup": the maximal-update parametrisation (Yang et al. 2021, Tensor Programs V) for Adam-family optimisers, so
-    # that a rate means the same at every width: hidden-to-hidden kernels train at rate / m and the head reads the
-    # features divided by m, m = width / base_width (at base_width it is the standard parametrisation). MLP only.
+    # "mup": the maximal-update parametrisation (Yang et al. 2021, Tensor Programs V), so that a rate means the same
+    # at every width: per-layer rates by how many of a parameter's dimensions grow with the width (Adam: hidden
+    # matrices at rate / m; SGD: vector-like parameters at rate · m), the head reads features / m, attention scores
+    # divide by √(d·m); m = width / base_width (at base_width it is the standard parametrisation). mlp, transformer.
     parametrization: Literal["standard", "mup"] = "standard"
     base_width: int = 64  # µP's reference width
     # [model.args]: a kind's own hyperparameters, checked against its dataclass (ModelKind.args): an unknown or

@@ -25,7 +25,7 @@ import optax
 from jax import lax
 
 from jaxlmc import optimizers
-from jaxlmc.models import Model, tree_l2
+from jaxlmc.models import Model, mup, tree_l2
 
 
 def make_tx(kind: str, momentum: float, lr, weight_decay) -> optax.GradientTransformation:
@@ -205,11 +205,9 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
         raise ValueError(f"batch size {batch_size} exceeds the {n_train} training examples")
 
     dtype = jnp.dtype(compute_dtype)
-    factors = model.kind.lr_scale(model.cfg) if model.kind.lr_scale is not None else {}
-    # Per-parameter factors of the update (µP); None when every parameter trains at the member's rate.
-    scale = jax.tree_util.tree_map_with_path(
-        lambda path, _: factors.get(path[0].key, {}).get(path[-1].key, 1.0),
-        jax.eval_shape(model.init, jax.random.key(0))) if factors else None
+    # Per-parameter factors of the update (µP's per-layer rates); None when every parameter trains at the member's rate.
+    scale = (mup.update_factors(model, optimizers.update_rule(opt_kind))
+             if mup.width_ratio(model.cfg) != 1.0 else None)
 
     def loss_fn(params, x_BxF, y_B, drop):
         # Mixed precision: the pass on low-precision copies (the cast is differentiated, so gradients arrive in

@@ -48,7 +48,10 @@ class Classifier(nnx.Module):
     head: nnx.Linear
 
     def __call__(self, x, drop: Dropout = None):
-        return self.head(self.features(x, drop))
+        features = self.features(x, drop)
+        # µP's readout multiplier (jaxlmc.models.mup), set by kinds that support µP; 1 otherwise.
+        scale = getattr(self, "readout_scale", 1.0)
+        return self.head(features if scale == 1.0 else features * scale)
 
     def unit_activations(self, x) -> list[jax.Array]:
         """The activations of each permutation group's units on the batch `x` (no dropout), one array per group in
@@ -136,9 +139,9 @@ class ModelKind:
     token_types: bool = False  # it also reads inputs B×T×2, token ids and token types (sentence pairs)
     # The dataclass of its own hyperparameters, read from [model.args] (cfg.args is then an instance); None: none.
     args: type | None = None
-    # {layer: {leaf: factor}} of the optimiser's update per parameter (a parametrisation's per-layer rates, µP's);
-    # None or {}: every parameter at the member's rate.
-    lr_scale: Callable[..., dict[str, dict[str, float]]] | None = None
+    # Its module applies µP's own parts (jaxlmc.models.mup: the readout multiplier `readout_scale`, and a
+    # transformer's attention scale) when model.parametrization is "mup"; only such kinds accept it.
+    mup: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

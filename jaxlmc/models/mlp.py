@@ -7,23 +7,12 @@ import math
 import jax
 from flax import nnx
 
+from jaxlmc.models import mup
 from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis, dropout
 
 
 def layers(cfg) -> list[str]:
     return [f"dense{i}" for i in range(cfg.depth)]
-
-
-def width_ratio(cfg) -> float:
-    """µP's width multiplier m = width / base_width (1 under the standard parametrisation)."""
-    return cfg.width / cfg.base_width if getattr(cfg, "parametrization", "standard") == "mup" else 1.0
-
-
-def lr_scale(cfg) -> dict[str, dict[str, float]]:
-    """{layer: {leaf: factor}} of the optimiser's update: under µP (Adam) the hidden-to-hidden kernels (both
-    dimensions grow with the width) train at rate / m; the input layer, the biases and the head at the rate."""
-    m = width_ratio(cfg)
-    return {f"dense{i}": {"kernel": 1.0 / m} for i in range(1, cfg.depth)} if m != 1.0 else {}
 
 
 class MLP(Classifier):
@@ -38,12 +27,9 @@ class MLP(Classifier):
                 setattr(self, f"norm{i}", nnx.LayerNorm(cfg.width, rngs=rngs))
             fan_in = cfg.width
         self.head = nnx.Linear(fan_in, num_classes, rngs=rngs)
-        # µP's readout multiplier (1 under the standard parametrisation): the head reads features / m.
-        self.readout_scale = width_ratio(cfg) ** -1.0 if cfg.depth else 1.0
-
-    def __call__(self, x, drop: Dropout = None):
-        features = self.features(x, drop)
-        return self.head(features if self.readout_scale == 1.0 else features * self.readout_scale)
+        if cfg.depth:
+            mup.init_readout(self.head, cfg)
+        self.readout_scale = mup.readout_scale(cfg) if cfg.depth else 1.0  # µP's (1 under the standard one)
 
     def _body(self, x, drop: Dropout):
         """(features, every hidden layer's output after its nonlinearity and dropout, and its input to the
@@ -90,4 +76,5 @@ def permutation_spec(cfg, input_shape) -> PermutationSpec:
     return spec
 
 
-KIND = ModelKind("mlp", MLP, layers, permutation_spec, min_depth=0, repair_points=repair_points, lr_scale=lr_scale)
+KIND = ModelKind("mlp", MLP, layers, permutation_spec, min_depth=0, repair_points=repair_points,
+                mup=True)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlmc.models import mup
 from jaxlmc.models.base import Classifier, Dropout, ModelKind, PermutationSpec, UnitAxis, block_activations, block_spec
 
 MLP_RATIO = 4
@@ -75,6 +76,11 @@ class Transformer(Classifier):
             setattr(self, f"b{b}_fc2", nnx.Linear(MLP_RATIO * width, width, rngs=rngs))
         self.ln_f = nnx.LayerNorm(width, rngs=rngs)
         self.head = nnx.Linear(width, num_classes, rngs=rngs)
+        # µP (jaxlmc.models.mup): the head reads features / m, and scores divide by √(d·m) = d / √d_base, which grows
+        # like d rather than √d (equal at the base width); 1 and √d under the standard parametrisation.
+        self.readout_scale = mup.readout_scale(cfg)
+        mup.init_readout(self.head, cfg)
+        self.score_width_ratio = mup.width_ratio(cfg)
 
     def _run(self, x):
         """(the final hidden states B×T×D, the residual stream entering each LayerNorm [2·depth + 1 of B×T×D], and
@@ -89,7 +95,7 @@ class Transformer(Classifier):
             stream.append(h)
             a = getattr(self, f"b{b}_ln1")(h)
             q, k, v = (getattr(self, f"b{b}_{name}")(a) for name in "qkv")  # B×T×H×d each
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1] * self.score_width_ratio).astype(q.dtype)
             weights = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(scores.dtype).min), axis=-1)
             heads = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
             h = h + getattr(self, f"b{b}_o")(heads)
@@ -144,4 +150,4 @@ def permutation_spec(cfg, input_shape, per_token: bool = False) -> PermutationSp
 
 
 KIND = ModelKind("transformer", Transformer, layers, permutation_spec, min_depth=1, sequence=True,
-                 layer_groups=layer_groups, repair_points=repair_points)
+                 layer_groups=layer_groups, repair_points=repair_points, mup=True)
