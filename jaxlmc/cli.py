@@ -11,7 +11,7 @@ import traceback
 
 import jax
 
-from jaxlmc import api, ckpt, config, faults, rundir, spec_check, ui
+from jaxlmc import api, ckpt, config, faults, rundir, size_axes, spec_check, ui
 from jaxlmc.config import ConfigError
 
 
@@ -155,10 +155,11 @@ def _run(args) -> int:
         api.study(cfg, out, progress=progress, say=say)
         if not args.quiet:
             run = rundir.RunDir(out)
-            for width in cfg.study.widths:
-                ui.console.print(f"[bold]width {width}[/bold]")
-                ui.print_study(run.width(width).root)
-            if cfg.study.widths:
+            scaled = bool(size_axes.given_axes(cfg))
+            for name in [size_axes.directory(cfg, size) for size in size_axes.sizes(cfg)] if scaled else []:
+                ui.console.print(f"[bold]{name}[/bold]")
+                ui.print_study(run.size(name).root)
+            if scaled:
                 ui.console.print(f"scaling trend: {run.path(rundir.SCALING_PAGE)}")
             else:
                 ui.print_study(out)

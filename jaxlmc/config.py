@@ -301,8 +301,16 @@ def validate(cfg: Config) -> None:
         if labels != "identity":
             raise ConfigError(f"data.{which}_classes and data.{which}_labels = {labels!r} cannot be combined: a class "
                               f"list relabels the classes 0 .. k-1 itself; set data.{which}_labels = \"identity\"")
-    if any(w <= 0 for w in cfg.study.widths) or len(set(cfg.study.widths)) != len(cfg.study.widths):
-        raise ConfigError(f"study.widths must be distinct positive widths, got {cfg.study.widths}")
+    for key in ("widths", "depths", "parametrizations"):
+        values = getattr(cfg.study, key)
+        if len(set(values)) != len(values) or any(isinstance(v, int) and v <= 0 for v in values):
+            raise ConfigError(f"study.{key} must be distinct{' positive' if key != 'parametrizations' else ''} "
+                              f"values, got {values}")
+    if cfg.study.depths and min(cfg.study.depths) < kind.min_depth:
+        raise ConfigError(f"study.depths: model.kind {m.kind!r} needs a depth of at least {kind.min_depth}, got "
+                          f"{cfg.study.depths}")
+    if "mup" in cfg.study.parametrizations and m.parametrization != "mup":
+        _check_mup(m, kind, {"pretrain.optimizer": p.optimizer, "finetune.optimizer": f.optimizer})
     if not 0 <= cfg.study.unfit_fraction <= 1:
         raise ConfigError(f"study.unfit_fraction must lie in [0, 1], got {cfg.study.unfit_fraction}")
     if not -1 <= cfg.study.fit_margin < 1:

@@ -12,26 +12,43 @@ from jaxlmc.grid import step_label
 
 
 def scaling(rows: list[dict]):
-    """Barrier between seeds and fine-tuning throughput against model width (rows of rundir.SCALING)."""
-    fig, (ax, bx) = subplots(1, 2, figsize=(10, 3.8))
+    """Per size axis varied (width, depth): the barrier between seeds and the fine-tuning throughput against it
+    (rows of rundir.SCALING); a line per series (the other axes fixed) and cell, dashed under µP."""
+    axes_varied = [a for a in ("width", "depth") if len({r[a] for r in rows}) > 1] or ["width"]
+    fig, panels = subplots(len(axes_varied), 2, figsize=(10, 3.8 * len(axes_varied)), squeeze=False)
+    head = sorted({r["head"] for r in rows})[0]
     cells = sorted({(r["pretrain_step"], r["lr"]) for r in rows})
-    colors = colormap("viridis")(np.linspace(0.05, 0.9, max(len(cells), 1)))
-    for (step, lr), color in zip(cells, colors):
-        mine = [r for r in rows if (r["pretrain_step"], r["lr"]) == (step, lr)]
-        ax.plot([r["width"] for r in mine], [r["error_barrier_test_mean"] for r in mine], "o-", color=color,
-                label=f"{step_label(step)}, LR {lr:g}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("model width")
-    ax.set_ylabel("mean test error barrier between seeds")
-    ax.legend(fontsize=6, ncol=2, title="pretraining, LR", title_fontsize=6)
-    by_width = {r["width"]: r["finetune_member_steps_per_s"] for r in rows}
-    bx.plot(list(by_width), list(by_width.values()), "s-")
-    bx.set_xscale("log", base=2)
-    bx.set_xlabel("model width")
-    bx.set_ylabel("fine-tuning member-steps/s (stage wall time)")
-    return fig, ("Left: mean test error barrier between seeds (endpoint-mean form) against model width, one line per "
-                 "cell (pretraining checkpoint, LR). Right: fine-tuning throughput of each width's study, member-steps "
-                 "per second of the whole stage (compilation and evaluation included).")
+    colors = dict(zip(cells, colormap("viridis")(np.linspace(0.05, 0.9, max(len(cells), 1)))))
+    for (ax, bx), axis in zip(panels, axes_varied):
+        other = "depth" if axis == "width" else "width"
+        lines: dict = {}
+        for r in rows:
+            lines.setdefault((r[other], r["parametrization"]), []).append(r)
+        for (fixed, parametrization), mine in sorted(lines.items()):
+            if len({r[axis] for r in mine}) < 2:
+                continue
+            style = "o--" if parametrization == "mup" else "o-"
+            for step, lr in cells:
+                line = sorted((r for r in mine if (r["pretrain_step"], r["lr"], r["head"]) == (step, lr, head)),
+                              key=lambda r: r[axis])
+                ax.plot([r[axis] for r in line], [r["error_barrier_test_mean"] for r in line], style,
+                        color=colors[(step, lr)], ms=3,
+                        label=f"{step_label(step)}, LR {lr:g}, {other} {fixed}, {parametrization}")
+            speed = {r[axis]: r["finetune_member_steps_per_s"] for r in mine}
+            bx.plot(sorted(speed), [speed[k] for k in sorted(speed)], "s" + style[1:],
+                    label=f"{other} {fixed}, {parametrization}")
+        for panel in (ax, bx):
+            panel.set_xscale("log", base=2)
+            panel.set_xlabel(f"model {axis}")
+        bx.set_yscale("log")
+        ax.set_ylabel("mean test error barrier between seeds")
+        bx.set_ylabel("fine-tuning member-steps/s")
+        ax.legend(fontsize=5, ncol=2)
+        bx.legend(fontsize=6)
+    return fig, ("Left: mean test error barrier between seeds (endpoint-mean form; head " + head + ") against model "
+                 "size, one line per series (the other axis fixed) and cell (pretraining checkpoint, LR); dashed: "
+                 "µP. Right: fine-tuning throughput of each size's study, member-steps per second of the whole stage "
+                 "(compilation and evaluation included).")
 
 
 def barrier_vs_finetune_steps(step_summary: list[dict]):

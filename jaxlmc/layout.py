@@ -114,8 +114,13 @@ START_SHARPNESS = Table("sharpness/starts.csv", (("pretrain_step", int), ("seed"
 BASINS = Table("basins.csv", (("member", int), *_cells(), ("basin", int)))
 SUMMARY = Table("summary.csv", _cells(*_COUNTS, *_VERDICTS, ("basins", int), ("basin_sizes", str), ("best_member", int),
                                       ("greedy_size", int), ("greedy_members", str)), rest=float)
-SCALING = Table("scaling.csv", (("width", int), *_cells()), rest=float)
-SCALING_FITS = Table("scaling_fits.csv", _cells(("measure", str), ("widths", int), ("replicates", int)), rest=float)
+# A scaling study (jaxlmc.size_axes, jaxlmc.scaling): one row per size × cell; the trends, one row per series (the
+# axis it runs along, the other axes' values, 0 on its own axis) and cell, start or cost.
+_SIZE = (("width", int), ("depth", int), ("parametrization", str))
+_SERIES = (("axis", str), *_SIZE, ("sizes", int))
+SCALING = Table("scaling.csv", (*_SIZE, *_cells()), rest=float)
+SCALING_FITS = Table("scaling_fits.csv", (*_SERIES, *_cells(("measure", str), ("replicates", int))), rest=float)
+SCALING_COST = Table("scaling_cost.csv", (*_SERIES, ("quantity", str)), rest=float)
 
 
 def _by_step(table: Table, name: str) -> Table:
@@ -131,8 +136,7 @@ BY_STEP = (STEP_MEMBERS, STEP_PAIRS, STEP_TO_START, STEP_SUMMARY)
 # The critical learning rate per start (the cell keys but the rate) and fine-tuning length (jaxlmc.noreturn).
 CRITICAL = Table("critical.csv", (*((a.column, a.type) for a in grid.AXES if a.cell and a.column != "lr"),
                                   ("finetune_step", int)), rest=float)
-SCALING_CRITICAL = Table("scaling_critical.csv", (*CRITICAL.columns, ("widths", int), ("consistent", bool)),
-                         rest=float)
+SCALING_CRITICAL = Table("scaling_critical.csv", (*_SERIES, *CRITICAL.columns, ("consistent", bool)), rest=float)
 
 # The refinement rounds (jaxlmc.refine): the rates each added and why, its members (and how many diverged or are
 # unfit) and time.

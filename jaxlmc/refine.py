@@ -58,11 +58,11 @@ def proposals(critical_rows: list[dict], factor: float = stats.BRACKET_FACTOR) -
 
 def round_config(cfg: Config, lrs: list[float]) -> Config:
     """The config of a refinement round: the study's, at the new rates only, its pairs within cells (a pair file
-    numbers the grid's members), without refinement or widths of its own."""
+    numbers the grid's members), without refinement or size axes of its own."""
     return dataclasses.replace(
         cfg, finetune=dataclasses.replace(cfg.finetune, lrs=list(lrs)),
         barriers=dataclasses.replace(cfg.barriers, pairs="within"),
-        study=dataclasses.replace(cfg.study, refine_rounds=0, widths=[]))
+        study=dataclasses.replace(cfg.study, refine_rounds=0, widths=[], depths=[], parametrizations=[]))
 
 
 def refine_run(cfg: Config, out: str, progress: loop.Progress | None = None) -> list[dict]:

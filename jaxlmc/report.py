@@ -14,12 +14,12 @@ import os
 
 import numpy as np
 
-from jaxlmc import decide, figures, figures_trends, grid, noreturn, rundir, scaling, stats, verdicts
+from jaxlmc import decide, figures, figures_trends, grid, noreturn, rundir, stats, verdicts
 from jaxlmc.config import ConfigError
 from jaxlmc.grid import step_label
 from jaxlmc.measures import PAIR_MEASURES
 
-__all__ = ["build_summary", "headline", "render", "render_scaling", "step_label"]
+__all__ = ["build_summary", "figure_html", "headline", "render", "step_label", "table_html"]
 
 
 def build_summary(run: rundir.RunDir) -> list[dict]:
@@ -185,13 +185,13 @@ def _fmt(key, value) -> str:
     return html.escape(str(value))
 
 
-def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+def table_html(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in columns)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(k, r.get(k, ''))}</td>" for k, _ in columns) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _figure_html(run: rundir.RunDir, name: str, caption: str) -> str:
+def figure_html(run: rundir.RunDir, name: str, caption: str) -> str:
     data = base64.b64encode(run.read_figure(name)).decode("ascii")
     return (f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
@@ -252,7 +252,7 @@ def render(out: str, stages) -> str:
            "other head policies are in the table and in sources.png).</p>" if figure_head(summary) else ""),
         "<h2>Figures</h2>",
     ]
-    parts += [_figure_html(run, name, caption) for name, caption in drawn]
+    parts += [figure_html(run, name, caption) for name, caption in drawn]
     parts += ["<h2>Per cell</h2><p>Test error barriers, linear-baseline form (after weight matching when measured), "
               "between seeds and to the probed start (the starting body with a linear-probe head): the mean barrier, "
               "its excess over the noise's null mean with the excess's 95 % interval over seeds, the barrier's upper "
@@ -260,14 +260,14 @@ def render(out: str, stages) -> str:
               "(jaxlmc.decide; p-values of all cells adjusted together). The endpoint-mean form is shown beside it. "
               "Members left out as unfit or diverged are counted; accuracies on the test set; every column in "
               "<code>summary.csv</code>.</p>",
-              _table(summary, summary_table(summary))]
+              table_html(summary, summary_table(summary))]
     if any("task_arithmetic_test_acc" in r for r in summary):
         parts += ["<h2>Merges</h2><p>Per cell, beside the best member and the uniform soup: task arithmetic (Ilharco "
                   "et al. 2023), TIES-Merging (Yadav et al. 2023) and Model Stock (Jang et al. 2024) of the cell's "
                   "used members, each relative to the members' start, with its hyperparameters chosen on the "
                   "validation split alone; test and OOD accuracy. <em>update cos</em>: the mean cosine between the "
                   "members' fine-tuning updates, Model Stock's same-basin diagnostic. Every column in "
-                  "<code>merges.csv</code>.</p>", _table(summary, MERGE_TABLE)]
+                  "<code>merges.csv</code>.</p>", table_html(summary, MERGE_TABLE)]
     critical = run.read_csv(rundir.CRITICAL)
     if critical and len({m["lr"] for m in members}) > 1:
         parts += ["<h2>Critical learning rate</h2><p>Per start and fine-tuning length, each rate judged by the rule "
@@ -281,15 +281,15 @@ def render(out: str, stages) -> str:
                   "(transfer); members left out as diverged or unfit are counted. Brackets wider than "
                   f"×{stats.BRACKET_FACTOR:g} are refined when the study asks. Every column in "
                   "<code>critical.csv</code>.</p>",
-                  _table(critical, CRITICAL_TABLE), _refinement(run)]
+                  table_html(critical, CRITICAL_TABLE), _refinement(run)]
     if pretrain_rows:
         parts += ["<h2>Pretraining checkpoints</h2>",
-                  _table(pretrain_rows, [("step", "step"), ("train_loss", "train loss"), ("train_acc", "train acc"),
+                  table_html(pretrain_rows, [("step", "step"), ("train_loss", "train loss"), ("train_acc", "train acc"),
                                          ("test_loss", "test loss"), ("test_acc", "test acc")])]
         if run.exists(rundir.BASELINES):
             parts += ["<p>A language model must beat these: unigram and bigram models counted on the pretraining "
                       "task's training split (add-one smoothed), per-token test loss (nats) and accuracy.</p>",
-                      _table(run.read_csv(rundir.BASELINES), [("model", "baseline"), ("test_loss", "test loss"),
+                      table_html(run.read_csv(rundir.BASELINES), [("model", "baseline"), ("test_loss", "test loss"),
                                                               ("test_acc", "test acc")])]
     parts += ["<h2>Provenance</h2><p>The run directory's config (training sections; <code>config.json</code>), "
               "library versions and devices, then the settings each measuring stage ran with "
@@ -297,53 +297,3 @@ def render(out: str, stages) -> str:
               + html.escape(json.dumps(stage_settings, indent=2)) + "</pre>",
               "</body></html>"]
     return run.write_text(rundir.REPORT, "\n".join(parts))
-
-
-# --------------------------------------------------------------------------------------------- scaling trends
-
-
-def render_scaling(out: str, widths: list[int]) -> str:
-    """scaling.csv (one row per width × cell), scaling_fits.csv and scaling_critical.csv (the trends:
-    jaxlmc.scaling), figures/scaling.png and scaling.html from the studies in width<W>/: the barrier between seeds
-    and the fine-tuning throughput against model width, and their fitted trends."""
-    run = rundir.RunDir(out)
-    rows = []
-    for width in widths:
-        one = run.width(width)
-        seconds = one.read_marker("finetune")["seconds"]
-        steps = one.read_json(rundir.CONFIG)["config"]["finetune"]["steps"]
-        throughput = len(one.read_csv(rundir.MEMBERS)) * steps / seconds
-        for row in build_summary(one):
-            rows.append({"width": width, **dict(zip(grid.CELL_KEYS, grid.cell(row))),
-                         **{k: row[k] for k in ("error_barrier_test_mean", "error_barrier_test_ci_lo",
-                                                "error_barrier_test_ci_hi", "loss_barrier_test_mean")},
-                         "best_test_acc": row.get("best_test_acc", np.nan),
-                         "finetune_member_steps_per_s": throughput})
-    run.write_csv(rundir.SCALING, rows)
-    runs = {width: run.width(width) for width in widths}
-    fits, slopes = scaling.barrier_fits(runs), scaling.critical_slopes(runs)
-    run.write_csv(rundir.SCALING_FITS, fits)
-    run.write_csv(rundir.SCALING_CRITICAL, slopes)
-    fig, caption = figures_trends.scaling(rows)
-    run.write_figure("scaling.png", figures.png(fig))
-    links = "".join(f"<li><a href='width{w}/report.html'>width {w}</a></li>" for w in widths)
-    trends_html = ("<h2>Trends</h2><p>The seeds' barrier against width, per cell: barrier ≈ prefactor · "
-                   "width<sup>exponent</sup>, the exponent's 95 % interval over each width's own seeds "
-                   "(docs/science.md, “Scaling trends”).</p>"
-                   + _table(fits, [("pretrain_step", "pretrain"), ("lr", "LR"), ("head", "head"),
-                                   ("measure", "barrier"), ("smallest", "at the smallest width"),
-                                   ("largest", "at the largest"), ("exponent", "exponent"),
-                                   ("exponent_ci_lo", "CI lo"), ("exponent_ci_hi", "CI hi")])
-                   + "<p>The critical learning rate's slope against width (log–log), the slopes every width's "
-                     "bracket allows:</p>"
-                   + _table(slopes, [("pretrain_step", "pretrain"), ("head", "head"),
-                                     ("finetune_step", "fine-tuning steps"), ("widths", "widths"),
-                                     ("consistent", "one line fits"), ("slope_lo", "slope from"),
-                                     ("slope_hi", "to"), ("slope_central", "central")]))
-    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>jaxlmc scaling trend</title>"
-            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-            "img{max-width:100%;border:1px solid #ddd}</style></head><body><h1>Barriers and throughput against "
-            f"model width</h1>{_figure_html(run, 'scaling.png', caption)}{trends_html}<p>Each width's full report:"
-            f"</p><ul>{links}"
-            "</ul></body></html>")
-    return run.write_text(rundir.SCALING_PAGE, page)

@@ -26,8 +26,8 @@ from jaxlmc.config import TRAINING_SECTIONS, Config, ConfigError, from_dict, par
 from jaxlmc.layout import (BARRIER_SETTINGS, BARRIER_SUMMARY, BASELINES, BASINS, BY_STEP, CALIBRATION, CHECKPOINTS,
                            CONFIG, CORRUPT, CRITICAL, CURVES, FINETUNE_CURVES, LAYERWISE, LAYERWISE_SUMMARY, LOCK,
                            MEMBERS, MERGES, PAIRS, PARTS, PRETRAIN, PRETRAIN_CHECKPOINTS, PRETRAIN_CURVES, REFINE,
-                           REFINE_ROUNDS, REPORT, SCALING, SCALING_CRITICAL, SCALING_FITS, SCALING_PAGE, SHARPNESS,
-                           SIMILARITY, SIMILARITY_ARRAYS, SOUPS, STAGES, START_SHARPNESS, STEP_MEMBERS, STEP_PAIRS,
+                           REFINE_ROUNDS, REPORT, SCALING, SCALING_COST, SCALING_CRITICAL, SCALING_FITS, SCALING_PAGE,
+                           SHARPNESS, SIMILARITY, SIMILARITY_ARRAYS, SOUPS, STAGES, START_SHARPNESS, STEP_MEMBERS, STEP_PAIRS,
                            STEP_SUMMARY, STEP_TO_START, SUMMARY, SUPERSEDED, TO_START, Table, csv_to_rows,
                            rows_to_csv)  # noqa: F401
 
@@ -108,9 +108,10 @@ class RunDir:
     def marker(self, stage: str) -> str:
         return self.path(f"{STAGES}/{stage}.json")
 
-    def width(self, width: int) -> RunDir:
-        path = self.path(f"width{width}")
-        files.check_path(path, self.root)  # a width's run directory is never a link planted in this one
+    def size(self, name: str) -> RunDir:
+        """One size's run directory in a scaling study (jaxlmc.size_axes.directory names it)."""
+        path = self.path(name)
+        files.check_path(path, self.root)  # a size's run directory is never a link planted in this one
         return RunDir(path)
 
     def refine_round(self, k: int) -> RunDir:

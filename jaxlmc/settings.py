@@ -225,7 +225,13 @@ class StudyConfig:
     # of the fixed train-evaluation subset). 0 iterations: not measured.
     sharpness_iterations: int = 20
     sharpness_examples: int = 500  # training examples the Hessian-vector products use
-    widths: list[int] = dataclasses.field(default_factory=list)  # a scaling trend: one study per model width
+    # A scaling study (jaxlmc.size_axes): one whole study per model size, its trends fitted across them. Empty: the
+    # [model] section's own value.
+    widths: list[int] = dataclasses.field(default_factory=list)  # model widths
+    depths: list[int] = dataclasses.field(default_factory=list)  # model depths
+    parametrizations: list[Literal["standard", "mup"]] = dataclasses.field(default_factory=list)
+    # "product": every width × depth; "cross": every width at model.depth and every depth at model.width.
+    size_grid: Literal["product", "cross"] = "product"
     # Refinement (jaxlmc.refine): after the grid's barriers, up to this many rounds each adding, for every start, the
     # log-midpoint of every stay → leave and trains → fails bracket wider than stats.BRACKET_FACTOR (0: none).
     refine_rounds: int = 0

@@ -19,8 +19,10 @@ import json
 import time
 from typing import Callable
 
-from jaxlmc import (barrier_stage, calibration, faults, finetuning, loop, pretraining, refine, report, rundir,
-                    sharpness, similarity, soups, tasks)
+import jax
+
+from jaxlmc import (barrier_stage, calibration, config, faults, finetuning, loop, models, pretraining, refine, report,
+                    report_scaling, rundir, sharpness, similarity, size_axes, soups, tasks)
 from jaxlmc.config import Config
 from jaxlmc.registry import Registry
 
@@ -113,26 +115,36 @@ def study(cfg: Config, out: str, progress: loop.Progress | None = None,
           say: Callable[[str], None] = lambda text: None) -> list[str]:
     """Run every unfinished stage in order. Returns the names of the stages that ran.
 
-    With study.widths, one whole study per width runs in out/width<W>/ (each resumable on its own), and
-    out/scaling.csv, out/figures/scaling.png and out/scaling.html report barriers and throughput against width.
+    With size axes (study.widths, study.depths, study.parametrizations: jaxlmc.size_axes), one whole study per size
+    runs in its own directory (width<W>/, width<W>_depth<D>/, …; each resumable on its own), and scaling.csv, the
+    trends (scaling_fits.csv, scaling_critical.csv, scaling_cost.csv), figures/scaling.png and scaling.html report
+    them against size.
     """
     run = rundir.RunDir(out)
-    # Bad data, and a model or grid too large for the memory, are refused before anything is written.
+    # Bad data, and a model or grid too large for the memory — at any size — are refused before anything is written.
     pretraining.check_sources(cfg, out)
     task, pre_task = tasks.load_finetune_task(cfg), tasks.load_pretrain_task(cfg)
-    for width in cfg.study.widths or [cfg.model.width]:
-        finetuning.check_sizes(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width)),
-                               pre_task, task)
+    scaled = bool(size_axes.given_axes(cfg))
+    params_per_member = {}
+    for size in size_axes.sizes(cfg):
+        one = size_axes.config_at(cfg, size)
+        try:
+            if scaled:
+                config.validate(one)
+            params_per_member[size] = models.param_count(
+                jax.eval_shape(finetuning.check_sizes(one, pre_task, task).init, jax.random.key(0)))
+        except config.ConfigError as err:
+            raise (config.ConfigError(f"size {size_axes.directory(cfg, size)}: {err}") if scaled else err) from None
     pretraining.check_revisions(cfg, out, pre_task)  # a checkpoint error, too, leaves nothing behind
     run.open(cfg)
-    if cfg.study.widths:
+    if scaled:
         ran = []
-        for width in cfg.study.widths:
-            say(f"width {width}")
-            one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width),
-                                      study=dataclasses.replace(cfg.study, widths=[]))
-            ran += [f"width{width}/{name}" for name in study(one, run.width(width).root, progress, say)]
-        report.render_scaling(out, cfg.study.widths)
+        names = {size: size_axes.directory(cfg, size) for size in size_axes.sizes(cfg)}
+        for size, name in names.items():
+            say(name)
+            ran += [f"{name}/{stage}" for stage in study(size_axes.config_at(cfg, size), run.size(name).root,
+                                                         progress, say)]
+        report_scaling.render_scaling(out, names, params_per_member)
         return ran
     run.make_marker_dir()
     ran: list[str] = []

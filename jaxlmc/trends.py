@@ -59,7 +59,7 @@ def power_law(sizes_K, point_K, replicates_KxR, level: float = stats.LEVEL) -> P
     slopes_R = _slope_intercept(np.log(sizes), np.log(replicates[:, fits].T))[0] if fits.any() else np.zeros(0)
     # Dropping the draws that cannot be fitted (a mean barrier of 0 at some size: common where seeds share a basin)
     # would bias the interval, so it is given only when nearly every draw fits.
-    lo, hi = stats.ci(slopes_R, level) if fits.mean() >= MIN_FITTED else (np.nan, np.nan)
+    lo, hi = stats.ci(slopes_R, level) if fits.size and fits.mean() >= MIN_FITTED else (np.nan, np.nan)
     return PowerLaw(float(slope[0]), float(np.exp(intercept[0])), lo, hi, int(fits.sum()))
 
 

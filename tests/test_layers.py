@@ -13,10 +13,10 @@ LAYERS = {
                         "hf"],
     "engines": ["permute", "repair", "paths", "curves", "measures", "reference", "spec_check", "analysis", "merges",
                 "decide", "grid", "stats", "interpolation", "planner", "trends"],
-    "config and run directory": ["config", "config_doc", "lock", "layout", "rundir", "sizes", "tasks"],
+    "config and run directory": ["config", "config_doc", "lock", "layout", "rundir", "sizes", "size_axes", "tasks"],
     "library": ["trainer", "layerwise", "library", "noreturn", "verdicts", "calibration", "scaling"],
     "stages": ["pretraining", "finetuning", "barrier_stage", "refine", "soups", "similarity", "sharpness"],
-    "report": ["figures", "figures_trends", "report"],
+    "report": ["figures", "figures_trends", "report", "report_scaling"],
     "study": ["study"],
     "front": ["ui", "api", "cli", "jaxlmc"],
 }

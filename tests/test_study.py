@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -409,49 +410,70 @@ def test_report_renders_in_a_headless_browser(reference):
         driver.quit()
 
 
-def test_a_width_scaling_trend(data_dir, tmp_path):
+def test_a_width_and_depth_scaling_trend(data_dir, tmp_path):
     cfg = config.load("configs/mnist1d.toml", TINY + [f'data.data_dir="{data_dir}"', "barriers.alphas=3",
                                                       "barriers.chunk_pairs=4", "data.validation_size=300",
                                                       "finetune.pretrain_steps=[60]", "study.widths=[8, 16]",
-                                                      "barriers.align=false", "study.sharpness_iterations=0"])
+                                                      "model.width=8", "model.depth=1", "study.depths=[1, 2]",
+                                                      'study.size_grid="cross"', "barriers.align=false",
+                                                      "study.sharpness_iterations=0", "study.calibration_cells=0"])
     out = str(tmp_path / "trend")
     ran = study.study(cfg, out, progress=False)
-    assert ran[:len(list(study.STAGES))] == [f"width8/{s}" for s in list(study.STAGES)]
-    rows = read_csv(os.path.join(out, "scaling.csv"))
-    assert [(r["width"], r["lr"]) for r in rows] == [("8", "0.001"), ("8", "0.01"), ("16", "0.001"), ("16", "0.01")]
-    for r in rows:
-        width_summary = read_csv(os.path.join(out, f"width{r['width']}", "summary.csv"))
-        match = [s for s in width_summary if s["lr"] == r["lr"]][0]
-        assert float(r["error_barrier_test_mean"]) == pytest.approx(float(match["error_barrier_test_mean"]))
-        assert float(r["finetune_member_steps_per_s"]) > 0
-    members = rundir.RunDir(os.path.join(out, "width16")).members()
-    run = barrier_stage.load_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=16)),
-                           os.path.join(out, "width16"))
-    assert run.params["dense0"]["kernel"].shape == (len(members), 40, 16)
-    page = open(os.path.join(out, "scaling.html")).read()
-    assert page.count("data:image/png;base64,") == 1 and "width16/report.html" in page and "<h2>Trends</h2>" in page
-    # The trends, recomputed from each width's own tables: the power law through two widths is the log-ratio of
-    # their within-cell means; the critical rate's slopes are those its brackets allow.
+    names = ["width8_depth1", "width16_depth1", "width8_depth2"]  # the widths at depth 1, then depth 2 at width 8
+    assert ran[:len(list(study.STAGES))] == [f"{names[0]}/{s}" for s in list(study.STAGES)]
+    assert sorted({r.split("/")[0] for r in ran}) == sorted(names)
     top = rundir.RunDir(out)
+    rows = top.read_csv(rundir.SCALING)
+    assert [(r["width"], r["depth"], r["lr"]) for r in rows] == [
+        (w, d, lr) for w, d in ((8, 1), (16, 1), (8, 2)) for lr in (0.001, 0.01)]
+    for r in rows:
+        size_summary = top.size(f"width{r['width']}_depth{r['depth']}").read_csv(rundir.SUMMARY)
+        match = [s for s in size_summary if s["lr"] == r["lr"]][0]
+        assert r["error_barrier_test_mean"] == pytest.approx(match["error_barrier_test_mean"])
+        assert r["finetune_member_steps_per_s"] > 0 and r["barrier_seconds_per_pair"] > 0
+    run = barrier_stage.load_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=8, depth=2),
+                                                     study=dataclasses.replace(cfg.study, widths=[], depths=[])),
+                                 os.path.join(out, "width8_depth2"))
+    members = len(top.size("width8_depth2").members())
+    assert run.params["dense1"]["kernel"].shape == (members, 8, 8)
+    assert rows[-1]["params_per_member"] == sum(leaf.size for leaf in jax.tree.leaves(run.params)) / members
+    page = open(os.path.join(out, "scaling.html")).read()
+    assert page.count("data:image/png;base64,") == 1 and "width8_depth2/report.html" in page and "<h2>Trends</h2>" in page
+    # The trends, recomputed from each size's own tables: the power law through two sizes is the log-ratio of their
+    # within-cell means; each series (widths at depth 1, depths at width 8) is fitted on its own.
     fits = top.read_csv(rundir.SCALING_FITS)
-    by_width = {w: {grid.cell(r): r for r in top.width(w).read_csv(rundir.BARRIER_SUMMARY)} for w in (8, 16)}
-    assert fits and {f["measure"] for f in fits} == {"error_barrier_test_lin"}
+    assert {(f["axis"], f["width"], f["depth"]) for f in fits} == {("width", 0, 1), ("depth", 8, 0)}
+    assert {f["measure"] for f in fits} == {"error_barrier_test_lin"}
+    summaries = {name: {grid.cell(r): r for r in top.size(name).read_csv(rundir.BARRIER_SUMMARY)} for name in names}
     for f in fits:
-        means = [by_width[w][grid.cell(f)][f"{f['measure']}_mean"] for w in (8, 16)]
+        pair = names[:2] if f["axis"] == "width" else [names[0], names[2]]
+        means = [summaries[name][grid.cell(f)][f"{f['measure']}_mean"] for name in pair]
         if min(means) > 0:
             assert f["exponent"] == pytest.approx(np.log(means[1] / means[0]) / np.log(2), rel=1e-9)
-            # (a draw whose mean barrier is 0 at some width cannot be fitted on logs: it is left out, and counted)
+            # (a draw whose mean barrier is 0 at some size cannot be fitted on logs: it is left out, and counted)
             assert f["exponent_ci_lo"] <= f["exponent_ci_hi"] if f["replicates"] >= 2 else np.isnan(f["exponent_ci_lo"])
         else:
             assert np.isnan(f["exponent"])
-    critical = {w: top.width(w).read_csv(rundir.CRITICAL) for w in (8, 16)}
+    critical = {name: top.size(name).read_csv(rundir.CRITICAL) for name in names}
     for s in top.read_csv(rundir.SCALING_CRITICAL):
-        same = [[r for r in critical[w] if (r["pretrain_step"], r["head"], r["finetune_step"])
-                 == (s["pretrain_step"], s["head"], s["finetune_step"])][0] for w in (8, 16)]
-        expected = trends.censored_slope([8, 16], [r["stay_lr"] for r in same], [r["leave_lr"] for r in same])
+        pair = names[:2] if s["axis"] == "width" else [names[0], names[2]]
+        same = [[r for r in critical[name] if (r["pretrain_step"], r["head"], r["finetune_step"])
+                 == (s["pretrain_step"], s["head"], s["finetune_step"])][0] for name in pair]
+        expected = trends.censored_slope([1, 2] if s["axis"] == "depth" else [8, 16], [r["stay_lr"] for r in same],
+                                         [r["leave_lr"] for r in same])
         assert s["consistent"] == expected.consistent
         assert (s["slope_lo"], s["slope_hi"]) == pytest.approx((expected.lo, expected.hi), nan_ok=True)
+    cost = {(c["axis"], c["quantity"]): c for c in top.read_csv(rundir.SCALING_COST)}
+    params = {(r["width"], r["depth"]): r["params_per_member"] for r in rows}
+    assert cost[("width", "params_per_member")]["exponent"] == pytest.approx(
+        np.log(params[(16, 1)] / params[(8, 1)]) / np.log(2))
     assert study.study(cfg, out, progress=False) == []  # resumes: nothing left to do
+    # A size that cannot fit in memory is refused before anything is written, naming the size.
+    fresh = str(tmp_path / "too_large")
+    huge = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, widths=[8, 2 ** 24]))
+    with pytest.raises(config.ConfigError, match=r"^size width16777216_depth1: "):
+        study.study(huge, fresh, progress=False)
+    assert not os.path.exists(fresh)
 
 
 def test_a_cell_whose_members_all_diverged_has_no_soup(reference, tmp_path):

@@ -1,10 +1,14 @@
 """Trend fits on synthetic series whose exponents and slopes are known."""
+import dataclasses
+
 import numpy as np
 import pytest
 
-from jaxlmc import rundir, scaling, stats, trends
+from jaxlmc import config, rundir, scaling, size_axes, stats, trends
+from jaxlmc.size_axes import Size
 
 SIZES = [32, 64, 128, 256, 512]
+DEPTHS = [2, 4, 8, 16]  # the width series runs at depth 2: the depth series shares that size
 
 
 def _seed_matrices(exponent: float, seeds: int, noise: float, rng) -> list[np.ndarray]:
@@ -43,10 +47,10 @@ def test_a_power_law_of_a_value_that_is_not_positive_is_not_fitted():
         trends.power_law([64, 64], [0.1, 0.1], np.ones((2, 3)))
 
 
-def _brackets(slope: float, grid: np.ndarray):
-    """Per size, the ×2 grid's highest rate below the critical rate 0.01·(size/32)^slope and its lowest at or
+def _brackets(slope: float, grid: np.ndarray, sizes=SIZES):
+    """Per size, the ×2 grid's highest rate below the critical rate 0.01·(size/sizes[0])^slope and its lowest at or
     above it: what a study's per-rate verdicts would bracket."""
-    critical = 0.01 * (np.asarray(SIZES) / 32.0) ** slope
+    critical = 0.01 * (np.asarray(sizes) / sizes[0]) ** slope
     stay = np.array([grid[grid < c].max() if (grid < c).any() else np.nan for c in critical])
     leave = np.array([grid[grid >= c].min() if (grid >= c).any() else np.inf for c in critical])
     return stay, leave
@@ -73,22 +77,60 @@ def test_one_sided_inconsistent_and_empty_brackets():
         trends.censored_slope([32, 64], [np.nan, 0.1], [np.inf, np.nan])
 
 
-def test_a_width_series_critical_slopes_come_from_each_widths_brackets(tmp_path):
-    """scaling.critical_slopes reads each width's critical.csv and fits every start's brackets across widths."""
+def test_critical_slopes_come_from_each_sizes_brackets_along_each_series(tmp_path):
+    """scaling.critical_slopes reads each size's critical.csv and fits every start's brackets along each series: the
+    widths at one depth, and the depths at one width (a cross), never mixing the two."""
     grid_rates = 0.001 * 2.0 ** np.arange(12)
     stay, leave = _brackets(0.5, grid_rates)
+    depth_stay, depth_leave = _brackets(-0.7, grid_rates, sizes=DEPTHS)
     runs = {}
-    for k, width in enumerate(SIZES):
-        run = rundir.RunDir(str(tmp_path / f"width{width}"))
+
+    def write(size, stay_lr, leave_lr):
+        run = rundir.RunDir(str(tmp_path / f"w{size.width}_d{size.depth}"))
         rows = [{"pretrain_step": step, "weight_decay": 0.0, "schedule": "constant", "dropout": 0.0, "head": "shared",
-                 "finetune_step": 100, "stay_lr": stay[k] if step >= 0 else np.nan,
-                 "leave_lr": leave[k] if step >= 0 else 0.001} for step in (-1, 1000)]
+                 "finetune_step": 100, "stay_lr": stay_lr if step >= 0 else np.nan,
+                 "leave_lr": leave_lr if step >= 0 else 0.001} for step in (-1, 1000)]
         run.write_csv(rundir.CRITICAL, rows)
-        runs[width] = run
-    slopes = {r["pretrain_step"]: r for r in scaling.critical_slopes(runs)}
+        runs[size] = run
+
+    for k, width in enumerate(SIZES):
+        write(Size(width, 2, "standard"), stay[k], leave[k])
+    for k, depth in enumerate(DEPTHS):
+        if depth != 2:
+            write(Size(SIZES[0], depth, "standard"), depth_stay[k], depth_leave[k])
+    found = scaling.critical_slopes(runs)
+    slopes = {(r["axis"], r["pretrain_step"]): r for r in found}
+    assert len(found) == 4  # two series × two starts
     expected = trends.censored_slope(SIZES, stay, leave)
-    assert slopes[1000]["consistent"] and slopes[1000]["widths"] == len(SIZES)
-    assert (slopes[1000]["slope_lo"], slopes[1000]["slope_hi"]) == pytest.approx((expected.lo, expected.hi))
-    assert slopes[1000]["slope_lo"] <= 0.5 <= slopes[1000]["slope_hi"]
-    # The scratch row leaves at the grid's bottom at every width: bounded above only, no slope resolved.
-    assert slopes[-1]["slope_lo"] == -np.inf and slopes[-1]["slope_hi"] == np.inf
+    along_width = slopes[("width", 1000)]
+    assert along_width["consistent"] and along_width["sizes"] == len(SIZES) and along_width["depth"] == 2
+    assert (along_width["slope_lo"], along_width["slope_hi"]) == pytest.approx((expected.lo, expected.hi))
+    assert along_width["slope_lo"] <= 0.5 <= along_width["slope_hi"]
+    along_depth = slopes[("depth", 1000)]
+    assert along_depth["width"] == SIZES[0] and along_depth["sizes"] == len(DEPTHS)
+    assert along_depth["slope_lo"] <= -0.7 <= along_depth["slope_hi"] and along_depth["slope_hi"] < 0
+    # The scratch row leaves at the grid's bottom at every size: bounded above only, no slope resolved.
+    assert slopes[("width", -1)]["slope_lo"] == -np.inf and slopes[("width", -1)]["slope_hi"] == np.inf
+
+
+def test_size_axes_product_cross_directories_and_series():
+    cfg = config.Config()
+    cross = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=64, depth=2),
+                                study=dataclasses.replace(cfg.study, widths=[32, 64, 128], depths=[1, 2, 4],
+                                                          parametrizations=["standard", "mup"], size_grid="cross"))
+    found = size_axes.sizes(cross)
+    assert len(found) == (3 + 2) * 2  # the widths at depth 2, the other depths at width 64, under each
+    assert size_axes.directory(cross, found[0]) == "width32_depth2_standard"
+    product = dataclasses.replace(cross, study=dataclasses.replace(cross.study, size_grid="product",
+                                                                   parametrizations=[]))
+    assert len(size_axes.sizes(product)) == 9
+    assert size_axes.directory(product, size_axes.sizes(product)[0]) == "width32_depth1"
+    lines = size_axes.series(found, "width")
+    assert set(lines) == {(2, "standard"), (2, "mup")} and [s.width for s in lines[(2, "mup")]] == [32, 64, 128]
+    assert {key: len(line) for key, line in size_axes.series(found, "depth").items()} == {
+        (64, "standard"): 3, (64, "mup"): 3}
+    one = size_axes.config_at(cross, found[-1])
+    assert (one.model.width, one.model.depth, one.model.parametrization) == (64, 4, "mup")
+    assert not size_axes.given_axes(one)
+    widths_only = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, widths=[8, 16]))
+    assert [size_axes.directory(widths_only, s) for s in size_axes.sizes(widths_only)] == ["width8", "width16"]
