@@ -68,7 +68,7 @@ def test_transformer_projections_are_hidden_matrices_and_embeddings_vectors():
     assert grow["b0_ln1"]["scale"] == 1 and grow["head"]["bias"] == 0
 
 
-@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_mup_at_its_base_width_is_the_standard_parametrisation_bit_for_bit(kind):
     extra = {"heads": 4, "vocab_size": 16} if kind == "transformer" else {}
     shape = (8,) if kind == "transformer" else (40,)
