@@ -12,15 +12,16 @@ from jaxlmc.report import build_summary, figure_html, table_html
 from jaxlmc.size_axes import Size
 
 _PER_CELL = ("error_barrier_test_mean", "error_barrier_test_ci_lo", "error_barrier_test_ci_hi",
-             "error_barrier_test_aligned_mean", "loss_barrier_test_mean", "best_test_acc", "probe_test_acc")
+             "error_barrier_test_lin_mean", "error_barrier_test_lin_aligned_mean", "loss_barrier_test_mean",
+             "best_test_acc")
 
 
-def _critical(run: rundir.RunDir, steps: int) -> dict[tuple, tuple[float, float]]:
-    """{(pretrain_step, head): (stay_lr, leave_lr)} at the last fine-tuning step, when the study bracketed rates."""
+def _critical(run: rundir.RunDir, steps: int) -> dict[tuple, dict]:
+    """{(pretrain_step, head): its rundir.CRITICAL row} at the last fine-tuning step (the bracket, the probed start's
+    accuracy), when the study bracketed rates."""
     if not run.exists(rundir.CRITICAL):
         return {}
-    return {(r["pretrain_step"], r["head"]): (r["stay_lr"], r["leave_lr"]) for r in run.read_csv(rundir.CRITICAL)
-            if r["finetune_step"] == steps}
+    return {(r["pretrain_step"], r["head"]): r for r in run.read_csv(rundir.CRITICAL) if r["finetune_step"] == steps}
 
 
 def size_rows(size: Size, run: rundir.RunDir, params_per_member: int) -> list[dict]:
@@ -33,10 +34,12 @@ def size_rows(size: Size, run: rundir.RunDir, params_per_member: int) -> list[di
     critical = _critical(run, steps)
     rows = []
     for row in build_summary(run):
-        stay, leave = critical.get((row["pretrain_step"], row["head"]), (np.nan, np.nan))
+        start = critical.get((row["pretrain_step"], row["head"]), {})
         rows.append({"width": size.width, "depth": size.depth, "parametrization": size.parametrization,
                      **dict(zip(grid.CELL_KEYS, grid.cell(row))), **{k: row.get(k, np.nan) for k in _PER_CELL},
-                     "critical_stay_lr": stay, "critical_leave_lr": leave, "finetune_member_steps_per_s": throughput,
+                     "probe_test_acc": start.get("probe_test_acc", np.nan),
+                     "critical_stay_lr": start.get("stay_lr", np.nan), "critical_leave_lr": start.get("leave_lr", np.nan),
+                     "finetune_member_steps_per_s": throughput,
                      "barrier_seconds_per_pair": per_pair, "params_per_member": float(params_per_member)})
     return rows
 

@@ -44,7 +44,8 @@ def barrier_fits(runs: dict[Size, rundir.RunDir]) -> list[dict]:
             headline = decide.headline_measure(first)
             if not headline:
                 continue
-            columns = [headline] + ([f"{headline}_aligned"] if f"{headline}_aligned" in first[0] else [])
+            straight = headline.removesuffix("_aligned")  # the headline is the aligned form when it was measured
+            columns = [straight] + ([f"{straight}_aligned"] if f"{straight}_aligned" in first[0] else [])
             values = [size.value(axis) for size in line]
             for column in columns:
                 by_size = [_matrices(runs[size], column) for size in line]

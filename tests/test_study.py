@@ -415,7 +415,7 @@ def test_a_width_and_depth_scaling_trend(data_dir, tmp_path):
                                                       "barriers.chunk_pairs=4", "data.validation_size=300",
                                                       "finetune.pretrain_steps=[60]", "study.widths=[8, 16]",
                                                       "model.width=8", "model.depth=1", "study.depths=[1, 2]",
-                                                      'study.size_grid="cross"', "barriers.align=false",
+                                                      'study.size_grid="cross"', "barriers.align=true",
                                                       "study.sharpness_iterations=0", "study.calibration_cells=0"])
     out = str(tmp_path / "trend")
     ran = study.study(cfg, out, progress=False)
@@ -431,6 +431,12 @@ def test_a_width_and_depth_scaling_trend(data_dir, tmp_path):
         match = [s for s in size_summary if s["lr"] == r["lr"]][0]
         assert r["error_barrier_test_mean"] == pytest.approx(match["error_barrier_test_mean"])
         assert r["finetune_member_steps_per_s"] > 0 and r["barrier_seconds_per_pair"] > 0
+        assert r["error_barrier_test_lin_aligned_mean"] == pytest.approx(match["error_barrier_test_lin_aligned_mean"])
+        critical = [c for c in top.size(f"width{r['width']}_depth{r['depth']}").read_csv(rundir.CRITICAL)
+                    if c["pretrain_step"] == r["pretrain_step"] and c["finetune_step"] == cfg.finetune.steps][0]
+        assert r["probe_test_acc"] == critical["probe_test_acc"]
+        assert (r["critical_stay_lr"], r["critical_leave_lr"]) == pytest.approx((critical["stay_lr"], critical["leave_lr"]),
+                                                                               nan_ok=True)
     run = barrier_stage.load_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=8, depth=2),
                                                      study=dataclasses.replace(cfg.study, widths=[], depths=[])),
                                  os.path.join(out, "width8_depth2"))
@@ -443,7 +449,8 @@ def test_a_width_and_depth_scaling_trend(data_dir, tmp_path):
     # within-cell means; each series (widths at depth 1, depths at width 8) is fitted on its own.
     fits = top.read_csv(rundir.SCALING_FITS)
     assert {(f["axis"], f["width"], f["depth"]) for f in fits} == {("width", 0, 1), ("depth", 8, 0)}
-    assert {f["measure"] for f in fits} == {"error_barrier_test_lin"}
+    # Both barriers, straight and after weight matching (the study's headline is the matched one).
+    assert {f["measure"] for f in fits} == {"error_barrier_test_lin", "error_barrier_test_lin_aligned"}
     summaries = {name: {grid.cell(r): r for r in top.size(name).read_csv(rundir.BARRIER_SUMMARY)} for name in names}
     for f in fits:
         pair = names[:2] if f["axis"] == "width" else [names[0], names[2]]
