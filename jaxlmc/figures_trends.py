@@ -12,43 +12,47 @@ from jaxlmc.grid import step_label
 
 
 def scaling(rows: list[dict]):
-    """Per size axis varied (width, depth): the barrier between seeds and the fine-tuning throughput against it
-    (rows of rundir.SCALING); a line per series (the other axes fixed) and cell, dashed under µP."""
+    """Per size axis varied (a row of panels each: width, depth), per start (a panel each), the barrier between seeds
+    against the size, a colour per LR, solid under the standard parametrisation and dashed under µP; the last panel
+    of a row, the fine-tuning throughput (rows of rundir.SCALING, one head policy)."""
     axes_varied = [a for a in ("width", "depth") if len({r[a] for r in rows}) > 1] or ["width"]
-    fig, panels = subplots(len(axes_varied), 2, figsize=(10, 3.8 * len(axes_varied)), squeeze=False)
     head = sorted({r["head"] for r in rows})[0]
-    cells = sorted({(r["pretrain_step"], r["lr"]) for r in rows})
-    colors = dict(zip(cells, colormap("viridis")(np.linspace(0.05, 0.9, max(len(cells), 1)))))
-    for (ax, bx), axis in zip(panels, axes_varied):
+    starts = sorted({r["pretrain_step"] for r in rows})
+    lrs = sorted({r["lr"] for r in rows})
+    colors = dict(zip(lrs, colormap("viridis")(np.linspace(0.05, 0.9, max(len(lrs), 1)))))
+    fig, panels = subplots(len(axes_varied), len(starts) + 1, figsize=(3.0 * (len(starts) + 1), 2.9 * len(axes_varied)),
+                           squeeze=False)
+    for row_panels, axis in zip(panels, axes_varied):
         other = "depth" if axis == "width" else "width"
         lines: dict = {}
         for r in rows:
             lines.setdefault((r[other], r["parametrization"]), []).append(r)
-        for (fixed, parametrization), mine in sorted(lines.items()):
-            if len({r[axis] for r in mine}) < 2:
-                continue
-            style = "o--" if parametrization == "mup" else "o-"
-            for step, lr in cells:
-                line = sorted((r for r in mine if (r["pretrain_step"], r["lr"], r["head"]) == (step, lr, head)),
-                              key=lambda r: r[axis])
-                ax.plot([r[axis] for r in line], [r["error_barrier_test_mean"] for r in line], style,
-                        color=colors[(step, lr)], ms=3,
-                        label=f"{step_label(step)}, LR {lr:g}, {other} {fixed}, {parametrization}")
-            speed = {r[axis]: r["finetune_member_steps_per_s"] for r in mine}
-            bx.plot(sorted(speed), [speed[k] for k in sorted(speed)], "s" + style[1:],
-                    label=f"{other} {fixed}, {parametrization}")
-        for panel in (ax, bx):
-            panel.set_xscale("log", base=2)
-            panel.set_xlabel(f"model {axis}")
-        bx.set_yscale("log")
-        ax.set_ylabel("mean test error barrier between seeds")
-        bx.set_ylabel("fine-tuning member-steps/s")
-        ax.legend(fontsize=5, ncol=2)
-        bx.legend(fontsize=6)
-    return fig, ("Left: mean test error barrier between seeds (endpoint-mean form; head " + head + ") against model "
-                 "size, one line per series (the other axis fixed) and cell (pretraining checkpoint, LR); dashed: "
-                 "µP. Right: fine-tuning throughput of each size's study, member-steps per second of the whole stage "
-                 "(compilation and evaluation included).")
+        series = {key: mine for key, mine in sorted(lines.items()) if len({r[axis] for r in mine}) >= 2}
+        for ax, start in zip(row_panels, starts):
+            for (fixed, parametrization), mine in series.items():
+                for lr in lrs:
+                    line = sorted((r for r in mine if (r["pretrain_step"], r["lr"], r["head"]) == (start, lr, head)),
+                                  key=lambda r: r[axis])
+                    ax.plot([r[axis] for r in line], [r["error_barrier_test_mean"] for r in line],
+                            "o--" if parametrization == "mup" else "o-", color=colors[lr], ms=2.5, lw=1,
+                            label=f"LR {lr:g}" if parametrization != "mup" else None)
+            ax.set_title(step_label(start) if start < 0 else f"pretrain step {step_label(start)}", fontsize=8)
+        speed = row_panels[-1]
+        for (fixed, parametrization), mine in series.items():
+            by_size = {r[axis]: r["finetune_member_steps_per_s"] for r in mine}
+            speed.plot(sorted(by_size), [by_size[k] for k in sorted(by_size)],
+                       "s--" if parametrization == "mup" else "s-", ms=3, label=parametrization)
+        speed.set_title("fine-tuning member-steps/s", fontsize=8)
+        for ax in row_panels:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(f"model {axis} ({other} {', '.join(sorted({str(k[0]) for k in series}))})", fontsize=8)
+        row_panels[0].set_ylabel("test error barrier between seeds", fontsize=8)
+        row_panels[0].legend(fontsize=6)
+        speed.legend(fontsize=6)
+    return fig, ("The seeds' test error barrier (endpoint-mean form; head " + head + ") against model size, one panel "
+                 "per start (scratch: every seed its own random body) and one colour per LR; solid: standard "
+                 "parametrisation, dashed: µP. Last panel of each row: fine-tuning throughput of each size's study, "
+                 "member-steps per second of the whole stage (compilation and evaluation included).")
 
 
 def barrier_vs_finetune_steps(step_summary: list[dict]):
