@@ -355,8 +355,8 @@ def _check_mup(m, kind, optimizers: dict[str, str]) -> None:
         raise ConfigError(f'model.parametrization "mup": model.kind {m.kind!r} does not implement µP '
                           "(mlp and transformer do)")
     if m.base_width < 1 or (kind.sequence and m.base_width % m.heads):
-        raise ConfigError(f"model.base_width must be a positive width{' dividing by model.heads' if kind.sequence else ''}"
-                          f", got {m.base_width}")
+        what = "a positive width dividing by model.heads" if kind.sequence else "a positive width"
+        raise ConfigError(f"model.base_width must be {what}, got {m.base_width}")
     for key, name in optimizers.items():
         try:
             update_rule(name)

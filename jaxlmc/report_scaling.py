@@ -38,7 +38,8 @@ def size_rows(size: Size, run: rundir.RunDir, params_per_member: int) -> list[di
         rows.append({"width": size.width, "depth": size.depth, "parametrization": size.parametrization,
                      **dict(zip(grid.CELL_KEYS, grid.cell(row))), **{k: row.get(k, np.nan) for k in _PER_CELL},
                      "probe_test_acc": start.get("probe_test_acc", np.nan),
-                     "critical_stay_lr": start.get("stay_lr", np.nan), "critical_leave_lr": start.get("leave_lr", np.nan),
+                     "critical_stay_lr": start.get("stay_lr", np.nan),
+                     "critical_leave_lr": start.get("leave_lr", np.nan),
                      "finetune_member_steps_per_s": throughput,
                      "barrier_seconds_per_pair": per_pair, "params_per_member": float(params_per_member)})
     return rows

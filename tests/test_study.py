@@ -435,8 +435,8 @@ def test_a_width_and_depth_scaling_trend(data_dir, tmp_path):
         critical = [c for c in top.size(f"width{r['width']}_depth{r['depth']}").read_csv(rundir.CRITICAL)
                     if c["pretrain_step"] == r["pretrain_step"] and c["finetune_step"] == cfg.finetune.steps][0]
         assert r["probe_test_acc"] == critical["probe_test_acc"]
-        assert (r["critical_stay_lr"], r["critical_leave_lr"]) == pytest.approx((critical["stay_lr"], critical["leave_lr"]),
-                                                                               nan_ok=True)
+        bracket = (critical["stay_lr"], critical["leave_lr"])
+        assert (r["critical_stay_lr"], r["critical_leave_lr"]) == pytest.approx(bracket, nan_ok=True)
     run = barrier_stage.load_run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=8, depth=2),
                                                      study=dataclasses.replace(cfg.study, widths=[], depths=[])),
                                  os.path.join(out, "width8_depth2"))
@@ -444,7 +444,8 @@ def test_a_width_and_depth_scaling_trend(data_dir, tmp_path):
     assert run.params["dense1"]["kernel"].shape == (members, 8, 8)
     assert rows[-1]["params_per_member"] == sum(leaf.size for leaf in jax.tree.leaves(run.params)) / members
     page = open(os.path.join(out, "scaling.html")).read()
-    assert page.count("data:image/png;base64,") == 1 and "width8_depth2/report.html" in page and "<h2>Trends</h2>" in page
+    assert page.count("data:image/png;base64,") == 1 and "width8_depth2/report.html" in page
+    assert "<h2>Trends</h2>" in page
     # The trends, recomputed from each size's own tables: the power law through two sizes is the log-ratio of their
     # within-cell means; each series (widths at depth 1, depths at width 8) is fitted on its own.
     fits = top.read_csv(rundir.SCALING_FITS)

@@ -95,7 +95,8 @@ class Transformer(Classifier):
             stream.append(h)
             a = getattr(self, f"b{b}_ln1")(h)
             q, k, v = (getattr(self, f"b{b}_{name}")(a) for name in "qkv")  # B×T×H×d each
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1] * self.score_width_ratio).astype(q.dtype)
+            scale = jnp.sqrt(q.shape[-1] * self.score_width_ratio).astype(q.dtype)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / scale
             weights = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(scores.dtype).min), axis=-1)
             heads = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
             h = h + getattr(self, f"b{b}_o")(heads)
