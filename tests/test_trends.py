@@ -4,6 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from bench.bench_scaling_cost import growth
 from jaxlmc import config, rundir, scaling, size_axes, stats, trends
 from jaxlmc.size_axes import Size
 
@@ -134,3 +135,18 @@ def test_size_axes_product_cross_directories_and_series():
     assert not size_axes.given_axes(one)
     widths_only = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, widths=[8, 16]))
     assert [size_axes.directory(widths_only, s) for s in size_axes.sizes(widths_only)] == ["width8", "width16"]
+
+
+def test_the_cost_benchmark_fits_the_growth_it_is_given():
+    """bench.bench_scaling_cost.growth: exponents of member-steps/s against width and members, and of the barrier
+    pass against width and pairs, recovered from a synthetic cost with known exponents."""
+    widths, members = [32, 64, 128, 256], [8, 32, 128]
+    rows = [{"width": w, "members": n, "pairs": n * (n - 1) // 2, "member_steps_per_s": 1e4 * w ** -0.8 * n ** 0.1,
+             "barrier_seconds": 1e-3 * w ** 0.9 * (n * (n - 1) // 2)} for w in widths for n in members]
+    fits = growth(rows, widths, members)
+    by = {(f["quantity"], f["against"], f.get("members", f.get("width"))): f["exponent"] for f in fits}
+    assert by[("member_steps_per_s", "width", 32)] == pytest.approx(-0.8)
+    assert by[("barrier_seconds", "width", 128)] == pytest.approx(0.9)
+    assert by[("member_steps_per_s", "members", 64)] == pytest.approx(0.1)
+    assert by[("barrier_seconds", "pairs", 256)] == pytest.approx(1.0)
+    assert len(fits) == 2 * len(members) + 2 * len(widths)
