@@ -11,6 +11,7 @@ from typing import Callable
 
 import optax
 
+from jaxlmc.models import mup
 from jaxlmc.registry import Registry
 
 Factory = Callable[..., optax.GradientTransformation]
@@ -33,6 +34,8 @@ UPDATE_RULES: dict[str, str] = {"adamw": "adam", "sgd": "sgd"}
 def register_optimizer(name: str, factory: Factory, update_rule: str | None = None) -> None:
     """Make `name` usable as pretrain.optimizer and finetune.optimizer (OPTIMIZERS.register). A name already taken
     is refused. `update_rule` ("adam" or "sgd") lets it train µP models (model.parametrization = "mup")."""
+    if update_rule is not None and update_rule not in mup.UPDATE_RULES:
+        raise ValueError(f"optimizer {name!r}: update_rule must be one of {list(mup.UPDATE_RULES)}, got {update_rule!r}")
     OPTIMIZERS.register(name, factory)
     if update_rule is not None:
         UPDATE_RULES[name] = update_rule

@@ -104,6 +104,9 @@ def test_mup_refused_where_it_is_not_defined(tmp_path):
         load(str(path))
     with pytest.raises(ValueError, match="no µP update rule"):
         optimizers.update_rule(lambda lr: None)
+    with pytest.raises(ValueError, match="update_rule must be one of"):
+        optimizers.register_optimizer("lion_mup", optimizers.OPTIMIZERS["sgd"], update_rule="lion")
+    assert "lion_mup" not in optimizers.OPTIMIZERS
     x = np.zeros((32, 40), np.float32)
     with pytest.raises(ValueError, match="no µP update rule"):
         jaxlmc.fit(_mlp(128), (x, np.zeros(32, np.int32)), lr=1e-2, seeds=1, steps=1, batch_size=8,

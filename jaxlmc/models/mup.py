@@ -23,7 +23,6 @@ import dataclasses
 
 import jax
 
-PARAMETRIZATIONS = ("standard", "mup")
 # How an optimiser's update depends on the gradient's scale, which decides µP's per-layer rates.
 UPDATE_RULES = ("adam", "sgd")
 
