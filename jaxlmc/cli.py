@@ -11,7 +11,7 @@ import traceback
 
 import jax
 
-from jaxlmc import api, ckpt, config, faults, rundir, size_axes, spec_check, ui
+from jaxlmc import api, ckpt, config, faults, rundir, shard, size_axes, spec_check, ui
 from jaxlmc.config import ConfigError
 
 
@@ -199,5 +199,12 @@ def _barriers(args) -> int:
     return 0
 
 
+def entry() -> int:
+    """The `jaxlmc` command: `main` on every core of the CPU (`shard.use_cpu_cores`; `JAX_NUM_CPU_DEVICES=1` keeps
+    one CPU device)."""
+    shard.use_cpu_cores()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -9,12 +9,33 @@ the same host data) and read back with `to_host`, which gathers across processes
 """
 from __future__ import annotations
 
+import os
+import re
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MEMBERS = "members"
+
+
+def use_cpu_cores(count: int = 0) -> int:
+    """Make the CPU one JAX device per core (`count`, or the cores this process may run on), so that the members of a
+    training chunk, split over them, run on every core at once (`train.cpu_member_mesh`) instead of every small
+    per-member matmul being split over the cores. Call it right after importing jax: it changes nothing once JAX
+    has computed anything, nor when the process already says how many CPU devices it wants (`JAX_NUM_CPU_DEVICES`,
+    XLA's `--xla_force_host_platform_device_count`). The `jaxlmc` command calls it. Returns the CPU device count
+    the process will have (or has)."""
+    requested = count or len(os.sched_getaffinity(0))
+    forced = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if "JAX_NUM_CPU_DEVICES" in os.environ or forced:  # read, not asked of JAX: that would start it
+        return int(os.environ.get("JAX_NUM_CPU_DEVICES") or forced.group(1))
+    try:
+        jax.config.update("jax_num_cpu_devices", requested)
+    except RuntimeError:  # JAX already started: its devices stay as they are
+        return len(jax.devices("cpu"))
+    return requested
 
 
 def member_mesh(num_members: int, devices=None) -> Mesh | None:

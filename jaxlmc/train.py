@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec
 
-from jaxlmc import optimizers
+from jaxlmc import optimizers, shard
 from jaxlmc.models import Model, mup, tree_l2
 
 
@@ -158,17 +159,26 @@ CPU_MEMBER_GROUP = 8
 def member_group_size(num_members: int, state_bytes_per_member: int, requested: int = 0) -> int:
     """How many members a chunk trains together before moving on to the next group (`make_train_chunk`).
 
-    `requested` > 0: the largest divisor of the member count not above it. 0 (auto): on a single CPU device,
-    CPU_MEMBER_GROUP, or fewer when their training state (parameters, gradients, optimiser state) would fill more
-    than half of the last-level cache, so that a group stays in the cache for a whole chunk of steps instead of
-    streaming through memory at every step (`python -m bench.profile_step`); elsewhere (accelerators, or members
-    sharded over several devices) all of them.
+    `requested` > 0: the largest divisor of the member count not above it. 0 (auto): on a CPU, CPU_MEMBER_GROUP,
+    or fewer when their training state (parameters, gradients, optimiser state) would fill more than half of the
+    last-level cache, so that a group stays in the cache for a whole chunk of steps instead of streaming through
+    memory at every step (`python -m bench.profile_step`); on accelerators all of them. With several CPU devices
+    `num_members` is one device's share (`cpu_member_mesh`).
     """
     if requested <= 0:
-        if jax.default_backend() != "cpu" or jax.device_count() > 1:
+        if jax.default_backend() != "cpu":
             return num_members
         requested = max(1, min(CPU_MEMBER_GROUP, _cache_bytes() // 2 // max(state_bytes_per_member, 1)))
     return max(g for g in range(1, min(requested, num_members) + 1) if num_members % g == 0)
+
+
+def cpu_member_mesh(num_members: int):
+    """The mesh a chunk splits its members over when the CPU is several devices (`jax_num_cpu_devices`, one per
+    core: `jaxlmc.devices.use_cpu_cores`), so that each core trains its own members' groups; None on one device, on
+    accelerators (where XLA partitions the vmapped step itself) and for a member count no device count divides."""
+    if jax.default_backend() != "cpu" or jax.device_count() == 1:
+        return None
+    return shard.member_mesh(num_members)
 
 
 def group_of(state: dict, requested: int = 0) -> int:
@@ -263,6 +273,16 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
         return state, loss_LxM, acc_LxM
 
     def chunk(state, consts, data, n_active):
+        mesh = cpu_member_mesh(state["diverged"].shape[0])
+        if mesh is None:
+            return grouped(state, consts, data, n_active)
+        members, same = PartitionSpec(shard.MEMBERS), PartitionSpec()
+        state_specs = {key: same if key == "step" else members for key in state}
+        per_step = PartitionSpec(None, shard.MEMBERS)
+        return jax.shard_map(grouped, mesh=mesh, in_specs=(state_specs, members, same, same),
+                             out_specs=(state_specs, per_step, per_step), check_vma=False)(state, consts, data, n_active)
+
+    def grouped(state, consts, data, n_active):
         num_members = state["diverged"].shape[0]
         group = group_of(state, member_group)
         if group == num_members:
