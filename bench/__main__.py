@@ -1,6 +1,7 @@
 """The benchmark suite: jaxlmc against what a researcher would otherwise use, side by side in one run.
 
     python -m bench [--quick] [--out bench/results/suite.json]
+    python -m bench --map [--widths 16 64 256 1024] [--members 1 4 16 64 256 1024]   (bench.throughput_map)
 
 Same model (MLP 40 → 256 → 256 → 10, MNIST-1D's shapes), batch size and steps for every contender:
   training    member-steps/s and examples/s for N members: jaxlmc vmapped (one compiled program), a loop of
@@ -27,7 +28,8 @@ import numpy as np
 
 from bench._record import write_record
 from bench.bench_train import setup, timed_run
-from jaxlmc import memory, models, paths, reference, train
+from bench.throughput_map import plot_map, throughput_map
+from jaxlmc import memory, models, paths, reference, shard, train
 from jaxlmc.config import ModelConfig
 
 FEATURES, CLASSES, N_TRAIN = 40, 10, 4000
@@ -57,8 +59,10 @@ def compiled_stats(jitted, *args) -> tuple[float, int]:
     return float(cost.get("flops", float("nan"))), int(footprint)
 
 
-def torch_ensemble_seconds(num_members: int, steps: int, width: int, batch: int) -> float | None:
-    """The same training as a PyTorch user would write it with torch.func; None when torch is not installed."""
+def torch_ensemble_seconds(num_members: int, steps: int, width: int, batch: int,
+                           min_seconds: float = 0.0) -> float | None:
+    """Seconds per step of the same training as a PyTorch user would write it with torch.func (`steps` timed
+    steps, more until `min_seconds` have passed); None when torch is not installed."""
     try:
         import torch
         from torch.func import functional_call, grad, stack_module_state, vmap
@@ -89,10 +93,11 @@ def torch_ensemble_seconds(num_members: int, steps: int, width: int, batch: int)
 
     for _ in range(3):
         step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
+    start, done = time.perf_counter(), 0
+    while done < steps or time.perf_counter() - start < min_seconds:
         step()
-    return time.perf_counter() - start
+        done += 1
+    return (time.perf_counter() - start) / done
 
 
 def training(members: list[int], steps: int, chunk: int, width: int, batch: int, peak: float) -> list[dict]:
@@ -104,16 +109,21 @@ def training(members: list[int], steps: int, chunk: int, width: int, batch: int,
     # For XLA's FLOP count: one step of all members in one group (XLA's cost analysis counts a loop's body once, so
     # the count of a step that loops over member groups would miss all groups but one; the FLOPs are the same).
     one_step_fn = train.make_train_chunk(model, "adamw", 0.9, batch, N_TRAIN, 1, member_group=2**31)
+    # XLA's count for one member's step; N members do N times that (a program split over devices is counted per
+    # device, so the N-member program's own count would depend on the split).
+    flops_per_member_step, _ = compiled_stats(one_step_fn, *setup(model, 1, N_TRAIN), data, 1)
     rows = []
     print(f"{'N':>5} {'vmapped':>10} {'loop':>10} {'torch.func':>11} {'vs loop':>8} {'vs torch':>9} {'peak %':>7} "
           f"{'memory MB':>10}   (member-steps/s)")
     for n in members:
         state, consts = setup(model, n, N_TRAIN)
-        _, footprint = compiled_stats(chunk_fn, state, consts, data, chunk)
-        flops_per_step, _ = compiled_stats(one_step_fn, state, consts, data, 1)
+        _, per_device = compiled_stats(chunk_fn, state, consts, data, chunk)
+        footprint = per_device * len(state["diverged"].sharding.device_set)  # every device holds its share
+        flops_per_step = n * flops_per_member_step
         vmapped_s = timed_run(chunk_fn, state, consts, data, steps, chunk)
         loop_s = sum(timed_run(chunk_fn, *setup(model, 1, N_TRAIN), data, steps, chunk) for _ in range(n))
-        torch_s = torch_ensemble_seconds(n, steps, width, batch)
+        torch_step_s = torch_ensemble_seconds(n, steps, width, batch)
+        torch_s = torch_step_s * steps if torch_step_s is not None else None
         row = {"members": n, "vmapped_member_steps_per_s": n * steps / vmapped_s,
                "loop_member_steps_per_s": n * steps / loop_s,
                "torch_func_member_steps_per_s": n * steps / torch_s if torch_s else None,
@@ -202,8 +212,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 1, 8, 32 and fewer steps: about a minute")
     parser.add_argument("--members", type=int, nargs="+")
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "suite.json"))
+    parser.add_argument("--map", action="store_true", help="the throughput map over width × N instead (a few minutes)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[16, 64, 256, 1024], help="the map's widths")
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="CPU devices (0: one per core, as the jaxlmc command; 1: one device for every core)")
+    parser.add_argument("--out")
     args = parser.parse_args()
+    shard.use_cpu_cores(args.cpu_devices)
+    if args.map:
+        return run_map(args)
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "suite.json")
     members = args.members or ([1, 8, 32] if args.quick else [1, 8, 32, 128, 512])
     steps = args.steps or (50 if args.quick else 200)
     chunk = min(50, steps)
@@ -216,6 +234,18 @@ def main() -> None:
     write_record(out, "suite", quick=args.quick, matmul_flops_per_s=peak, model={"kind": "mlp", "width": 256,
                  "depth": 2, "batch": 100}, timed_steps=steps, training=rows, barriers=barrier)
     plot(rows, device, out.replace(".json", ".png"))
+
+
+def run_map(args) -> None:
+    members = args.members or [1, 4, 16, 64, 256, 1024]
+    peak = matmul_flops_per_s()
+    device = jax.devices()[0].device_kind
+    print(f"device {device} × {jax.device_count()}; dense f32 matmul: {peak / 1e9:.1f} GFLOP/s")
+    rows = throughput_map(args.widths, members, peak, torch_seconds=torch_ensemble_seconds)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", "map.json")
+    write_record(out, "throughput_map", matmul_flops_per_s=peak, model={"kind": "mlp", "depth": 2, "batch": 100},
+                 cells=rows)
+    plot_map(rows, device, out.replace(".json", ".png"))
 
 
 if __name__ == "__main__":

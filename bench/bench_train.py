@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench._record import write_record
-from jaxlmc import models, train
+from jaxlmc import models, shard, train
 from jaxlmc.config import ModelConfig
 
 
@@ -29,7 +29,8 @@ def setup(model, num_members: int, n_train: int):
     params_M = jax.vmap(model.init)(jax.random.split(jax.random.key(0), num_members))
     consts = {"lr": jnp.full((num_members, 10_000), 1e-3, jnp.float32), "wd": jnp.zeros(num_members),
               "data_key": train.member_keys(list(range(num_members)))["data"]}
-    return train.init_state(params_M, "adamw", 0.9, n_train), consts
+    mesh = train.cpu_member_mesh(num_members)  # placed as the trainer places them: split over the CPU's devices
+    return shard.shard_members((train.init_state(params_M, "adamw", 0.9, n_train), consts), mesh)
 
 
 def timed_run(chunk_fn, state, consts, data, steps: int, chunk: int) -> float:

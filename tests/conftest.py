@@ -6,6 +6,10 @@ import shutil
 # Strict JAX: implicit rank promotion is a bug in this code base, not a convenience.
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One CPU device, in this process and in every `jaxlmc` command a test starts (which would otherwise make one per core:
+# shard.use_cpu_cores), so that a command's numbers compare bit for bit with the library's in this process. Tests of
+# several devices set their own count.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")
 # One persistent XLA compilation cache for the whole session, shared by both xdist workers and every CLI subprocess
 # (which inherit the environment): the suite compiles the same small programs many times over; a cached executable is
 # the same program, so every bit-for-bit comparison still holds. Outside every run directory the tests inspect.

@@ -11,6 +11,7 @@ import shutil
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_NUM_CPU_DEVICES"] = "8"  # the tests' own setting (1) would win over XLA's flag
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -89,7 +89,7 @@ def test_two_processes_equal_one(one_device, data_dir, tmp_path):
             port = s.getsockname()[1]
         procs = []
         for i in range(2):
-            env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4",
                    "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAXLMC_NUM_PROCESSES": "2",
                    "JAXLMC_PROCESS_ID": str(i)}
             procs.append(subprocess.Popen([sys.executable, "-m", "jaxlmc.cli", *command, "--distributed"], env=env,
