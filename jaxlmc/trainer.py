@@ -127,9 +127,14 @@ def members_per_program(chunk_fn, params_M, consts, device_data, how: MemberTrai
         analysis = chunk_fn.lower(abstract_state, take(abstract[0]), abstract[1], 1).compile().memory_analysis()
         if analysis is None:
             return None
-        return analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+        per_device = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+        return per_device * devices_for(m)  # the CPU's devices share one memory
 
-    return memory.largest_fit(footprint, budget, limit=num_members)
+    # Members split over the CPU's devices (train.cpu_member_mesh): XLA reports one device's share, so the program is
+    # measured at 1 and 2 members per device and counted over all of them.
+    devices_for = lambda m: getattr(train.cpu_member_mesh(m), "size", 1)  # noqa: E731
+    per_probe = devices_for(2 * jax.device_count())
+    return memory.largest_fit(footprint, budget, limit=num_members, probes=(per_probe, 2 * per_probe))
 
 
 def train_program(label: str, chunk_fn, params_M, consts, device_data, how: MemberTraining, manager, curves_file,

@@ -7,7 +7,7 @@ import sys
 import jax
 import numpy as np
 
-from jaxlmc import models, shard, train
+from jaxlmc import models, shard, train, trainer
 from jaxlmc.config import ModelConfig
 
 HERE = os.path.dirname(__file__)
@@ -28,11 +28,24 @@ def train_tiny(num_members: int, member_group: int = 0):
         state["params"]))}}
 
 
-if __name__ == "__main__":  # run by the test below in a process with two CPU devices
+def size_check() -> int:
+    """The trainer's member count per program for a wide MLP whose ten million members fit no memory."""
+    model = models.build(ModelConfig(kind="mlp", width=256, depth=2), (5,), 3)
+    params_1 = model.init(jax.random.key(0))
+    many = lambda a: jax.ShapeDtypeStruct((10**7, *np.shape(a)), np.asarray(a).dtype)  # noqa: E731
+    consts = {"lr": jax.ShapeDtypeStruct((10**7, 8), np.float32), "wd": jax.ShapeDtypeStruct((10**7,), np.float32),
+              "data_key": jax.ShapeDtypeStruct((10**7, 2), np.uint32)}
+    arrays = {"x": jax.ShapeDtypeStruct((40, 5), np.float32), "y": jax.ShapeDtypeStruct((40,), np.int32)}
+    chunk_fn = train.make_train_chunk(model, "adamw", 0.9, 10, 40, 6)
+    return trainer.members_per_program(chunk_fn, jax.tree.map(many, params_1), consts, arrays,
+                                       trainer.MemberTraining("adamw", 0.9, 10, 6, 6))
+
+
+if __name__ == "__main__":  # run by the tests below in a process with two CPU devices
     out, num_members = sys.argv[1], int(sys.argv[2])
     assert jax.device_count() == 2
     assert (train.cpu_member_mesh(num_members) is not None) == (num_members % 2 == 0)
-    np.savez(out, **train_tiny(num_members))
+    np.savez(out, **train_tiny(num_members), fit=size_check())
 
 
 def test_members_on_two_cpu_devices_equal_one_device(tmp_path):
@@ -46,6 +59,9 @@ def test_members_on_two_cpu_devices_equal_one_device(tmp_path):
         assert np.isfinite(one["loss"]).all()
         for key in one:
             np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # The size check counts both devices' shares of the one memory: about as many members as one device holds
+    # (not ten million because the 2-member probe is split 1 + 1).
+    assert 0.8 < int(two["fit"]) / size_check() < 1.25 and size_check() < 10**7
 
 
 def test_use_cpu_cores_before_and_after_jax_starts():
