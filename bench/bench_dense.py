@@ -50,17 +50,22 @@ def growth(model, members: list[int], steps: int, chunk: int) -> list[dict]:
     chunk_fn = train.make_train_chunk(model, "adamw", 0.9, BATCH, N_TRAIN, chunk)
     baseline = peak_rss_bytes()
     rows = []
-    print(f"{'N':>6} {'member-steps/s':>15} {'peak RSS MB':>12} {'per member KB':>14} {'XLA footprint MB':>17}")
+    print(f"{'N':>6} {'member-steps/s':>15} {'peak RSS MB':>12} {'KB per further member':>22} "
+          f"{'XLA footprint MB':>17}")
+    previous_n, previous_peak = 0, baseline
     for n in members:
         state, consts = setup(model, n, N_TRAIN)
         xla = footprint_bytes(chunk_fn, state, consts, arrays, chunk)
         seconds = timed_run(chunk_fn, state, consts, arrays, steps, chunk)
         peak = peak_rss_bytes()
+        # Memory per member: the peak's growth since the last, smaller N over the members added (the process's
+        # fixed cost — JAX, compiled programs — cancels).
         row = {"members": n, "member_steps_per_s": n * steps / seconds, "peak_rss_bytes": peak,
-               "peak_rss_above_start_per_member": (peak - baseline) / n, "xla_footprint_bytes": xla}
+               "peak_rss_per_further_member": (peak - previous_peak) / (n - previous_n), "xla_footprint_bytes": xla}
+        previous_n, previous_peak = n, peak
         rows.append(row)
         print(f"{n:>6} {row['member_steps_per_s']:>15,.0f} {peak / 2**20:>12,.0f} "
-              f"{row['peak_rss_above_start_per_member'] / 1024:>14,.1f} {xla / 2**20:>17,.1f}", flush=True)
+              f"{row['peak_rss_per_further_member'] / 1024:>22,.1f} {xla / 2**20:>17,.1f}", flush=True)
         del state, consts
     return rows
 
@@ -136,6 +141,8 @@ def main() -> None:
           f"{cores} CPU devices, {memory.available_memory_bytes() / 2**30:.1f} GiB free")
     check = size_check(model)
     rows = growth(model, args.members, args.steps, 50)
+    fits = args.seeds <= check["largest_members_per_program"]
+    print(f"{args.seeds:,} fine-tunes: {'one program' if fits else 'in parts (the trainer says how many)'}")
     tunes = fine_tunes(args.width, args.seeds, args.pretrain_steps, args.finetune_steps, args.lr, args.pairs,
                        args.data_dir)
     write_record(args.out, "dense", width=args.width, size_check=check, growth=rows, fine_tunes=tunes)

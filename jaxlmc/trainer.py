@@ -10,6 +10,7 @@ interruption, it continues bit for bit as if it had never stopped.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from typing import Callable, Iterable
 
@@ -90,6 +91,11 @@ def train_members(model: models.Model, start_M: dict, consts: dict, x, y, how: M
     params_M = jax.tree.map(jnp.copy, start_M)  # the state's copy is donated; start_M is the caller's
     num_members = jax.tree.leaves(params_M)[0].shape[0]
     fit = members_per_program(chunk_fn, params_M, consts, device_data, how)
+    if fit < num_members:
+        parts = len(_parts(num_members, fit))
+        why = f"max_members = {fit}" if how.max_members else f"the free memory holds {fit} per program"
+        logging.getLogger("jaxlmc").warning(f"{label}: {num_members} members train in {parts} parts, one after "
+                                            f"another ({why})")
     if store is None:
         if fit >= num_members:
             state, curves = train_program(label, chunk_fn, params_M, consts, device_data, how, None, None, progress)

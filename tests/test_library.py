@@ -184,13 +184,14 @@ def test_a_checkpointed_fit_resumes_bit_for_bit(tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_in_parts_equals_one_program_in_memory_and_checkpointed(tmp_path):
+def test_fit_in_parts_equals_one_program_in_memory_and_checkpointed(tmp_path, caplog):
     """fit trains members that do not fit one program in parts (max_members forces it here): the same parameters,
     flags and curves as one program, with and without a checkpoint directory (whose parts are stacked and removed)."""
     x, y = _data()
     args = dict(lr=[3e-3, 1e-2], seeds=3, steps=30, batch_size=40, chunk_steps=10)
     whole = jaxlmc.fit(Nested, (x, y), **args)
     in_memory = jaxlmc.fit(Nested, (x, y), max_members=4, **args)
+    assert "fit: 6 members train in 2 parts, one after another (max_members = 4)" in caplog.text
     directory = str(tmp_path / "fit")
     checkpointed = jaxlmc.fit(Nested, (x, y), max_members=4, directory=directory, checkpoint_every=10, **args)
     assert not os.path.exists(os.path.join(directory, "parts"))
