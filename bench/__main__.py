@@ -4,8 +4,9 @@
     python -m bench --map [--widths 16 64 256 1024] [--members 1 4 16 64 256 1024]   (bench.throughput_map)
 
 Same model (MLP 40 → 256 → 256 → 10, MNIST-1D's shapes), batch size and steps for every contender:
-  training    member-steps/s and examples/s for N members: jaxlmc vmapped (one compiled program), a loop of
-              single-member jaxlmc runs (one compiled program reused N times), and a PyTorch `torch.func` ensemble
+  training    member-steps/s and examples/s for N members: jaxlmc vmapped (one compiled program, on one CPU device
+              per core: `--cpu-devices`), a loop of single-member jaxlmc runs (one compiled program reused N
+              times, in a child process on JAX's default single CPU device), and a PyTorch `torch.func` ensemble
               (`stack_module_state` + `vmap(grad(functional_call))` + Adam on the stacked tensors) when torch is
               installed; XLA's FLOP count of the vmapped step over its time, as a fraction of a dense f32 matmul's
               FLOP/s measured in the same run on the same device (the practical peak); peak memory of the compiled
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench._record import write_record
-from bench.bench_train import setup, timed_run
+from bench.bench_train import setup, single_runs_seconds, timed_run
 from bench.throughput_map import plot_map, throughput_map
 from jaxlmc import memory, models, paths, reference, shard, train
 from jaxlmc.config import ModelConfig
@@ -121,7 +122,7 @@ def training(members: list[int], steps: int, chunk: int, width: int, batch: int,
         footprint = per_device * len(state["diverged"].sharding.device_set)  # every device holds its share
         flops_per_step = n * flops_per_member_step
         vmapped_s = timed_run(chunk_fn, state, consts, data, steps, chunk)
-        loop_s = sum(timed_run(chunk_fn, *setup(model, 1, N_TRAIN), data, steps, chunk) for _ in range(n))
+        loop_s = single_runs_seconds(n, steps, chunk, width, 2, batch)
         torch_step_s = torch_ensemble_seconds(n, steps, width, batch)
         torch_s = torch_step_s * steps if torch_step_s is not None else None
         row = {"members": n, "vmapped_member_steps_per_s": n * steps / vmapped_s,

@@ -2,7 +2,8 @@
 
 Both use jaxlmc's own compiled chunk (`lax.scan` over steps, state donated); the loop reuses one compiled
 single-member program N times, which is what a researcher gets by launching runs one after another in one process
-(separate processes would add start-up and compile time on top). Member-steps/s for each, measured side by side in
+(separate processes would add start-up and compile time on top), on JAX's default single CPU device
+(`single_runs_seconds`), while the ensemble runs on one device per core (`shard.use_cpu_cores`). Member-steps/s for each, measured side by side in
 this one run, and their ratio, are printed and written to JSON.
 
 The data are random arrays with MNIST-1D's shapes (4000 × 40, 10 classes): throughput does not depend on the
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -43,6 +46,25 @@ def timed_run(chunk_fn, state, consts, data, steps: int, chunk: int) -> float:
     return time.perf_counter() - start
 
 
+def random_data(n_train: int = 4000, features: int = 40, classes: int = 10) -> dict:
+    rng = np.random.default_rng(0)
+    return {"x": jnp.asarray(rng.normal(size=(n_train, features)).astype(np.float32)),
+            "y": jnp.asarray(rng.integers(0, classes, n_train).astype(np.int32))}
+
+
+def single_runs_seconds(runs: int, steps: int, chunk: int, width: int, depth: int = 2, batch: int = 100) -> float:
+    """Seconds of `runs` single-member runs one after another (one compiled program reused), in a fresh process on
+    JAX's default of one CPU device — the loop as a researcher runs it, every core on each operation — whatever
+    the devices of this process (one per core makes a single member's step slower)."""
+    command = [sys.executable, "-m", "bench.bench_train", "--single-runs", str(runs), "--steps", str(steps),
+               "--chunk", str(chunk), "--width", str(width), "--depth", str(depth), "--batch", str(batch)]
+    done = subprocess.run(command, env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"}, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if done.returncode != 0:
+        raise RuntimeError(f"the loop of single runs failed: {done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -52,7 +74,16 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train.json"))
+    parser.add_argument("--single-runs", type=int, default=0, help="only time that many single-member runs one "
+                        "after another and print their seconds (`single_runs_seconds`)")
     args = parser.parse_args()
+    if args.single_runs:
+        model = models.build(ModelConfig(kind="mlp", width=args.width, depth=args.depth), (40,), 10)
+        chunk_fn = train.make_train_chunk(model, "adamw", 0.9, args.batch, 4000, args.chunk)
+        print(sum(timed_run(chunk_fn, *setup(model, 1, 4000), random_data(), args.steps, args.chunk)
+                  for _ in range(args.single_runs)))
+        return
+    shard.use_cpu_cores()
 
     n_train, features, classes = 4000, 40, 10
     rng = np.random.default_rng(0)
@@ -69,9 +100,7 @@ def main() -> None:
     print(f"{'N':>5} {'vmapped m-steps/s':>18} {'loop m-steps/s':>15} {'ratio':>7}")
     for n in args.members:
         vmapped_s = timed_run(chunk_fn, *setup(model, n, n_train), data, args.steps, args.chunk)
-        loop_s = 0.0
-        for _ in range(n):
-            loop_s += timed_run(chunk_fn, *setup(model, 1, n_train), data, args.steps, args.chunk)
+        loop_s = single_runs_seconds(n, args.steps, args.chunk, args.width, args.depth, args.batch)
         row = {"members": n, "vmapped_member_steps_per_s": n * args.steps / vmapped_s,
                "loop_member_steps_per_s": n * args.steps / loop_s, "vmapped_seconds": vmapped_s,
                "loop_seconds": loop_s}

@@ -3,8 +3,9 @@ PyTorch `torch.func` ensemble over the MLP's width × the member count N (`pytho
 
 Every contender trains the MLP 40 → W → W → 10 (MNIST-1D's shapes, depth 2) with AdamW at batch 100 on random data.
 Each cell is timed after compilation and warm-up for at least `min_seconds` (whole chunks of `chunk` steps). The loop
-runs one compiled single-member program; its N runs are N times one run's time (every run is the same program on
-the same shapes), measured once per width. A cell whose training state (parameters, gradients and two Adam moments,
+runs one compiled single-member program on JAX's default single CPU device (`single_runs_seconds`: a child
+process); its N runs are N times one run's time (every run is the same program on the same shapes), measured once
+per width. A cell whose training state (parameters, gradients and two Adam moments,
 for every member) would pass `memory_fraction` of the free memory is not run and says so. The fraction of the
 matmul peak is XLA's FLOP count of one member's step × N × the rate, over the same run's dense matmul rate: it tells
 dispatch-bound cells (small models: the time goes to launching many tiny operations, which vmapping merges) from
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.bench_train import setup
+from bench.bench_train import setup, single_runs_seconds
 from jaxlmc import memory, models, train
 from jaxlmc.config import ModelConfig
 
@@ -60,7 +61,8 @@ def throughput_map(widths: list[int], members: list[int], peak: float, chunk: in
         one_step_fn = train.make_train_chunk(model, "adamw", 0.9, BATCH, N_TRAIN, 1)
         one = setup(model, 1, N_TRAIN)
         flops_per_member_step = one_step_fn.lower(*one, data, 1).compile().cost_analysis()["flops"]
-        loop_rate = chunk_rate(chunk_fn, *one, data, chunk, min_seconds)  # one member's steps/s
+        loop_steps = max(chunk, int(min_seconds * chunk_rate(chunk_fn, *one, data, chunk, 0.1)) // chunk * chunk)
+        loop_rate = loop_steps / single_runs_seconds(1, loop_steps, chunk, width, 2, BATCH)  # one member's steps/s
         for n in members:
             row = {"width": width, "members": n, "params_per_member": state_bytes_per_member(model) // 16}
             if n * state_bytes_per_member(model) > budget:

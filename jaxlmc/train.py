@@ -154,21 +154,26 @@ def _cache_bytes() -> int:
 # N = 32, 2.21× at N = 512); for the small transformer every group beats one group at N = 64 (1.07–1.24×; 2 best in
 # that run, 8 best in an earlier one: the ordering between sizes is within its run-to-run noise).
 CPU_MEMBER_GROUP = 8
+# With one device per core (`cpu_member_mesh`), each core runs its members' groups alone, and smaller groups win: on
+# this project's 2-core CPU (2026-12-04, `python -m bench.bench_groups`, bench/results/groups.json) groups of 2 gave
+# the MLP 2×256 1.2× groups of 8 at N = 32 and 128, groups of 1 0.75×; at width 1024, 1.3×.
+CORE_MEMBER_GROUP = 2
 
 
 def member_group_size(num_members: int, state_bytes_per_member: int, requested: int = 0) -> int:
     """How many members a chunk trains together before moving on to the next group (`make_train_chunk`).
 
-    `requested` > 0: the largest divisor of the member count not above it. 0 (auto): on a CPU, CPU_MEMBER_GROUP,
-    or fewer when their training state (parameters, gradients, optimiser state) would fill more than half of the
-    last-level cache, so that a group stays in the cache for a whole chunk of steps instead of streaming through
-    memory at every step (`python -m bench.profile_step`); on accelerators all of them. With several CPU devices
-    `num_members` is one device's share (`cpu_member_mesh`).
+    `requested` > 0: the largest divisor of the member count not above it. 0 (auto): on one CPU device,
+    CPU_MEMBER_GROUP, or fewer when their training state (parameters, gradients, optimiser state) would fill more
+    than half of the last-level cache, so that a group stays in the cache for a whole chunk of steps instead of
+    streaming through memory at every step (`python -m bench.profile_step`); on a CPU split into one device per core
+    (`cpu_member_mesh`: `num_members` is then one device's share), CORE_MEMBER_GROUP; on accelerators all of them.
     """
     if requested <= 0:
         if jax.default_backend() != "cpu":
             return num_members
-        requested = max(1, min(CPU_MEMBER_GROUP, _cache_bytes() // 2 // max(state_bytes_per_member, 1)))
+        requested = (CORE_MEMBER_GROUP if jax.device_count() > 1 else
+                     max(1, min(CPU_MEMBER_GROUP, _cache_bytes() // 2 // max(state_bytes_per_member, 1))))
     return max(g for g in range(1, min(requested, num_members) + 1) if num_members % g == 0)
 
 
