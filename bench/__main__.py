@@ -27,25 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench._record import write_record
+from bench._record import matmul_flops_per_s, write_record
 from bench.bench_train import setup, single_runs_seconds, timed_run
 from bench.throughput_map import plot_map, throughput_map
 from jaxlmc import memory, models, paths, reference, shard, train
 from jaxlmc.config import ModelConfig
 
 FEATURES, CLASSES, N_TRAIN = 40, 10, 4000
-
-
-def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
-    """The practical peak: a dense f32 matmul, timed after compilation."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
 def compiled_stats(jitted, *args) -> tuple[float, int]:

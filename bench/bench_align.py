@@ -17,11 +17,12 @@ import time
 import jax
 
 from bench._record import write_record
-from jaxlmc import models, permute
+from jaxlmc import models, permute, shard
 from jaxlmc.config import ModelConfig
 
 
 def main() -> None:
+    shard.use_cpu_cores()  # as the jaxlmc command: one CPU device per core
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=256)
     parser.add_argument("--seeds", type=int, default=8, help="members per cell")

@@ -64,7 +64,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from bench._record import write_record
-from jaxlmc import curves, merges, models, pair_sets, paths, reference, sharpness, train
+from jaxlmc import curves, merges, models, pair_sets, paths, reference, shard, sharpness, train
 from jaxlmc.analysis import group_weights
 from jaxlmc.config import ModelConfig
 
@@ -281,6 +281,7 @@ def bench_curves(model, args, rng) -> dict:
 
 
 def main() -> None:
+    shard.use_cpu_cores()  # as the jaxlmc command: one CPU device per core
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--depth", type=int, default=2)

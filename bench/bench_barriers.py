@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench._record import write_record
-from jaxlmc import memory, models, paths, reference, train
+from jaxlmc import memory, models, shard, paths, reference, train
 from jaxlmc.config import ModelConfig
 
 MODELS = {  # name: (config, input shape)
@@ -37,6 +37,7 @@ MODELS = {  # name: (config, input shape)
 
 
 def main() -> None:
+    shard.use_cpu_cores()  # as the jaxlmc command: one CPU device per core
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=8, help="all pairs of this many members")
     parser.add_argument("--alphas", type=int, default=25)

@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench._record import write_record
-from jaxlmc import models, train  # noqa: E402
+from jaxlmc import models, shard, train  # noqa: E402
 from jaxlmc.config import ModelConfig  # noqa: E402
 
 
@@ -37,6 +37,7 @@ def build(cfg, conv_cls):
 
 
 def main() -> None:
+    shard.use_cpu_cores()  # as the jaxlmc command: one CPU device per core
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--steps", type=int, default=100)

@@ -108,7 +108,8 @@ def fine_tunes(width: int, seeds: int, pretrain_steps: int, steps: int, lr: floa
     barriers = library.pair_barriers(members, test_xy, pairs=pairs, noise_resamples=0, progress=False)
     barrier_s = time.perf_counter() - start
     loss_barriers = np.asarray([row["loss_barrier_test"] for row in barriers.pairs], float)
-    print(f"barriers: {len(loss_barriers):,} pairs ({pairs}) in {barrier_s:.1f} s ({len(loss_barriers) / barrier_s:,.0f}"
+    print(f"barriers: {len(loss_barriers):,} pairs ({pairs}) in {barrier_s:.1f} s "
+          f"({len(loss_barriers) / barrier_s:,.0f}"
           f" pairs/s, compilation included); test loss barrier mean {loss_barriers.mean():.4f}, median "
           f"{np.median(loss_barriers):.4f}, 95th percentile {np.percentile(loss_barriers, 95):.4f}")
     test_acc = np.asarray([r.get("test_acc", np.nan) for r in members.table], float)

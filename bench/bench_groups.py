@@ -1,6 +1,7 @@
 """Member groups on this device: member-steps/s of the same vmapped training chunk with every member in one group
 and with groups of 1, 2, 4, 8 and 16 (`run.member_group`; the automatic choice is `train.CPU_MEMBER_GROUP` on one
-CPU device, `train.CORE_MEMBER_GROUP` per device on one device per core: `--cpu-devices`), side by side in one run, for `python -m bench`'s MLP and `python -m bench.bench_transformer`'s transformer. Members
+CPU device, `train.CORE_MEMBER_GROUP` per device on one device per core: `--cpu-devices`), side by side in one run,
+for `python -m bench`'s MLP and `python -m bench.bench_transformer`'s transformer. Members
 are independent, so every variant trains the same members; only the order of the work differs.
 
     python -m bench.bench_groups [--steps 200] [--cpu-devices 0] [--out bench/results/groups.json]

@@ -3,7 +3,8 @@
 Both use jaxlmc's own compiled chunk (`lax.scan` over steps, state donated); the loop reuses one compiled
 single-member program N times, which is what a researcher gets by launching runs one after another in one process
 (separate processes would add start-up and compile time on top), on JAX's default single CPU device
-(`single_runs_seconds`), while the ensemble runs on one device per core (`shard.use_cpu_cores`). Member-steps/s for each, measured side by side in
+(`single_runs_seconds`), while the ensemble runs on one device per core (`shard.use_cpu_cores`). Member-steps/s
+for each, measured side by side in
 this one run, and their ratio, are printed and written to JSON.
 
 The data are random arrays with MNIST-1D's shapes (4000 × 40, 10 classes): throughput does not depend on the

@@ -5,7 +5,8 @@ The model is configs/tinylm.toml's language model: a decoder-only pre-LayerNorm 
 All three contenders train the same architecture on the same data shapes, side by side in this one run:
 
 * vmapped — jaxlmc's compiled chunk (`lax.scan` over steps, state donated) for N members at once;
-* loop — the same compiled chunk for one member, run N times one after another (one process, compiled once);
+* loop — the same compiled chunk for one member, run N times one after another (one process, compiled
+  once; one member runs on one device, both cores on each op);
 * torch.func — the same transformer written as a torch.nn.Module, `stack_module_state` +
   `vmap(grad(functional_call))` + Adam on the stacked tensors (attention written out with an explicit causal mask,
   as jaxlmc does; torch's fused scaled_dot_product_attention has no vmap rule).
@@ -27,7 +28,7 @@ import numpy as np
 
 from bench._record import write_record
 from bench.bench_train import setup, timed_run
-from jaxlmc import models, train
+from jaxlmc import models, shard, train
 from jaxlmc.config import ModelConfig
 
 N_TRAIN, CONTEXT = 4000, 32
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "transformer.json"))
     args = parser.parse_args()
+    shard.use_cpu_cores()  # as the jaxlmc command: members split over one CPU device per core
 
     cfg = ModelConfig(kind="transformer", width=args.width, depth=args.depth, heads=args.heads, vocab_size=16)
     rng = np.random.default_rng(0)

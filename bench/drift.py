@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench._record import write_record
-from jaxlmc import models, train
+from jaxlmc import models, shard, train
 from jaxlmc.config import ModelConfig
 
 
@@ -35,6 +35,7 @@ def train_members(model, data, num_members: int, steps: int, chunk: int = 100):
 
 
 def main(argv=None) -> None:
+    shard.use_cpu_cores()  # as the jaxlmc command: one CPU device per core
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 1000])

@@ -161,7 +161,8 @@ class RunConfig:
     eval_batch_size: int = 1000  # examples per evaluation batch
     max_members: int = 0  # members per compiled program; 0: all that fit in memory (then as few parts as possible)
     # Members trained together, all steps of a chunk, before the next group (jaxlmc.train.member_group_size); the
-    # results do not depend on it. 0: automatic (8 on a CPU, fewer for a large model; all on an accelerator).
+    # results do not depend on it. 0: automatic (on a CPU 2 per core when split into one device per core, as the
+    # jaxlmc command does; 8 on one CPU device, fewer for a large model; all on an accelerator).
     member_group: int = 0
     # The training step's arithmetic: "float32", or "bfloat16" (the forward and backward pass on bfloat16 copies of
     # the parameters; parameters, optimiser state and every evaluation stay float32). Halves activation memory and

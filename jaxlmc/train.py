@@ -213,7 +213,8 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
     `chunk_steps` steps, then the next G) instead of all M members step after step: on a CPU a group's state then
     stays in the cache for the whole chunk. A member does the same arithmetic in any grouping, but XLA may pick
     other kernels for another batch shape: bit for bit equal in the tests' small model, equal to float rounding (which
-    training then amplifies, as it does across machines) in the default study.
+    training then amplifies, as it does across machines) in the default study. On a CPU that is one device per core
+    (`cpu_member_mesh`) the members are split over the devices with `jax.shard_map`, each running its own groups.
     """
     steps_per_epoch = n_train // batch_size
     if steps_per_epoch == 0:
@@ -287,8 +288,9 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
         members, same = PartitionSpec(shard.MEMBERS), PartitionSpec()
         state_specs = {key: same if key == "step" else members for key in state}
         per_step = PartitionSpec(None, shard.MEMBERS)
-        return jax.shard_map(grouped, mesh=mesh, in_specs=(state_specs, members, same, same),
-                             out_specs=(state_specs, per_step, per_step), check_vma=False)(state, consts, data, n_active)
+        split = jax.shard_map(grouped, mesh=mesh, in_specs=(state_specs, members, same, same),
+                              out_specs=(state_specs, per_step, per_step), check_vma=False)
+        return split(state, consts, data, n_active)
 
     def grouped(state, consts, data, n_active):
         num_members = state["diverged"].shape[0]

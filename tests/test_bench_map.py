@@ -1,4 +1,5 @@
-"""The throughput map (`python -m bench --map`) on a tiny model: its rates, ratios and skipped cells are what they say."""
+"""The throughput map (`python -m bench --map`) on a tiny model: its rates, ratios and skipped cells are what they
+say."""
 import time
 
 import pytest
