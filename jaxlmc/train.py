@@ -154,9 +154,8 @@ def _cache_bytes() -> int:
 # N = 32, 2.21× at N = 512); for the small transformer every group beats one group at N = 64 (1.07–1.24×; 2 best in
 # that run, 8 best in an earlier one: the ordering between sizes is within its run-to-run noise).
 CPU_MEMBER_GROUP = 8
-# With one device per core (`cpu_member_mesh`), each core runs its members' groups alone, and smaller groups win: on
-# this project's 2-core CPU (2026-12-04, `python -m bench.bench_groups`, bench/results/groups.json) groups of 2 gave
-# the MLP 2×256 1.2× groups of 8 at N = 32 and 128, groups of 1 0.75×; at width 1024, 1.3×.
+# One device per core (`cpu_member_mesh`): smaller groups win (`python -m bench.bench_groups`, 2-core CPU,
+# 2026-12-04: groups of 2 gave the MLP 2×256 1.06–1.12× groups of 8 at N = 32, 128; groups of 1, 0.75–0.81×).
 CORE_MEMBER_GROUP = 2
 
 
