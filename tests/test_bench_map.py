@@ -20,6 +20,7 @@ def test_chunk_rate_counts_steps_over_wall_time():
     assert throughput_map.chunk_rate(slow_chunk, None, None, None, 5, 0.2) == pytest.approx(250, rel=0.2)
 
 
+@pytest.mark.slow
 def test_map_cells_on_a_tiny_model(monkeypatch):
     width = 8
     per_member = 16 * (40 * width + width + width * width + width + width * 10 + 10)  # params, grads, 2 moments

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from jaxlmc import models, shard, train, trainer
 from jaxlmc.config import ModelConfig
@@ -48,6 +49,7 @@ if __name__ == "__main__":  # run by the tests below in a process with two CPU d
     np.savez(out, **train_tiny(num_members), fit=size_check())
 
 
+@pytest.mark.slow
 def test_members_on_two_cpu_devices_equal_one_device(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
     for num_members in (8, 5):  # split 4 + 4 (groups of 4 on each device); 5 does not split: one device

@@ -80,6 +80,7 @@ def test_readme_example_runs_and_prints_the_barrier_table():
     assert all(line.endswith(("one basin", "separate basins", "not resolved")) for line in out[1:])
 
 
+@pytest.mark.slow
 def test_fit_trains_members_like_the_engine_and_barriers_match_the_reference_loop():
     x, y = _data()
     members = jaxlmc.fit(Nested, (x[:400], y[:400]), lr=[3e-3, 1e-2], seeds=3, steps=60, batch_size=50,

@@ -64,6 +64,7 @@ def _without(spec, drop: UnitAxis):
     return [[e for e in group if e != drop] for group in spec]
 
 
+@pytest.mark.slow
 def test_the_hf_kinds_specs_pass_and_a_missing_input_axis_is_named():
     """The shipped specs of gpt_neox and bert are symmetries of the released models; each with the MLP's output
     projection's input axis (its units' next-layer axis) left out is caught and named."""
