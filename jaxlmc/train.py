@@ -178,7 +178,7 @@ def member_group_size(num_members: int, state_bytes_per_member: int, requested: 
 
 def cpu_member_mesh(num_members: int):
     """The mesh a chunk splits its members over when the CPU is several devices (`jax_num_cpu_devices`, one per
-    core: `jaxlmc.devices.use_cpu_cores`), so that each core trains its own members' groups; None on one device, on
+    core: `shard.use_cpu_cores`), so that each core trains its own members' groups; None on one device, on
     accelerators (where XLA partitions the vmapped step itself) and for a member count no device count divides."""
     if jax.default_backend() != "cpu" or jax.device_count() == 1:
         return None
@@ -240,8 +240,8 @@ def make_train_chunk(model: Model, opt_kind: str, momentum: float, batch_size: i
         # A member whose loss or gradients stop being finite is frozen and flagged: its parameters stay bit for bit
         # at their last finite values, and its optimiser sees zero gradients (no NaN reaches its state). Decided
         # before the update, so the freeze fuses into it: deciding it from the new parameters instead cost a
-        # second pass over the state, 15 % of the step (`python -m bench.profile_step`). Per member, so nothing
-        # leaks into the others.
+        # second pass over the state, 15 % of the step (`python -m bench.profile_step`); an update that overflows a
+        # finite parameter shows in the next step's loss. Per member, so nothing leaks into the others.
         frozen = diverged | ~(jnp.isfinite(loss) & _all_finite(grads))
         grads = jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g), grads)
         updates, new_opt = make_tx(opt_kind, momentum, hp["lr"][step], hp["wd"]).update(grads, opt, params)
