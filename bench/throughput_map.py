@@ -63,10 +63,11 @@ def throughput_map(widths: list[int], members: list[int], peak: float, chunk: in
         flops_per_member_step = one_step_fn.lower(*one, data, 1).compile().cost_analysis()["flops"]
         loop_steps = max(chunk, int(min_seconds * chunk_rate(chunk_fn, *one, data, chunk, 0.1)) // chunk * chunk)
         loop_rate = loop_steps / single_runs_seconds(1, loop_steps, chunk, width, 2, BATCH)  # one member's steps/s
+        per_member = state_bytes_per_member(model)
         for n in members:
-            row = {"width": width, "members": n, "params_per_member": state_bytes_per_member(model) // 16}
-            if n * state_bytes_per_member(model) > budget:
-                row["skipped"] = f"state {n * state_bytes_per_member(model) / 2**30:.1f} GiB > {budget / 2**30:.1f}"
+            row = {"width": width, "members": n, "params_per_member": per_member // 16}
+            if n * per_member > budget:
+                row["skipped"] = f"state {n * per_member / 2**30:.1f} GiB > {budget / 2**30:.1f}"
                 rows.append(row)
                 print(f"{width:>6} {n:>5}   skipped: {row['skipped']}")
                 continue
